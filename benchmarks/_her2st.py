@@ -20,14 +20,29 @@ COLUMNS = ["pcc_acg", "pcc_heg50", "pcc_hvg50", "mse", "mae"]
 
 
 def embedded_her2st() -> tuple[Any, float]:
-    """The normalised her2st cohort with frozen ImageNet EfficientNet-Lite0 features, and the embedding time."""
+    """The normalised her2st cohort with frozen ImageNet EfficientNet-Lite0 features, and the embedding time.
+
+    The embedded cohort is kept in the histo2expr cache (``benchmarks/her2st_lite0.h5ad``) so
+    that several benchmark scripts embed it once; delete that file to re-embed. The time
+    returned is that of the run that embedded it.
+    """
+    import anndata as ad
+
+    from histo2expr._settings import cache_dir
+
+    cached = cache_dir("benchmarks") / "her2st_lite0.h5ad"
+    if cached.exists():
+        adata = ad.read_h5ad(cached)
+        return adata, float(adata.uns["benchmark_embed_seconds"])
     adata = hx.io.read_legacy_st(DATA)
     hx.pp.normalize(adata)
     tic = time.perf_counter()
     hx.tl.embed_patches(
         adata, encoder="efficientnet_lite0", weights="imagenet", patch_size=224, progress=False
     )
-    return adata, time.perf_counter() - tic
+    adata.uns["benchmark_embed_seconds"] = time.perf_counter() - tic
+    adata.write_h5ad(cached)
+    return adata, float(adata.uns["benchmark_embed_seconds"])
 
 
 def run_rows(
