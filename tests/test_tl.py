@@ -71,6 +71,19 @@ def test_cross_validated_fit_writes_out_of_fold_fields(cohort):
     assert model.cv_gene_pcc and set(model.cv_gene_pcc) <= set(record["gene_pcc"].index)
 
 
+def test_cross_validation_without_refit_scores_the_same_and_returns_none(cohort):
+    full, scores_only = cohort.copy(), cohort.copy()
+    hx.tl.fit_histo2expr(full, method="ridge", genes=20, cv="leave_one_slide_out", progress=False)
+    returned = hx.tl.fit_histo2expr(
+        scores_only, method="ridge", genes=20, cv="leave_one_slide_out", refit=False, progress=False
+    )
+    assert returned is None and "genes" not in scores_only.uns["histo2expr"]
+    pd.testing.assert_frame_equal(scores_only.uns["histo2expr"]["folds"], full.uns["histo2expr"]["folds"])
+    np.testing.assert_array_equal(scores_only.layers["histo2expr_pred"], full.layers["histo2expr_pred"])
+    with pytest.raises(ValueError, match="only makes sense with cross-validation"):
+        hx.tl.fit_histo2expr(cohort.copy(), method="ridge", genes=20, refit=False, progress=False)
+
+
 def test_held_out_slide_cannot_influence_its_own_predictions(cohort):
     """Poison the held-out slide's expression: its out-of-fold predictions must not move."""
     clean = cohort.copy()

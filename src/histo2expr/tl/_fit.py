@@ -121,8 +121,9 @@ def fit_histo2expr(
     key_added: str = "histo2expr",
     table_key: str = "table",
     progress: bool = True,
+    refit: bool = True,
     **method_params: Any,
-) -> Histo2ExprModel:
+) -> Histo2ExprModel | None:
     """Fit a histology-to-expression method, optionally cross-validated slide by slide.
 
     Inside every fold, everything learned from data — the gene choice, the per-gene
@@ -173,12 +174,18 @@ def fit_histo2expr(
         SpatialData only: the table to use.
     progress
         Show progress bars over folds and epochs.
+    refit
+        After cross-validation, refit the method on every slide and return it. ``False``
+        (only with ``cv``) skips the refit — for comparing methods, when only the
+        cross-validated scores are wanted — and returns ``None``; ``.uns[key_added]["genes"]``
+        is then not set.
     **method_params
         Parameters of the method (e.g. ``top_k=50`` for ``"bleep"``).
 
     Returns
     -------
-    The model refitted on all slides. With ``cv``, sets the following fields:
+    The model refitted on all slides (``None`` with ``refit=False``). With ``cv``, sets the
+    following fields:
 
     ``.layers[f"{key_added}_pred"]``
         Out-of-fold predictions (log-normalised scale) for the genes of each fold,
@@ -192,8 +199,8 @@ def fit_histo2expr(
     ``.uns[key_added]["gene_pcc"]``
         PCC of every predicted gene (rows) on every held-out slide (columns).
 
-    Always sets ``.uns[key_added]["params"]`` and ``.uns[key_added]["genes"]`` (the
-    genes of the returned model).
+    Always sets ``.uns[key_added]["params"]``, and ``.uns[key_added]["genes"]`` (the
+    genes of the returned model) when it refits.
     """
     from tqdm.auto import tqdm
 
@@ -217,6 +224,9 @@ def fit_histo2expr(
     ):
         msg = f"`genes` must be a number of genes or a list of gene names, got {genes!r}."
         raise TypeError(msg)
+    if not refit and cv is None:
+        msg = "`refit=False` only makes sense with cross-validation; pass `cv=` (e.g. 'leave_one_slide_out')."
+        raise ValueError(msg)
     genes = int(genes) if isinstance(genes, int | np.integer) else check_genes(table, genes)
     if isinstance(genes, int) and not 1 <= genes <= table.n_vars:
         msg = f"`genes={genes}` must be between 1 and the number of genes ({table.n_vars})."
@@ -305,6 +315,9 @@ def fit_histo2expr(
         cv_gene_pcc = {
             str(g): float(v) for g, v in gene_pcc.mean(axis=1, skipna=True).items() if np.isfinite(v)
         }
+    if not refit:
+        table.uns[key_added] = record
+        return None
     final = _fit_on(inputs, np.arange(table.n_obs), **fit_args)
     record["genes"] = list(final.genes)
     table.uns[key_added] = record

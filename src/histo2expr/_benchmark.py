@@ -1,0 +1,260 @@
+"""Several methods cross-validated on identical folds and genes, timed, and their report.
+
+The engine of ``histo2expr demo`` and ``histo2expr benchmark``: every method runs
+:func:`histo2expr.tl.fit_histo2expr` with the same cross-validation, gene rule and seed
+(so the same folds and, fold by fold, the same genes chosen on the training slides), and
+its wall time and peak resident memory are measured while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+#: Metrics reported per method, in this order.
+METRICS = ("pcc_acg", "pcc_heg50", "pcc_hvg50", "mse", "mae")
+#: Seconds between two readings of the resident memory.
+_SAMPLE_SECONDS = 0.02
+
+
+@dataclass
+class MethodRun:
+    """One method's cross-validation: its fold table, wall time and peak resident memory."""
+
+    method: str
+    folds: pd.DataFrame
+    seconds: float
+    peak_memory_mib: float | None
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) of this process while the ``with`` block runs.
+
+    Reads ``/proc/self/statm`` every 20 ms in a background thread (Linux). Elsewhere
+    :attr:`peak_mib` is the process's peak so far (``resource.getrusage``), which covers
+    everything run before the block too; ``None`` where neither is available.
+    """
+
+    def __init__(self) -> None:
+        self.peak_mib: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _current_mib() -> float | None:
+        try:
+            with open("/proc/self/statm") as handle:
+                resident_pages = int(handle.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(_SAMPLE_SECONDS):
+            self.peak_mib = max(self.peak_mib or 0.0, self._current_mib() or 0.0)
+
+    def __enter__(self) -> PeakMemory:
+        self.peak_mib = self._current_mib()
+        if self.peak_mib is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mib = max(self.peak_mib or 0.0, self._current_mib() or 0.0)
+            return
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - Windows
+            return
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.peak_mib = peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
+
+
+def compare_methods(
+    adata: AnnData,
+    methods: Sequence[str],
+    *,
+    cv: str | int = "leave_one_slide_out",
+    genes: int = 250,
+    seed: int = 0,
+    progress: bool = True,
+    method_params: Mapping[str, Mapping[str, Any]] | None = None,
+    **fit_kwargs: Any,
+) -> list[MethodRun]:
+    """Cross-validate every method on identical folds and genes, one after the other.
+
+    Parameters
+    ----------
+    adata
+        Log-normalised AnnData (with frozen features for the frozen regime).
+    methods
+        Registered method names; each one's results go to ``uns[method]``.
+    cv, genes, seed
+        Passed to :func:`~histo2expr.tl.fit_histo2expr` for every method alike.
+    progress
+        Show one progress bar over the methods and print each one's result.
+    method_params
+        Extra parameters of single methods, by method name.
+    **fit_kwargs
+        Further arguments of :func:`~histo2expr.tl.fit_histo2expr` for every method
+        (e.g. ``use_rep``, ``epochs``, ``device``).
+
+    Returns
+    -------
+    One :class:`MethodRun` per method. Sets, per method, the fields of
+    :func:`~histo2expr.tl.fit_histo2expr` with ``key_added=method``:
+    ``.layers[f"{method}_pred"]``, ``.obs[f"{method}_fold"]`` and ``.uns[method]``.
+    """
+    from tqdm.auto import tqdm
+
+    from . import tl
+    from .models import get_method
+
+    methods = list(methods)
+    if not methods:
+        msg = "No methods to compare; pass at least one, e.g. ['ridge']."
+        raise ValueError(msg)
+    for method in methods:
+        get_method(method)  # unknown names fail before anything runs
+    if len(set(methods)) != len(methods):
+        msg = f"Methods are listed twice in {methods}; each method is run once."
+        raise ValueError(msg)
+    runs = []
+    bar = tqdm(methods, desc="methods", disable=not progress)
+    for method in bar:
+        bar.set_postfix_str(method)
+        tic = time.perf_counter()
+        with PeakMemory() as memory:
+            tl.fit_histo2expr(
+                adata,
+                method=method,
+                cv=cv,
+                genes=genes,
+                seed=seed,
+                key_added=method,
+                progress=False,
+                refit=False,
+                **fit_kwargs,
+                **(method_params or {}).get(method, {}),
+            )
+        run = MethodRun(method, adata.uns[method]["folds"], time.perf_counter() - tic, memory.peak_mib)
+        runs.append(run)
+        if progress:
+            bar.write(
+                f"{method}: PCC(ACG) {run.folds['pcc_acg'].mean():.3f} over {len(run.folds)} held-out "
+                f"slides in {run.seconds:.1f} s"
+            )
+    return runs
+
+
+def machine_description() -> dict[str, Any]:
+    """Where a benchmark ran: platform, CPU cores, torch version and threads, accelerator."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+    }
+
+
+def _mean_and_spread(values: pd.Series) -> str:
+    values = values.dropna()
+    if len(values) < 2:
+        return f"{values.mean():.3f}"
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+
+
+def results_markdown(runs: Sequence[MethodRun], *, title: str, preamble: Sequence[str] = ()) -> str:
+    """The report: means over held-out slides (± their standard deviation), time, memory, per-slide PCC."""
+    rows = []
+    for run in runs:
+        memory = "n/a" if run.peak_memory_mib is None else f"{run.peak_memory_mib:.0f}"
+        rows.append(
+            {
+                "method": run.method,
+                **{metric: _mean_and_spread(run.folds[metric]) for metric in METRICS},
+                "seconds": f"{run.seconds:.1f}",
+                "peak MiB": memory,
+            }
+        )
+    per_slide = pd.DataFrame({run.method: run.folds.set_index("slide")["pcc_acg"] for run in runs})
+    per_slide.index.name = "held-out slide"
+    lines = [f"# {title}", "", *preamble]
+    lines += [
+        "## Mean over held-out slides (± standard deviation across them)",
+        "",
+        pd.DataFrame(rows).to_markdown(index=False),
+        "",
+        "## PCC(ACG) per held-out slide",
+        "",
+        per_slide.map(lambda v: f"{v:.3f}").to_markdown(),
+        "",
+        "PCC: Pearson correlation per gene across the spots of a held-out slide, averaged over all predicted "
+        "genes (ACG) or the 50 most expressed / variable genes of that slide (HEG50 / HVG50); MSE and MAE in "
+        "the per-gene standardised space of each fold's training slides. `seconds` and `peak MiB`: wall time "
+        "and peak resident memory of the process while the method's cross-validation ran.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def results_json(runs: Sequence[MethodRun], *, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Every metric per held-out slide and method, with times, memory, settings and the machine."""
+    from . import __version__
+
+    methods = {}
+    for run in runs:
+        folds = run.folds.replace({np.nan: None})
+        methods[run.method] = {
+            "seconds": run.seconds,
+            "peak_memory_mib": run.peak_memory_mib,
+            "mean": {metric: float(run.folds[metric].mean()) for metric in METRICS},
+            "per_slide": folds.to_dict(orient="records"),
+        }
+    return {
+        "histo2expr": __version__,
+        "settings": dict(settings),
+        "machine": machine_description(),
+        "methods": methods,
+    }
+
+
+def write_results(
+    runs: Sequence[MethodRun], out: Path, *, markdown: str, settings: Mapping[str, Any]
+) -> list[Path]:
+    """Write ``results.json`` and ``results.md`` into ``out``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "results.json", out / "results.md"
+    json_path.write_text(json.dumps(results_json(runs, settings=settings), indent=2, default=_plain) + "\n")
+    md_path.write_text(markdown)
+    return [json_path, md_path]
+
+
+def _plain(value: Any) -> Any:
+    """Values json cannot write (numpy scalars and others) as plain Python values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
