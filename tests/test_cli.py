@@ -1,24 +1,143 @@
-import pandas as pd
+import json
+import time
+
+import numpy as np
 import pytest
 
-from histo2expr import cli
+from histo2expr import cli, datasets
+from histo2expr._benchmark import PeakMemory
+
+FAST = ["--encoder", "colour_texture", "--patch-size", "64", "--epochs", "2", "--quiet"]
 
 
-def test_demo_compares_methods_and_writes_results(tmp_path, capsys):
-    argv = ["demo", "--n-slides", "2", "--genes", "50", "--patch-size", "96", "--encoder", "colour_texture"]
-    argv += ["--methods", "ridge,bleep", "--epochs", "3", "--quiet", "--out", str(tmp_path)]
+def read_results(folder):
+    return json.loads((folder / "results.json").read_text()), (folder / "results.md").read_text()
+
+
+def test_demo_compares_methods_and_writes_report_and_figures(tmp_path, capsys):
+    argv = [
+        "demo",
+        "--n-slides",
+        "2",
+        "--genes",
+        "40",
+        "--methods",
+        "ridge,bleep",
+        *FAST,
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "ridge" in printed and "bleep" in printed and "pcc_heg50" in printed and "mean" in printed
-    table = pd.read_csv(tmp_path / "demo_results.csv")
-    assert list(table["method"]) == ["ridge", "ridge", "bleep", "bleep"]
-    assert list(table["slide"]) == ["S1", "S2", "S1", "S2"]
-    assert (table.loc[table["method"] == "ridge", "pcc_acg"] > 0.2).all()
+    results, markdown = read_results(tmp_path)
+    assert markdown.strip() in printed  # the report is exactly what was printed
+    assert list(results["methods"]) == ["ridge", "bleep"]
+    ridge = results["methods"]["ridge"]
+    assert [row["slide"] for row in ridge["per_slide"]] == ["S1", "S2"]
+    assert ridge["mean"]["pcc_acg"] == pytest.approx(np.mean([r["pcc_acg"] for r in ridge["per_slide"]]))
+    assert ridge["mean"]["pcc_acg"] > 0.2
+    assert ridge["seconds"] > 0 and ridge["peak_memory_mib"] > 0
+    assert f"{ridge['mean']['pcc_acg']:.3f}" in markdown
+    assert results["settings"]["command"].startswith("histo2expr demo --n-slides 2")
+    for figure in ("gene_pcc_boxplot.png", "heg_curve.png"):
+        assert (tmp_path / figure).stat().st_size > 1000
+        assert str(tmp_path / figure) in printed
 
 
 def test_demo_refuses_a_single_slide(capsys):
     assert cli.main(["demo", "--n-slides", "1"]) == 2
     assert "at least two slides" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def cohort_h5ad(tmp_path_factory):
+    adata = datasets.synthetic(n_slides=3, seed=1, spots_per_side=10)
+    path = tmp_path_factory.mktemp("cohort") / "cohort.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def test_benchmark_reads_h5ad_keeps_chosen_slides_and_writes_results(cohort_h5ad, tmp_path, capsys):
+    argv = [
+        "benchmark",
+        "--data",
+        str(cohort_h5ad),
+        "--slides",
+        "S1,S3",
+        "--methods",
+        "ridge",
+        "--genes",
+        "30",
+    ]
+    assert cli.main([*argv, *FAST, "--out", str(tmp_path)]) == 0
+    results, markdown = read_results(tmp_path)
+    assert results["settings"]["slides"] == ["S1", "S3"] and results["settings"]["reader"] == "auto"
+    assert [row["slide"] for row in results["methods"]["ridge"]["per_slide"]] == ["S1", "S3"]
+    assert results["machine"]["cpu_cores"] >= 1
+    assert "| ridge" in markdown and "S3" in markdown
+    assert "seconds" in markdown and "peak MiB" in markdown
+
+
+def test_benchmark_leave_one_patient_out_holds_out_whole_patients(cohort_h5ad, tmp_path):
+    argv = ["benchmark", "--data", str(cohort_h5ad), "--cv", "leave_one_patient_out", "--methods", "ridge"]
+    assert cli.main([*argv, "--genes", "30", *FAST, "--out", str(tmp_path)]) == 0
+    results, _ = read_results(tmp_path)
+    rows = results["methods"]["ridge"]["per_slide"]
+    assert {row["slide"] for row in rows} == {"S1", "S2", "S3"}
+    folds = {row["slide"]: row["fold"] for row in rows}
+    assert folds["S1"] == folds["S2"] != folds["S3"]  # the synthetic cohort pairs S1 and S2 in one patient
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--slides", "S1,S9"], "--slides S9 not found"),
+        (["--slides", "S1"], "needs at least two"),
+        (["--regime", "end2end", "--methods", "ridge"], "drop it from --methods"),
+        (["--methods", "ridge,nonsense"], "Unknown method 'nonsense'"),
+    ],
+)
+def test_benchmark_bad_input_is_one_clear_line(cohort_h5ad, tmp_path, capsys, extra, message):
+    argv = ["benchmark", "--data", str(cohort_h5ad), *extra, *FAST, "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_benchmark_refuses_a_missing_path(tmp_path, capsys):
+    assert cli.main(["benchmark", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block():
+    with PeakMemory() as before:
+        pass
+    with PeakMemory() as during:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched, held for several samples
+        time.sleep(0.2)
+        del block
+    assert during.peak_mib >= before.peak_mib + 48
+
+
+def test_benchmark_on_two_her2st_sections(her2st_path, tmp_path, capsys):
+    argv = [
+        "benchmark",
+        "--data",
+        str(her2st_path),
+        "--slides",
+        "B4,C2",
+        "--methods",
+        "ridge",
+        "--genes",
+        "50",
+    ]
+    assert cli.main([*argv, *FAST, "--out", str(tmp_path)]) == 0
+    results, markdown = read_results(tmp_path)
+    assert results["settings"]["reader"] == "auto" and results["settings"]["slides"] == ["B4", "C2"]
+    rows = results["methods"]["ridge"]["per_slide"]
+    assert [row["slide"] for row in rows] == ["B4", "C2"]
+    assert all(np.isfinite(row["pcc_acg"]) and row["n_genes"] == 50 for row in rows)
+    assert markdown.strip() in capsys.readouterr().out
 
 
 def test_version(capsys):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, io, metrics, models, patches, pp, splits, tl
+from . import datasets, io, metrics, models, patches, pl, pp, splits, tl
 
 try:
     __version__ = version("histo2expr")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["datasets", "io", "metrics", "models", "patches", "pp", "splits", "tl"]
+__all__ = ["datasets", "io", "metrics", "models", "patches", "pl", "pp", "splits", "tl"]

@@ -1,100 +1,309 @@
-"""The ``histo2expr`` command line: ``histo2expr demo``."""
+"""The ``histo2expr`` command line: ``histo2expr demo`` and ``histo2expr benchmark``."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ._benchmark import MethodRun
+
+#: Readers of ``histo2expr benchmark --reader``.
+READERS = ("auto", "legacy_st", "visium", "h5ad")
+#: Cross-validation schemes of ``histo2expr benchmark --cv``.
+CV_SCHEMES = ("leave_one_slide_out", "leave_one_patient_out")
 
 
-def run_demo(
+class CommandError(Exception):
+    """Bad command-line input: printed as one line on stderr, exit status 2."""
+
+
+def _method_list(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _report(
+    adata: AnnData,
+    runs: list[MethodRun],
     *,
-    n_slides: int = 4,
-    seed: int = 0,
-    n_genes: int = 100,
-    methods: Sequence[str] = ("ridge", "stnet", "bleep"),
-    encoder: str = "efficientnet_lite0",
-    patch_size: int = 224,
-    epochs: int = 30,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Leave-one-slide-out comparison of methods on frozen features of the synthetic cohort.
+    out: Path,
+    title: str,
+    preamble: list[str],
+    settings: dict[str, Any],
+) -> None:
+    """Print the report, write results.json / results.md and the figures into ``out``, say where."""
+    from . import pl
+    from ._benchmark import results_markdown, write_results
 
-    The cohort is embedded once with ``encoder`` (ImageNet weights for ``efficientnet_lite0``);
-    every method then runs :func:`histo2expr.tl.fit_histo2expr` on identical folds, choosing its
-    genes, standardisation and early stopping on the training slides of each fold only.
+    markdown = results_markdown(runs, title=title, preamble=preamble)
+    print()
+    print(markdown)
+    written = write_results(runs, out, markdown=markdown, settings=settings)
+    written += pl.save_run_figures(adata, keys=[run.method for run in runs], out_dir=out)
+    print("Written:")
+    for path in written:
+        print(f"  {path}")
 
-    Returns
-    -------
-    One row per method and held-out slide with the fold metrics of ``uns["<method>"]["folds"]``.
-    """
-    from . import datasets, pp, tl
 
-    adata = datasets.synthetic(n_slides=n_slides, seed=seed)
-    pp.normalize(adata)
+def _embed(adata: AnnData, args: argparse.Namespace) -> float:
+    """Frozen features of every spot into ``obsm["X_histo"]``; the seconds it took."""
+    from . import tl
+
+    tic = time.perf_counter()
     tl.embed_patches(
-        adata, encoder=encoder, patch_size=patch_size, num_workers=num_workers, progress=progress
+        adata,
+        encoder=args.encoder,
+        patch_size=args.patch_size,
+        num_workers=args.workers,
+        device=args.device,
+        progress=not args.quiet,
     )
-    tables = []
-    for method in methods:
-        tl.fit_histo2expr(
-            adata,
-            method=method,
-            genes=n_genes,
-            cv="leave_one_slide_out",
-            epochs=epochs,
-            seed=seed,
-            key_added=method,
-            progress=progress,
-        )
-        tables.append(adata.uns[method]["folds"].assign(method=method))
-    return pd.concat(tables, ignore_index=True)
-
-
-def _print_table(table: pd.DataFrame) -> None:
-    columns = ["slide", "n_spots", "pcc_acg", "pcc_heg50", "pcc_hvg50", "mse", "mae"]
-    for method, rows in table.groupby("method", sort=False):
-        shown = rows[columns].reset_index(drop=True)
-        mean = shown.drop(columns=["slide", "n_spots"]).mean()
-        shown.loc[len(shown)] = {"slide": "mean", "n_spots": int(shown["n_spots"].sum()), **mean.to_dict()}
-        print(f"\n{method}")
-        print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return time.perf_counter() - tic
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from . import datasets, pp
+    from ._benchmark import compare_methods
+
     start = time.perf_counter()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.n_slides < 2:
+        raise CommandError("cross-validation needs at least two slides; use --n-slides 2 or more.")
+    methods = _method_list(args.methods)
     print(
         f"histo2expr demo: synthetic cohort of {args.n_slides} slides (seed {args.seed}), frozen {args.encoder} "
         f"features of {args.patch_size} px patches; leave-one-slide-out for {', '.join(methods)} on "
         f"{args.genes} highly expressed genes chosen on the training slides of each fold."
     )
-    table = run_demo(
-        n_slides=args.n_slides,
+    adata = datasets.synthetic(n_slides=args.n_slides, seed=args.seed)
+    pp.normalize(adata)
+    embed_seconds = _embed(adata, args)
+    runs = compare_methods(
+        adata,
+        methods,
+        genes=args.genes,
         seed=args.seed,
-        n_genes=args.genes,
-        methods=methods,
-        encoder=args.encoder,
-        patch_size=args.patch_size,
         epochs=args.epochs,
-        num_workers=args.workers,
+        device=args.device,
         progress=not args.quiet,
     )
-    _print_table(table)
-    print("\nPCC: per gene across the spots of a held-out slide, then averaged (ACG: all genes; HEG/HVG@50:")
-    print("the 50 most expressed / variable genes of that slide). MSE, MAE: per-gene standardised space.")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / "demo_results.csv"
-        table.to_csv(path, index=False)
-        print(f"Per-slide results written to {path}")
+    total = time.perf_counter() - start
+    command = "histo2expr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    _report(
+        adata,
+        runs,
+        out=args.out,
+        title=f"histo2expr demo: synthetic cohort of {args.n_slides} slides, leave-one-slide-out",
+        preamble=[
+            f"Command: `{command}`",
+            "",
+            f"Frozen {args.encoder} features of {args.patch_size} px patches (embedding: {embed_seconds:.1f} s); "
+            f"{args.genes} highly expressed genes chosen on the training slides of each fold; "
+            f"at most {args.epochs} epochs. Whole run: {total:.1f} s.",
+            "",
+        ],
+        settings={
+            "command": command,
+            "n_slides": args.n_slides,
+            "seed": args.seed,
+            "genes": args.genes,
+            "encoder": args.encoder,
+            "patch_size": args.patch_size,
+            "epochs": args.epochs,
+            "embedding_seconds": embed_seconds,
+            "total_seconds": total,
+        },
+    )
     print(f"Done in {time.perf_counter() - start:.1f} s.")
     return 0
+
+
+def _detect_reader(path: Path) -> str:
+    if path.suffix == ".h5ad":
+        return "h5ad"
+    if any(path.glob("*/filtered_feature_bc_matrix.h5")) or any(
+        path.glob("*/outs/filtered_feature_bc_matrix.h5")
+    ):
+        return "visium"
+    return "legacy_st"
+
+
+def _read_visium_folder(path: Path) -> AnnData:
+    """Every Space Ranger output folder directly under ``path`` (or its ``outs``), one slide each."""
+    import anndata as ad
+
+    from . import io
+
+    outs = sorted(
+        {
+            h5.parent
+            for h5 in [
+                *path.glob("*/filtered_feature_bc_matrix.h5"),
+                *path.glob("*/outs/filtered_feature_bc_matrix.h5"),
+            ]
+        }
+    )
+    slides = [
+        io.read_visium(folder, library_id=(folder.parent if folder.name == "outs" else folder).name)
+        for folder in outs
+    ]
+    return ad.concat(slides, join="inner", merge="same", uns_merge="unique")
+
+
+def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | None = None) -> AnnData:
+    """The spots of ``path`` in the histo2expr data model, restricted to ``slides`` when given.
+
+    Parameters
+    ----------
+    path
+        A legacy ST dataset folder (:func:`histo2expr.io.read_legacy_st`), a folder of Space
+        Ranger output folders (one Visium slide each, :func:`histo2expr.io.read_visium`) or an
+        ``.h5ad`` file following the data model.
+    reader
+        ``"legacy_st"``, ``"visium"``, ``"h5ad"`` or ``"auto"`` (from the path).
+    slides
+        Slide ids to keep; all by default.
+    """
+    import anndata as ad
+
+    from . import io
+
+    if not path.exists():
+        raise CommandError(f"--data {path} does not exist; give the dataset folder (or .h5ad file).")
+    reader = _detect_reader(path) if reader == "auto" else reader
+    if reader == "legacy_st":
+        adata = io.read_legacy_st(path, sections=slides)
+    elif reader == "visium":
+        adata = _read_visium_folder(path)
+    else:
+        adata = ad.read_h5ad(path)
+    if "slide" not in adata.obs:
+        raise CommandError(f"{path} has no obs['slide'] column; benchmarks cross-validate by slide.")
+    if slides and reader != "legacy_st":
+        missing = sorted(set(slides) - set(adata.obs["slide"].astype(str)))
+        if missing:
+            raise CommandError(
+                f"--slides {','.join(missing)} not found; the slides are {sorted(adata.obs['slide'].unique())}."
+            )
+        adata = adata[adata.obs["slide"].astype(str).isin(slides)].copy()
+    return adata
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from . import pp
+    from ._benchmark import compare_methods, machine_description
+    from .models import available_methods, get_method
+
+    start = time.perf_counter()
+    if args.methods is None:
+        methods = [m for m in available_methods() if args.regime in get_method(m).regimes]
+    else:
+        methods = _method_list(args.methods)
+    for method in methods:
+        if args.regime not in get_method(method).regimes:
+            raise CommandError(
+                f"method {method!r} supports the {get_method(method).regimes} regime(s), not "
+                f"{args.regime!r}; drop it from --methods or use --regime frozen."
+            )
+    slides = _method_list(args.slides) if args.slides else None
+    adata = read_cohort(args.data, reader=args.reader, slides=slides)
+    n_slides = adata.obs["slide"].nunique()
+    if n_slides < 2:
+        raise CommandError(f"{args.data} has {n_slides} slide; cross-validation needs at least two.")
+    if args.cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
+        raise CommandError("leave_one_patient_out needs obs['patient'] with at least two patients.")
+    pp.normalize(adata)
+    print(
+        f"histo2expr benchmark: {adata.n_obs} spots on {n_slides} slides of {args.data}; "
+        f"{args.cv}, {args.regime} regime ({args.encoder}), {args.genes} genes, methods {', '.join(methods)}."
+    )
+    fit_kwargs: dict[str, Any] = {"epochs": args.epochs, "device": args.device, "num_workers": args.workers}
+    embed_seconds = None
+    if args.regime == "frozen":
+        embed_seconds = _embed(adata, args)
+    else:
+        fit_kwargs.update(use_rep=None, patch_size=args.patch_size)
+    if args.cv == "leave_one_patient_out":
+        fit_kwargs["patient_key"] = "patient"
+    method_params = {m: {"encoder": args.encoder} for m in methods} if args.regime == "end2end" else None
+    runs = compare_methods(
+        adata,
+        methods,
+        cv=args.cv,
+        genes=args.genes,
+        seed=args.seed,
+        progress=not args.quiet,
+        method_params=method_params,
+        **fit_kwargs,
+    )
+    total = time.perf_counter() - start
+    machine = machine_description()
+    command = "histo2expr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    gpu = machine["gpu"] or "no GPU"
+    embedded = "" if embed_seconds is None else f" Embedding: {embed_seconds:.1f} s."
+    _report(
+        adata,
+        runs,
+        out=args.out,
+        title=f"histo2expr benchmark: {args.data.name}, {args.cv}, {args.regime} {args.encoder}",
+        preamble=[
+            f"Command: `{command}`",
+            "",
+            f"Machine: {machine['cpu_cores']} CPU cores, {gpu}, torch {machine['torch']} with "
+            f"{machine['torch_threads']} thread(s), Python {machine['python']}, {machine['platform']}.",
+            "",
+            f"Data: {adata.n_obs} spots on {n_slides} slides ({', '.join(map(str, adata.obs['slide'].unique()))}); "
+            f"{args.genes} highly expressed genes chosen on the training slides of each fold; {args.patch_size} px "
+            f"patches; at most {args.epochs} epochs; seed {args.seed}.{embedded} Whole run: {total:.1f} s.",
+            "",
+        ],
+        settings={
+            "command": command,
+            "data": str(args.data),
+            "reader": args.reader,
+            "slides": sorted(map(str, adata.obs["slide"].unique())),
+            "n_spots": adata.n_obs,
+            "cv": args.cv,
+            "regime": args.regime,
+            "encoder": args.encoder,
+            "patch_size": args.patch_size,
+            "genes": args.genes,
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "embedding_seconds": embed_seconds,
+            "total_seconds": total,
+        },
+    )
+    return 0
+
+
+def _add_common(add: Any, *, genes: int, epochs: int, methods: str | None, out: str) -> None:
+    add("--seed", type=int, default=0, help="seed of the training (and the synthetic cohort) (default 0)")
+    add("--genes", type=int, default=genes, help=f"highly expressed genes to predict (default {genes})")
+    shown = methods or "every registered method of the regime"
+    add("--methods", default=methods, help=f"comma-separated methods (default: {shown})")
+    add(
+        "--encoder",
+        default="efficientnet_lite0",
+        help="encoder: efficientnet_lite0 (ImageNet, offline), colour_texture (no weights) or a timm name",
+    )
+    add(
+        "--epochs",
+        type=int,
+        default=epochs,
+        help=f"maximum training epochs of the torch methods (default {epochs})",
+    )
+    add("--patch-size", type=int, default=224, help="patch side in pixels (default 224)")
+    add("--workers", type=int, default=0, help="DataLoader workers reading patches (default 0)")
+    add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default auto)")
+    add("--out", type=Path, default=Path(out), help=f"folder for results and figures (default {out})")
+    add("--quiet", action="store_true", help="no progress bars")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,36 +314,50 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"histo2expr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
     demo = commands.add_parser("demo", help="cross-validate the baselines on the embedded synthetic cohort")
-    add = demo.add_argument
-    add("--n-slides", type=int, default=4, help="slides in the synthetic cohort (default 4)")
-    add("--seed", type=int, default=0, help="seed of the cohort and the training (default 0)")
-    add("--genes", type=int, default=100, help="genes to predict (default 100)")
-    add("--methods", default="ridge,stnet,bleep", help="comma-separated methods (default ridge,stnet,bleep)")
-    add(
-        "--encoder",
-        default="efficientnet_lite0",
-        help="frozen encoder: efficientnet_lite0 (ImageNet, offline), colour_texture (no weights) or a timm name",
-    )
-    add("--epochs", type=int, default=30, help="maximum training epochs of the torch methods (default 30)")
-    add("--patch-size", type=int, default=224, help="patch side in pixels at 1 um/px (default 224)")
-    add("--workers", type=int, default=0, help="DataLoader workers reading patches (default 0)")
-    add("--out", type=Path, default=None, help="folder for demo_results.csv (default: none written)")
-    add("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--n-slides", type=int, default=4, help="slides in the synthetic cohort (default 4)")
+    _add_common(demo.add_argument, genes=100, epochs=30, methods="ridge,stnet,bleep", out="histo2expr-demo")
     demo.set_defaults(func=_demo)
+
+    bench = commands.add_parser(
+        "benchmark", help="compare methods on your own data with leak-free cross-validation"
+    )
+    add = bench.add_argument
+    add(
+        "--data",
+        type=Path,
+        required=True,
+        help="dataset folder (legacy ST, folder of Visium outs) or .h5ad file",
+    )
+    add("--reader", choices=READERS, default="auto", help="how to read --data (default: from the path)")
+    add("--slides", default=None, help="comma-separated slides to keep (default: all)")
+    add(
+        "--cv",
+        choices=CV_SCHEMES,
+        default="leave_one_slide_out",
+        help="cross-validation (default leave_one_slide_out)",
+    )
+    add(
+        "--regime",
+        choices=("frozen", "end2end"),
+        default="frozen",
+        help="frozen features or end-to-end (default frozen)",
+    )
+    _add_common(add, genes=250, epochs=50, methods=None, out="histo2expr-benchmark")
+    bench.set_defaults(func=_benchmark)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``histo2expr`` command."""
     args = _parser().parse_args(argv)
-    if getattr(args, "n_slides", 2) < 2:
-        print(
-            "histo2expr demo: cross-validation needs at least two slides; use --n-slides 2 or more.",
-            file=sys.stderr,
-        )
+    args.argv = None if argv is None else list(argv)
+    try:
+        return args.func(args)
+    except (CommandError, ValueError) as error:  # bad input: the message names the problem and the fix
+        print(f"histo2expr {args.command}: {error}", file=sys.stderr)
         return 2
-    return args.func(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,77 @@
+"""Fold metrics of several fitted methods, slide by slide."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import metrics
+from ._utils import as_keys, axes, finish, fit_record, key_colours
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+
+#: Label of the group of bars with the mean over slides.
+MEAN_LABEL = "mean"
+
+
+def compare_methods(
+    adata: AnnData,
+    *,
+    keys: Sequence[str],
+    metric: str = "pcc_acg",
+    ax: Axes | None = None,
+    show: bool | None = None,
+) -> Axes | None:
+    """Bar chart of one fold metric of several fitted methods, per held-out slide and on average.
+
+    Parameters
+    ----------
+    adata
+        AnnData cross-validated once per method with :func:`~histo2expr.tl.fit_histo2expr`
+        (``cv=...``, one ``key_added`` each).
+    keys
+        The ``key_added`` of every method to compare.
+    metric
+        A numeric column of the fold tables: ``"pcc_acg"``, ``"pcc_heg50"``, ``"pcc_hvg50"``,
+        ``"mse"``, ``"mae"``, ``"gene_corr_agreement"``, ...
+    ax
+        Axes to draw into (default: a new figure).
+    show
+        Show the plot; by default when ``ax`` is not given.
+
+    Returns
+    -------
+    The Axes when not shown, else None. Reads ``uns[key]["folds"]`` of every key; the
+    last group of bars is the mean over slides (:func:`histo2expr.metrics.summarize`).
+    """
+    keys = as_keys(keys)
+    values = {}
+    for key in keys:
+        folds = fit_record(adata, key, need=("folds",))["folds"]
+        numeric = list(metrics.summarize(folds).index)
+        if metric not in numeric:
+            msg = f"`metric={metric!r}` is not a metric of `adata.uns[{key!r}]['folds']`; choose one of {numeric}."
+            raise KeyError(msg)
+        per_slide = folds.set_index(folds["slide"].astype(str))[metric]
+        values[key] = {**per_slide.to_dict(), MEAN_LABEL: float(metrics.summarize(folds)[metric])}
+    slides = dict.fromkeys(s for v in values.values() for s in v if s != MEAN_LABEL)
+    groups = [*slides, MEAN_LABEL]
+    ax_given = ax is not None
+    ax = axes(ax, (max(4.0, 0.5 * len(groups) * (1 + 0.4 * len(keys))) + 1.2, 3.5))
+    width = 0.8 / len(keys)
+    for j, (key, colour) in enumerate(zip(keys, key_colours(len(keys)), strict=True)):
+        heights = [values[key].get(g, np.nan) for g in groups]
+        positions = np.arange(len(groups)) + (j - (len(keys) - 1) / 2) * width
+        ax.bar(positions, heights, width=0.95 * width, color=colour, label=key)
+    ax.axvline(len(groups) - 1.5, color="grey", linewidth=0.8)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_xlabel("held-out slide")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per held-out slide")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    return finish(ax, show=show, ax_given=ax_given)

@@ -1,0 +1,131 @@
+"""Gene-gene correlation of measured and predicted expression."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import metrics
+from .._validation import positive_int
+from ._utils import (
+    check_genes,
+    finish,
+    fit_record,
+    predicted_genes,
+    prediction,
+    slide_spots,
+    truth,
+    unpredicted,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.figure import Figure
+
+#: Above this many genes the heatmaps carry no gene names.
+_MAX_LABELLED_GENES = 60
+
+
+def _cluster_order(corr: np.ndarray) -> np.ndarray:
+    """Leaf order of an average-linkage clustering of genes at distance 1 - correlation."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    if len(corr) < 3:
+        return np.arange(len(corr))
+    distance = squareform(np.clip(1.0 - corr, 0.0, 2.0), checks=False)
+    return leaves_list(linkage(distance, method="average"))
+
+
+def gene_corr_heatmap(
+    adata: AnnData,
+    *,
+    key: str = "histo2expr",
+    genes: Sequence[str] | None = None,
+    n_top: int = 50,
+    slide: str | None = None,
+    cmap: str = "RdBu_r",
+    show: bool | None = None,
+) -> Figure | None:
+    """Gene-gene correlation of the measured and of the predicted expression, side by side.
+
+    Both matrices correlate genes across spots and share the gene order of a hierarchical
+    clustering (average linkage, distance 1 - correlation) of the measured one. The title
+    gives their agreement, :func:`histo2expr.metrics.gene_corr_agreement`: the Pearson
+    correlation of their upper triangles. Genes constant on the spots (in truth or
+    prediction) have no correlation and are left out.
+
+    Parameters
+    ----------
+    adata
+        AnnData cross-validated with :func:`~histo2expr.tl.fit_histo2expr` (``cv=...``, its
+        out-of-fold predictions) or predicted with :func:`~histo2expr.tl.predict_expression`,
+        with measured log-normalised expression in ``X``.
+    key
+        The ``key_added`` of the fit.
+    genes
+        The genes to correlate (default: the ``n_top`` with the highest mean measured
+        expression among those predicted on every spot shown).
+    n_top
+        Number of genes when ``genes`` is not given.
+    slide
+        One slide (as the fold metric ``gene_corr_agreement`` does), or None for every spot.
+    cmap
+        Diverging colour map; the scale is fixed to [-1, 1].
+    show
+        Show the figure (default) or return it.
+
+    Returns
+    -------
+    The Figure when not shown, else None. Reads ``layers[f"{key}_pred"]`` and ``X``.
+    """
+    import matplotlib.pyplot as plt
+
+    record = fit_record(adata, key)
+    spots, slide = slide_spots(adata, record, slide)
+    known = predicted_genes(record)
+    if genes is None:
+        n_top = positive_int(n_top, "n_top")
+        everywhere = ~unpredicted(prediction(adata, key, known, spots))
+        candidates = [g for g, ok in zip(known, everywhere, strict=True) if ok]
+        genes = [candidates[i] for i in metrics.top_genes(truth(adata, candidates, spots), n_top)]
+    else:
+        genes = check_genes(genes, known, key)
+    predicted = prediction(adata, key, genes, spots)
+    if unpredicted(predicted).any():
+        missing = [g for g, bad in zip(genes, unpredicted(predicted), strict=True) if bad]
+        msg = (
+            f"{missing[:5]} lack a prediction of {key!r} on some of the spots shown (their folds chose "
+            "other genes); pass `slide=` or `genes=` predicted on every spot shown."
+        )
+        raise ValueError(msg)
+    measured = truth(adata, genes, spots)
+    varying = ~np.isnan(metrics.gene_pcc(measured, predicted))
+    genes = [g for g, ok in zip(genes, varying, strict=True) if ok]
+    if len(genes) < 2:
+        msg = f"Fewer than two genes vary on the spots shown ({genes}); choose other genes or slides."
+        raise ValueError(msg)
+    measured, predicted = measured[:, varying], predicted[:, varying]
+    agreement = metrics.gene_corr_agreement(measured, predicted)
+    corr_measured = np.corrcoef(measured, rowvar=False)
+    corr_predicted = np.corrcoef(predicted, rowvar=False)
+    order = _cluster_order(corr_measured)
+    names = [genes[i] for i in order]
+    size = 3.2 + 0.08 * min(len(genes), _MAX_LABELLED_GENES)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(2 * size + 1.0, size), layout="constrained")
+    for ax, corr, what in ((left, corr_measured, "measured"), (right, corr_predicted, f"predicted ({key})")):
+        heatmap = ax.imshow(
+            corr[np.ix_(order, order)], cmap=cmap, vmin=-1.0, vmax=1.0, interpolation="nearest"
+        )
+        ax.set_title(what)
+        labelled = len(names) <= _MAX_LABELLED_GENES
+        ax.set_xticks(
+            range(len(names)) if labelled else [], names if labelled else [], rotation=90, fontsize=6
+        )
+        ax.set_yticks(range(len(names)) if labelled else [], names if labelled else [], fontsize=6)
+    fig.colorbar(heatmap, ax=[left, right], shrink=0.8, label="gene-gene PCC")
+    where = "all spots" if slide is None else f"slide {slide}"
+    fig.suptitle(f"Gene-gene correlation, {len(genes)} genes, {where}: agreement r = {agreement:.3f}")
+    return finish(fig, show=show)

@@ -1,0 +1,192 @@
+"""Gene-wise PCC of held-out slides: boxes per slide, and PCC(HEG@K) against K."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from .. import metrics
+from .._validation import positive_int
+from ._utils import (
+    as_keys,
+    axes,
+    check_genes,
+    choose_slides,
+    finish,
+    fit_record,
+    key_colours,
+    pcc_table,
+    prediction,
+    slide_spots,
+    truth,
+    unpredicted,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+
+#: The K of PCC(HEG@K) in CHRep's figure 3.
+DEFAULT_KS = (50, 100, 150, 200)
+
+
+def _union(columns: list[list[str]]) -> list[str]:
+    return list(dict.fromkeys(c for names in columns for c in names))
+
+
+def gene_pcc_boxplot(
+    adata: AnnData,
+    *,
+    key: str | Sequence[str] = "histo2expr",
+    slides: str | Sequence[str] | None = None,
+    genes: Sequence[str] | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+) -> Axes | None:
+    """Box plot of the gene-wise PCC on every held-out slide.
+
+    One box per held-out slide holds the Pearson correlation of each predicted gene
+    across that slide's spots (genes constant on the slide, with NaN PCC, are left out).
+    With several keys (methods), their boxes stand side by side per slide.
+
+    Parameters
+    ----------
+    adata
+        AnnData cross-validated with :func:`~histo2expr.tl.fit_histo2expr` (``cv=...``) or
+        scored with :func:`~histo2expr.tl.evaluate_expression`.
+    key
+        The ``key_added`` of the fit, or a list of them to compare methods.
+    slides
+        Held-out slides to show (default: all, in the order they were held out).
+    genes
+        Restrict the boxes to these genes (default: every gene the key predicted).
+    ax
+        Axes to draw into (default: a new figure).
+    show
+        Show the plot; by default when ``ax`` is not given.
+
+    Returns
+    -------
+    The Axes when not shown, else None. Reads ``uns[key]["gene_pcc"]``.
+    """
+    keys = as_keys(key)
+    tables = {k: pcc_table(adata, k) for k in keys}
+    slides = choose_slides(_union([list(t.columns) for t in tables.values()]), slides, "held-out slides")
+    for k, table in tables.items():
+        genes = None if genes is None else check_genes(genes, list(table.index), k)
+    ax_given = ax is not None
+    ax = axes(ax, (max(4.0, 0.6 * len(slides) * (1 + 0.5 * len(keys))), 4.0))
+    width = 0.8 / len(keys)
+    for j, (k, colour) in enumerate(zip(keys, key_colours(len(keys)), strict=True)):
+        table = tables[k] if genes is None else tables[k].loc[genes]
+        shown = [i for i, s in enumerate(slides) if s in table.columns]
+        ax.boxplot(
+            [table[slides[i]].dropna().to_numpy() for i in shown],
+            positions=[i + (j - (len(keys) - 1) / 2) * width for i in shown],
+            widths=0.9 * width,
+            patch_artist=True,
+            manage_ticks=False,
+            boxprops={"facecolor": colour, "alpha": 0.7},
+            medianprops={"color": "black"},
+            flierprops={"markersize": 3},
+        )
+    ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(slides)), slides)
+    ax.set_xlim(-0.6, len(slides) - 0.4)
+    ax.set_xlabel("held-out slide")
+    ax.set_ylabel("PCC per gene")
+    ax.set_title("Gene-wise PCC on held-out slides")
+    if len(keys) > 1:
+        from matplotlib.patches import Patch
+
+        handles = [
+            Patch(facecolor=c, alpha=0.7, label=k) for k, c in zip(keys, key_colours(len(keys)), strict=True)
+        ]
+        ax.legend(handles=handles, loc="best", fontsize="small")
+    return finish(ax, show=show, ax_given=ax_given)
+
+
+def heg_table(
+    adata: AnnData,
+    *,
+    key: str = "histo2expr",
+    ks: Sequence[int] = DEFAULT_KS,
+    slides: str | Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """PCC(HEG@K) of every held-out slide (rows) for every K (columns), from the stored per-gene PCCs.
+
+    The K genes of a slide are those with the highest mean measured expression on that slide
+    among the genes its fold predicted (:func:`histo2expr.metrics.top_genes`, as
+    :func:`histo2expr.metrics.evaluate_slide` chooses them); their stored PCCs are averaged,
+    NaN left out. With fewer than K genes, all are used.
+    """
+    record = fit_record(adata, key, need=("gene_pcc",))
+    table = pcc_table(adata, key)
+    slides = choose_slides(list(table.columns), slides, f"held-out slides of {key!r}")
+    genes = list(table.index)
+    rows = {}
+    for slide in slides:
+        spots, _ = slide_spots(adata, record, slide)
+        evaluated = ~unpredicted(prediction(adata, key, genes, spots))
+        fold_genes = [g for g, e in zip(genes, evaluated, strict=True) if e]
+        measured = truth(adata, fold_genes, spots)
+        pcc = table.loc[fold_genes, slide].to_numpy()
+        rows[slide] = [float(pd.Series(pcc[metrics.top_genes(measured, k, by="mean")]).mean()) for k in ks]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(ks))
+
+
+def heg_curve(
+    adata: AnnData,
+    *,
+    key: str | Sequence[str] = "histo2expr",
+    ks: Sequence[int] = DEFAULT_KS,
+    slides: str | Sequence[str] | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+) -> Axes | None:
+    """PCC(HEG@K) against K: the mean over held-out slides, one line per key (method).
+
+    PCC(HEG@K) of a slide is the mean PCC of the K genes with the highest mean measured
+    expression on that slide (:func:`histo2expr.metrics.pcc_top`); it is read from the stored
+    per-gene PCCs, so it equals the ``pcc_heg50`` column of the fold table at K = 50.
+
+    Parameters
+    ----------
+    adata
+        AnnData cross-validated with :func:`~histo2expr.tl.fit_histo2expr` (``cv=...``) or
+        scored with :func:`~histo2expr.tl.evaluate_expression`, with its measured
+        log-normalised expression in ``X``.
+    key
+        The ``key_added`` of the fit, or a list of them to compare methods.
+    ks
+        The values of K (at most the number of genes predicted; larger K use all genes).
+    slides
+        Held-out slides to average over (default: all).
+    ax
+        Axes to draw into (default: a new figure).
+    show
+        Show the plot; by default when ``ax`` is not given.
+
+    Returns
+    -------
+    The Axes when not shown, else None. Reads ``uns[key]["gene_pcc"]``,
+    ``layers[f"{key}_pred"]`` and ``X``.
+    """
+    keys = as_keys(key)
+    ks = sorted({positive_int(k, "ks") for k in ks})
+    if not ks:
+        msg = "`ks` is empty; give the values of K, e.g. (50, 100, 150, 200)."
+        raise ValueError(msg)
+    curves = {k: heg_table(adata, key=k, ks=ks, slides=slides).mean(axis=0, skipna=True) for k in keys}
+    ax_given = ax is not None
+    ax = axes(ax, (4.5, 3.5))
+    for (k, curve), colour in zip(curves.items(), key_colours(len(keys)), strict=True):
+        ax.plot(ks, curve.to_numpy(), marker="o", color=colour, label=k)
+    ax.set_xticks(ks)
+    ax.set_xlabel("K (highly expressed genes)")
+    ax.set_ylabel("PCC(HEG@K)")
+    ax.set_title("PCC of the K most expressed genes,\nmean over held-out slides")
+    ax.legend(loc="best", fontsize="small")
+    return finish(ax, show=show, ax_given=ax_given)

@@ -1,0 +1,195 @@
+"""What every plot shares: reading a fitted key from ``uns``, the spots of a slide, ``ax`` / ``show``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ..tl._data import log_expression, slide_labels
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+#: What writes the held-out metrics ``uns[key]["gene_pcc"]`` and ``uns[key]["folds"]``.
+_METRICS_WRITTEN_BY = (
+    "`hx.tl.fit_histo2expr(adata, cv=..., key_added={key!r})` or `hx.tl.evaluate_expression(adata, model, "
+    "key_added={key!r})`"
+)
+
+
+def _is_fit_record(value: Any) -> bool:
+    """A record of ``fit_histo2expr`` / ``predict_expression``: its model's ``genes``, or held-out PCCs."""
+    return isinstance(value, dict) and "params" in value and ("genes" in value or "gene_pcc" in value)
+
+
+def fitted_keys(adata: AnnData) -> list[str]:
+    """Keys of ``uns`` written by ``fit_histo2expr`` / ``predict_expression``."""
+    return [k for k, v in adata.uns.items() if _is_fit_record(v)]
+
+
+def as_keys(key: str | Sequence[str]) -> list[str]:
+    """One key or a list of keys as a non-empty list of distinct strings."""
+    keys = [key] if isinstance(key, str) else [str(k) for k in key]
+    if not keys or len(set(keys)) != len(keys):
+        msg = f"Give one key or a list of distinct keys (the `key_added` of each fit), got {key!r}."
+        raise ValueError(msg)
+    return keys
+
+
+def fit_record(adata: AnnData, key: str, *, need: Sequence[str] = ()) -> dict[str, Any]:
+    """``adata.uns[key]``, checked to come from a fit and to hold every part in ``need``."""
+    record = adata.uns.get(key)
+    if not _is_fit_record(record):
+        msg = (
+            f"`adata.uns[{key!r}]` holds no fitted model: key {key!r} was never fitted or predicted "
+            f"(fitted keys here: {fitted_keys(adata)}). Run `hx.tl.fit_histo2expr(adata, cv=..., "
+            f"key_added={key!r})` first, or pass `key=` with the `key_added` you used."
+        )
+        raise KeyError(msg)
+    for part in need:
+        if part not in record:
+            msg = (
+                f"`adata.uns[{key!r}]` has no {part!r}: the plot needs held-out metrics, written by "
+                f"{_METRICS_WRITTEN_BY.format(key=key)}. A fit without `cv` or a bare "
+                "`predict_expression` has none."
+            )
+            raise KeyError(msg)
+    return record
+
+
+def predicted_genes(record: dict[str, Any]) -> list[str]:
+    """Every gene the key predicted: the rows of its PCC table (all folds), else the model's genes."""
+    if "gene_pcc" in record:
+        return [str(g) for g in record["gene_pcc"].index]
+    return [str(g) for g in record["genes"]]
+
+
+def check_genes(genes: str | Sequence[str], known: Sequence[str], key: str) -> list[str]:
+    """``genes`` as a list, each one of the genes ``key`` predicted."""
+    genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+    if not genes:
+        msg = "`genes` is empty; give at least one gene."
+        raise ValueError(msg)
+    missing = [g for g in genes if g not in set(known)]
+    if missing:
+        msg = (
+            f"{missing[:5]} {'is' if len(missing) == 1 else 'are'} not among the genes of {key!r} "
+            f"({len(known)} genes, e.g. {list(known)[:5]}); choose genes the model predicts."
+        )
+        raise KeyError(msg)
+    return genes
+
+
+def pcc_table(adata: AnnData, key: str) -> pd.DataFrame:
+    """Genes x held-out slides PCC table of ``key``, slide names as strings."""
+    table = fit_record(adata, key, need=("gene_pcc",))["gene_pcc"]
+    return table.rename(columns=str)
+
+
+def choose_slides(available: Sequence[str], slides: str | Sequence[str] | None, what: str) -> list[str]:
+    """``slides`` (default: all ``available``), each checked to be available."""
+    if slides is None:
+        return list(available)
+    slides = [slides] if isinstance(slides, str) else [str(s) for s in slides]
+    missing = [s for s in slides if s not in set(available)]
+    if missing or not slides:
+        msg = f"`slides` {missing or slides} not among the {what} {list(available)}; pass some of them."
+        raise KeyError(msg)
+    return slides
+
+
+def slide_key_of(record: dict[str, Any]) -> str:
+    """The ``slide_key`` the key was fitted with (``"slide"`` when not recorded)."""
+    params = record.get("params", {})
+    return str(params.get("slide_key") or "slide")
+
+
+def slide_spots(
+    adata: AnnData, record: dict[str, Any], slide: str | None, *, pooled: bool = True
+) -> tuple[np.ndarray, str | None]:
+    """Positions of the spots of ``slide`` and its name.
+
+    ``slide=None`` means every spot (name None) when ``pooled``, else the only slide of ``adata``.
+    """
+    labels = slide_labels(adata, slide_key_of(record), required=False)
+    names = list(dict.fromkeys(labels))
+    if slide is None and pooled:
+        return np.arange(adata.n_obs), None
+    if slide is None and len(names) == 1:
+        slide = names[0]
+    if slide is None:
+        msg = f"`adata` has {len(names)} slides {names}; pass `slide=` with the one to show."
+        raise ValueError(msg)
+    if str(slide) not in names:
+        msg = f"`slide={slide!r}` is not a slide of `adata` (slides: {names}); pass one of them."
+        raise KeyError(msg)
+    return np.flatnonzero(labels == str(slide)), str(slide)
+
+
+def prediction(adata: AnnData, key: str, genes: Sequence[str], spots: np.ndarray) -> np.ndarray:
+    """``(len(spots), len(genes))`` predictions of ``key`` from ``layers[f"{key}_pred"]``."""
+    layer = f"{key}_pred"
+    if layer not in adata.layers:
+        msg = (
+            f"`adata.layers[{layer!r}]` is missing; write predictions with `hx.tl.fit_histo2expr(adata, "
+            f"cv=..., key_added={key!r})` or `hx.tl.predict_expression(adata, model, key_added={key!r})`."
+        )
+        raise KeyError(msg)
+    columns = adata.var_names.get_indexer(list(genes))
+    return np.asarray(adata.layers[layer][spots][:, columns], dtype=np.float64)
+
+
+def has_truth(adata: AnnData) -> bool:
+    """Whether ``X`` holds measured log-normalised expression (not predictions of an H&E-only slide)."""
+    return "log1p" in adata.uns
+
+
+def truth(adata: AnnData, genes: Sequence[str], spots: np.ndarray) -> np.ndarray:
+    """Measured log-normalised expression of ``genes`` on ``spots`` (clear error on H&E-only data)."""
+    if not has_truth(adata):
+        msg = (
+            "This plot compares predictions with measured expression, but `adata` has none (no "
+            "`uns['log1p']`: H&E-only predictions, or counts not normalised). Run `hx.pp.normalize(adata)` "
+            "on data with counts, or plot the predictions alone with `hx.pl.spatial_expression`."
+        )
+        raise ValueError(msg)
+    return log_expression(adata[spots], genes).astype(np.float64)
+
+
+def unpredicted(values: np.ndarray) -> np.ndarray:
+    """Columns (genes) without a prediction on some spot (their fold did not choose them)."""
+    return ~np.isfinite(values).all(axis=0)
+
+
+def axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
+    """``ax``, or the axes of a new figure of ``figsize`` inches."""
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize, layout="constrained")[1]
+
+
+def finish(artist: Axes | Figure, *, show: bool | None, ax_given: bool = False) -> Axes | Figure | None:
+    """Show the plot (default when the function made its own figure) or return ``artist``."""
+    import matplotlib.pyplot as plt
+
+    if show is None:
+        show = not ax_given
+    if show:
+        plt.show()
+        return None
+    return artist
+
+
+def key_colours(n: int) -> list:
+    """One distinct colour per key (matplotlib's tab10 cycle)."""
+    import matplotlib as mpl
+
+    cycle = mpl.colormaps["tab10"].colors
+    return [cycle[i % len(cycle)] for i in range(n)]
