@@ -19,18 +19,22 @@ DATA = Path(os.environ.get("HISTO2EXPR_HER2ST", HERE.parent.parent / "shared" / 
 COLUMNS = ["pcc_acg", "pcc_heg50", "pcc_hvg50", "mse", "mae"]
 
 
-def embedded_her2st() -> tuple[Any, float]:
+def embedded_her2st(tokens: int | None = None) -> tuple[Any, float]:
     """The normalised her2st cohort with frozen ImageNet EfficientNet-Lite0 features, and the embedding time.
 
     The embedded cohort is kept in the histo2expr cache (``benchmarks/her2st_lite0.h5ad``) so
     that several benchmark scripts embed it once; delete that file to re-embed. The time
-    returned is that of the run that embedded it.
+    returned is that of the run that embedded it. With ``tokens`` (the side of the token grid,
+    see ``hx.tl.embed_patches``) the image tokens are embedded too, in
+    ``obsm["X_histo_tokens"]``, and cached in a file of their own
+    (``benchmarks/her2st_lite0_tokens{tokens}.h5ad``).
     """
     import anndata as ad
 
     from histo2expr._settings import cache_dir
 
-    cached = cache_dir("benchmarks") / "her2st_lite0.h5ad"
+    name = "her2st_lite0.h5ad" if tokens is None else f"her2st_lite0_tokens{tokens}.h5ad"
+    cached = cache_dir("benchmarks") / name
     if cached.exists():
         adata = ad.read_h5ad(cached)
         return adata, float(adata.uns["benchmark_embed_seconds"])
@@ -38,7 +42,7 @@ def embedded_her2st() -> tuple[Any, float]:
     hx.pp.normalize(adata)
     tic = time.perf_counter()
     hx.tl.embed_patches(
-        adata, encoder="efficientnet_lite0", weights="imagenet", patch_size=224, progress=False
+        adata, encoder="efficientnet_lite0", weights="imagenet", patch_size=224, tokens=tokens, progress=False
     )
     adata.uns["benchmark_embed_seconds"] = time.perf_counter() - tic
     adata.write_h5ad(cached)

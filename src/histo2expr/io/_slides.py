@@ -20,11 +20,11 @@ from histo2expr._validation import check_obs_key, get_table, spatial_coordinates
 from histo2expr.io._image import (
     PAD_VALUE,
     ArrayImage,
-    LazyImage,
     _pil_to_rgb,
     no_pixel_limit,
     to_rgb_uint8,
 )
+from histo2expr.io._wsi_image import open_slide_image
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -150,21 +150,27 @@ def spatial_entry(
     hires_scalef: float,
     microns_per_pixel: float,
     microns_per_pixel_source: str,
-    spot_diameter_fullres: float,
+    spot_diameter_fullres: float | None,
     spot_spacing_fullres: float | None,
     source_image_path: str | Path | None,
+    source_image_level: int | None = None,
 ) -> dict:
-    """Build the ``uns["spatial"][slide]`` entry of the histo2expr data model."""
-    scalefactors = {
-        "tissue_hires_scalef": float(hires_scalef),
-        "spot_diameter_fullres": float(spot_diameter_fullres),
-        "microns_per_pixel": float(microns_per_pixel),
-    }
+    """Build the ``uns["spatial"][slide]`` entry of the histo2expr data model.
+
+    ``spot_diameter_fullres`` is None for a slide without spots yet (:func:`~histo2expr.io.read_wsi`);
+    ``source_image_level`` is the pyramid level of the source file that serves as full resolution.
+    """
+    scalefactors = {"tissue_hires_scalef": float(hires_scalef)}
+    if spot_diameter_fullres is not None:
+        scalefactors["spot_diameter_fullres"] = float(spot_diameter_fullres)
+    scalefactors["microns_per_pixel"] = float(microns_per_pixel)
     if spot_spacing_fullres is not None:
         scalefactors["spot_spacing_fullres"] = float(spot_spacing_fullres)
     metadata = {"microns_per_pixel_source": microns_per_pixel_source}
     if source_image_path is not None:
         metadata["source_image_path"] = str(Path(source_image_path).resolve())
+    if source_image_level is not None:
+        metadata["source_image_level"] = int(source_image_level)
     return {"images": {"hires": hires}, "scalefactors": scalefactors, "metadata": metadata}
 
 
@@ -186,8 +192,10 @@ def slide_images(
     """Return the :class:`SlideImage` of every slide in ``data``.
 
     For an AnnData, the full-resolution image is the file named in
-    ``uns["spatial"][slide]["metadata"]["source_image_path"]``. When it is missing, the
-    downscaled ``"hires"`` (else ``"lowres"``) image stored in ``uns`` is used with a
+    ``uns["spatial"][slide]["metadata"]["source_image_path"]`` (at pyramid level
+    ``["metadata"]["source_image_level"]``, default 0), read by region: tiled and pyramidal TIFFs
+    through tifffile, vendor whole-slide formats through OpenSlide, other images memory-mapped (see
+    :func:`~histo2expr.io.read_wsi`). When it is missing, the downscaled ``"hires"`` (else ``"lowres"``) image stored in ``uns`` is used with a
     warning, with coordinates and pixel size rescaled accordingly.
 
     For a SpatialData, the spots are the rows of its table ``table_key`` and each slide's
@@ -235,10 +243,12 @@ def slide_images(
         scalefactors = dict(entry.get("scalefactors", {}))
         mpp = _scalefactor(scalefactors, "microns_per_pixel")
         diameter = _scalefactor(scalefactors, "spot_diameter_fullres")
-        source = entry.get("metadata", {}).get("source_image_path")
+        metadata = entry.get("metadata", {})
+        source = metadata.get("source_image_path")
         if source is not None:
             centres = None if coords is None else coords[spots]
-            out[slide] = SlideImage(str(slide), LazyImage(source), 1.0, mpp, diameter, spots, centres)
+            image = open_slide_image(source, level=int(metadata.get("source_image_level", 0)))
+            out[slide] = SlideImage(str(slide), image, 1.0, mpp, diameter, spots, centres)
             continue
         images = entry.get("images", {})
         for name in ("hires", "lowres"):

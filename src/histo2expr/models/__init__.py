@@ -16,9 +16,11 @@ if TYPE_CHECKING:
     from .base import FitReport, Method, SpotSet, TrainConfig, available_methods, get_method, register_method
     from .bleep import BLEEPMethod
     from .chrep import CHRepMethod
+    from .cmrcnet import CMRCNetMethod
     from .encoders import BUILTIN_ENCODERS, Encoder, build_encoder
     from .handcrafted import ColourTextureStats
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
+    from .nh2st import NH2STMethod
     from .retrieval import aggregate, cosine_topk
     from .ridge import RidgeMethod
     from .stnet import STNetMethod
@@ -40,6 +42,8 @@ _LAZY = {
     "STNetMethod": ".stnet",
     "BLEEPMethod": ".bleep",
     "CHRepMethod": ".chrep",
+    "NH2STMethod": ".nh2st",
+    "CMRCNetMethod": ".cmrcnet",
     "bleep_loss": ".losses",
     "pcc_loss": ".losses",
     "regression_loss": ".losses",
@@ -54,10 +58,12 @@ __all__ = [
     "BUILTIN_ENCODERS",
     "BLEEPMethod",
     "CHRepMethod",
+    "CMRCNetMethod",
     "ColourTextureStats",
     "Encoder",
     "FitReport",
     "Method",
+    "NH2STMethod",
     "RidgeMethod",
     "STNetMethod",
     "SpotSet",

@@ -31,7 +31,8 @@ class SpotSet:
     groups
         ``(n,)`` slide label of every spot.
     features
-        ``(n, d)`` frozen image features (frozen regime), else None.
+        ``(n, d)`` frozen image features (frozen regime), else None; ``(n, t, d)`` for methods
+        that take image tokens (``Method.token_input``): ``t`` tokens of ``d`` features per spot.
     patches
         Where image patches are cut (end-to-end regime), else None.
     indices
@@ -54,6 +55,12 @@ class SpotSet:
             raise ValueError(msg)
         if self.patches is not None and (self.indices is None or len(self.indices) != n):
             msg = "An end-to-end SpotSet needs `indices` into its patch source, one per spot."
+            raise ValueError(msg)
+        if self.features is not None and np.ndim(self.features) not in (2, 3):
+            msg = (
+                f"`features` must be (spots, features) or (spots, tokens, features), got shape "
+                f"{np.shape(self.features)}."
+            )
             raise ValueError(msg)
         for name in ("groups", "features", "targets"):
             value = getattr(self, name)
@@ -179,15 +186,24 @@ class Method:
     name: ClassVar[str] = ""
     #: Regimes the method supports.
     regimes: ClassVar[tuple[str, ...]] = REGIMES
+    #: Whether the method takes frozen image *tokens*, ``(n, t, d)`` features (see :class:`SpotSet`).
+    token_input: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = params
         self.report: FitReport | None = None
 
     def check_regime(self, data: SpotSet) -> None:
-        """Raise when the method does not support ``data``'s regime."""
+        """Raise when the method does not support ``data``'s regime, or its token features."""
         if data.regime not in self.regimes:
             msg = f"Method {self.name!r} supports the {self.regimes} regime(s), not {data.regime!r}."
+            raise ValueError(msg)
+        if data.features is not None and data.features.ndim == 3 and not self.token_input:
+            msg = (
+                f"Method {self.name!r} takes one feature vector per spot, got image tokens of shape "
+                f"{data.features.shape}; pass the pooled features (obsm[use_rep], not obsm[f'{{use_rep}}_tokens']) "
+                "or average the tokens (`features.mean(axis=1)`)."
+            )
             raise ValueError(msg)
 
     def fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> FitReport:
@@ -201,6 +217,21 @@ class Method:
     def embed(self, data: SpotSet) -> np.ndarray:
         """``(n, d)`` the method's image representation of the spots."""
         raise NotImplementedError
+
+    def confidence(self, data: SpotSet, *, embedding: np.ndarray | None = None) -> np.ndarray | None:
+        """``(n,)`` per-spot confidence of the predictions, or None when the method has none (the default).
+
+        Retrieval methods return the mean cosine similarity of each spot to the gallery spots it
+        retrieves: low values flag spots unlike anything seen in training.
+
+        Parameters
+        ----------
+        data
+            The spots.
+        embedding
+            ``embed(data)`` when the caller already has it (saves a second pass over the images).
+        """
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild the fitted method (arrays, tensors and plain values)."""
@@ -240,7 +271,7 @@ def get_method(name: str) -> type[Method]:
 
 
 #: Modules holding the built-in methods, imported on first use (they import torch).
-_BUILTIN_METHOD_MODULES: tuple[str, ...] = (".ridge", ".stnet", ".bleep", ".chrep")
+_BUILTIN_METHOD_MODULES: tuple[str, ...] = (".ridge", ".stnet", ".bleep", ".chrep", ".nh2st", ".cmrcnet")
 
 
 def _load_builtin_methods() -> None:

@@ -119,10 +119,9 @@ class BLEEPMethod(TorchMethod):
             )
             raise ValueError(msg)
         network = self.start_fit(train, validation, config)
-        temperature = self.params["temperature"]
 
         def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return bleep_loss(network(batch), network.gene_head(batch["targets"]), temperature)
+            return self.batch_loss(network, batch)
 
         prepare = network.image_input.prepare
         ready_validation = None if validation is None else prepare(validation)
@@ -139,6 +138,10 @@ class BLEEPMethod(TorchMethod):
             )
         return self.report
 
+    def batch_loss(self, network: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch: :func:`~histo2expr.models.losses.bleep_loss` of its two projections."""
+        return bleep_loss(network(batch), network.gene_head(batch["targets"]), self.params["temperature"])
+
     def embed(self, data: SpotSet) -> np.ndarray:
         """``(n, projection_dim)`` projected image embeddings (the retrieval queries)."""
         network, data = self.fitted(data)
@@ -149,6 +152,14 @@ class BLEEPMethod(TorchMethod):
         queries = self.embed(data)
         _, indices = cosine_topk(queries, self.gallery_embeddings, self.params["top_k"], device=self.device)
         return aggregate(self.gallery_expression.numpy(), indices, weighting="mean").astype(np.float32)
+
+    def confidence(self, data: SpotSet, *, embedding: np.ndarray | None = None) -> np.ndarray:
+        """``(n,)`` mean cosine similarity of each spot's image embedding to the ``top_k`` gallery spots it retrieves."""
+        queries = self.embed(data) if embedding is None else embedding
+        similarities, _ = cosine_topk(
+            queries, self.gallery_embeddings, self.params["top_k"], device=self.device
+        )
+        return similarities.mean(axis=1)
 
     def extra_state(self) -> dict[str, Any]:
         """The gallery: projected expression and standardised expression of the spots fitted on."""

@@ -734,6 +734,12 @@ class CHRepMethod(TorchMethod):
                 )
         return prediction
 
+    def confidence(self, data: SpotSet, *, embedding: np.ndarray | None = None) -> np.ndarray:
+        """``(n,)`` mean cosine similarity of each spot's query q to the ``top_k`` gallery queries it retrieves."""
+        queries = self.embed(data) if embedding is None else embedding
+        similarities, _ = cosine_topk(queries, self.gallery_queries, self.params["top_k"], device=self.device)
+        return similarities.mean(axis=1)
+
     def extra_state(self) -> dict[str, Any]:
         """The gallery: q and standardised expression of the spots fitted on."""
         return {

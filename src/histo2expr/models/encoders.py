@@ -142,7 +142,10 @@ class Encoder(nn.Module):
         -------
         ``(B, feature_dim)`` features.
         """
-        features = self.backbone(self.normalize(images))
+        return self._checked_features(self.backbone(self.normalize(images)))
+
+    def _checked_features(self, features: torch.Tensor) -> torch.Tensor:
+        """``features`` when they are ``(B, feature_dim)``, else a clear error."""
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
             msg = (
                 f"The backbone of encoder {self.name!r} returned shape {tuple(features.shape)}, expected "
@@ -175,7 +178,32 @@ class Encoder(nn.Module):
                 "returning (batch, channels, h, w) maps or (batch, tokens, channels) tokens."
             )
             raise TypeError(msg)
-        features = forward_features(self.normalize(images))
+        return self._tokens_of(forward_features(self.normalize(images)))
+
+    def features_and_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return :meth:`forward` and :meth:`forward_tokens` of the same images, running the backbone once.
+
+        A backbone with ``forward_features`` and ``forward_head`` (every timm model) computes its
+        last feature map once and pools it with its own head; any other backbone runs twice.
+
+        Parameters
+        ----------
+        images
+            ``(B, 3, H, W)`` raw patches, as for :meth:`forward`.
+
+        Returns
+        -------
+        ``(B, feature_dim)`` features and ``(B, N, token_dim)`` tokens.
+        """
+        forward_features = getattr(self.backbone, "forward_features", None)
+        forward_head = getattr(self.backbone, "forward_head", None)
+        if forward_features is None or forward_head is None:
+            return self(images), self.forward_tokens(images)
+        feature_map = forward_features(self.normalize(images))
+        return self._checked_features(forward_head(feature_map)), self._tokens_of(feature_map)
+
+    def _tokens_of(self, features: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, C)`` of the output of the backbone's ``forward_features``."""
         if features.ndim == 3:
             return features[:, int(getattr(self.backbone, "num_prefix_tokens", 0)) :]
         if features.ndim == 4:

@@ -10,12 +10,14 @@
   preliminaries, the device and batches of inference, the state dict and its reload.
 - :func:`dihedral_mean`: the average of a function over the eight flips / rotations of a
   batch of patches (test-time augmentation).
+- :func:`pool_token_grid`: image tokens average-pooled to a smaller square grid.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -130,8 +132,44 @@ def plain_encoder_params(encoder: str | nn.Module, weights: Any) -> dict[str, An
     return {"encoder": name, "weights": plain}
 
 
+def pool_token_grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
+    """Average-pool ``(B, N, C)`` tokens of a square ``s x s`` grid (row-major) to ``side x side`` tokens.
+
+    The grid is pooled with :func:`torch.nn.functional.adaptive_avg_pool2d` (bins may overlap
+    when ``s`` is not a multiple of ``side``), e.g. a 7 x 7 CNN feature map or 14 x 14 ViT patch
+    tokens to 3 x 3 tokens.
+
+    Parameters
+    ----------
+    tokens
+        ``(B, N, C)`` tokens with ``N = s * s``, as :meth:`~histo2expr.models.Encoder.forward_tokens`
+        returns them.
+    side
+        Side of the pooled grid, ``1 <= side <= s``.
+
+    Returns
+    -------
+    ``(B, side * side, C)`` tokens.
+    """
+    grid = math.isqrt(tokens.shape[1])
+    if tokens.ndim != 3 or grid * grid != tokens.shape[1]:
+        msg = (
+            f"Tokens of shape {tuple(tokens.shape)} are not a square grid of tokens; pooling them to a "
+            "grid needs (batch, s * s, channels) tokens (a CNN feature map, or ViT patch tokens of a square image)."
+        )
+        raise ValueError(msg)
+    if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= grid:
+        msg = (
+            f"The token grid side must be an integer between 1 and the encoder's own grid side {grid}, "
+            f"got {side!r}; pick a smaller grid (or larger patches)."
+        )
+        raise ValueError(msg)
+    maps = tokens.transpose(1, 2).reshape(len(tokens), tokens.shape[2], grid, grid)
+    return torch.nn.functional.adaptive_avg_pool2d(maps, side).flatten(2).transpose(1, 2)
+
+
 class ImageInput(nn.Module):
-    """The image side of a torch method, in either regime: one feature vector per spot.
+    """The image side of a torch method, in either regime: one feature vector (or a few tokens) per spot.
 
     - End-to-end: an :class:`~histo2expr.models.encoders.Encoder`, trained with the method,
       applied to ``batch["image"]`` (uint8 patches; the encoder normalises them).
@@ -139,6 +177,13 @@ class ImageInput(nn.Module):
       beforehand by :meth:`prepare` with a :class:`~histo2expr.models.scaling.Standardizer`
       fitted on the training spots (scale floored at a tenth of the median feature scale and
       values clipped to ±10, so a near-constant feature cannot explode on another slide).
+      Token features ``(n, t, d)`` are standardised per feature with statistics over all
+      tokens of all training spots.
+
+    :meth:`forward` gives one vector per spot; :meth:`tokens` gives the tokens of methods that
+    take them (``Method.token_input``): the frozen tokens, or the encoder's
+    :meth:`~histo2expr.models.encoders.Encoder.forward_tokens` end to end (the encoder's pooled
+    features as a single token when its backbone has no ``forward_features``).
 
     Make one with :meth:`fit` (training) or :meth:`from_state` (loading).
 
@@ -177,8 +222,9 @@ class ImageInput(nn.Module):
             in the frozen regime.
         """
         if train.regime == "frozen":
-            scaler = Standardizer().fit(train.features)
-            return cls("frozen", train.features.shape[1], scaler=scaler)
+            dim = train.features.shape[-1]
+            scaler = Standardizer().fit(train.features.reshape(-1, dim))
+            return cls("frozen", dim, scaler=scaler)
         if isinstance(encoder, nn.Module):
             encoder = copy.deepcopy(encoder)
         built = build_encoder(encoder, weights=weights)
@@ -196,9 +242,9 @@ class ImageInput(nn.Module):
             raise ValueError(msg)
         if self.regime == "end2end":
             return data
-        if data.features.ndim != 2 or data.features.shape[1] != self.dim:
+        if data.features.ndim not in (2, 3) or data.features.shape[-1] != self.dim:
             msg = (
-                f"The method was fitted on {self.dim} features per spot, got features of shape "
+                f"The method was fitted on {self.dim} features per spot (or token), got features of shape "
                 f"{data.features.shape}; embed the spots with the encoder used for training."
             )
             raise ValueError(msg)
@@ -209,6 +255,27 @@ class ImageInput(nn.Module):
         if self.encoder is None:
             return batch["features"]
         return self.encoder(batch["image"])
+
+    @property
+    def token_dim(self) -> int:
+        """Length of the vectors of :meth:`tokens`."""
+        if self.encoder is None or not self._encoder_tokens:
+            return self.dim
+        return int(self.encoder.token_dim)
+
+    @property
+    def _encoder_tokens(self) -> bool:
+        backbone = self.encoder.backbone
+        return hasattr(backbone, "forward_features") and self.encoder.token_dim is not None
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, t, token_dim)`` image tokens of a batch: frozen tokens (2-D features are one token) or the encoder's."""
+        if self.encoder is None:
+            features = batch["features"]
+            return features if features.ndim == 3 else features[:, None, :]
+        if self._encoder_tokens:
+            return self.encoder.forward_tokens(batch["image"])
+        return self.encoder(batch["image"])[:, None, :]
 
     def to_state(self) -> dict[str, Any]:
         """Plain values describing this input (weights are part of the owner's module state)."""

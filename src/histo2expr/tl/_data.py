@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,6 +69,44 @@ def features_of(adata: AnnData, use_rep: str) -> np.ndarray:
         msg = f"`adata.obsm[{use_rep!r}]` must be a finite (n_spots, n_features) array."
         raise ValueError(msg)
     return features
+
+
+def tokens_of(adata: AnnData, use_rep: str) -> np.ndarray:
+    """The frozen image tokens ``obsm[f"{use_rep}_tokens"]`` as float32 ``(n_spots, n_tokens, n_features)``, checked."""
+    key = f"{use_rep}_tokens"
+    if key not in adata.obsm:
+        msg = (
+            f"`adata.obsm[{key!r}]` is missing. Embed the image tokens with "
+            f"`hx.tl.embed_patches(adata, tokens=3, key_added={use_rep!r})` (the side of the token grid)."
+        )
+        raise KeyError(msg)
+    tokens = np.asarray(adata.obsm[key], dtype=np.float32)
+    if tokens.ndim != 3 or not np.isfinite(tokens).all():
+        msg = f"`adata.obsm[{key!r}]` must be a finite (n_spots, n_tokens, n_features) array, got shape {tokens.shape}."
+        raise ValueError(msg)
+    return tokens
+
+
+def frozen_inputs(
+    adata: AnnData, use_rep: str, *, tokens: bool, method: str
+) -> tuple[np.ndarray, str | None]:
+    """The frozen features a method is fitted on, and the ``obsm`` key of its tokens (None without).
+
+    A method that takes image tokens (``tokens``) gets ``obsm[f"{use_rep}_tokens"]`` when it is
+    there; otherwise the pooled ``obsm[use_rep]`` serve as a single token, with a warning that
+    says how to embed real tokens. Other methods get the pooled features.
+    """
+    key = f"{use_rep}_tokens"
+    if tokens and key in adata.obsm:
+        return tokens_of(adata, use_rep), key
+    if tokens:
+        msg = (
+            f"Method {method!r} takes image tokens, but `adata.obsm[{key!r}]` is missing, so the pooled "
+            f"features `obsm[{use_rep!r}]` are used as a single token. For real tokens run "
+            f"`hx.tl.embed_patches(adata, tokens=3, key_added={use_rep!r})` first."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    return features_of(adata, use_rep), None
 
 
 def slide_labels(adata: AnnData, slide_key: str, *, required: bool = True) -> np.ndarray:

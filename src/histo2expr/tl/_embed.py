@@ -29,6 +29,7 @@ def embed_patches(
     table_key: str = "table",
     image_key: str | Mapping[str, str] | None = None,
     key_added: str = "X_histo",
+    tokens: int | None = None,
     progress: bool = True,
 ) -> None:
     """Embed the H&E patch around every spot with a frozen image encoder.
@@ -65,6 +66,13 @@ def embed_patches(
         SpatialData only: the table, and the image element of each slide.
     key_added
         Key of the embeddings in ``obsm`` (and of their description in ``uns``).
+    tokens
+        Also keep image *tokens* for methods that take them (e.g. ``"cmrcnet"``): the side of a
+        square token grid — the encoder's last feature map (a CNN's, or a ViT's patch tokens)
+        average-pooled to ``tokens x tokens`` (:func:`~histo2expr.models.layers.pool_token_grid`),
+        at most the map's own side (7 for ``efficientnet_lite0`` at 224 px). The backbone runs
+        once per patch for both outputs. ``None`` keeps the pooled features only (and removes
+        tokens a previous call left under this key).
     progress
         Show a progress bar.
 
@@ -74,18 +82,25 @@ def embed_patches(
 
     ``.obsm[key_added]``
         ``(n_spots, feature_dim)`` float32 embeddings.
+    ``.obsm[f"{key_added}_tokens"]``
+        With ``tokens``: ``(n_spots, tokens * tokens, token_dim)`` float32 tokens (row-major grid).
     ``.uns[key_added]``
-        ``{"encoder": description incl. weights hash, "patches": patch geometry}``.
+        ``{"encoder": description incl. weights hash, "patches": patch geometry}``, and with
+        ``tokens`` ``"tokens": {"key": f"{key_added}_tokens", "grid": tokens, "n_tokens": tokens**2}``.
     """
     import torch
     from tqdm.auto import tqdm
 
     from ..models import build_encoder, resolve_device
+    from ..models.layers import pool_token_grid
     from ..models.training import autocast
     from ..patches import PatchSource, patch_loader
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         msg = f"`batch_size` must be a positive integer, got {batch_size!r}."
+        raise ValueError(msg)
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        msg = f"`tokens` must be None or the side of the token grid, a positive integer (e.g. 3), got {tokens!r}."
         raise ValueError(msg)
     table = get_table(data, table_key)
     source = PatchSource(
@@ -99,6 +114,14 @@ def embed_patches(
     memory_format = torch.channels_last if isinstance(encoder, str) else torch.contiguous_format
     model.to(memory_format=memory_format)
     features = np.empty((len(source), model.feature_dim), dtype=np.float32)
+    if tokens is not None:
+        if model.token_dim is None or not hasattr(model.backbone, "forward_features"):
+            msg = (
+                f"Encoder {model.name!r} has no token map (its backbone lacks `forward_features` / "
+                "`num_features`); embed without `tokens`, or use a timm encoder."
+            )
+            raise ValueError(msg)
+        token_array = np.empty((len(source), tokens * tokens, model.token_dim), dtype=np.float32)
     loader = patch_loader(source, batch_size=batch_size, num_workers=num_workers)
     with (
         torch.inference_mode(),
@@ -107,7 +130,20 @@ def embed_patches(
     ):
         for batch in loader:
             images = batch["image"].to(target, non_blocking=True).contiguous(memory_format=memory_format)
-            features[batch["index"].numpy()] = model(images).float().cpu().numpy()
+            rows = batch["index"].numpy()
+            if tokens is None:
+                features[rows] = model(images).float().cpu().numpy()
+            else:
+                pooled, grid = model.features_and_tokens(images)
+                features[rows] = pooled.float().cpu().numpy()
+                token_array[rows] = pool_token_grid(grid.float(), tokens).cpu().numpy()
             bar.update(len(images))
     table.obsm[key_added] = features
     table.uns[key_added] = {"encoder": model.describe(), "patches": source.describe()}
+    token_key = f"{key_added}_tokens"
+    if tokens is None:
+        if token_key in table.obsm:
+            del table.obsm[token_key]
+    else:
+        table.obsm[token_key] = token_array
+        table.uns[key_added]["tokens"] = {"key": token_key, "grid": tokens, "n_tokens": tokens * tokens}

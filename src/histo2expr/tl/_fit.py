@@ -17,7 +17,7 @@ from ..splits import inner_validation_split, make_folds
 from ._data import (
     check_genes,
     coordinates,
-    features_of,
+    frozen_inputs,
     gene_pcc_table,
     h5ad_safe,
     log_expression,
@@ -154,8 +154,11 @@ def fit_histo2expr(
         an integer number of grouped folds.
     use_rep
         Frozen regime: key of ``obsm`` with the frozen features
-        (:func:`histo2expr.tl.embed_patches`). ``None``: end-to-end regime, the method
-        trains its encoder on patches cut at ``patch_size`` / ``mpp``.
+        (:func:`histo2expr.tl.embed_patches`). A method that takes image tokens
+        (``"cmrcnet"``) uses ``obsm[f"{use_rep}_tokens"]`` (``embed_patches(..., tokens=3)``)
+        when present, else the pooled features as a single token (with a warning).
+        ``None``: end-to-end regime, the method trains its encoder on patches cut at
+        ``patch_size`` / ``mpp``.
     patch_size, mpp
         Patch geometry of the end-to-end regime.
     epochs, batch_size, lr, weight_decay, patience
@@ -199,7 +202,8 @@ def fit_histo2expr(
     ``.uns[key_added]["gene_pcc"]``
         PCC of every predicted gene (rows) on every held-out slide (columns).
 
-    Always sets ``.uns[key_added]["params"]``, and ``.uns[key_added]["genes"]`` (the
+    Always sets ``.uns[key_added]["params"]`` (incl. ``"token_rep"``, the ``obsm`` key of the
+    image tokens used or ``""``, and ``"n_tokens"``), and ``.uns[key_added]["genes"]`` (the
     genes of the returned model) when it refits.
     """
     from tqdm.auto import tqdm
@@ -240,10 +244,10 @@ def fit_histo2expr(
             else "pass `use_rep=` with frozen features."
         )
         raise ValueError(msg)
-    features = patches = None
+    features = patches = token_rep = None
     encoder = patch_geometry = None
     if use_rep is not None:
-        features = features_of(table, use_rep)
+        features, token_rep = frozen_inputs(table, use_rep, tokens=method_class.token_input, method=method)
         record = table.uns.get(use_rep, {})
         encoder, patch_geometry = record.get("encoder"), record.get("patches")
     else:
@@ -278,7 +282,9 @@ def fit_histo2expr(
             "weight_decay": weight_decay,
             "patience": patience,
             "seed": seed,
-            "n_features": 0 if features is None else int(features.shape[1]),
+            "n_features": 0 if features is None else int(features.shape[-1]),
+            "token_rep": token_rep or "",
+            "n_tokens": int(features.shape[1]) if token_rep else 0,
         }
     )
     record: dict[str, Any] = {"params": params}

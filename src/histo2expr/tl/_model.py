@@ -63,6 +63,11 @@ class Histo2ExprModel:
         self.cv_gene_pcc = cv_gene_pcc
 
     @property
+    def token_rep(self) -> str | None:
+        """Key of ``obsm`` with the frozen image tokens the method was trained on, or None (pooled features)."""
+        return self.params.get("token_rep") or None
+
+    @property
     def regime(self) -> str:
         """``"frozen"`` or ``"end2end"``."""
         return "frozen" if self.use_rep is not None else "end2end"
