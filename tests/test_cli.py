@@ -144,3 +144,21 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--version"])
     assert "histo2expr" in capsys.readouterr().out
+
+
+def test_benchmark_embeds_tokens_for_methods_that_take_them(cohort_h5ad, tmp_path, recwarn):
+    argv = [
+        "benchmark",
+        "--data",
+        str(cohort_h5ad),
+        "--methods",
+        "cmrcnet",
+        "--genes",
+        "20",
+        "--patch-size",
+        "64",
+    ]
+    assert cli.main([*argv, "--epochs", "1", "--quiet", "--out", str(tmp_path)]) == 0
+    assert not [w for w in recwarn if "single token" in str(w.message)]
+    results, _ = read_results(tmp_path)
+    assert np.isfinite(results["methods"]["cmrcnet"]["mean"]["pcc_acg"])

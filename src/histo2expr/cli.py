@@ -52,13 +52,37 @@ def _report(
         print(f"  {path}")
 
 
-def _embed(adata: AnnData, args: argparse.Namespace) -> float:
-    """Frozen features of every spot into ``obsm["X_histo"]``; the seconds it took."""
-    from . import tl
+#: Side of the grid of frozen image tokens kept for methods that take tokens (e.g. ``"cmrcnet"``).
+TOKEN_GRID = 3
 
+
+def _token_grid(encoder: Any, patch_size: int) -> int | None:
+    """:data:`TOKEN_GRID`, or the encoder's own smaller grid at ``patch_size``; None without a feature map."""
+    import torch
+
+    if encoder.token_dim is None:
+        return None  # e.g. colour_texture: methods taking tokens use the pooled features
+    with torch.inference_mode():
+        n_tokens = (
+            encoder.eval()
+            .forward_tokens(torch.zeros(1, 3, patch_size, patch_size, dtype=torch.uint8))
+            .shape[1]
+        )
+    return min(TOKEN_GRID, int(n_tokens**0.5))
+
+
+def _embed(adata: AnnData, args: argparse.Namespace, methods: Sequence[str]) -> float:
+    """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them); seconds taken."""
+    from . import tl
+    from .models import build_encoder, get_method
+
+    grid = None
+    if any(getattr(get_method(m), "token_input", False) for m in methods):
+        grid = _token_grid(build_encoder(args.encoder, weights=None), args.patch_size)
     tic = time.perf_counter()
     tl.embed_patches(
         adata,
+        tokens=grid,
         encoder=args.encoder,
         patch_size=args.patch_size,
         num_workers=args.workers,
@@ -83,7 +107,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     adata = datasets.synthetic(n_slides=args.n_slides, seed=args.seed)
     pp.normalize(adata)
-    embed_seconds = _embed(adata, args)
+    embed_seconds = _embed(adata, args, methods)
     runs = compare_methods(
         adata,
         methods,
@@ -226,7 +250,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     fit_kwargs: dict[str, Any] = {"epochs": args.epochs, "device": args.device, "num_workers": args.workers}
     embed_seconds = None
     if args.regime == "frozen":
-        embed_seconds = _embed(adata, args)
+        embed_seconds = _embed(adata, args, methods)
     else:
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size)
     if args.cv == "leave_one_patient_out":
