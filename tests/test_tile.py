@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import tifffile
 
 import histo2expr as hx
+from histo2expr.datasets._synthetic import SPOT_DIAMETER_UM
 from histo2expr.pp._tile import otsu_tissue_mask
 
 PATCH = {"encoder": "colour_texture", "patch_size": 32, "progress": False}
@@ -172,11 +173,12 @@ def test_retrieval_confidence_and_a_model_of_another_scale(cohort, new_slide, tm
         similarity, bleep.method.confidence(None, embedding=virtual.obsm["X_histo2expr"])
     )
     assert virtual.var["histo2expr_cv_pcc"].isna().all()  # fitted without cv
-    # spot size and spacing from a model that records them
-    bleep.patches = {**bleep.patches, "spot_diameter_um": 120.0, "spot_spacing_um": 150.0}
+    # the model records its training spots' size and spacing, and tile_slide lays spots out with them
+    assert bleep.patches["spot_diameter_um"] == pytest.approx(SPOT_DIAMETER_UM)
+    assert bleep.patches["spot_spacing_um"] > bleep.patches["spot_diameter_um"]
     sized = hx.pp.tile_slide(path, tissue_mask=None, model=bleep, spot_diameter_um=None)
-    assert sized.uns["tile_slide"]["params"]["spot_diameter_um"] == 120
-    assert sized.uns["tile_slide"]["params"]["spacing_um"] == 150
+    assert sized.uns["tile_slide"]["params"]["spot_diameter_um"] == pytest.approx(SPOT_DIAMETER_UM)
+    assert sized.uns["tile_slide"]["params"]["spacing_um"] == pytest.approx(bleep.patches["spot_spacing_um"])
 
 
 def _virtual_slide(path, size=50_000, tile=512, tissue=(24_576, 26_624)):

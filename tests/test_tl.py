@@ -213,7 +213,12 @@ def test_end_to_end_regime_fit_predict_save_load(tmp_path):
         batch_size=16,
         progress=False,
     )
-    assert model.regime == "end2end" and model.patches == {"patch_size": 32, "mpp": 1.0}
+    assert model.regime == "end2end" and model.patches == {
+        "patch_size": 32,
+        "mpp": 1.0,
+        "spot_diameter_um": 55.0,
+        "spot_spacing_um": 100.0,
+    }
     assert np.isfinite(adata.uns["histo2expr"]["folds"]["mse"]).all()
     model.save(tmp_path / "e2e.pt")
     loaded = hx.tl.Histo2ExprModel.load(tmp_path / "e2e.pt")

@@ -158,3 +158,24 @@ def gene_pcc_table(pccs: dict[str, pd.Series]) -> pd.DataFrame:
     table = pd.DataFrame(pccs)
     table.index.name = "gene"
     return table
+
+
+def spot_geometry_um(adata: AnnData) -> dict[str, float]:
+    """Median spot diameter and centre-to-centre spacing in µm over the slides of ``uns["spatial"]``.
+
+    Read from each slide's ``scalefactors`` (``spot_diameter_fullres``, ``spot_spacing_fullres``,
+    ``microns_per_pixel``); keys are ``"spot_diameter_um"`` and ``"spot_spacing_um"``, each left
+    out when no slide records it. A fitted model keeps them so that
+    :func:`histo2expr.pp.tile_slide` lays pseudo-spots out like the training spots.
+    """
+    sizes: dict[str, list[float]] = {"spot_diameter_um": [], "spot_spacing_um": []}
+    for entry in (adata.uns.get("spatial") or {}).values():
+        factors = entry.get("scalefactors", {}) if isinstance(entry, dict) else {}
+        mpp = factors.get("microns_per_pixel")
+        for name, key in (
+            ("spot_diameter_um", "spot_diameter_fullres"),
+            ("spot_spacing_um", "spot_spacing_fullres"),
+        ):
+            if mpp and factors.get(key):
+                sizes[name].append(float(factors[key]) * float(mpp))
+    return {name: float(np.median(values)) for name, values in sizes.items() if values}

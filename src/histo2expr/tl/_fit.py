@@ -23,6 +23,7 @@ from ._data import (
     log_expression,
     score_slides,
     slide_labels,
+    spot_geometry_um,
 )
 from ._model import Histo2ExprModel
 
@@ -255,6 +256,7 @@ def fit_histo2expr(
 
         patches = PatchSource(data, patch_size=patch_size, mpp=mpp, slide_key=slide_key, table_key=table_key)
         patch_geometry = {"patch_size": patches.patch_size, "mpp": patches.mpp}
+    patch_geometry = {**(patch_geometry or {}), **spot_geometry_um(table)}
     log_expression(table[:1], table.var_names[:1])  # fail early when X is not log-normalised
     inputs = _Inputs(table, slides, coordinates(table), features, patches)
     fit_args = {

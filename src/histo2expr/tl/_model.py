@@ -34,7 +34,9 @@ class Histo2ExprModel:
     encoder
         Description of the frozen encoder (from ``uns[use_rep]``), incl. its weights hash.
     patches
-        Patch geometry: ``patch_size`` and ``mpp`` (micrometres per pixel).
+        Patch geometry: ``patch_size`` and ``mpp`` (micrometres per pixel), and the training
+        spots' median ``spot_diameter_um`` and ``spot_spacing_um`` when the slides record them
+        (:func:`histo2expr.pp.tile_slide` lays pseudo-spots out with them).
     params
         The training parameters.
     cv_gene_pcc
