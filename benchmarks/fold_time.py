@@ -25,8 +25,8 @@ import torch
 from _her2st import HERE, embedded_her2st
 
 from histo2expr._benchmark import machine_description
-from histo2expr.models import TrainConfig
-from histo2expr.tl._data import coordinates, features_of
+from histo2expr.models import TrainConfig, get_method
+from histo2expr.tl._data import coordinates, frozen_inputs
 from histo2expr.tl._fit import _fit_on, _Inputs
 
 
@@ -37,7 +37,9 @@ def one_fold(adata, method: str, holdout: str, genes: int) -> tuple[float, float
     standardisation, inner validation split and fit, training spots only).
     """
     slides = adata.obs["slide"].astype(str).to_numpy()
-    inputs = _Inputs(adata, slides, coordinates(adata), features_of(adata, "X_histo"), None)
+    takes_tokens = getattr(get_method(method), "token_input", False)
+    features, _ = frozen_inputs(adata, "X_histo", tokens=takes_tokens, method=method)
+    inputs = _Inputs(adata, slides, coordinates(adata), features, None)
     train, test = np.flatnonzero(slides != holdout), np.flatnonzero(slides == holdout)
     config = TrainConfig(device="cpu", progress=False)
     tic = time.perf_counter()
@@ -65,7 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    adata, _ = embedded_her2st()
+    adata, _ = embedded_her2st(tokens=3)  # pooled features, and the 3 x 3 tokens of methods that take them
     rows = []
     for method in args.methods.split(","):
         runs = [one_fold(adata, method, args.holdout, args.genes) for _ in range(args.repeats)]
@@ -84,7 +86,7 @@ def main() -> None:
             f"Machine: {machine['cpu_cores']} CPU cores shared with other jobs, no GPU, torch {machine['torch']} "
             f"with {args.threads} thread(s). Fold: {n_train} training spots on five sections (one of them the "
             f"inner validation section), {args.holdout} predicted; {args.genes} genes; frozen EfficientNet-Lite0 "
-            "features (1280); each method's defaults, at most 50 epochs with early stopping.",
+            "features (1280; 3 x 3 tokens for cmrcnet); each method's defaults, at most 50 epochs with early stopping.",
             "",
             pd.DataFrame(rows).round(2).to_markdown(index=False),
             "",
