@@ -92,3 +92,14 @@ def positive_int(value: Any, name: str) -> int:
         msg = f"`{name}` must be a positive integer, got {value!r}."
         raise ValueError(msg)
     return int(value)
+
+
+def non_negative_number(value: Any, name: str, *, positive: bool = False) -> float:
+    """Return ``value`` as a float, or raise naming the parameter when it is not a finite number >= 0 (> 0)."""
+    bad = (
+        isinstance(value, bool) or not isinstance(value, int | float | np.floating) or not np.isfinite(value)
+    )
+    if bad or value < 0 or (positive and value == 0):
+        msg = f"`{name}` must be a {'positive' if positive else 'non-negative'} number, got {value!r}."
+        raise ValueError(msg)
+    return float(value)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import positive_int
+from .._validation import non_negative_number, positive_int
 from .base import FitReport, SpotSet, TrainConfig, register_method
 from .layers import ImageInput, ProjectionHead, RegressionHead, TorchMethod, cpu_state
 from .losses import info_nce, regression_loss, topology_loss
@@ -282,14 +282,6 @@ def _check_losses(losses: Any) -> tuple[str, ...]:
     return tuple(name for name in LOSSES if name in chosen)
 
 
-def _non_negative(value: Any, name: str, *, positive: bool = False) -> float:
-    bad = isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-    if bad or value < 0 or (positive and value == 0):
-        msg = f"`{name}` must be a {'positive' if positive else 'non-negative'} number, got {value!r}."
-        raise ValueError(msg)
-    return float(value)
-
-
 def _validation_rows(n: int, batch_size: int, seed: int) -> np.ndarray:
     """A fixed shuffle of the validation spots, so that the correlation term of each batch spans the slide.
 
@@ -471,9 +463,9 @@ class CHRepMethod(TorchMethod):
             weights=weights,
             losses=list(_check_losses(losses)),
             calibration=_check_choice(calibration, CALIBRATIONS, "calibration"),
-            regression_weight=_non_negative(regression_weight, "regression_weight"),
-            alignment_weight=_non_negative(alignment_weight, "alignment_weight"),
-            topology_weight=_non_negative(topology_weight, "topology_weight"),
+            regression_weight=non_negative_number(regression_weight, "regression_weight"),
+            alignment_weight=non_negative_number(alignment_weight, "alignment_weight"),
+            topology_weight=non_negative_number(topology_weight, "topology_weight"),
             embedding_dim=positive_int(embedding_dim, "embedding_dim"),
             adapter_hidden=positive_int(adapter_hidden, "adapter_hidden"),
             projection_dim=positive_int(projection_dim, "projection_dim"),
@@ -484,9 +476,11 @@ class CHRepMethod(TorchMethod):
             hop_decay=float(hop_decay),
             neighbourhood_size=neighbourhood_size,
             top_k=positive_int(top_k, "top_k"),
-            estimate_temperature=_non_negative(estimate_temperature, "estimate_temperature", positive=True),
+            estimate_temperature=non_negative_number(
+                estimate_temperature, "estimate_temperature", positive=True
+            ),
             correction_hidden=positive_int(correction_hidden, "correction_hidden"),
-            correction_penalty=_non_negative(correction_penalty, "correction_penalty"),
+            correction_penalty=non_negative_number(correction_penalty, "correction_penalty"),
             exclude_own_slide=exclude_own_slide,
         )
         #: ``(n_gallery, d)`` q of the spots fitted on (CPU, float32).

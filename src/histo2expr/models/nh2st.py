@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import positive_int
+from .._validation import non_negative_number, positive_int
 from .base import FitReport, SpotSet, TrainConfig, register_method
-from .chrep import _non_negative
 from .graphs import GraphConvolutions, spatial_knn
 from .layers import ImageInput, TorchMethod, pool_token_grid
 from .losses import info_nce
@@ -322,9 +321,9 @@ class NH2STMethod(TorchMethod):
             n_layers=positive_int(n_layers, "n_layers"),
             hyperedge_size=hyperedge_size,
             attention_tokens=attention_tokens,
-            temperature=_non_negative(temperature, "temperature", positive=True),
-            query_weight=_non_negative(query_weight, "query_weight"),
-            neighbour_weight=_non_negative(neighbour_weight, "neighbour_weight"),
+            temperature=non_negative_number(temperature, "temperature", positive=True),
+            query_weight=non_negative_number(query_weight, "query_weight"),
+            neighbour_weight=non_negative_number(neighbour_weight, "neighbour_weight"),
             dropout=dropout,
         )
 
