@@ -89,6 +89,7 @@ intersphinx_mapping = {
     "scanpy": ("https://scanpy.readthedocs.io/en/stable/", None),
     "squidpy": ("https://squidpy.readthedocs.io/en/stable/", None),
     "spatialdata": ("https://spatialdata.scverse.org/en/stable/", None),
+    "matplotlib": ("https://matplotlib.org/stable/", None),
 }
 # Top-level modules whose objects the inventories above document.
 EXTERNAL_MODULES = frozenset(sys.stdlib_module_names) | {

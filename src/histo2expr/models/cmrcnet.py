@@ -265,7 +265,7 @@ class CMRCNetMethod(BLEEPMethod):
     """``method="cmrcnet"``: contrastive learning plus cross-modal masked reconstruction, then retrieval (CMRCNet).
 
     **Image side.** The spot's image tokens — end to end the encoder's
-    :meth:`~histo2expr.models.encoders.Encoder.forward_tokens` (a CNN's last feature map, a
+    :meth:`Encoder.forward_tokens <histo2expr.models.Encoder.forward_tokens>` (a CNN's last feature map, a
     ViT's patch tokens), in the frozen regime the cached tokens of
     ``hx.tl.embed_patches(..., tokens=grid)`` standardised per feature over all training tokens
     (cached pooled features count as one token) — are averaged and projected by BLEEP's
@@ -274,15 +274,15 @@ class CMRCNetMethod(BLEEPMethod):
     head to ``F_gene``.
 
     **Loss.** ``L_c`` = :func:`~histo2expr.models.losses.bleep_loss` of ``F'_img`` and ``F_gene``
-    (``temperature``). With ``reconstruction`` a :class:`CrossModalReconstruction` module rebuilds
+    (``temperature``). With ``reconstruction`` a ``CrossModalReconstruction`` module rebuilds
     ``F_r`` from the masked, projected image tokens and the expression (SNN gene tokens,
     ``cross_heads``-head cross-attention, ``fusion_blocks`` fusion blocks, mean over tokens);
-    ``L_r`` = :func:`reconstruction_error` (``reconstruction_loss``) of ``F_r`` against the
-    ``reconstruction_target``, and the loss is :func:`cmrcnet_loss`,
+    ``L_r`` = ``reconstruction_error`` (``reconstruction_loss``) of ``F_r`` against the
+    ``reconstruction_target``, and the loss is ``cmrcnet_loss``,
     ``log(1 + L_c) + log(1 + L_r)``.
 
     **Inference** is BLEEP's (inherited from :class:`~histo2expr.models.BLEEPMethod`): the
-    gallery is ``F_gene`` of all spots passed to :meth:`fit` (training slides only) with their
+    gallery is ``F_gene`` of all spots passed to ``fit`` (training slides only) with their
     standardised expression; each spot's ``F'_img`` retrieves the ``top_k`` most cosine-similar
     gallery spots and its prediction is the plain mean of their expression. The reconstruction
     module is used in training only.
@@ -337,7 +337,7 @@ class CMRCNetMethod(BLEEPMethod):
 
     Notes
     -----
-    :meth:`embed` returns ``F'_img``, the query of the retrieval.
+    ``embed`` returns ``F'_img``, the query of the retrieval.
     """
 
     name = "cmrcnet"

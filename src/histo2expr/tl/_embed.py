@@ -69,7 +69,7 @@ def embed_patches(
     tokens
         Also keep image *tokens* for methods that take them (e.g. ``"cmrcnet"``): the side of a
         square token grid — the encoder's last feature map (a CNN's, or a ViT's patch tokens)
-        average-pooled to ``tokens x tokens`` (:func:`~histo2expr.models.layers.pool_token_grid`),
+        average-pooled to ``tokens x tokens`` (``histo2expr.models.layers.pool_token_grid``),
         at most the map's own side (7 for ``efficientnet_lite0`` at 224 px). The backbone runs
         once per patch for both outputs. ``None`` keeps the pooled features only (and removes
         tokens a previous call left under this key).
