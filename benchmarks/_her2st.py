@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -47,6 +48,24 @@ def embedded_her2st(tokens: int | None = None) -> tuple[Any, float]:
     adata.uns["benchmark_embed_seconds"] = time.perf_counter() - tic
     adata.write_h5ad(cached)
     return adata, float(adata.uns["benchmark_embed_seconds"])
+
+
+def ablation_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every her2st ablation script shares: ``--genes``, ``--seed``, ``--threads``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--genes", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)"
+    )
+    return parser
+
+
+def parse_ablation_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the command line and give torch its ``--threads``."""
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def run_rows(

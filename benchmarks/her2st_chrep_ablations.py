@@ -10,11 +10,9 @@ Writes benchmarks/results/her2st_chrep_ablations.md with the exact numbers print
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import torch
-from _her2st import embedded_her2st, run_rows, write_report
+from _her2st import ablation_parser, embedded_her2st, parse_ablation_args, run_rows, write_report
 
 ROWS = {
     "ridge": {"method": "ridge"},
@@ -30,14 +28,7 @@ ROWS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--genes", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)"
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_ablation_args(ablation_parser(__doc__))
     start = time.perf_counter()
     adata, embed_s = embedded_her2st()
     means, per_slide = run_rows(adata, ROWS, genes=args.genes, seed=args.seed)

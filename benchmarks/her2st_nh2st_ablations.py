@@ -12,12 +12,10 @@ suffix) with the exact numbers printed, rewritten after every row.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pandas as pd
-import torch
-from _her2st import embedded_her2st, run_rows, write_report
+from _her2st import ablation_parser, embedded_her2st, parse_ablation_args, run_rows, write_report
 
 BRANCH_ROWS = {
     "ridge": {"method": "ridge"},
@@ -40,20 +38,14 @@ GROUPS = {"all": {**BRANCH_ROWS, **SWEEP_ROWS}, "branches": BRANCH_ROWS, "sweep"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--genes", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = ablation_parser(__doc__)
     parser.add_argument(
         "--rows",
         choices=sorted(GROUPS),
         default="all",
         help="all rows, or one group (to run the groups side by side; K=8 / L=2 is the full row of 'branches')",
     )
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)"
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_ablation_args(parser)
     start = time.perf_counter()
     adata, embed_s = embedded_her2st()
     name = "her2st_nh2st_ablations" + ("" if args.rows == "all" else f"_{args.rows}")

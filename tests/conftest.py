@@ -99,3 +99,19 @@ def patch_spots():
         return spots, slides, source
 
     return make
+
+
+@pytest.fixture
+def round_trip():
+    """Rebuild a fitted method from its state dict after a ``torch.save`` / ``torch.load(weights_only=True)``."""
+    import io
+
+    import torch
+
+    def rebuild(method, **kwargs):
+        buffer = io.BytesIO()
+        torch.save(method.state_dict(), buffer)
+        buffer.seek(0)
+        return type(method).from_state_dict(torch.load(buffer, weights_only=True), **kwargs)
+
+    return rebuild

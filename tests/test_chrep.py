@@ -1,4 +1,3 @@
-import io
 import math
 
 import numpy as np
@@ -79,13 +78,6 @@ def spatial_cohort(seed=0, n_slides=4, side=8, d=12, g=6):
 @pytest.fixture(scope="module")
 def cohort():
     return spatial_cohort()
-
-
-def round_trip(method, **kwargs):
-    buffer = io.BytesIO()
-    torch.save(method.state_dict(), buffer)
-    buffer.seek(0)
-    return type(method).from_state_dict(torch.load(buffer, weights_only=True), **kwargs)
 
 
 def _plain(value) -> bool:
@@ -434,7 +426,7 @@ def test_same_seed_is_bit_identical(cohort):
     assert not np.array_equal(runs[0], runs[2])
 
 
-def test_frozen_state_round_trip(cohort):
+def test_frozen_state_round_trip(cohort, round_trip):
     train, validation, test = cohort
     method = chrep()
     method.fit(train, validation, config(epochs=3))
@@ -457,7 +449,7 @@ def patch_cohort(patch_spots):
     return spots(np.flatnonzero(slides != slides[-1])), spots(last[::2]), spots(last[1::2])
 
 
-def test_end2end_one_epoch_and_round_trip(patch_cohort, tiny_encoder):
+def test_end2end_one_epoch_and_round_trip(patch_cohort, tiny_encoder, round_trip):
     train, validation, test = patch_cohort
     method = chrep(encoder=tiny_encoder(), weights=None, top_k=5, neighbourhood_size=6, knn=2)
     report = method.fit(train, validation, config(epochs=1, batch_size=12))

@@ -1,4 +1,3 @@
-import io
 import math
 
 import numpy as np
@@ -69,13 +68,6 @@ def token_cohort(seed=0, n_slides=4, n=60, t=4, d=12, g=6):
 @pytest.fixture(scope="module")
 def cohort():
     return token_cohort()
-
-
-def round_trip(method, **kwargs):
-    buffer = io.BytesIO()
-    torch.save(method.state_dict(), buffer)
-    buffer.seek(0)
-    return type(method).from_state_dict(torch.load(buffer, weights_only=True), **kwargs)
 
 
 # --- losses and masking ---------------------------------------------------------------------------------
@@ -261,7 +253,7 @@ def test_same_seed_is_bit_identical(cohort):
     assert not np.array_equal(runs[0], runs[2])
 
 
-def test_frozen_state_round_trip(cohort):
+def test_frozen_state_round_trip(cohort, round_trip):
     train, validation, test = cohort
     method = cmrcnet(mask_rate=0.3, reconstruction_target="expression")
     method.fit(train, validation, config(epochs=3))
@@ -272,7 +264,7 @@ def test_frozen_state_round_trip(cohort):
     assert loaded.network.reconstruction is not None and loaded.network.reconstruction.mask_rate == 0.3
 
 
-def test_end2end_one_epoch_and_round_trip(patch_spots, tiny_encoder):
+def test_end2end_one_epoch_and_round_trip(patch_spots, tiny_encoder, round_trip):
     spots, slides, _ = patch_spots(3, 12)
     last = np.flatnonzero(slides == slides[-1])
     train, validation, test = spots(np.flatnonzero(slides != slides[-1])), spots(last[::2]), spots(last[1::2])

@@ -1,4 +1,3 @@
-import io
 import math
 
 import numpy as np
@@ -45,13 +44,6 @@ def clustered_cohort(rng, n=320, d=10, g=8, n_clusters=4):
     targets = ((targets - targets.mean(0)) / targets.std(0)).astype(np.float32)
     parts = np.split(np.arange(n), [n // 2, 3 * n // 4])
     return [frozen_spots(features[p], targets[p], slide=s) for p, s in zip(parts, "abc", strict=True)]
-
-
-def round_trip(method, **kwargs):
-    buffer = io.BytesIO()
-    torch.save(method.state_dict(), buffer)
-    buffer.seek(0)
-    return type(method).from_state_dict(torch.load(buffer, weights_only=True), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +273,7 @@ def _plain(value) -> bool:
 
 
 @pytest.mark.parametrize("name", ["stnet", "bleep"])
-def test_frozen_state_round_trip(rng, name):
+def test_frozen_state_round_trip(rng, name, round_trip):
     train, validation, test = clustered_cohort(rng, n=120)
     params = {"top_k": 5, "projection_dim": 16} if name == "bleep" else {"hidden": 8}
     method = get_method(name)(**params)
@@ -296,7 +288,7 @@ def test_frozen_state_round_trip(rng, name):
 
 
 @pytest.mark.parametrize("name", ["stnet", "bleep"])
-def test_end2end_state_round_trip(patch_cohort, name, tiny_encoder):
+def test_end2end_state_round_trip(patch_cohort, name, tiny_encoder, round_trip):
     train, validation, test, _ = patch_cohort
     params = {"top_k": 5, "projection_dim": 16} if name == "bleep" else {}
     custom = get_method(name)(encoder=tiny_encoder(), **params)

@@ -1,4 +1,3 @@
-import io
 import math
 
 import numpy as np
@@ -31,13 +30,6 @@ def config(**changes) -> TrainConfig:
 
 def nh2st(**params):
     return get_method("nh2st")(**{**SMALL, **params})
-
-
-def round_trip(method, **kwargs):
-    buffer = io.BytesIO()
-    torch.save(method.state_dict(), buffer)
-    buffer.seek(0)
-    return type(method).from_state_dict(torch.load(buffer, weights_only=True), **kwargs)
 
 
 def make_cohort():
@@ -285,7 +277,7 @@ def test_same_seed_is_bit_identical(cohort):
     assert not np.array_equal(runs[0], runs[2])
 
 
-def test_frozen_state_round_trip(cohort, fitted):
+def test_frozen_state_round_trip(cohort, fitted, round_trip):
     _, _, test = cohort
     loaded = round_trip(fitted)
     np.testing.assert_array_equal(loaded.predict(test), fitted.predict(test))
@@ -317,7 +309,7 @@ def map_encoder(tiny_encoder):
     return TinyMapEncoder
 
 
-def test_end2end_one_epoch_flattens_the_feature_map_and_round_trips(patch_cohort, map_encoder):
+def test_end2end_one_epoch_flattens_the_feature_map_and_round_trips(patch_cohort, map_encoder, round_trip):
     train, validation, test = patch_cohort
     method = nh2st(encoder=map_encoder(), weights=None, token_grid=3)
     assert method.params["token_grid"] == 3
