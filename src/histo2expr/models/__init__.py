@@ -1,9 +1,10 @@
-"""Methods and their building blocks: encoders, retrieval, losses (tensors in, tensors out; never AnnData).
+"""Methods and their building blocks: the method contract, the training engine, encoders, retrieval, losses.
 
-The submodules import torch and timm, so they are loaded on first use and
-``import histo2expr`` stays light. Users normally reach the methods by name through
-:func:`histo2expr.tl.fit_histo2expr`; this namespace documents them and lets
-developers add one (:func:`register_method`).
+Tensors in, tensors out; never AnnData. The submodules import torch, Lightning and timm, so
+they are loaded on first use and ``import histo2expr`` stays light. Users normally reach the
+methods by name through :func:`histo2expr.tl.fit_histo2expr`; this namespace documents them and
+lets developers add one (:class:`Method`, :func:`register_method`, the ``histo2expr.methods``
+entry point group; see the docs page "Adding a method").
 """
 
 from __future__ import annotations
@@ -12,32 +13,49 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._device import resolve_device
-    from .base import FitReport, Method, SpotSet, TrainConfig, available_methods, get_method, register_method
+    from .base import (
+        FitReport,
+        Method,
+        MethodSettings,
+        SpotSet,
+        TrainConfig,
+        available_methods,
+        get_method,
+        register_method,
+    )
     from .bleep import BLEEPMethod
     from .chrep import CHRepMethod
     from .cmrcnet import CMRCNetMethod
     from .encoders import BUILTIN_ENCODERS, Encoder, build_encoder
+    from .gallery import Gallery
     from .handcrafted import ColourTextureStats
+    from .inference import resolve_device
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
     from .nh2st import NH2STMethod
     from .retrieval import aggregate, cosine_topk
     from .ridge import RidgeMethod
     from .stnet import STNetMethod
+    from .training import LossOutput, SpotNetwork, TrainingPlan, train_network
 
 _LAZY = {
     "BUILTIN_ENCODERS": ".encoders",
     "Encoder": ".encoders",
     "build_encoder": ".encoders",
     "ColourTextureStats": ".handcrafted",
-    "resolve_device": "._device",
+    "resolve_device": ".inference",
     "Method": ".base",
+    "MethodSettings": ".base",
     "SpotSet": ".base",
     "TrainConfig": ".base",
     "FitReport": ".base",
     "available_methods": ".base",
     "get_method": ".base",
     "register_method": ".base",
+    "LossOutput": ".training",
+    "SpotNetwork": ".training",
+    "TrainingPlan": ".training",
+    "train_network": ".training",
+    "Gallery": ".gallery",
     "RidgeMethod": ".ridge",
     "STNetMethod": ".stnet",
     "BLEEPMethod": ".bleep",
@@ -62,12 +80,17 @@ __all__ = [
     "ColourTextureStats",
     "Encoder",
     "FitReport",
+    "Gallery",
+    "LossOutput",
     "Method",
+    "MethodSettings",
     "NH2STMethod",
     "RidgeMethod",
     "STNetMethod",
+    "SpotNetwork",
     "SpotSet",
     "TrainConfig",
+    "TrainingPlan",
     "aggregate",
     "available_methods",
     "bleep_loss",
@@ -81,6 +104,7 @@ __all__ = [
     "resolve_device",
     "topology_loss",
     "topology_prior",
+    "train_network",
 ]
 
 

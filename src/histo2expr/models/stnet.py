@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._validation import flag, positive_int, probability
 from .base import FitReport, SpotSet, TrainConfig, register_method
-from .layers import ImageInput, RegressionHead, TorchMethod, dihedral_mean
-from .training import train_module
+from .layers import EncoderSettings, ImageInput, RegressionHead, TorchMethod, dihedral_mean
+from .training import LossOutput, SpotNetwork
 
 
-class _STNetNetwork(nn.Module):
-    """Image input (encoder or standardised frozen features) followed by the regression head."""
+@dataclass(frozen=True, kw_only=True)
+class STNetSettings(EncoderSettings):
+    """Settings of :class:`STNetMethod` (see its parameters)."""
+
+    hidden: int | None = None
+    dropout: float = 0.0
+    tta: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hidden is not None:
+            object.__setattr__(self, "hidden", positive_int(self.hidden, "hidden"))
+        object.__setattr__(self, "dropout", probability(self.dropout, "dropout"))
+        flag(self.tta, "tta")
+
+
+class _STNetNetwork(SpotNetwork):
+    """Image input (encoder or standardised frozen features) followed by the regression head; MSE."""
 
     def __init__(self, image_input: ImageInput, head: RegressionHead) -> None:
         super().__init__()
@@ -23,6 +40,10 @@ class _STNetNetwork(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.image_input(batch))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """The mean squared error of the predicted standardised expression."""
+        return LossOutput(nn.functional.mse_loss(self(batch).float(), batch["targets"]))
 
 
 @register_method
@@ -66,47 +87,24 @@ class STNetMethod(TorchMethod):
     """
 
     name = "stnet"
-
-    def __init__(
-        self,
-        *,
-        encoder: str | nn.Module = "efficientnet_lite0",
-        weights: Any = "default",
-        hidden: int | None = None,
-        dropout: float = 0.0,
-        tta: bool = True,
-    ) -> None:
-        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
-            msg = f"`hidden` must be None (a linear head) or a positive number of units, got {hidden!r}."
-            raise ValueError(msg)
-        if not isinstance(tta, bool):
-            msg = f"`tta` must be True or False, got {tta!r}."
-            raise TypeError(msg)
-        super().__init__(encoder=encoder, weights=weights, hidden=hidden, dropout=dropout, tta=tta)
+    settings_class = STNetSettings
+    settings: STNetSettings
 
     def build(self, image_input: ImageInput, n_genes: int) -> _STNetNetwork:
         """The image input followed by the regression head."""
-        head = RegressionHead(
-            image_input.dim, n_genes, hidden=self.params["hidden"], dropout=self.params["dropout"]
-        )
+        head = RegressionHead(image_input.dim, n_genes, hidden=self.settings.hidden, dropout=self.settings.dropout)
         return _STNetNetwork(image_input, head)
 
     def fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> FitReport:
-        """Train the head (and the encoder, end to end) with MSE; early stopping on ``validation``."""
+        """Train the head (and the encoder, end to end) with MSE; early stopping on the validation MSE."""
         network = self.start_fit(train, validation, config)
-
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return nn.functional.mse_loss(network(batch).float(), batch["targets"])
-
-        prepare = network.image_input.prepare
-        ready_validation = None if validation is None else prepare(validation)
-        self.report = train_module(network, loss_fn, prepare(train), ready_validation, config)
+        self.report = self.fit_network(network, train, validation, config)
         return self.report
 
     def predict(self, data: SpotSet) -> np.ndarray:
         """``(n, n_genes)`` predicted standardised expression (averaged over 8 views end to end with ``tta``)."""
         network, data = self.fitted(data)
-        if data.regime == "end2end" and self.params["tta"]:
+        if data.regime == "end2end" and self.settings.tta:
             encoder, head = network.image_input.encoder, network.head
             return self.run(lambda batch: dihedral_mean(lambda x: head(encoder(x)), batch["image"]), data)
         return self.run(network, data)
@@ -114,7 +112,7 @@ class STNetMethod(TorchMethod):
     def embed(self, data: SpotSet) -> np.ndarray:
         """``(n, d)`` what the head reads: encoder features (view-averaged with ``tta``) or standardised features."""
         network, data = self.fitted(data)
-        if data.regime == "end2end" and self.params["tta"]:
+        if data.regime == "end2end" and self.settings.tta:
             encoder = network.image_input.encoder
             return self.run(lambda batch: dihedral_mean(encoder, batch["image"]), data)
         return self.run(network.image_input, data)
