@@ -260,9 +260,11 @@ class FitReport:
 
 
 def plain_value(value: Any) -> Any:
-    """``value`` as plain values for a state dict: tuples become lists, numpy scalars Python numbers."""
+    """``value`` as plain values for a state dict: tuples and numpy arrays become lists, numpy scalars Python numbers."""
     if isinstance(value, Mapping):
         return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     if isinstance(value, list | tuple):
         return [plain_value(v) for v in value]
     if isinstance(value, np.generic):

@@ -143,7 +143,8 @@ class BLEEPMethod(TorchMethod):
 
     def predict(self, data: SpotSet) -> np.ndarray:
         """``(n, n_genes)`` mean standardised expression of the ``top_k`` gallery spots nearest to each spot's image."""
-        return self.gallery.predict(self.embed(data), device=self.device)
+        queries = self.embed(data)
+        return self.gallery.predict(queries, device=self.device)
 
     def confidence(self, data: SpotSet, *, embedding: np.ndarray | None = None) -> np.ndarray:
         """``(n,)`` mean cosine similarity of each spot's image embedding to the ``top_k`` gallery spots it retrieves."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,8 +244,9 @@ class RidgeMethod(Method):
         return self.regressor._project(self.regressor.scaler_.transform(data.features)).astype(np.float32)
 
     def state_dict(self) -> dict:
-        """Settings and the fitted regression."""
-        return {"settings": self.settings.plain(), "regressor": self.regressor.state_dict()}
+        """Settings, the fitted regression and the fit report."""
+        report = None if self.report is None else dataclasses.asdict(self.report)
+        return {"settings": self.settings.plain(), "regressor": self.regressor.state_dict(), "report": report}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> RidgeMethod:
@@ -252,4 +254,5 @@ class RidgeMethod(Method):
         check_state_format(state, cls.name)
         method = cls(cls.settings_class(**state["settings"]))
         method.regressor = RidgeRegressor.from_state_dict(state["regressor"])
+        method.report = None if state["report"] is None else FitReport(**state["report"])
         return method

@@ -12,6 +12,7 @@ from ._model import Histo2ExprModel
 from ._predict import predict_expression
 
 if TYPE_CHECKING:
+    import torch
     from anndata import AnnData
     from spatialdata import SpatialData
 
@@ -23,6 +24,7 @@ def evaluate_expression(
     key_added: str = "histo2expr",
     slide_key: str = "slide",
     table_key: str = "table",
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """Predict every slide of ``data`` with ``model`` and score it against the measured expression.
 
@@ -43,6 +45,8 @@ def evaluate_expression(
         Column of ``obs`` with the slide of each spot (optional for one slide).
     table_key
         SpatialData only: the table to use.
+    device
+        Where to predict (see :func:`~histo2expr.tl.predict_expression`); `None`: the model's device.
 
     Returns
     -------
@@ -56,7 +60,9 @@ def evaluate_expression(
     """
     table = get_table(data, table_key)
     truth = log_expression(table, model.genes)
-    predict_expression(data, model, key_added=key_added, slide_key=slide_key, table_key=table_key)
+    predict_expression(
+        data, model, key_added=key_added, slide_key=slide_key, table_key=table_key, device=device
+    )
     predicted = table.layers[f"{key_added}_pred"][:, table.var_names.get_indexer(model.genes)]
     slides = slide_labels(table, slide_key, required=False)
     rows, pccs = score_slides(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._validation import get_table
-from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method
+from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method, plain_value
 from ..models.scaling import Standardizer
 from ..pp import select_genes
 from ..splits import inner_validation_split, make_folds
@@ -99,6 +100,19 @@ def _fit_on(
     return _FoldFit(model, chosen, scaler, report, how)
 
 
+def _deprecated_device(device: str) -> tuple[str, int | list[int]]:
+    """The ``accelerator`` and ``devices`` of a ``device=`` name, with a deprecation warning."""
+    from ..models.inference import lightning_device
+
+    accelerator, devices = lightning_device(device)
+    msg = (
+        f"`device=` is deprecated; pass `accelerator={accelerator!r}, devices={devices!r}` instead "
+        "(Lightning's flags, which also run on several devices)."
+    )
+    warnings.warn(msg, FutureWarning, stacklevel=3)
+    return accelerator, devices
+
+
 def fit_histo2expr(
     data: AnnData | SpatialData,
     *,
@@ -117,12 +131,17 @@ def fit_histo2expr(
     weight_decay: float = 1e-4,
     patience: int = 10,
     seed: int = 0,
-    device: str = "auto",
+    accelerator: str = "auto",
+    devices: int | str | list[int] = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    precision: str | None = None,
     num_workers: int = 0,
     key_added: str = "histo2expr",
     table_key: str = "table",
     progress: bool = True,
     refit: bool = True,
+    device: str | None = None,
     **method_params: Any,
 ) -> Histo2ExprModel | None:
     """Fit a histology-to-expression method, optionally cross-validated slide by slide.
@@ -168,8 +187,14 @@ def fit_histo2expr(
     seed
         One seed for gene-independent randomness: initialisation, batches, splits;
         CPU runs with the same seed are bit-identical.
-    device
-        ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda"``, ``"mps"``.
+    accelerator, devices, strategy, num_nodes, precision
+        Where the torch methods train, handed to :class:`lightning.pytorch.Trainer` (see the docs
+        page "Scaling out"): ``accelerator="auto"`` (a GPU when there is one, else the CPU),
+        ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"mps"``; ``devices=1`` (``4`` or ``[0, 1]`` for
+        data-parallel training, ``batch_size`` spots per device and step); ``strategy="auto"``
+        (``"ddp"`` for several devices: run from a script or ``histo2expr fit``, which every
+        process runs in full); ``num_nodes`` machines (e.g. under SLURM); ``precision=None``:
+        ``"bf16-mixed"`` on CUDA, ``"32-true"`` elsewhere. Each process returns the same model.
     num_workers
         DataLoader workers reading patches (end-to-end regime).
     key_added
@@ -183,6 +208,9 @@ def fit_histo2expr(
         (only with ``cv``) skips the refit — for comparing methods, when only the
         cross-validated scores are wanted — and returns ``None``; ``.uns[key_added]["genes"]``
         is then not set.
+    device
+        Deprecated: pass ``accelerator`` and ``devices`` (``device="cuda:1"`` is
+        ``accelerator="cuda", devices=[1]``).
     **method_params
         Parameters of the method (e.g. ``top_k=50`` for ``"bleep"``).
 
@@ -211,6 +239,8 @@ def fit_histo2expr(
 
     table = get_table(data, table_key)
     method_class = get_method(method)
+    if device is not None:
+        accelerator, devices = _deprecated_device(device)
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -218,9 +248,13 @@ def fit_histo2expr(
         weight_decay=weight_decay,
         patience=patience,
         seed=seed,
-        device=device,
         num_workers=num_workers,
         progress=progress,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        num_nodes=num_nodes,
+        precision=precision,
     )
     if (
         isinstance(genes, bool)
@@ -249,7 +283,7 @@ def fit_histo2expr(
     encoder = patch_geometry = None
     if use_rep is not None:
         features, token_rep = frozen_inputs(table, use_rep, tokens=method_class.token_input, method=method)
-        record = table.uns.get(use_rep, {})
+        record = plain_value(table.uns.get(use_rep, {}))  # arrays of a read h5ad as lists: a model file holds plain values
         encoder, patch_geometry = record.get("encoder"), record.get("patches")
     else:
         from ..patches import PatchSource

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..models.base import Method, SpotSet, get_method
 from ..models.scaling import Standardizer
+
+if TYPE_CHECKING:
+    import torch
 
 _FORMAT = "histo2expr.Histo2ExprModel"
 _VERSION = 1
@@ -79,6 +82,20 @@ class Histo2ExprModel:
             f"Histo2ExprModel(method={self.method.name!r}, regime={self.regime!r}, "
             f"n_genes={len(self.genes)}, use_rep={self.use_rep!r})"
         )
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model predicts on (the CPU after :meth:`load`)."""
+        return self.method.device
+
+    def to(self, device: str | torch.device) -> Histo2ExprModel:
+        """Predict on ``device`` from now on: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``"auto"``.
+
+        The method's network (and encoder, end to end) moves there; a device this machine does
+        not have is an error. Returns the model, as :meth:`torch.nn.Module.to` does.
+        """
+        self.method.to(device)
+        return self
 
     def predict_log(self, data: SpotSet) -> np.ndarray:
         """``(n, n_genes)`` predicted log-normalised expression of the spots in ``data``."""

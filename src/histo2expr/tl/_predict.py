@@ -15,6 +15,7 @@ from ._data import coordinates, features_of, slide_labels, tokens_of
 from ._model import Histo2ExprModel
 
 if TYPE_CHECKING:
+    import torch
     from spatialdata import SpatialData
 
 #: Relative difference of micrometres per pixel tolerated between training and new patches.
@@ -77,6 +78,7 @@ def predict_expression(
     slide_key: str = "slide",
     table_key: str = "table",
     copy: bool = False,
+    device: str | torch.device | None = None,
 ) -> AnnData | None:
     """Predict the model's genes for every spot of ``data`` from its H&E alone.
 
@@ -97,6 +99,10 @@ def predict_expression(
         SpatialData only: the table to use.
     copy
         When ``data`` has the model's genes: write into a copy and return it.
+    device
+        Where to predict: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``"auto"``; the model
+        goes back to its own device afterwards. `None`: the model's device
+        (:meth:`~histo2expr.tl.Histo2ExprModel.to`; the CPU after loading).
 
     Returns
     -------
@@ -144,9 +150,15 @@ def predict_expression(
         spots = SpotSet(
             coords=coordinates(table), groups=slides, patches=source, indices=np.arange(table.n_obs)
         )
-    predicted = model.predict_log(spots)
-    embedding = model.method.embed(spots)
-    similarity = model.method.confidence(spots, embedding=embedding)
+    own_device = model.device
+    try:
+        if device is not None:
+            model.to(device)
+        predicted = model.predict_log(spots)
+        embedding = model.method.embed(spots)
+        similarity = model.method.confidence(spots, embedding=embedding)
+    finally:
+        model.to(own_device)
     cv_pcc = pd.Series(model.cv_gene_pcc or {}, dtype=np.float64).reindex(model.genes).to_numpy()
     if all(g in table.var_names for g in model.genes):
         target = table.copy() if copy else table
