@@ -41,7 +41,11 @@ SETTINGS = (
     ("stnet, end to end (ResNet-18, 64 px, synthetic)", "stnet", "end2end", 3),
 )
 #: ``(label, processes, threads per process)``.
-LAYOUTS = (("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 DDP processes x 1 thread", 2, 1))
+LAYOUTS = (
+    ("1 process x 1 thread", 1, 1),
+    ("1 process x 2 threads", 1, 2),
+    ("2 DDP processes x 1 thread", 2, 1),
+)
 
 
 def cohort(regime: str):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import histo2expr as hx
 from histo2expr.metrics import pcc_acg
-from histo2expr.models.base import SpotSet, TrainConfig, available_methods, concat_spots, get_method
+from histo2expr.models.base import SpotSet, TrainConfig, concat_spots, get_method
 from histo2expr.models.cmrcnet import (
     CrossModalReconstruction,
     cmrcnet_loss,
@@ -243,7 +243,7 @@ def test_larger_token_grids_are_pooled_to_token_grid(cohort):
 
 
 def test_settings_survive_the_state(cohort, round_trip):
-    train, validation, test = cohort
+    train, validation, _ = cohort
     method = cmrcnet(mask_rate=0.3, reconstruction_target="expression")
     method.fit(train, validation, config(epochs=2))
     loaded = round_trip(method)

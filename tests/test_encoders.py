@@ -369,7 +369,9 @@ def test_resolve_device():
 def test_a_missing_gpu_is_a_clear_error():
     assert resolve_device("auto").type in ("cpu", "mps")
     for name in ("cuda", "cuda:1"):
-        with pytest.raises(RuntimeError, match=rf"Device '{name}' is not usable on this machine.*device='cpu'"):
+        with pytest.raises(
+            RuntimeError, match=rf"Device '{name}' is not usable on this machine.*device='cpu'"
+        ):
             resolve_device(name)
 
 

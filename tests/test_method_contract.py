@@ -17,8 +17,15 @@ import pytest
 import torch
 
 import histo2expr as hx
-from histo2expr.models import Method, MethodSettings, SpotSet, TrainConfig, available_methods, get_method
-from histo2expr.models import base
+from histo2expr.models import (
+    Method,
+    MethodSettings,
+    SpotSet,
+    TrainConfig,
+    available_methods,
+    base,
+    get_method,
+)
 from histo2expr.models.base import REGIMES
 
 METHODS = available_methods()
@@ -29,7 +36,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(**changes) -> TrainConfig:
-    return TrainConfig(**{"epochs": 3, "batch_size": 32, "lr": 1e-2, "patience": 2, "progress": False, **changes})
+    return TrainConfig(
+        **{"epochs": 3, "batch_size": 32, "lr": 1e-2, "patience": 2, "progress": False, **changes}
+    )
 
 
 def _slide(rng, name, side, centres, profiles, origin):
@@ -52,7 +61,10 @@ def cohort():
     """``(train, validation, held_out)``: 81, 49 and 49 spots with 12 features and 8 standardised genes."""
     rng = np.random.default_rng(0)
     centres, profiles = rng.normal(size=(4, 12)) * 3, rng.normal(size=(4, 8)) * 2
-    slides = [_slide(rng, name, side, centres, profiles, 5000 * i) for i, (name, side) in enumerate([("a", 9), ("b", 7), ("c", 7)])]
+    slides = [
+        _slide(rng, name, side, centres, profiles, 5000 * i)
+        for i, (name, side) in enumerate([("a", 9), ("b", 7), ("c", 7)])
+    ]
     mean, std = slides[0].targets.mean(0), slides[0].targets.std(0)
     for spots in slides:
         spots.targets = ((spots.targets - mean) / std).astype(np.float32)
@@ -138,7 +150,10 @@ def test_fit_predict_embed_confidence(name, cohort, fitted):
 @pytest.mark.parametrize("name", METHODS)
 def test_fit_leaves_its_inputs_unchanged(name, cohort):
     train, validation, _ = cohort
-    before = [dataclasses.replace(s, features=s.features.copy(), targets=s.targets.copy()) for s in (train, validation)]
+    before = [
+        dataclasses.replace(s, features=s.features.copy(), targets=s.targets.copy())
+        for s in (train, validation)
+    ]
     get_method(name)().fit(train, validation, config(epochs=1))
     for spots, copy in zip((train, validation), before, strict=True):
         for field in ("coords", "groups", "features", "targets"):
@@ -242,7 +257,14 @@ def test_held_out_slide_cannot_influence_its_fold(name, small_adata):
     """Poison the held-out slide's expression and half its features: the other half's out-of-fold
     predictions must not move (gene choice, standardisation, weights, galleries and early stopping
     see the training slide only, and each spot is predicted from its own image)."""
-    kwargs = {"method": name, "genes": 10, "cv": "leave_one_slide_out", "epochs": 2, "refit": False, "progress": False}
+    kwargs = {
+        "method": name,
+        "genes": 10,
+        "cv": "leave_one_slide_out",
+        "epochs": 2,
+        "refit": False,
+        "progress": False,
+    }
     clean = small_adata.copy()
     hx.tl.fit_histo2expr(clean, **kwargs)
     poisoned = small_adata.copy()
@@ -253,7 +275,9 @@ def test_held_out_slide_cannot_influence_its_fold(name, small_adata):
     poisoned.obsm["X_histo"][held_out[::2]] *= 50.0
     hx.tl.fit_histo2expr(poisoned, **kwargs)
     kept = held_out[1::2]
-    np.testing.assert_array_equal(clean.layers["histo2expr_pred"][kept], poisoned.layers["histo2expr_pred"][kept])
+    np.testing.assert_array_equal(
+        clean.layers["histo2expr_pred"][kept], poisoned.layers["histo2expr_pred"][kept]
+    )
 
 
 # --- methods of other packages ---------------------------------------------------------------------------
@@ -264,12 +288,18 @@ def installed_example(tmp_path, monkeypatch):
     """The example of docs/adding_a_method.md installed as the package ``histo2expr_mlp`` (a module and its
     ``.dist-info`` with an entry point in the group ``histo2expr.methods``), as ``pip install`` would."""
     page = (Path(__file__).resolve().parents[1] / "docs" / "adding_a_method.md").read_text(encoding="utf-8")
-    code = next(block for block in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "class MLPMethod" in block)
+    code = next(
+        block for block in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "class MLPMethod" in block
+    )
     (tmp_path / "histo2expr_mlp.py").write_text(code, encoding="utf-8")
     info = tmp_path / "histo2expr_mlp-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: histo2expr-mlp\nVersion: 0.1\n", encoding="utf-8")
-    (info / "entry_points.txt").write_text("[histo2expr.methods]\nmlp = histo2expr_mlp:MLPMethod\n", encoding="utf-8")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: histo2expr-mlp\nVersion: 0.1\n", encoding="utf-8"
+    )
+    (info / "entry_points.txt").write_text(
+        "[histo2expr.methods]\nmlp = histo2expr_mlp:MLPMethod\n", encoding="utf-8"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
     base._REGISTRY.pop("mlp", None)
@@ -302,7 +332,9 @@ def test_a_broken_entry_point_is_skipped_with_a_warning(tmp_path, monkeypatch):
     info = tmp_path / "broken-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n", encoding="utf-8")
-    (info / "entry_points.txt").write_text("[histo2expr.methods]\nbroken = no_such_module:Method\n", encoding="utf-8")
+    (info / "entry_points.txt").write_text(
+        "[histo2expr.methods]\nbroken = no_such_module:Method\n", encoding="utf-8"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.warns(RuntimeWarning, match="'broken'.*could not be loaded"):
         names = available_methods()

@@ -8,7 +8,7 @@ from torch import nn
 import histo2expr as hx
 from histo2expr.metrics import pcc_acg
 from histo2expr.models import nh2st as nh2st_module
-from histo2expr.models.base import SpotSet, TrainConfig, available_methods, concat_spots, get_method
+from histo2expr.models.base import SpotSet, TrainConfig, concat_spots, get_method
 from histo2expr.models.graphs import (
     GraphConvolutions,
     hypergraph_propagation,
@@ -349,7 +349,7 @@ def test_bad_parameters_are_clear_errors(params, match):
 
 
 def test_bad_data_is_a_clear_error(cohort):
-    train, validation, test = cohort
+    train, validation, _ = cohort
     with pytest.raises(ValueError, match=r"has 64 spots, too few for 70 spatial neighbours"):
         nh2st(n_neighbours=70).fit(train, validation, config(epochs=1))
     nh2st(n_neighbours=70, neighbour_branch=False).fit(

@@ -61,12 +61,16 @@ def test_two_processes_train_the_model_of_one(cohort, tmp_path, capsys):
     up to float rounding."""
     path, held_out = cohort
     options = ("--epochs", "12", "--lr", "0.003")
-    one = fit_in_one_process(path, tmp_path / "one.pt", "stnet", *options, "--batch-size", "64", capsys=capsys)
+    one = fit_in_one_process(
+        path, tmp_path / "one.pt", "stnet", *options, "--batch-size", "64", capsys=capsys
+    )
     two = fit_in_two_processes(path, tmp_path / "two.pt", "stnet", *options, "--batch-size", "32")
     assert one.genes == two.genes
     assert two.method.report.train_loss == pytest.approx(one.method.report.train_loss, rel=1e-4)
     assert two.method.report.best_epoch == one.method.report.best_epoch
-    predicted = [hx.tl.predict_expression(held_out, model, copy=True).layers["histo2expr_pred"] for model in (one, two)]
+    predicted = [
+        hx.tl.predict_expression(held_out, model, copy=True).layers["histo2expr_pred"] for model in (one, two)
+    ]
     np.testing.assert_allclose(predicted[1], predicted[0], rtol=1e-4, atol=1e-4)
 
 
@@ -78,9 +82,13 @@ def test_two_processes_keep_the_quality_of_special_batch_orders(cohort, tmp_path
     differ; the held-out PCC(ACG) must stay within ``CHREP_TOLERANCE`` (measured: 0.004 apart)."""
     path, held_out = cohort
     options = ("--epochs", "6", "--param", "top_k=20")
-    one = fit_in_one_process(path, tmp_path / "one.pt", "chrep", *options, "--batch-size", "64", capsys=capsys)
+    one = fit_in_one_process(
+        path, tmp_path / "one.pt", "chrep", *options, "--batch-size", "64", capsys=capsys
+    )
     two = fit_in_two_processes(path, tmp_path / "two.pt", "chrep", *options, "--batch-size", "32")
-    scores = [float(hx.tl.evaluate_expression(held_out.copy(), model)["pcc_acg"].iloc[0]) for model in (one, two)]
+    scores = [
+        float(hx.tl.evaluate_expression(held_out.copy(), model)["pcc_acg"].iloc[0]) for model in (one, two)
+    ]
     assert scores[0] > 0.1
     assert abs(scores[1] - scores[0]) < CHREP_TOLERANCE
 
@@ -94,9 +102,15 @@ def test_fit_command_saves_a_model_and_refuses_bad_input(cohort, tmp_path, capsy
     del no_features.obsm["X_histo"]
     no_features.write_h5ad(tmp_path / "raw.h5ad")
     for argv, message in [
-        (fit_command(tmp_path / "raw.h5ad", tmp_path / "m.pt", "ridge"), r"no frozen features in obsm\['X_histo'\]"),
+        (
+            fit_command(tmp_path / "raw.h5ad", tmp_path / "m.pt", "ridge"),
+            r"no frozen features in obsm\['X_histo'\]",
+        ),
         (fit_command(path, tmp_path / "m.pt", "magic"), "Unknown method 'magic'"),
-        (fit_command(path, tmp_path / "m.pt", "stnet", "--param", "hidden=0"), "`hidden` must be a positive integer"),
+        (
+            fit_command(path, tmp_path / "m.pt", "stnet", "--param", "hidden=0"),
+            "`hidden` must be a positive integer",
+        ),
         (fit_command(path, tmp_path / "m.pt", "stnet", "--strategy", "magic"), "strategy"),
     ]:
         assert cli.main(argv) == 2

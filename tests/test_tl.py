@@ -122,7 +122,10 @@ def test_models_predict_on_the_device_asked_for(cohort, tmp_path):
     loaded = hx.tl.Histo2ExprModel.load(tmp_path / "model.pt")
     assert loaded.device == torch.device("cpu") and loaded.to("cpu") is loaded
     here = hx.tl.predict_expression(cohort.copy(), loaded, device="cpu", copy=True)
-    np.testing.assert_array_equal(here.layers["histo2expr_pred"], hx.tl.predict_expression(cohort, model, copy=True).layers["histo2expr_pred"])
+    np.testing.assert_array_equal(
+        here.layers["histo2expr_pred"],
+        hx.tl.predict_expression(cohort, model, copy=True).layers["histo2expr_pred"],
+    )
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="'cuda' is not usable on this machine"):
             hx.tl.predict_expression(cohort.copy(), loaded, device="cuda")

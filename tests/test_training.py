@@ -15,7 +15,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(**changes) -> TrainConfig:
-    return TrainConfig(**{"epochs": 6, "batch_size": 16, "lr": 0.1, "patience": 10, "progress": False, **changes})
+    return TrainConfig(
+        **{"epochs": 6, "batch_size": 16, "lr": 0.1, "patience": 10, "progress": False, **changes}
+    )
 
 
 def spots(n=64, d=4, seed=0) -> SpotSet:
@@ -50,7 +52,9 @@ def test_loss_terms_are_reported_per_epoch():
     report, device = train_network(Drifting(), spots(), None, config(epochs=3))
     assert device == torch.device("cpu")
     assert len(report.train_loss) == 3 and report.best_epoch == 2 and report.validation_loss == []
-    assert set(report.train_terms) == {"fit", "drift"} and all(len(v) == 3 for v in report.train_terms.values())
+    assert set(report.train_terms) == {"fit", "drift"} and all(
+        len(v) == 3 for v in report.train_terms.values()
+    )
     np.testing.assert_allclose(
         report.train_loss, np.add(report.train_terms["fit"], report.train_terms["drift"]), rtol=1e-5
     )
@@ -64,7 +68,9 @@ def test_the_untrained_weights_stay_when_no_epoch_beats_them():
     assert len(report.validation_loss) == 3  # early stopping after `patience` epochs without improvement
     drifted = Drifting()
     report, _ = train_network(drifted, spots(), spots(seed=1), config(patience=2))
-    assert report.best_epoch == 0 and float(drifted.w.detach()) > 0  # without the untrained run, epoch 0 is the best
+    assert (
+        report.best_epoch == 0 and float(drifted.w.detach()) > 0
+    )  # without the untrained run, epoch 0 is the best
 
 
 def test_a_loss_that_is_not_finite_is_a_clear_error():
@@ -116,7 +122,9 @@ def test_batch_orders_share_the_batches_between_processes():
     evaluation = partial(ordered_batches, n=100, batch_size=16)  # 7 batches
     shares = [list(BatchOrder(evaluation, rank=r, world_size=2, equal_shares=False)) for r in range(2)]
     assert [len(s) for s in shares] == [4, 3]
-    np.testing.assert_array_equal(np.sort(np.concatenate([rows for s in shares for rows, _ in s])), np.arange(100))
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([rows for s in shares for rows, _ in s])), np.arange(100)
+    )
     few = partial(ordered_batches, n=10, batch_size=16)
     assert len(list(BatchOrder(few, rank=1, world_size=2, equal_shares=False))) == 1  # too few to share: all
     with pytest.raises(ValueError, match="too few for 2 processes"):

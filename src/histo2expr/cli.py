@@ -110,7 +110,9 @@ def _devices(text: str) -> int | str | list[int]:
             return [int(part) for part in text.split(",") if part.strip()]
         return text if text == "auto" else int(text)
     except ValueError as error:
-        msg = f"--devices must be a number, 'auto' or comma-separated device indices such as 0,1; got {text!r}"
+        msg = (
+            f"--devices must be a number, 'auto' or comma-separated device indices such as 0,1; got {text!r}"
+        )
         raise argparse.ArgumentTypeError(msg) from error
 
 
@@ -349,7 +351,11 @@ def _benchmark(args: argparse.Namespace) -> int:
         f"histo2expr benchmark: {adata.n_obs} spots on {n_slides} slides of {args.data}; "
         f"{args.cv}, {args.regime} regime ({args.encoder}), {args.genes} genes, methods {', '.join(methods)}."
     )
-    fit_kwargs: dict[str, Any] = {"epochs": args.epochs, "num_workers": args.workers, **_device_flags(args.device)}
+    fit_kwargs: dict[str, Any] = {
+        "epochs": args.epochs,
+        "num_workers": args.workers,
+        **_device_flags(args.device),
+    }
     embed_seconds = None
     if args.regime == "frozen":
         embed_seconds = _embed(adata, args, methods)
@@ -480,14 +486,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_fit_options(add: Any) -> None:
-    add("data", type=Path, help="dataset: .h5ad file (data model, frozen features in obsm), legacy ST or Visium folder")
+    add(
+        "data",
+        type=Path,
+        help="dataset: .h5ad file (data model, frozen features in obsm), legacy ST or Visium folder",
+    )
     add("--method", required=True, help="the method (see histo2expr.models.available_methods())")
     add("--out", type=Path, required=True, help="model file to write (hx.tl.Histo2ExprModel.load reads it)")
     add("--reader", choices=READERS, default="auto", help="how to read DATA (default: from the path)")
     add("--slides", default=None, help="comma-separated slides to fit on (default: all)")
-    add("--regime", choices=("frozen", "end2end"), default="frozen", help="frozen features or end-to-end (default frozen)")
+    add(
+        "--regime",
+        choices=("frozen", "end2end"),
+        default="frozen",
+        help="frozen features or end-to-end (default frozen)",
+    )
     add("--use-rep", default="X_histo", help="obsm key of the frozen features (default X_histo)")
-    add("--encoder", default="efficientnet_lite0", help="end-to-end regime: the encoder trained (default efficientnet_lite0)")
+    add(
+        "--encoder",
+        default="efficientnet_lite0",
+        help="end-to-end regime: the encoder trained (default efficientnet_lite0)",
+    )
     add("--patch-size", type=int, default=224, help="end-to-end regime: patch side in pixels (default 224)")
     add("--genes", type=int, default=250, help="highly expressed genes to predict (default 250)")
     add("--epochs", type=int, default=50, help="maximum training epochs (default 50)")
@@ -495,12 +514,33 @@ def _add_fit_options(add: Any) -> None:
     add("--lr", type=float, default=1e-3, help="AdamW learning rate (default 0.001)")
     add("--seed", type=int, default=0, help="seed of the training (default 0)")
     add("--workers", type=int, default=0, help="DataLoader workers reading patches (default 0)")
-    add("--param", type=_setting, action="append", default=[], metavar="NAME=VALUE", help="a method setting, repeatable (e.g. --param top_k=20)")
-    add("--accelerator", choices=ACCELERATORS, default="auto", help="Lightning accelerator (default auto: a GPU when there is one)")
-    add("--devices", type=_devices, default=1, help="devices per node: a number, -1 (all), auto or indices 0,1 (default 1)")
+    add(
+        "--param",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a method setting, repeatable (e.g. --param top_k=20)",
+    )
+    add(
+        "--accelerator",
+        choices=ACCELERATORS,
+        default="auto",
+        help="Lightning accelerator (default auto: a GPU when there is one)",
+    )
+    add(
+        "--devices",
+        type=_devices,
+        default=1,
+        help="devices per node: a number, -1 (all), auto or indices 0,1 (default 1)",
+    )
     add("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default auto)")
     add("--num-nodes", type=int, default=1, help="machines training together, e.g. under SLURM (default 1)")
-    add("--precision", default=None, help="Lightning precision, e.g. 32-true, bf16-mixed (default: bf16-mixed on CUDA, else 32-true)")
+    add(
+        "--precision",
+        default=None,
+        help="Lightning precision, e.g. 32-true, bf16-mixed (default: bf16-mixed on CUDA, else 32-true)",
+    )
     add("--quiet", action="store_true", help="no progress bars")
 
 

@@ -213,7 +213,11 @@ class TrainConfig:
         if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not 0 < self.lr <= 1:
             msg = f"`lr` must be in (0, 1], got {self.lr!r}."
             raise ValueError(msg)
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
+        if (
+            isinstance(self.weight_decay, bool)
+            or not isinstance(self.weight_decay, int | float)
+            or self.weight_decay < 0
+        ):
             msg = f"`weight_decay` must be >= 0, got {self.weight_decay!r}."
             raise ValueError(msg)
         for name in ("accelerator", "strategy"):
@@ -224,7 +228,9 @@ class TrainConfig:
         listed = isinstance(devices, list | tuple) and all(
             isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= 0 for d in devices
         )
-        if not (listed or isinstance(devices, str) or (isinstance(devices, int) and not isinstance(devices, bool))):
+        if not (
+            listed or isinstance(devices, str) or (isinstance(devices, int) and not isinstance(devices, bool))
+        ):
             msg = f"`devices` must be {_DEVICES_HELP}, got {devices!r}."
             raise TypeError(msg)
         positive_int(self.num_nodes, "num_nodes")
@@ -499,7 +505,7 @@ def _load_methods() -> None:
             loaded = entry_point.load()
             if isinstance(loaded, type):
                 register_method(loaded)
-        except Exception as error:  # noqa: BLE001 - a broken plug-in must not break the built-in methods
+        except Exception as error:
             msg = (
                 f"The histo2expr method plug-in {entry_point.name!r} ({entry_point.value}) could not be "
                 f"loaded and is skipped: {error}"

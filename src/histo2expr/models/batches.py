@@ -109,7 +109,9 @@ class BatchOrder:
         may differ by one, and with fewer batches than processes every process takes them all.
     """
 
-    def __init__(self, batches: Batches, *, rank: int = 0, world_size: int = 1, equal_shares: bool = True) -> None:
+    def __init__(
+        self, batches: Batches, *, rank: int = 0, world_size: int = 1, equal_shares: bool = True
+    ) -> None:
         self.batches = batches
         self.rank, self.world_size = rank, world_size
         self.equal_shares = equal_shares
@@ -135,7 +137,9 @@ class BatchOrder:
         return iter([(rows, self.epoch) for rows in batches])
 
 
-def batch_loader(spots: SpotSet, order: BatchOrder, *, augment: bool, seed: int, num_workers: int, persistent: bool = False) -> DataLoader:
+def batch_loader(
+    spots: SpotSet, order: BatchOrder, *, augment: bool, seed: int, num_workers: int, persistent: bool = False
+) -> DataLoader:
     """A DataLoader of whole batches of ``spots`` in ``order``.
 
     Its random state is its own generator, so iterating it never draws from torch's global

@@ -32,7 +32,9 @@ class BLEEPSettings(EncoderSettings):
         super().__post_init__()
         object.__setattr__(self, "projection_dim", positive_int(self.projection_dim, "projection_dim"))
         object.__setattr__(self, "dropout", probability(self.dropout, "dropout"))
-        object.__setattr__(self, "temperature", non_negative_number(self.temperature, "temperature", positive=True))
+        object.__setattr__(
+            self, "temperature", non_negative_number(self.temperature, "temperature", positive=True)
+        )
         object.__setattr__(self, "top_k", positive_int(self.top_k, "top_k"))
 
 
@@ -40,7 +42,11 @@ class _BLEEPNetwork(SpotNetwork):
     """Image input with its projection head, and the expression projection head; BLEEP's loss."""
 
     def __init__(
-        self, image_input: ImageInput, image_head: ProjectionHead, gene_head: ProjectionHead, temperature: float
+        self,
+        image_input: ImageInput,
+        image_head: ProjectionHead,
+        gene_head: ProjectionHead,
+        temperature: float,
     ) -> None:
         super().__init__()
         self.image_input = image_input

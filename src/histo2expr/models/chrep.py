@@ -258,7 +258,11 @@ class CHRepSettings(EncoderSettings):
         one_of(self.calibration, CALIBRATIONS, "calibration")
         for name in ("regression_weight", "alignment_weight", "topology_weight", "correction_penalty"):
             set_(self, name, non_negative_number(getattr(self, name), name))
-        set_(self, "estimate_temperature", non_negative_number(self.estimate_temperature, "estimate_temperature", positive=True))
+        set_(
+            self,
+            "estimate_temperature",
+            non_negative_number(self.estimate_temperature, "estimate_temperature", positive=True),
+        )
         for name in (
             "embedding_dim", "adapter_hidden", "projection_dim", "n_frequencies", "knn", "hops",
             "neighbourhood_size", "top_k", "correction_hidden",
@@ -308,7 +312,9 @@ class _CHRepNetwork(SpotNetwork):
         dim = image_input.dim
         if image_input.regime == "frozen":
             scaler = image_input.scaler
-            self.adapter: nn.Module = ResidualAdapter(scaler.mean_, scaler.scale_, settings.adapter_hidden, dropout)
+            self.adapter: nn.Module = ResidualAdapter(
+                scaler.mean_, scaler.scale_, settings.adapter_hidden, dropout
+            )
         else:
             self.adapter = nn.Identity()
         self.head = RegressionHead(dim, n_genes)
@@ -390,7 +396,11 @@ class _EstimatePlan(TrainingPlan):
         keys = predict_batches(self.network, self.fit_spots, batch_size=self.batch_size, device=self.device)
         settings = self.network.settings
         self.gallery = Gallery(
-            keys, self.fit_spots.targets, top_k=settings.top_k, weighting="softmax", temperature=settings.estimate_temperature
+            keys,
+            self.fit_spots.targets,
+            top_k=settings.top_k,
+            weighting="softmax",
+            temperature=settings.estimate_temperature,
         )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -408,7 +418,9 @@ class _Correction(SpotNetwork):
     ``magnitude``); validation metric ``L_reg(y_est + r, y)``.
     """
 
-    def __init__(self, correction: nn.Module, dim: int, *, with_estimate: bool, penalty: float | None) -> None:
+    def __init__(
+        self, correction: nn.Module, dim: int, *, with_estimate: bool, penalty: float | None
+    ) -> None:
         super().__init__()
         self.correction, self.dim = correction, dim
         self.with_estimate, self.penalty = with_estimate, penalty
@@ -424,7 +436,9 @@ class _Correction(SpotNetwork):
         if self.penalty is None:
             return LossOutput(regression)
         magnitude = (residual.float() ** 2).mean()
-        return LossOutput(regression + self.penalty * magnitude, {"regression": regression, "magnitude": magnitude})
+        return LossOutput(
+            regression + self.penalty * magnitude, {"regression": regression, "magnitude": magnitude}
+        )
 
     def validation_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return regression_loss(self.residual_and_prediction(batch)[1], batch["targets"])
@@ -640,7 +654,9 @@ class CHRepMethod(TorchMethod):
         settings = self.settings
         ready_train = network.image_input.prepare(train)
         if settings.spatial:
-            ready_train = dataclasses.replace(ready_train, coords=normalise_coordinates(train.coords, train.groups))
+            ready_train = dataclasses.replace(
+                ready_train, coords=normalise_coordinates(train.coords, train.groups)
+            )
         order = None
         if "topology" in settings.losses:
             order = partial(
@@ -671,10 +687,16 @@ class CHRepMethod(TorchMethod):
 
     # --- inference phase -----------------------------------------------------------------------------
 
-    def _estimates(self, queries: np.ndarray, gallery: np.ndarray, values: np.ndarray, **exclude: Any) -> np.ndarray:
+    def _estimates(
+        self, queries: np.ndarray, gallery: np.ndarray, values: np.ndarray, **exclude: Any
+    ) -> np.ndarray:
         """The Estimate module's prediction of ``queries`` from a gallery of ``(gallery, values)``."""
         estimate = Gallery(
-            gallery, values, top_k=self.settings.top_k, weighting="softmax", temperature=self.settings.estimate_temperature
+            gallery,
+            values,
+            top_k=self.settings.top_k,
+            weighting="softmax",
+            temperature=self.settings.estimate_temperature,
         )
         return estimate.predict(queries, device=self.device, **exclude)
 
@@ -691,7 +713,9 @@ class CHRepMethod(TorchMethod):
         constrained = settings.calibration == "estimate+correction+constraint"
         spots, queries = fit
         targets = np.asarray(spots.targets, dtype=np.float32)
-        own_slide = with_estimate and settings.exclude_own_slide and len(set(np.asarray(spots.groups).tolist())) > 1
+        own_slide = (
+            with_estimate and settings.exclude_own_slide and len(set(np.asarray(spots.groups).tolist())) > 1
+        )
         notes: dict[str, Any] = {"own_slide_excluded": own_slide}
 
         def inputs(q: np.ndarray, estimate: np.ndarray | None, s: SpotSet) -> SpotSet:

@@ -246,7 +246,11 @@ class CMRCNetSettings(BLEEPSettings):
         for name in ("reconstruction_dim", "gene_tokens", "cross_heads", "fusion_heads", "fusion_blocks"):
             set_(self, name, positive_int(getattr(self, name), name))
         ratio = self.mlp_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not (math.isfinite(ratio) and ratio > 0):
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, int | float)
+            or not (math.isfinite(ratio) and ratio > 0)
+        ):
             msg = f"`mlp_ratio` must be a positive number, got {ratio!r}."
             raise ValueError(msg)
         set_(self, "mlp_ratio", float(ratio))

@@ -52,12 +52,16 @@ class Gallery:
             )
             raise ValueError(msg)
         self.weighting = weighting
-        self.temperature = None if temperature is None else non_negative_number(temperature, "temperature", positive=True)
+        self.temperature = (
+            None if temperature is None else non_negative_number(temperature, "temperature", positive=True)
+        )
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def search(self, queries: Any, *, device: str | torch.device = "cpu", **exclude: Any) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: Any, *, device: str | torch.device = "cpu", **exclude: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(similarities, indices)`` of the ``top_k`` keys nearest each query (``exclude``: see ``cosine_topk``)."""
         return cosine_topk(queries, self.keys, self.top_k, device=device, **exclude)
 

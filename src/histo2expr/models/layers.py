@@ -379,7 +379,12 @@ class TorchMethod(Method):
         return self.network
 
     def fit_network(
-        self, network: SpotNetwork, train_spots: SpotSet, validation: SpotSet | None, config: TrainConfig, **options: Any
+        self,
+        network: SpotNetwork,
+        train_spots: SpotSet,
+        validation: SpotSet | None,
+        config: TrainConfig,
+        **options: Any,
     ) -> FitReport:
         """Train ``network`` on the spots, prepared for its image input, with :func:`~histo2expr.models.training.train_network`.
 

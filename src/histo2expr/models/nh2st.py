@@ -128,7 +128,15 @@ class NH2STSettings(EncoderSettings):
         super().__post_init__()
         set_ = object.__setattr__
         one_of(self.graph, GRAPHS, "graph")
-        for name in ("embedding_dim", "hidden", "token_grid", "n_neighbours", "n_layers", "hyperedge_size", "attention_tokens"):
+        for name in (
+            "embedding_dim",
+            "hidden",
+            "token_grid",
+            "n_neighbours",
+            "n_layers",
+            "hyperedge_size",
+            "attention_tokens",
+        ):
             set_(self, name, positive_int(getattr(self, name), name))
         for name in ("neighbour_branch", "cross_attention", "contrastive"):
             flag(getattr(self, name), name)
@@ -156,9 +164,7 @@ class NH2STSettings(EncoderSettings):
         return self.contrastive and self.neighbour_branch
 
 
-def neighbour_batches(
-    epoch: int, *, neighbours: np.ndarray, batch_size: int, seed: int
-) -> list[np.ndarray]:
+def neighbour_batches(epoch: int, *, neighbours: np.ndarray, batch_size: int, seed: int) -> list[np.ndarray]:
     """Shuffled batches of ``batch_size`` spots (a smaller last one dropped), each followed by its spots' neighbours.
 
     ``neighbours`` is ``(n, k)``: the rows of every spot's ``k`` spatial neighbours.
@@ -371,7 +377,9 @@ class NH2STMethod(TorchMethod):
         order = None
         if self.settings.with_neighbours:
             neighbours = spatial_knn(train.coords, train.groups, k=self.settings.n_neighbours)
-            order = partial(neighbour_batches, neighbours=neighbours, batch_size=config.batch_size, seed=config.seed)
+            order = partial(
+                neighbour_batches, neighbours=neighbours, batch_size=config.batch_size, seed=config.seed
+            )
         network = self.start_fit(train, validation, config)
         self.report = self.fit_network(network, train, validation, config, train_batches=order)
         return self.report

@@ -92,7 +92,9 @@ class STNetMethod(TorchMethod):
 
     def build(self, image_input: ImageInput, n_genes: int) -> _STNetNetwork:
         """The image input followed by the regression head."""
-        head = RegressionHead(image_input.dim, n_genes, hidden=self.settings.hidden, dropout=self.settings.dropout)
+        head = RegressionHead(
+            image_input.dim, n_genes, hidden=self.settings.hidden, dropout=self.settings.dropout
+        )
         return _STNetNetwork(image_input, head)
 
     def fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> FitReport:

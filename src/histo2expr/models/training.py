@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import lightning.pytorch as lightning
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
@@ -95,9 +94,13 @@ class TrainingPlan(lightning.LightningModule):
         """The loss of one training batch; its terms are logged."""
         output = self.network.loss(batch)
         size = len(batch["position"])
-        self.log("train_loss", output.loss.detach(), on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        self.log(
+            "train_loss", output.loss.detach(), on_step=False, on_epoch=True, batch_size=size, sync_dist=True
+        )
         for name, term in output.terms.items():
-            self.log(f"train_{name}", term.detach(), on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+            self.log(
+                f"train_{name}", term.detach(), on_step=False, on_epoch=True, batch_size=size, sync_dist=True
+            )
         return output.loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -230,7 +233,9 @@ def quiet_lightning() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=PossibleUserWarning)
-            warnings.filterwarnings("ignore", message=r".*(GPU available but not used|LeafSpec)", category=Warning)
+            warnings.filterwarnings(
+                "ignore", message=r".*(GPU available but not used|LeafSpec)", category=Warning
+            )
             warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no")
             yield
     finally:
@@ -337,4 +342,3 @@ def train_network(
         report.notes["untrained_validation_loss"] = float(untrained)
     network.eval()
     return report, trainer.strategy.root_device
-

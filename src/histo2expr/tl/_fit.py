@@ -283,7 +283,9 @@ def fit_histo2expr(
     encoder = patch_geometry = None
     if use_rep is not None:
         features, token_rep = frozen_inputs(table, use_rep, tokens=method_class.token_input, method=method)
-        record = plain_value(table.uns.get(use_rep, {}))  # arrays of a read h5ad as lists: a model file holds plain values
+        record = plain_value(
+            table.uns.get(use_rep, {})
+        )  # arrays of a read h5ad as lists: a model file holds plain values
         encoder, patch_geometry = record.get("encoder"), record.get("patches")
     else:
         from ..patches import PatchSource
