@@ -129,3 +129,8 @@ def test_batch_orders_share_the_batches_between_processes():
     assert len(list(BatchOrder(few, rank=1, world_size=2, equal_shares=False))) == 1  # too few to share: all
     with pytest.raises(ValueError, match="too few for 2 processes"):
         list(BatchOrder(few, rank=1, world_size=2))
+
+
+def test_strategies_that_spawn_processes_are_refused_with_the_way_out():
+    with pytest.raises(ValueError, match="strategy='ddp_spawn'.*histo2expr fit"):
+        train_network(Drifting(), spots(), None, config(accelerator="cpu", devices=2, strategy="ddp_spawn"))

@@ -23,18 +23,18 @@ if TYPE_CHECKING:
         get_method,
         register_method,
     )
-    from .bleep import BLEEPMethod
-    from .chrep import CHRepMethod
-    from .cmrcnet import CMRCNetMethod
+    from .bleep import BLEEPMethod, BLEEPSettings
+    from .chrep import CHRepMethod, CHRepSettings
+    from .cmrcnet import CMRCNetMethod, CMRCNetSettings
     from .encoders import BUILTIN_ENCODERS, Encoder, build_encoder
     from .gallery import Gallery
     from .handcrafted import ColourTextureStats
     from .inference import resolve_device
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
-    from .nh2st import NH2STMethod
+    from .nh2st import NH2STMethod, NH2STSettings
     from .retrieval import aggregate, cosine_topk
-    from .ridge import RidgeMethod
-    from .stnet import STNetMethod
+    from .ridge import RidgeMethod, RidgeSettings
+    from .stnet import STNetMethod, STNetSettings
     from .training import LossOutput, SpotNetwork, TrainingPlan, train_network
 
 _LAZY = {
@@ -62,6 +62,12 @@ _LAZY = {
     "CHRepMethod": ".chrep",
     "NH2STMethod": ".nh2st",
     "CMRCNetMethod": ".cmrcnet",
+    "BLEEPSettings": ".bleep",
+    "CHRepSettings": ".chrep",
+    "CMRCNetSettings": ".cmrcnet",
+    "NH2STSettings": ".nh2st",
+    "RidgeSettings": ".ridge",
+    "STNetSettings": ".stnet",
     "bleep_loss": ".losses",
     "pcc_loss": ".losses",
     "regression_loss": ".losses",
@@ -75,8 +81,11 @@ _LAZY = {
 __all__ = [
     "BUILTIN_ENCODERS",
     "BLEEPMethod",
+    "BLEEPSettings",
     "CHRepMethod",
+    "CHRepSettings",
     "CMRCNetMethod",
+    "CMRCNetSettings",
     "ColourTextureStats",
     "Encoder",
     "FitReport",
@@ -85,8 +94,11 @@ __all__ = [
     "Method",
     "MethodSettings",
     "NH2STMethod",
+    "NH2STSettings",
     "RidgeMethod",
+    "RidgeSettings",
     "STNetMethod",
+    "STNetSettings",
     "SpotNetwork",
     "SpotSet",
     "TrainConfig",

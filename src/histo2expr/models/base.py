@@ -177,7 +177,7 @@ class TrainConfig:
     progress
         Show one progress bar over the epochs of a fit.
     accelerator, devices, strategy, num_nodes, precision
-        Handed to :class:`lightning.pytorch.Trainer`: ``accelerator="auto"`` (a GPU when there is
+        Handed to ``lightning.pytorch.Trainer``: ``accelerator="auto"`` (a GPU when there is
         one, else the CPU), ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"mps"``; ``devices=1`` (one device;
         ``2`` or ``[0, 1]`` for data-parallel training on two); ``strategy="auto"`` (``"ddp"`` for
         several devices or nodes); ``num_nodes`` machines; ``precision=None`` is ``"bf16-mixed"``
@@ -334,7 +334,7 @@ class Method(ABC):
 
     #: Registry name, e.g. ``"ridge"``.
     name: ClassVar[str] = ""
-    #: Regimes the method supports: ``"frozen"`` (cached features) and / or ``"end2end"`` (patches).
+    #: The regimes the method supports, ``"frozen"`` (cached features) and / or ``"end2end"`` (patches).
     regimes: ClassVar[tuple[str, ...]] = REGIMES
     #: Whether the method takes frozen image *tokens*, ``(n, t, d)`` features (see :class:`SpotSet`).
     token_input: ClassVar[bool] = False

@@ -583,7 +583,7 @@ class CHRepMethod(TorchMethod):
 
     def __init__(self, settings: CHRepSettings | None = None, /, **params: Any) -> None:
         super().__init__(settings, **params)
-        #: The Estimate module's gallery: q and standardised expression of the spots fitted on (`None` before fitting).
+        #: The gallery of the Estimate module, q and standardised expression of the spots fitted on (`None` before fitting).
         self.gallery: Gallery | None = None
 
     @property

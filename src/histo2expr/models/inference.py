@@ -56,7 +56,7 @@ def uses_cuda(accelerator: str) -> bool:
 
 
 def inference_fabric(device: str | torch.device = "auto") -> Fabric:
-    """A Lightning :class:`~lightning.fabric.Fabric` on one device: bfloat16 autocast on CUDA, else full precision.
+    """A Lightning ``lightning.fabric.Fabric`` on one device: bfloat16 autocast on CUDA, else full precision.
 
     Raises a clear error when the device does not exist on this machine.
     """

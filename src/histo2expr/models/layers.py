@@ -128,8 +128,10 @@ class EncoderSettings(MethodSettings):
         see :func:`~histo2expr.models.build_encoder`. Ignored in the frozen regime.
     """
 
-    encoder: str | nn.Module = "efficientnet_lite0"
-    weights: Any = "default"
+    # Spelled with names every method module has: a dataclass's ``__init__`` is annotated in the
+    # module of the subclass, where the documentation resolves these hints.
+    encoder: str | torch.nn.Module = "efficientnet_lite0"
+    weights: object = "default"
 
     def __post_init__(self) -> None:
         if not isinstance(self.encoder, str | nn.Module):

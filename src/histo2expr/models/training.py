@@ -3,11 +3,11 @@
 The split follows scvi-tools': a **network** (:class:`SpotNetwork`, a plain
 :class:`torch.nn.Module`) computes the loss of a batch with each of its terms
 (:class:`LossOutput`) and the method's validation metric; one **training plan**
-(:class:`TrainingPlan`, a :class:`~lightning.pytorch.LightningModule`) steps AdamW on it and
-logs the terms; a **data module** (:class:`~histo2expr.models.batches.SpotDataModule`) serves
-the spots in either regime, in the batch order the method asks for; :func:`train` runs a
-:class:`~lightning.pytorch.Trainer` with early stopping
-(:class:`~lightning.pytorch.callbacks.EarlyStopping`) and keeps the weights of the best
+(:class:`TrainingPlan`, a ``lightning.pytorch.LightningModule``) steps AdamW on it and
+logs the terms; a **data module** (``histo2expr.models.batches.SpotDataModule``) serves
+the spots in either regime, in the batch order the method asks for; :func:`train_network` runs a
+``lightning.pytorch.Trainer`` with early stopping
+(``lightning.pytorch.callbacks.EarlyStopping``) and keeps the weights of the best
 validation epoch (:class:`BestWeights`). Accelerator, devices, strategy, nodes and precision
 are Lightning's, so one GPU, several GPUs (DDP) and SLURM clusters need no code here.
 """
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import lightning.pytorch as lightning
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ProgressBar
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
@@ -56,8 +57,9 @@ class SpotNetwork(nn.Module):
     """A network the engine trains: the loss of a batch and the method's validation metric.
 
     Subclasses implement :meth:`loss` and, when the metric that chooses the epoch differs
-    from the training loss, :meth:`validation_loss`. Batches are those of
-    :class:`~histo2expr.models.batches.SpotBatches`, on the training device.
+    from the training loss, :meth:`validation_loss`. Batches are dictionaries of tensors on the
+    training device: ``position`` (rows of the spots), ``coords``, ``slide`` (integer slide codes),
+    ``targets``, and ``features`` (frozen regime) or ``image`` (uint8 patches, end to end).
     """
 
     def loss(self, batch: Batch) -> LossOutput:
@@ -73,7 +75,7 @@ class TrainingPlan(lightning.LightningModule):
     """The one training plan: AdamW on a :class:`SpotNetwork`, its loss terms logged per epoch.
 
     ``train_loss`` and ``train_<term>`` are epoch means weighted by batch size, and
-    ``validation_loss`` (:data:`VALIDATION_METRIC`) the weighted mean of the network's
+    ``validation_loss`` the weighted mean of the network's
     validation metric over the validation batches; under data-parallel training both are
     reduced over all processes, so every process takes the same early-stopping decision.
 
@@ -249,7 +251,7 @@ def seed_everything(seed: int) -> None:
 
 
 def make_trainer(config: TrainConfig, *, validation: bool, callbacks: list[Callback]) -> lightning.Trainer:
-    """A light :class:`~lightning.pytorch.Trainer` with ``config``'s engine flags.
+    """A light ``lightning.pytorch.Trainer`` with ``config``'s engine flags.
 
     No logger, no checkpoint files, no model summary; early stopping and the best weights when
     there are validation spots; one epoch bar when ``config.progress``. Lightning's distributed
@@ -261,7 +263,7 @@ def make_trainer(config: TrainConfig, *, validation: bool, callbacks: list[Callb
         callbacks.append(EarlyStopping(monitor=VALIDATION_METRIC, mode="min", patience=config.patience))
     if config.progress:
         callbacks.append(EpochBar())
-    return lightning.Trainer(
+    trainer = lightning.Trainer(
         accelerator=config.accelerator,
         devices=config.devices,
         strategy=config.strategy,
@@ -277,6 +279,14 @@ def make_trainer(config: TrainConfig, *, validation: bool, callbacks: list[Callb
         use_distributed_sampler=False,
         callbacks=callbacks,
     )
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        msg = (
+            f"strategy={config.strategy!r} trains in processes spawned or forked from this one, which cannot hand "
+            "back the fit report and a method's later phases; use strategy='ddp' from a script or the "
+            "`histo2expr fit` command (every process runs it; see the docs page 'Scaling out')."
+        )
+        raise ValueError(msg)
+    return trainer
 
 
 def train_network(

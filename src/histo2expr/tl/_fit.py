@@ -188,7 +188,7 @@ def fit_histo2expr(
         One seed for gene-independent randomness: initialisation, batches, splits;
         CPU runs with the same seed are bit-identical.
     accelerator, devices, strategy, num_nodes, precision
-        Where the torch methods train, handed to :class:`lightning.pytorch.Trainer` (see the docs
+        Where the torch methods train, handed to ``lightning.pytorch.Trainer`` (see the docs
         page "Scaling out"): ``accelerator="auto"`` (a GPU when there is one, else the CPU),
         ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"mps"``; ``devices=1`` (``4`` or ``[0, 1]`` for
         data-parallel training, ``batch_size`` spots per device and step); ``strategy="auto"``
