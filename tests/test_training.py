@@ -132,5 +132,5 @@ def test_batch_orders_share_the_batches_between_processes():
 
 
 def test_strategies_that_spawn_processes_are_refused_with_the_way_out():
-    with pytest.raises(ValueError, match="strategy='ddp_spawn'.*histo2expr fit"):
+    with pytest.raises(ValueError, match=r"strategy='ddp_spawn'.*histo2expr fit"):
         train_network(Drifting(), spots(), None, config(accelerator="cpu", devices=2, strategy="ddp_spawn"))
