@@ -19,10 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scipy import sparse
 
-from .._validation import check_counts
-from ._slides import check_microns_per_pixel, check_spots_inside, downscale_pixels, spatial_entry
+from ._slides import check_microns_per_pixel, check_spots_inside, downscale_pixels, spatial_entry, spot_table
 from ._wsi import slide_thumbnail
 from ._wsi_image import open_slide_image
 
@@ -256,9 +254,7 @@ def _read_sample(folder: Path, sample: str, *, hires_max_px: int) -> AnnData:
     )
     entry["metadata"]["hest"] = {k: _plain(meta[k]) for k in KEPT_FIELDS if _present(meta, k) is not None}
 
-    obs = pd.DataFrame(index=pd.Index(sample + "_" + adata.obs_names.astype(str), name=None))
-    obs["slide"] = sample
-    obs["patient"] = _patient(meta, sample)
+    obs = pd.DataFrame(index=adata.obs_names.astype(str))
     for field in OBS_FIELDS:
         value = _present(meta, field)
         obs[field] = "unknown" if value is None else str(value)
@@ -275,22 +271,16 @@ def _read_sample(folder: Path, sample: str, *, hires_max_px: int) -> AnnData:
     if patches.is_file():
         entry["metadata"]["hest_patches_path"] = str(patches.resolve())
         entry["metadata"]["hest_patches"] = _check_patches(patches)
-
-    counts = sparse.csr_matrix(adata.X, dtype=np.float32)
-    check_counts(counts, where=f"Count matrix of {files['st']}")
-    out = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
-    if out.var_names.has_duplicates:
-        duplicated = list(out.var_names[out.var_names.duplicated()].unique()[:5])
-        warnings.warn(
-            f"{files['st']} has duplicated gene names (e.g. {duplicated}); they are made unique with "
-            "`AnnData.var_names_make_unique`.",
-            UserWarning,
-            stacklevel=3,
-        )
-        out.var_names_make_unique()
-    out.obsm["spatial"] = coords
-    out.uns["spatial"] = {sample: entry}
-    return out
+    return spot_table(
+        adata.X,
+        var=pd.DataFrame(index=adata.var_names.astype(str)),
+        obs=obs,
+        slide=sample,
+        patient=_patient(meta, sample),
+        coords=coords,
+        entry=entry,
+        source=files["st"],
+    )
 
 
 def read_hest(

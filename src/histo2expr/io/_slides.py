@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 from histo2expr._validation import check_obs_key, get_table, spatial_coordinates
@@ -205,6 +206,49 @@ def spatial_entry(
     if source_image_level is not None:
         metadata["source_image_level"] = int(source_image_level)
     return {"images": {"hires": hires}, "scalefactors": scalefactors, "metadata": metadata}
+
+
+def spot_table(
+    counts: Any,
+    *,
+    var: pd.DataFrame,
+    obs: pd.DataFrame,
+    slide: str,
+    patient: str,
+    coords: np.ndarray,
+    entry: dict,
+    source: str | Path,
+) -> AnnData:
+    """One slide's spots in the data model, as every reader returns them.
+
+    ``X`` raw counts (float32 CSR, checked), ``obs_names`` ``"{slide}_{barcode}"``, categorical
+    ``obs['slide']`` and ``obs['patient']`` before the columns of ``obs`` (indexed by barcode),
+    ``obsm['spatial']`` = ``coords`` and ``uns['spatial'][slide]`` = ``entry``. Duplicated gene names are
+    made unique with a warning naming ``source``, the file the counts came from.
+    """
+    from scipy import sparse
+
+    from histo2expr._validation import check_counts
+
+    matrix = sparse.csr_matrix(counts, dtype=np.float32)
+    check_counts(matrix, where=f"Count matrix {source}")
+    obs = obs.copy()
+    obs.index = slide + "_" + obs.index.astype(str)
+    obs.insert(0, "slide", pd.Categorical([slide] * len(obs)))
+    obs.insert(1, "patient", pd.Categorical([patient] * len(obs)))
+    out = AnnData(X=matrix, obs=obs, var=var.copy())
+    if out.var_names.has_duplicates:
+        duplicated = list(out.var_names[out.var_names.duplicated()].unique()[:5])
+        warnings.warn(
+            f"{Path(source).name} has duplicated gene names (e.g. {duplicated}); they are made unique with "
+            "`AnnData.var_names_make_unique`.",
+            UserWarning,
+            stacklevel=3,
+        )
+        out.var_names_make_unique()
+    out.obsm["spatial"] = np.asarray(coords, dtype=np.float64)
+    out.uns["spatial"] = {slide: entry}
+    return out
 
 
 # --- reading: AnnData --------------------------------------------------------------------------
