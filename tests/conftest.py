@@ -241,3 +241,36 @@ def hest_folder(tmp_path: Path) -> Path:
     _write_hest_sample(folder, "TENX2", seed=2, contours=False, genes=("GENE1", "GENE2", "GENE3", "GENE5"))
     _write_hest_sample(folder, "MEND3", seed=3, patient=None, dataset_title="Study B", patches=False)
     return folder
+
+
+# --- 10x Genomics files ---------------------------------------------------------------------
+
+
+def _write_10x_h5(
+    path: Path, counts: np.ndarray, barcodes: list[str], genes: list[str], library_id: str
+) -> None:
+    """A feature-barcode matrix in the 10x HDF5 format of Space Ranger (features x barcodes, CSC by barcode)."""
+    import h5py
+    from scipy import sparse
+
+    matrix = sparse.csc_matrix(np.asarray(counts).T.astype(np.int32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as handle:
+        handle.attrs["library_ids"] = np.array([library_id.encode()])
+        handle.attrs["software_version"] = "spaceranger-3.0.0"
+        group = handle.create_group("matrix")
+        group["barcodes"] = np.array([b.encode() for b in barcodes])
+        group["data"], group["indices"], group["indptr"] = matrix.data, matrix.indices, matrix.indptr
+        group["shape"] = np.array(matrix.shape, dtype=np.int32)
+        features = group.create_group("features")
+        features["id"] = np.array([f"ENSG{i:05d}".encode() for i in range(len(genes))])
+        features["name"] = np.array([g.encode() for g in genes])
+        features["feature_type"] = np.array([b"Gene Expression"] * len(genes))
+        features["genome"] = np.array([b"GRCh38"] * len(genes))
+        features["_all_tag_keys"] = np.array([b"genome"])
+
+
+@pytest.fixture
+def write_10x_h5():
+    """Writer of a 10x HDF5 feature-barcode matrix (``_write_10x_h5``)."""
+    return _write_10x_h5
