@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .cmrcnet import CMRCNetMethod
     from .encoders import BUILTIN_ENCODERS, Encoder, build_encoder
     from .handcrafted import ColourTextureStats
+    from .hest_probe import HESTProbeMethod
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
     from .nh2st import NH2STMethod
     from .presets import ENCODER_PRESETS, EncoderPreset, register_encoder_preset
@@ -43,6 +44,7 @@ _LAZY = {
     "get_method": ".base",
     "register_method": ".base",
     "RidgeMethod": ".ridge",
+    "HESTProbeMethod": ".hest_probe",
     "STNetMethod": ".stnet",
     "BLEEPMethod": ".bleep",
     "CHRepMethod": ".chrep",
@@ -68,6 +70,7 @@ __all__ = [
     "Encoder",
     "EncoderPreset",
     "FitReport",
+    "HESTProbeMethod",
     "Method",
     "NH2STMethod",
     "RidgeMethod",
