@@ -94,7 +94,7 @@ def read_visium_hd(
 ) -> AnnData:
     """Read one Visium HD run at one bin size, each bin a spot, with the microscope H&E at full resolution.
 
-    The bins are read with :func:`spatialdata_io.visium_hd` (``pip install "histo2expr[io]"``); their
+    The bins are read with spatialdata-io's ``visium_hd`` reader (``pip install "histo2expr[io]"``); their
     pixel size is Space Ranger's ``microns_per_pixel`` of the microscope image, and a bin is a spot
     of diameter (side) ``bin_size`` µm. 8 µm bins are cell-sized; 16 µm bins average a few cells
     and are the closer analogue of a Visium spot for patch-level models.

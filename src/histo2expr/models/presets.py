@@ -10,7 +10,7 @@ Weights come from a local checkpoint (``weights="path/to/pytorch_model.bin"``), 
 Face hub (``weights="default"``: the published checkpoint, which needs network access and, for gated
 models, an account that was granted access), or are random (``weights=None``). Checkpoints saved by
 Hugging Face ``transformers`` (DINOv2 naming: Phikon-v2, Hibou) are renamed to timm's keys by
-:func:`hf_dinov2_to_timm`.
+``hf_dinov2_to_timm``.
 """
 
 from __future__ import annotations
@@ -57,12 +57,12 @@ class EncoderPreset:
         Per-channel normalisation of [0, 1] RGB images.
     timm_name, timm_kwargs
         The timm architecture and a function returning the keyword arguments of
-        :func:`timm.create_model` that reproduce the checkpoint (a function, so that timm layers
+        ``timm.create_model`` that reproduce the checkpoint (a function, so that timm layers
         such as ``SwiGLUPacked`` are only imported when the model is built); ``num_classes=0`` is
         added. ``None`` for a preset with its own ``build``.
     checkpoint_format
         ``"timm"`` (keys of the timm model) or ``"hf_dinov2"`` (Hugging Face ``transformers``
-        DINOv2 keys, renamed by :func:`hf_dinov2_to_timm`).
+        DINOv2 keys, renamed by ``hf_dinov2_to_timm``).
     pooling
         ``"class_token"`` (the timm head's class token) or ``"class_and_patch_mean"`` (the class
         token concatenated with the mean of the patch tokens, register tokens excluded).
