@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -54,7 +54,7 @@ class EncoderPreset:
     feature_dim
         Length of a patch's feature vector.
     mean, std
-        Per-channel normalisation of [0, 1] RGB images.
+        Per-channel normalisation of [0, 1] RGB images (default ImageNet's).
     timm_name, timm_kwargs
         The timm architecture and a function returning the keyword arguments of
         ``timm.create_model`` that reproduce the checkpoint (a function, so that timm layers
@@ -87,8 +87,8 @@ class EncoderPreset:
     name: str
     hub_id: str
     feature_dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     timm_name: str | None = None
     timm_kwargs: Callable[[], dict[str, Any]] = dict
     checkpoint_format: str = "timm"
@@ -356,6 +356,18 @@ class _ConchImageEncoder(nn.Module):
         return self.model.encode_image(images, proj_contrast=False, normalize=False)
 
 
+_H_OPTIMUS_0 = EncoderPreset(
+    name="h-optimus-0",
+    hub_id="bioptimus/H-optimus-0",
+    timm_name="vit_giant_patch14_reg4_dinov2",
+    timm_kwargs=lambda: {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
+    feature_dim=1536,
+    mean=_BIOPTIMUS_MEAN,
+    std=_BIOPTIMUS_STD,
+    licence="Apache 2.0",
+    reference="https://huggingface.co/bioptimus/H-optimus-0",
+)
+
 for _preset in (
     EncoderPreset(
         name="uni",
@@ -368,8 +380,6 @@ for _preset in (
             "dynamic_img_size": True,
         },
         feature_dim=1024,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
         licence="CC-BY-NC-ND 4.0",
         reference="https://huggingface.co/MahmoodLab/UNI",
     ),
@@ -390,8 +400,6 @@ for _preset in (
             dynamic_img_size=True,
         ),
         feature_dim=1536,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
         licence="CC-BY-NC-ND 4.0",
         reference="https://huggingface.co/MahmoodLab/UNI2-h",
     ),
@@ -421,32 +429,16 @@ for _preset in (
         ),
         feature_dim=2560,
         pooling="class_and_patch_mean",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
         microns_per_pixel=None,
         licence="CC-BY-NC-ND 4.0",
         reference="https://huggingface.co/paige-ai/Virchow2",
         notes="Trained at mixed magnifications (5x to 40x); 0.5 µm/px (20x) is a common choice.",
     ),
-    EncoderPreset(
-        name="h-optimus-0",
-        hub_id="bioptimus/H-optimus-0",
-        timm_name="vit_giant_patch14_reg4_dinov2",
-        timm_kwargs=lambda: {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
-        feature_dim=1536,
-        mean=_BIOPTIMUS_MEAN,
-        std=_BIOPTIMUS_STD,
-        licence="Apache 2.0",
-        reference="https://huggingface.co/bioptimus/H-optimus-0",
-    ),
-    EncoderPreset(
+    _H_OPTIMUS_0,
+    replace(
+        _H_OPTIMUS_0,  # the same architecture and normalisation, trained on more data
         name="h-optimus-1",
         hub_id="bioptimus/H-optimus-1",
-        timm_name="vit_giant_patch14_reg4_dinov2",
-        timm_kwargs=lambda: {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
-        feature_dim=1536,
-        mean=_BIOPTIMUS_MEAN,
-        std=_BIOPTIMUS_STD,
         licence="see the model card",
         reference="https://huggingface.co/bioptimus/H-optimus-1",
     ),
@@ -466,8 +458,6 @@ for _preset in (
             "dynamic_img_size": True,
         },
         feature_dim=1536,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
         licence="Apache 2.0",
         reference="https://huggingface.co/prov-gigapath/prov-gigapath",
     ),
@@ -478,8 +468,6 @@ for _preset in (
         timm_kwargs=lambda: {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
         checkpoint_format="hf_dinov2",
         feature_dim=1024,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
         licence="see the model card",
         gated=False,
         reference="https://huggingface.co/owkin/phikon-v2",
