@@ -352,3 +352,12 @@ def test_read_xenium_misaligned_or_bad_inputs_name_the_fix(xenium_run: dict, tmp
         hx.io.read_xenium_he(xenium_run["run"], xenium_run["he"], xenium_run["alignment"])
     with pytest.raises(FileNotFoundError, match=r"transcripts\.parquet is missing"):
         hx.io.read_xenium_he(tmp_path, xenium_run["he"], xenium_run["alignment"])
+
+
+def test_benchmark_finds_visium_runs_with_mtx_counts(visium_sr1: dict) -> None:
+    from histo2expr import cli
+
+    root = visium_sr1["outs"].parents[1]  # the folder holding V1_Breast/outs
+    assert cli._detect_reader(root) == "visium"
+    adata = cli.read_cohort(root)
+    assert adata.obs["slide"].unique().tolist() == ["V1_Breast"] and adata.n_obs == 6

@@ -165,11 +165,21 @@ def _detect_reader(path: Path) -> str:
         return "h5ad"
     if (path / "st").is_dir() and (path / "metadata").is_dir():
         return "hest"
-    if any(path.glob("*/filtered_feature_bc_matrix.h5")) or any(
-        path.glob("*/outs/filtered_feature_bc_matrix.h5")
-    ):
+    if _space_ranger_folders(path):
         return "visium"
     return "legacy_st"
+
+
+def _space_ranger_folders(path: Path) -> list[Path]:
+    """The Space Ranger output folders directly under ``path`` (or their ``outs``): those with counts (.h5 or mtx)."""
+    return sorted(
+        {
+            counts.parent
+            for pattern in ("*/filtered_feature_bc_matrix*", "*/outs/filtered_feature_bc_matrix*")
+            for counts in path.glob(pattern)
+            if counts.name in ("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix")
+        }
+    )
 
 
 def _read_visium_folder(path: Path) -> AnnData:
@@ -178,15 +188,7 @@ def _read_visium_folder(path: Path) -> AnnData:
 
     from . import io
 
-    outs = sorted(
-        {
-            h5.parent
-            for h5 in [
-                *path.glob("*/filtered_feature_bc_matrix.h5"),
-                *path.glob("*/outs/filtered_feature_bc_matrix.h5"),
-            ]
-        }
-    )
+    outs = _space_ranger_folders(path)
     slides = [
         io.read_visium(folder, library_id=(folder.parent if folder.name == "outs" else folder).name)
         for folder in outs

@@ -380,9 +380,9 @@ def build_encoder(
         )
     elif isinstance(encoder, str) and encoder in ENCODER_PRESETS:
         preset = ENCODER_PRESETS[encoder]
+        feature_dim = _named_feature_dim(feature_dim, preset.feature_dim, encoder)
         backbone, source = _preset_backbone(preset, weights=weights, timm_kwargs=timm_kwargs)
         name, timm_name = encoder, preset.timm_name
-        feature_dim = _named_feature_dim(feature_dim, preset.feature_dim, encoder)
         default_mean, default_std = preset.mean, preset.std
         pooling = "class_and_patch_mean" if preset.pooling == "class_and_patch_mean" else "backbone"
     elif isinstance(encoder, str):
