@@ -29,9 +29,11 @@ if TYPE_CHECKING:
     from .encoders import BUILTIN_ENCODERS, Encoder, build_encoder
     from .gallery import Gallery
     from .handcrafted import ColourTextureStats
+    from .hest_probe import HESTProbeMethod, HESTProbeSettings
     from .inference import resolve_device
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
     from .nh2st import NH2STMethod, NH2STSettings
+    from .presets import ENCODER_PRESETS, EncoderPreset, register_encoder_preset
     from .retrieval import aggregate, cosine_topk
     from .ridge import RidgeMethod, RidgeSettings
     from .stnet import STNetMethod, STNetSettings
@@ -42,6 +44,9 @@ _LAZY = {
     "Encoder": ".encoders",
     "build_encoder": ".encoders",
     "ColourTextureStats": ".handcrafted",
+    "ENCODER_PRESETS": ".presets",
+    "EncoderPreset": ".presets",
+    "register_encoder_preset": ".presets",
     "resolve_device": ".inference",
     "Method": ".base",
     "MethodSettings": ".base",
@@ -57,6 +62,8 @@ _LAZY = {
     "train_network": ".training",
     "Gallery": ".gallery",
     "RidgeMethod": ".ridge",
+    "HESTProbeMethod": ".hest_probe",
+    "HESTProbeSettings": ".hest_probe",
     "STNetMethod": ".stnet",
     "BLEEPMethod": ".bleep",
     "CHRepMethod": ".chrep",
@@ -80,6 +87,7 @@ _LAZY = {
 
 __all__ = [
     "BUILTIN_ENCODERS",
+    "ENCODER_PRESETS",
     "BLEEPMethod",
     "BLEEPSettings",
     "CHRepMethod",
@@ -88,8 +96,11 @@ __all__ = [
     "CMRCNetSettings",
     "ColourTextureStats",
     "Encoder",
+    "EncoderPreset",
     "FitReport",
     "Gallery",
+    "HESTProbeMethod",
+    "HESTProbeSettings",
     "LossOutput",
     "Method",
     "MethodSettings",
@@ -111,6 +122,7 @@ __all__ = [
     "get_method",
     "info_nce",
     "pcc_loss",
+    "register_encoder_preset",
     "register_method",
     "regression_loss",
     "resolve_device",
