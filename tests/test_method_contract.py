@@ -317,6 +317,7 @@ def installed_example(tmp_path, monkeypatch):
         "[histo2expr.methods]\nmlp = histo2expr_mlp:MLPMethod\n", encoding="utf-8"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(base, "_ENTRY_POINTS_READ", False)  # as in a new process, after `pip install`
     yield
     base._REGISTRY.pop("mlp", None)
     base._SEEN_ENTRY_POINTS.discard(("mlp", "histo2expr_mlp:MLPMethod"))
@@ -352,6 +353,7 @@ def test_a_broken_entry_point_is_skipped_with_a_warning(tmp_path, monkeypatch):
         "[histo2expr.methods]\nbroken = no_such_module:Method\n", encoding="utf-8"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(base, "_ENTRY_POINTS_READ", False)
     with pytest.warns(RuntimeWarning, match="'broken'.*could not be loaded"):
         names = available_methods()
     assert "broken" not in names and "ridge" in names

@@ -442,6 +442,8 @@ ENTRY_POINT_GROUP = "histo2expr.methods"
 _REGISTRY: dict[str, type[Method]] = {}
 #: Entry points already loaded (or failed), by ``(name, value)``.
 _SEEN_ENTRY_POINTS: set[tuple[str, str]] = set()
+#: Whether this process has read the installed packages' entry points (once: reading them takes time).
+_ENTRY_POINTS_READ = False
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -495,7 +497,7 @@ _BUILTIN_METHOD_MODULES: tuple[str, ...] = (
 
 
 def _load_methods() -> None:
-    """Import the built-in methods and load the entry points of group :data:`ENTRY_POINT_GROUP`.
+    """Import the built-in methods and, once per process, load the entry points of group :data:`ENTRY_POINT_GROUP`.
 
     An entry point names a :class:`Method` subclass (registered here) or a module that
     registers its methods when imported. One that fails to load is skipped with a warning.
@@ -503,8 +505,13 @@ def _load_methods() -> None:
     from importlib import import_module
     from importlib.metadata import entry_points
 
+    global _ENTRY_POINTS_READ
+
     for module in _BUILTIN_METHOD_MODULES:
         import_module(module, __package__)
+    if _ENTRY_POINTS_READ:
+        return
+    _ENTRY_POINTS_READ = True
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         if (entry_point.name, entry_point.value) in _SEEN_ENTRY_POINTS:
             continue

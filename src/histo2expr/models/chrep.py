@@ -407,8 +407,9 @@ class _EstimatePlan(TrainingPlan):
         """``L_reg`` of the batch's estimate."""
         queries = self.network(batch).float().cpu().numpy()
         estimate = torch.from_numpy(self.gallery.predict(queries, device=self.device))
-        value = regression_loss(estimate, batch["targets"].float().cpu()).to(self.device)
-        self.log(VALIDATION_METRIC, value, on_epoch=True, batch_size=len(queries), sync_dist=True)
+        self.accumulate(
+            VALIDATION_METRIC, regression_loss(estimate, batch["targets"].float().cpu()), len(queries)
+        )
 
 
 class _Correction(SpotNetwork):

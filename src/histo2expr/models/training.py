@@ -72,12 +72,14 @@ class SpotNetwork(nn.Module):
 
 
 class TrainingPlan(lightning.LightningModule):
-    """The one training plan: AdamW on a :class:`SpotNetwork`, its loss terms logged per epoch.
+    """The one training plan: AdamW on a :class:`SpotNetwork`, its loss and each term averaged per epoch.
 
-    ``train_loss`` and ``train_<term>`` are epoch means weighted by batch size, and
-    ``validation_loss`` the weighted mean of the network's
-    validation metric over the validation batches; under data-parallel training both are
-    reduced over all processes, so every process takes the same early-stopping decision.
+    The training loss, each of its terms and the validation metric are summed per epoch (weighted
+    by batch size) on the device and reduced over all processes once per epoch, so every process
+    records the same means and takes the same early-stopping decision. The means go into
+    :attr:`report`; the validation metric is also logged as ``validation_loss``, which early
+    stopping and the best weights follow. A subclass with a validation step of its own adds each
+    batch's metric with ``self.accumulate("validation_loss", value, n_spots)``.
 
     Parameters
     ----------
@@ -85,30 +87,72 @@ class TrainingPlan(lightning.LightningModule):
         What is trained; its parameters with ``requires_grad`` are optimised.
     lr, weight_decay
         AdamW's.
+
+    Attributes
+    ----------
+    report
+        The :class:`~histo2expr.models.FitReport` the epochs are recorded in.
     """
 
     def __init__(self, network: SpotNetwork, *, lr: float, weight_decay: float) -> None:
         super().__init__()
         self.network = network
         self.lr, self.weight_decay = lr, weight_decay
+        self.report = FitReport()
+        self._sums: dict[str, list] = {}
+
+    def accumulate(self, name: str, value: torch.Tensor, n_spots: int) -> None:
+        """Add the value of a batch of ``n_spots`` spots to the epoch mean of ``name``."""
+        total = value.detach().float() * n_spots
+        if name in self._sums:
+            self._sums[name][0] = self._sums[name][0] + total
+            self._sums[name][1] += n_spots
+        else:
+            self._sums[name] = [total, n_spots]
+
+    def epoch_means(self, prefix: str) -> dict[str, float]:
+        """The epoch means of the accumulated values whose name starts with ``prefix``, over all processes."""
+        means = {}
+        for name in sorted(key for key in self._sums if key.startswith(prefix)):  # one order on every process
+            total, count = self._sums.pop(name)
+            pair = torch.stack([total.to(self.device), torch.tensor(float(count), device=self.device)])
+            pair = self.trainer.strategy.reduce(pair, reduce_op="sum")
+            means[name] = float(pair[0] / pair[1])
+        return means
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """The loss of one training batch; its terms are logged."""
+        """The loss of one training batch; the loss and its terms join the epoch means."""
         output = self.network.loss(batch)
         size = len(batch["position"])
-        self.log(
-            "train_loss", output.loss.detach(), on_step=False, on_epoch=True, batch_size=size, sync_dist=True
-        )
+        self.accumulate("train_loss", output.loss, size)
         for name, term in output.terms.items():
-            self.log(
-                f"train_{name}", term.detach(), on_step=False, on_epoch=True, batch_size=size, sync_dist=True
-            )
+            self.accumulate(f"train_{name}", term, size)
         return output.loss
+
+    def on_train_epoch_end(self) -> None:
+        """Record the epoch's means; a loss that is not finite stops training with a clear error."""
+        means = self.epoch_means("train_")
+        loss = means.pop("train_loss")
+        if not math.isfinite(loss):
+            msg = (
+                f"The training loss became {loss} at epoch {self.current_epoch}; lower `lr` "
+                f"(now {self.lr}) or check the input features for extreme values."
+            )
+            raise FloatingPointError(msg)
+        self.report.train_loss.append(loss)
+        for name, value in means.items():
+            self.report.train_terms.setdefault(name.removeprefix("train_"), []).append(value)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """The network's validation metric of one batch."""
-        value = self.network.validation_loss(batch)
-        self.log(VALIDATION_METRIC, value, on_epoch=True, batch_size=len(batch["position"]), sync_dist=True)
+        self.accumulate(VALIDATION_METRIC, self.network.validation_loss(batch), len(batch["position"]))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation metric of the pass, and record it when fitting."""
+        value = self.epoch_means(VALIDATION_METRIC)[VALIDATION_METRIC]
+        self.log(VALIDATION_METRIC, value)
+        if _fitting(self.trainer) and not self.trainer.sanity_checking:
+            self.report.validation_loss.append(value)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW on the trainable parameters."""
@@ -157,33 +201,6 @@ class BestWeights(Callback):
             plan.network.load_state_dict(self.weights)
 
 
-class LossHistory(Callback):
-    """The epoch means of the training loss, its terms and the validation metric, as a :class:`FitReport`."""
-
-    def __init__(self) -> None:
-        self.report = FitReport()
-
-    def on_train_epoch_end(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
-        """Record the epoch; a loss that is not finite stops training with a clear error."""
-        metrics = trainer.callback_metrics
-        loss = float(metrics["train_loss"])
-        if not math.isfinite(loss):
-            msg = (
-                f"The training loss became {loss} at epoch {trainer.current_epoch}; lower `lr` "
-                f"(now {plan.lr}) or check the input features for extreme values."
-            )
-            raise FloatingPointError(msg)
-        self.report.train_loss.append(loss)
-        for name, value in metrics.items():
-            if name.startswith("train_") and name != "train_loss":
-                self.report.train_terms.setdefault(name.removeprefix("train_"), []).append(float(value))
-
-    def on_validation_end(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
-        """Record the validation metric of the epoch (not that of a run before fitting)."""
-        if _fitting(trainer) and not trainer.sanity_checking:
-            self.report.validation_loss.append(float(trainer.callback_metrics[VALIDATION_METRIC]))
-
-
 class EpochBar(ProgressBar):
     """One progress bar per fit, over the epochs, with the last losses (on the first process only)."""
 
@@ -206,15 +223,20 @@ class EpochBar(ProgressBar):
 
         self.bar = tqdm(total=trainer.max_epochs, desc="epochs", leave=False, disable=not self.enabled)
 
-    def on_train_epoch_end(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
-        """Advance the bar and show the losses."""
-        metrics = trainer.callback_metrics
-        shown = {"train": "train_loss", "validation": VALIDATION_METRIC}
-        self.bar.set_postfix({k: f"{float(metrics[v]):.4f}" for k, v in shown.items() if v in metrics})
-        self.bar.update(1)
+    def _show(self, plan: TrainingPlan) -> None:
+        """Count the epochs the plan has recorded and show their last losses."""
+        report = plan.report
+        shown = {"train": report.train_loss, "validation": report.validation_loss}
+        self.bar.set_postfix({k: f"{v[-1]:.4f}" for k, v in shown.items() if v}, refresh=False)
+        self.bar.update(len(report.train_loss) - self.bar.n)
+
+    def on_train_epoch_start(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
+        """Show the epochs done so far."""
+        self._show(plan)
 
     def on_train_end(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
-        """Close the bar."""
+        """Show the last epoch and close the bar."""
+        self._show(plan)
         self.bar.close()
 
 
@@ -338,15 +360,15 @@ def train_network(
         num_workers=config.num_workers,
         train_batches=train_batches,
     )
-    history, best = LossHistory(), BestWeights()
-    callbacks = [history, best] if has_validation else [history]
+    best = BestWeights()
+    callbacks = [best] if has_validation else []
     untrained = None
     with quiet_lightning():
         trainer = make_trainer(config, validation=has_validation, callbacks=callbacks)
         if validate_untrained and has_validation:
             untrained = trainer.validate(plan, datamodule=data, verbose=False)[0][VALIDATION_METRIC]
         trainer.fit(plan, datamodule=data)
-    report = history.report
+    report = plan.report
     report.best_epoch = best.best_epoch if has_validation else len(report.train_loss) - 1
     if untrained is not None:
         report.notes["untrained_validation_loss"] = float(untrained)
