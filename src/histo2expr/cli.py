@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 
 #: Readers of ``histo2expr benchmark --reader``.
 READERS = ("auto", "legacy_st", "visium", "h5ad")
-#: Cross-validation schemes of ``histo2expr benchmark --cv``.
-CV_SCHEMES = ("leave_one_slide_out", "leave_one_patient_out")
+#: Cross-validation schemes of ``histo2expr benchmark --cv``; ``auto`` runs both when patients repeat.
+CV_SCHEMES = ("auto", "leave_one_slide_out", "leave_one_patient_out")
+#: Suffixes of the result keys when both protocols run.
+_PROTOCOL_SUFFIX = {"leave_one_slide_out": "_loso", "leave_one_patient_out": "_lopo"}
 
 
 class CommandError(Exception):
@@ -38,7 +40,10 @@ def _report(
     preamble: list[str],
     settings: dict[str, Any],
 ) -> None:
-    """Print the report, write results.json / results.md and the figures into ``out``, say where."""
+    """Print the report, write results.json / results.md and the figures into ``out``, say where.
+
+    With several protocols, each one's figures go to a sub-folder named after it.
+    """
     from . import pl
     from ._benchmark import results_markdown, write_results
 
@@ -46,7 +51,10 @@ def _report(
     print()
     print(markdown)
     written = write_results(runs, out, markdown=markdown, settings=settings)
-    written += pl.save_run_figures(adata, keys=[run.method for run in runs], out_dir=out)
+    protocols = list(dict.fromkeys(run.protocol for run in runs))
+    for protocol in protocols:
+        keys = [run.key for run in runs if run.protocol == protocol]
+        written += pl.save_run_figures(adata, keys=keys, out_dir=out / protocol if len(protocols) > 1 else out)
     print("Written:")
     for path in written:
         print(f"  {path}")
@@ -219,6 +227,24 @@ def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | Non
     return adata
 
 
+def _protocols(adata: AnnData, cv: str) -> tuple[list[str], str]:
+    """The protocols ``--cv`` asks for, and a note when patients contribute several slides."""
+    if "patient" not in adata.obs:
+        return (["leave_one_slide_out"] if cv == "auto" else [cv]), ""
+    slides_per_patient = adata.obs.groupby(adata.obs["patient"].astype(str), observed=True)["slide"].nunique()
+    repeated = slides_per_patient[slides_per_patient > 1]
+    if repeated.empty:
+        return (["leave_one_slide_out"] if cv == "auto" else [cv]), ""
+    note = (
+        f"Patients repeat: {', '.join(f'{p} ({n} slides)' for p, n in repeated.items())}. Leave-one-slide-out "
+        "then scores new sections of patients seen in training; leave-one-patient-out scores new patients."
+    )
+    if cv != "auto":
+        return [cv], note
+    both = len(slides_per_patient) > 1
+    return (["leave_one_slide_out", "leave_one_patient_out"] if both else ["leave_one_slide_out"]), note
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     from . import pp
     from ._benchmark import compare_methods, machine_description
@@ -242,10 +268,12 @@ def _benchmark(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.data} has {n_slides} slide; cross-validation needs at least two.")
     if args.cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
         raise CommandError("leave_one_patient_out needs obs['patient'] with at least two patients.")
+    protocols, patients_note = _protocols(adata, args.cv)
     pp.normalize(adata)
     print(
         f"histo2expr benchmark: {adata.n_obs} spots on {n_slides} slides of {args.data}; "
-        f"{args.cv}, {args.regime} regime ({args.encoder}), {args.genes} genes, methods {', '.join(methods)}."
+        f"{' and '.join(protocols)}, {args.regime} regime ({args.encoder}), {args.genes} genes, methods "
+        f"{', '.join(methods)}."
     )
     fit_kwargs: dict[str, Any] = {"epochs": args.epochs, "device": args.device, "num_workers": args.workers}
     embed_seconds = None
@@ -253,19 +281,21 @@ def _benchmark(args: argparse.Namespace) -> int:
         embed_seconds = _embed(adata, args, methods)
     else:
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size)
-    if args.cv == "leave_one_patient_out":
-        fit_kwargs["patient_key"] = "patient"
     method_params = {m: {"encoder": args.encoder} for m in methods} if args.regime == "end2end" else None
-    runs = compare_methods(
-        adata,
-        methods,
-        cv=args.cv,
-        genes=args.genes,
-        seed=args.seed,
-        progress=not args.quiet,
-        method_params=method_params,
-        **fit_kwargs,
-    )
+    runs = []
+    for protocol in protocols:
+        runs += compare_methods(
+            adata,
+            methods,
+            cv=protocol,
+            genes=args.genes,
+            seed=args.seed,
+            progress=not args.quiet,
+            method_params=method_params,
+            key_suffix=_PROTOCOL_SUFFIX[protocol] if len(protocols) > 1 else "",
+            patient_key="patient" if protocol == "leave_one_patient_out" else None,
+            **fit_kwargs,
+        )
     total = time.perf_counter() - start
     machine = machine_description()
     command = "histo2expr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
@@ -275,10 +305,11 @@ def _benchmark(args: argparse.Namespace) -> int:
         adata,
         runs,
         out=args.out,
-        title=f"histo2expr benchmark: {args.data.name}, {args.cv}, {args.regime} {args.encoder}",
+        title=f"histo2expr benchmark: {args.data.name}, {' and '.join(protocols)}, {args.regime} {args.encoder}",
         preamble=[
             f"Command: `{command}`",
             "",
+            *([patients_note, ""] if patients_note else []),
             f"Machine: {machine['cpu_cores']} CPU cores, {gpu}, torch {machine['torch']} with "
             f"{machine['torch_threads']} thread(s), Python {machine['python']}, {machine['platform']}.",
             "",
@@ -294,6 +325,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             "slides": sorted(map(str, adata.obs["slide"].unique())),
             "n_spots": adata.n_obs,
             "cv": args.cv,
+            "protocols": protocols,
             "regime": args.regime,
             "encoder": args.encoder,
             "patch_size": args.patch_size,
@@ -359,8 +391,9 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "--cv",
         choices=CV_SCHEMES,
-        default="leave_one_slide_out",
-        help="cross-validation (default leave_one_slide_out)",
+        default="auto",
+        help="cross-validation; auto: leave_one_slide_out, and leave_one_patient_out too when patients "
+        "have several slides (default auto)",
     )
     add(
         "--regime",

@@ -241,7 +241,8 @@ def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[s
         Copied from ``adata`` (without prediction tables), so spatial plots work as on measured data.
     ``.uns["predicted_expression"]``
         The marker that the values are predicted: ``predicted`` (True), ``source_key``, ``kind``,
-        ``method``, ``protocol``, ``scale`` and the parameters of the model.
+        ``method``, ``protocol`` (how the predictions were made), ``cv_protocol`` (the evaluation
+        protocol behind ``var["cv_pcc"]``), ``scale`` and the parameters of the model.
     """
     from ._data import h5ad_safe, log_expression
 
@@ -284,6 +285,7 @@ def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[s
             "kind": record.get("kind", "cross_validation"),
             "method": record.get("method", record.get("params", {}).get("method", "")),
             "protocol": record.get("protocol", ""),
+            "cv_protocol": record.get("cv_protocol", record.get("protocol", "")),
             "scale": record.get("scale", ""),
             "params": dict(record.get("params", {})),
         }
