@@ -45,6 +45,11 @@ def _reembed_hint(model: Histo2ExprModel) -> str:
             f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..., "
             f"key_added={model.use_rep!r})`."
         )
+    geometry = model.patches or {}
+    if geometry.get("patch_size"):
+        arguments += f", patch_size={int(geometry['patch_size'])}"
+    if geometry.get("mpp"):
+        arguments += f", mpp={float(geometry['mpp']):.6g}"
     return f"Re-embed with `hx.tl.embed_patches(adata, encoder={name!r}, {arguments}, key_added={model.use_rep!r})`."
 
 

@@ -116,11 +116,8 @@ def write_results(
 
 
 def prediction_frame(values: np.ndarray, obs_names: pd.Index, genes: Sequence[str]) -> pd.DataFrame:
-    """Predictions as stored: float32, one row per spot, one column per gene (columns named ``gene``)."""
-    frame = pd.DataFrame(
-        np.asarray(values, dtype=np.float32), index=obs_names, columns=pd.Index(list(genes), name="gene")
-    )
-    return frame
+    """Predictions as stored: float32, one row per spot, one column per gene."""
+    return pd.DataFrame(np.asarray(values, dtype=np.float32), index=obs_names, columns=pd.Index(list(genes)))
 
 
 def default_key(adata: AnnData, key: str | None, *, need: Sequence[str] = ()) -> str:

@@ -39,12 +39,17 @@ _EXACT_MEAN = 1000.0
 
 
 def library_sizes(adata: AnnData) -> np.ndarray | None:
-    """Counts per spot: ``obs["total_counts"]`` (:func:`histo2expr.pp.normalize`), else ``layers["counts"]``."""
+    """Counts per spot: ``obs["total_counts"]`` (:func:`histo2expr.pp.normalize`), else ``layers["counts"]``.
+
+    None when neither is there, or when they are not all positive (no genes measured).
+    """
     if "total_counts" in adata.obs:
-        return adata.obs["total_counts"].to_numpy(dtype=np.float64)
-    if "counts" in adata.layers:
-        return np.asarray(adata.layers["counts"].sum(axis=1), dtype=np.float64).ravel()
-    return None
+        totals = adata.obs["total_counts"].to_numpy(dtype=np.float64)
+    elif "counts" in adata.layers:
+        totals = np.asarray(adata.layers["counts"].sum(axis=1), dtype=np.float64).ravel()
+    else:
+        return None
+    return totals if len(totals) and np.all(totals > 0) and np.isfinite(totals).all() else None
 
 
 def target_sum(adata: AnnData) -> float | None:
@@ -235,7 +240,7 @@ def to_scale(
     if scale == "standardized":
         for slide in dict.fromkeys(slides):
             rows = slides == slide
-            values = predicted[rows]
+            values = predicted[rows].astype(np.float64)
             spread = values.std(axis=0)
             out[rows] = np.where(
                 spread > 0, (values - values.mean(axis=0)) / np.where(spread > 0, spread, 1.0), 0.0
