@@ -62,9 +62,10 @@ def ablation_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def parse_ablation_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse the command line and give torch its ``--threads``."""
+    """Parse the command line and give histo2expr's computations their ``--threads`` (``hx.settings.n_threads``)."""
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    hx.settings.n_threads = args.threads
     return args
 
 

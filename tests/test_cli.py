@@ -13,7 +13,9 @@ FAST = ["--encoder", "colour_texture", "--patch-size", "64", "--epochs", "2", "-
 def read_results(folder, protocol="leave_one_slide_out"):
     """The methods of one protocol in results.json, and results.md."""
     results = json.loads((folder / "results.json").read_text())
-    return {**results, "methods": results["protocols"][protocol]["methods"]}, (folder / "results.md").read_text()
+    return {**results, "methods": results["protocols"][protocol]["methods"]}, (
+        folder / "results.md"
+    ).read_text()
 
 
 def test_demo_compares_methods_and_writes_report_and_figures(tmp_path, capsys):

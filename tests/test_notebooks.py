@@ -179,11 +179,11 @@ def test_stored_notebooks_have_outputs_and_no_local_paths(path):
 def test_readable_stderr_keeps_what_a_reader_sees():
     raw = (
         "fit ridge:   0%|          | 0/5 [00:00<?, ?it/s]\rfit ridge: 100%|##########| 5/5 [00:01<00:00]\n"
-        "/tmp/ipykernel_123/456.py:1: UserWarning: 2 of 4 held-out folds share their patient\n"
+        "/tmp/ipykernel_123/456.py:1: UserWarning: 2 of 4 folds hold out slides that share their patient\n"
         "  model = hx.tl.fit_histo2expr(adata)\n"
     )
     assert readable_stderr(raw) == (
-        "fit ridge: 100%|##########| 5/5 [00:01<00:00]\nUserWarning: 2 of 4 held-out folds share their patient\n"
+        "fit ridge: 100%|##########| 5/5 [00:01<00:00]\nUserWarning: 2 of 4 folds hold out slides that share their patient\n"
     )
 
 

@@ -173,7 +173,9 @@ def test_spatial_expression_shares_the_colour_scale_and_titles_the_pcc(fitted):
         np.testing.assert_allclose(measured.get_array(), truth[:, column], rtol=1e-6)
         np.testing.assert_allclose(prediction.get_array(), predicted[:, column], rtol=1e-6)
         both = np.concatenate([truth[:, column], predicted[:, column]])
-        assert measured.get_clim() == prediction.get_clim() == pytest.approx(tuple(np.percentile(both, [1, 99])))
+        assert (
+            measured.get_clim() == prediction.get_clim() == pytest.approx(tuple(np.percentile(both, [1, 99])))
+        )
         np.testing.assert_allclose(measured.get_offsets(), adata.obsm["spatial"][spots] * scale)
         pcc = adata.uns["histo2expr"]["gene_pcc"].loc[gene, "S2"]
         assert f"PCC = {pcc:.3f}" in panels[2 * row + 1].get_title()

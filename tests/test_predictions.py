@@ -25,7 +25,9 @@ def cohort():
 
 def fit_cv(adata, **kwargs):
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*share their patient", category=UserWarning)  # tested below
+        warnings.filterwarnings(
+            "ignore", message=".*share their patient", category=UserWarning
+        )  # tested below
         return hx.tl.fit_histo2expr(adata, genes=12, cv="leave_one_slide_out", progress=False, **kwargs)
 
 
@@ -63,7 +65,9 @@ def test_a_key_of_the_other_call_is_refused_and_the_anndata_left_as_it_was(cohor
     model = fit_cv(adata)
     hx.tl.predict_expression(adata, model)
     before = snapshot(adata)
-    with pytest.raises(ValueError, match=r"uns\['histo2expr'\].*fit_histo2expr.*key_added=.*'histo2expr_pred'"):
+    with pytest.raises(
+        ValueError, match=r"uns\['histo2expr'\].*fit_histo2expr.*key_added=.*'histo2expr_pred'"
+    ):
         hx.tl.predict_expression(adata, model, key_added="histo2expr")
     assert_unchanged(adata, before)
     with pytest.raises(ValueError, match=r"predict_expression.*e\.g\. 'histo2expr'"):
@@ -80,7 +84,9 @@ def test_replacing_another_methods_results_warns(cohort):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit_cv(adata, refit=False, n_components=3)  # the same method and protocol: replaced silently
-    with pytest.warns(UserWarning, match=r"Replacing the results at key 'histo2expr' \(ridge, leave_one_slide_out\)"):
+    with pytest.warns(
+        UserWarning, match=r"Replacing the results at key 'histo2expr' \(ridge, leave_one_slide_out\)"
+    ):
         fit_cv(adata, method="stnet", epochs=1, refit=False)
     assert adata.uns["histo2expr"]["method"] == "stnet"
 
@@ -123,7 +129,9 @@ def test_a_fitted_h5ad_grows_by_about_the_predictions_only(tmp_path):
     predictions = adata.obsm["histo2expr"]
     gene_pcc = adata.uns["histo2expr"]["gene_pcc"]
     # the predictions, their gene names and per-gene PCCs, and HDF5's headers of each column and table
-    bound = predictions.to_numpy().nbytes + gene_pcc.to_numpy().nbytes + 1024 * predictions.shape[1] + 64 * 1024
+    bound = (
+        predictions.to_numpy().nbytes + gene_pcc.to_numpy().nbytes + 1024 * predictions.shape[1] + 64 * 1024
+    )
     assert growth <= bound, (growth, bound)
     dense_layer = adata.n_obs * adata.n_vars * 4  # what a layer over all genes took
     assert growth < dense_layer / 10
@@ -143,7 +151,9 @@ def test_predicted_adata_is_marked_and_works_with_scanpy(cohort):
     assert list(predicted.var_names) == complete and not np.isnan(predicted.X).any()
     marker = predicted.uns["predicted_expression"]
     assert marker["predicted"] and marker["method"] == "ridge" and marker["kind"] == "cross_validation"
-    assert marker["protocol"] == "leave_one_slide_out" and "training slides' sequencing depth" in marker["scale"]
+    assert (
+        marker["protocol"] == "leave_one_slide_out" and "training slides' sequencing depth" in marker["scale"]
+    )
     expected_pcc = adata.uns["histo2expr"]["gene_pcc"].mean(axis=1).reindex(complete)
     np.testing.assert_allclose(predicted.var["cv_pcc"], expected_pcc)
     np.testing.assert_allclose(predicted.layers["measured"], adata[:, complete].X.toarray(), rtol=1e-6)
@@ -173,19 +183,29 @@ def test_get_predictions_without_key_and_its_errors(cohort):
 
 def test_leave_one_slide_out_warns_when_patients_repeat(cohort):
     adata = cohort.copy()
-    with pytest.warns(UserWarning, match=r"2 of 3 held-out folds share their patient.*S1 \(patient P1\).*"
-                      r"cv='leave_one_patient_out', patient_key='patient'.*2 patients"):
+    with pytest.warns(
+        UserWarning,
+        match=r"2 of 3 folds hold out slides that share their patient.*S1 \(patient P1\).*"
+        r"cv='leave_one_patient_out', patient_key='patient'.*2 patients",
+    ):
         hx.tl.fit_histo2expr(adata, genes=12, cv="leave_one_slide_out", progress=False)
-    assert adata.uns["histo2expr"]["protocol_note"].startswith("2 of 3 held-out folds")
+    assert adata.uns["histo2expr"]["protocol_note"].startswith("2 of 3 folds hold out")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hx.tl.fit_histo2expr(
-            adata, genes=12, cv="leave_one_patient_out", patient_key="patient", key_added="lopo", progress=False
+            adata,
+            genes=12,
+            cv="leave_one_patient_out",
+            patient_key="patient",
+            key_added="lopo",
+            progress=False,
         )
         distinct = adata.copy()
         distinct.obs["patient"] = distinct.obs["slide"]
         hx.tl.fit_histo2expr(distinct, genes=12, cv="leave_one_slide_out", progress=False)
-    assert adata.uns["lopo"]["protocol"] == "leave_one_patient_out" and adata.uns["lopo"]["protocol_note"] == ""
+    assert (
+        adata.uns["lopo"]["protocol"] == "leave_one_patient_out" and adata.uns["lopo"]["protocol_note"] == ""
+    )
 
 
 def test_depth_matching_recovers_what_a_shallower_slide_measures():
@@ -223,7 +243,9 @@ def test_prediction_scales_and_warnings_about_unlike_slides(cohort):
     # a slide sequenced 20x more shallowly, and one stained differently: warned, with the numbers
     shallow = new.copy()
     shallow.obs["total_counts"] = shallow.obs["total_counts"] / 20
-    with pytest.warns(UserWarning, match=r"Slide 'S3' was sequenced .* fewer than the training slides.*scale='depth'"):
+    with pytest.warns(
+        UserWarning, match=r"Slide 'S3' was sequenced .* fewer than the training slides.*scale='depth'"
+    ):
         hx.tl.predict_expression(shallow, model)
     stained = new.copy()
     hires = stained.uns["spatial"]["S3"]["images"]["hires"]

@@ -118,7 +118,9 @@ def png_claiming(path: Path, width: int, height: int) -> Path:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     data = zlib.compress(b"\x00" * 64)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -210,10 +212,45 @@ def test_tiled_and_uncompressed_tiffs_are_never_decoded_into_the_cache(tmp_path,
     tifffile.imwrite(tiled, pixels, tile=(64, 64), compression="zlib", photometric="rgb")
     tifffile.imwrite(plain, pixels, photometric="rgb")
     for path in (tiled, plain):
-        np.testing.assert_array_equal(open_slide_image(path).read_region(10, 20, 30, 40), pixels[10:40, 20:60])
+        np.testing.assert_array_equal(
+            open_slide_image(path).read_region(10, 20, 30, 40), pixels[10:40, 20:60]
+        )
     assert files_in(cache) == []
 
 
 def test_the_synthetic_cohort_writes_its_images_atomically(tmp_path):
     hx.datasets.synthetic(n_slides=2, spots_per_side=4, n_genes=4, path=tmp_path)
     assert files_in(tmp_path) == ["S1.tif", "S2.tif"]
+
+
+# --- progress bars -----------------------------------------------------------------------------------------
+
+
+def test_progress_bars_are_text_without_ipywidgets_and_never_warn(monkeypatch):
+    import importlib.util
+    import warnings
+
+    from tqdm.std import tqdm as text_bar
+
+    from histo2expr._progress import progress_bar
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ipywidgets" else real(name, *a)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bar = progress_bar(range(3), disable=True)
+    assert type(bar) is text_bar
+
+
+def test_one_progress_bar_per_fit(capsys):
+    adata = hx.datasets.synthetic(n_slides=3, spots_per_side=5, n_genes=12)
+    hx.pp.normalize(adata)
+    hx.tl.embed_patches(adata, encoder="colour_texture", patch_size=16, progress=False)
+    hx.tl.fit_histo2expr(adata, method="stnet", genes=5, cv="leave_one_slide_out", epochs=2, refit=False)
+    printed = capsys.readouterr().err
+    assert "fit stnet: 100%" in printed and "3/3" in printed and "epochs" not in printed  # folds, not epochs
+    hx.tl.fit_histo2expr(adata, method="stnet", genes=5, epochs=2, key_added="final")
+    printed = capsys.readouterr().err
+    assert "epochs" in printed and "fit stnet" not in printed  # without cv, the one bar follows the epochs

@@ -133,7 +133,10 @@ def test_virtual_spatial_transcriptomics_end_to_end(model, new_slide, tmp_path):
     np.testing.assert_allclose(virtual.var["cv_pcc"], [model.cv_gene_pcc[g] for g in model.genes])
     marker = virtual.uns["predicted_expression"]
     assert marker["predicted"] and marker["method"] == "ridge" and marker["source_key"] == "histo2expr_pred"
-    assert marker["cv_protocol"] == "leave_one_slide_out" and "training slides' sequencing depth" in marker["scale"]
+    assert (
+        marker["cv_protocol"] == "leave_one_slide_out"
+        and "training slides' sequencing depth" in marker["scale"]
+    )
     assert "histo2expr_pred_similarity" not in virtual.obs  # ridge retrieves nothing
     # the virtual map agrees with the measured counts: nearest pseudo-spot of every real spot
     nearest = np.argmin(

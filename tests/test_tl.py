@@ -129,7 +129,9 @@ def test_save_load_and_predict_on_new_slides(cohort, tmp_path):
     h_and_e_only = cohort[:, :0].copy()
     assert hx.tl.predict_expression(h_and_e_only, model) is None
     pd.testing.assert_frame_equal(h_and_e_only.obsm["histo2expr_pred"], predicted, rtol=1e-5)
-    assert "X_histo2expr_pred" in h_and_e_only.obsm and h_and_e_only.uns["histo2expr_pred"]["method"] == "ridge"
+    assert (
+        "X_histo2expr_pred" in h_and_e_only.obsm and h_and_e_only.uns["histo2expr_pred"]["method"] == "ridge"
+    )
     copy = hx.tl.predict_expression(cohort, model, copy=True)
     assert "histo2expr_pred" in copy.obsm and "histo2expr_pred" not in cohort.obsm
     copy_of_he = hx.tl.predict_expression(h_and_e_only, model, copy=True, key_added="again")
@@ -226,7 +228,9 @@ def test_end_to_end_regime_fit_predict_save_load(tmp_path):
     loaded = hx.tl.Histo2ExprModel.load(tmp_path / "e2e.pt")
     out = hx.tl.predict_expression(adata[:, :0].copy(), loaded, copy=True)
     direct = hx.tl.predict_expression(adata[:, :0].copy(), model, copy=True)
-    pd.testing.assert_frame_equal(out.obsm["histo2expr_pred"], direct.obsm["histo2expr_pred"], rtol=1e-5, atol=1e-6)
+    pd.testing.assert_frame_equal(
+        out.obsm["histo2expr_pred"], direct.obsm["histo2expr_pred"], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_embed_patches_on_spatialdata_writes_its_table(cohort):

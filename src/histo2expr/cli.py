@@ -54,7 +54,9 @@ def _report(
     protocols = list(dict.fromkeys(run.protocol for run in runs))
     for protocol in protocols:
         keys = [run.key for run in runs if run.protocol == protocol]
-        written += pl.save_run_figures(adata, keys=keys, out_dir=out / protocol if len(protocols) > 1 else out)
+        written += pl.save_run_figures(
+            adata, keys=keys, out_dir=out / protocol if len(protocols) > 1 else out
+        )
     print("Written:")
     for path in written:
         print(f"  {path}")

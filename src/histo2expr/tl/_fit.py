@@ -128,7 +128,9 @@ def _shared_patients(table: AnnData, folds: list, patient_key: str | None) -> st
     slides_of = table.obs.groupby(table.obs[column].astype(str), observed=True).size()
     n_patients = len(slides_of)
     examples = ", ".join(f"{f.name} (patient {patients[f.test][0]})" for f in shared[:3])
-    note = f"{len(shared)} of {len(folds)} held-out folds share their patient with training slides"
+    note = (
+        f"{len(shared)} of {len(folds)} folds hold out slides that share their patient with training slides"
+    )
     advice = (
         f"For an estimate on new patients use `cv='leave_one_patient_out', patient_key={column!r}` "
         f"({n_patients} patients here)."
