@@ -247,6 +247,9 @@ def test_prediction_scales_and_warnings_about_unlike_slides(cohort):
         UserWarning, match=r"Slide 'S3' was sequenced .* fewer than the training slides.*scale='depth'"
     ):
         hx.tl.predict_expression(shallow, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hx.tl.predict_expression(shallow, model, scale="depth", key_added="matched")  # asked for: no warning
     stained = new.copy()
     hires = stained.uns["spatial"]["S3"]["images"]["hires"]
     stained.uns["spatial"]["S3"]["images"]["hires"] = (255 - (255 - hires.astype(int)) // 3).astype(np.uint8)

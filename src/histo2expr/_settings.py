@@ -48,7 +48,7 @@ class Histo2ExprSettings:
     def n_threads(self) -> int | None:
         """CPU threads of torch and the BLAS libraries during histo2expr's computations.
 
-        ``None`` (default): chosen at the start of every call (:func:`cpu_threads`): the CPUs this
+        ``None`` (default): chosen at the start of every call: the CPUs this
         process may use (its CPU affinity, a cgroup CPU quota of a container, ``SLURM_CPUS_PER_TASK``),
         less those that other processes keep busy at that moment, at least one; ``OMP_NUM_THREADS``,
         when set, is taken as given. An integer fixes the number; set it for bit-identical reruns
@@ -62,7 +62,7 @@ class Histo2ExprSettings:
 
     @property
     def cache_dir(self) -> Path:
-        """Folder of the cache: decoded slide images and synthetic cohorts (safe to delete).
+        """The cache folder, which holds decoded slide images and synthetic cohorts (safe to delete).
 
         Default: ``$HISTO2EXPR_CACHE_DIR`` when set, else ``~/.cache/histo2expr``.
         """

@@ -268,8 +268,8 @@ def fit_histo2expr(
 
     Returns
     -------
-    The model refitted on all slides (``None`` with ``refit=False``). Computation runs in
-    :func:`histo2expr._settings.cpu_threads` (see ``hx.settings.n_threads``). When held-out slides
+    The model refitted on all slides (``None`` with ``refit=False``). Computations use
+    ``hx.settings.n_threads`` CPU threads. When held-out slides
     share their patient with training slides (``patient_key``, or an ``obs["patient"]`` column), a
     warning gives the numbers and recommends ``cv="leave_one_patient_out"``. With ``cv``, sets:
 

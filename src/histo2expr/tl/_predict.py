@@ -204,7 +204,7 @@ def predict_expression(
     values = to_scale(
         predicted, slides, scale=scale, adata=table, training=training, library_size=library_size
     )
-    warn_if_unlike_training(table, slides, training)
+    warn_if_unlike_training(table, slides, training, scale=scale)
     cv_pcc = pd.Series(model.cv_gene_pcc or {}, dtype=np.float64).reindex(model.genes)
     record = {
         **model.describe(),

@@ -125,8 +125,13 @@ def training_statistics(adata: AnnData, slides: np.ndarray) -> dict[str, Any]:
     }
 
 
-def warn_if_unlike_training(adata: AnnData, slides: np.ndarray, training: Mapping[str, Any] | None) -> None:
-    """Warn when a slide's depth or colour is far from every training slide's (generic thresholds above)."""
+def warn_if_unlike_training(
+    adata: AnnData, slides: np.ndarray, training: Mapping[str, Any] | None, *, scale: str = "training"
+) -> None:
+    """Warn when a slide's depth (at the ``"training"`` scale) or colour is far from every training slide's.
+
+    The thresholds are :data:`DEPTH_RATIO_WARNING` and :data:`COLOUR_DIFFERENCE_WARNING`.
+    """
     if not training:
         return
     known = training.get("slides") or {}
@@ -134,7 +139,7 @@ def warn_if_unlike_training(adata: AnnData, slides: np.ndarray, training: Mappin
     train_colours = [np.asarray(s["colour_od"]) for s in known.values() if "colour_od" in s]
     for slide, stats in slide_statistics(adata, slides).items():
         size = stats.get("library_size")
-        if depth and size and max(size / depth, depth / size) > DEPTH_RATIO_WARNING:
+        if scale == "training" and depth and size and max(size / depth, depth / size) > DEPTH_RATIO_WARNING:
             msg = (
                 f"Slide {slide!r} was sequenced at a median of {size:,.0f} counts per spot, {max(size / depth, depth / size):.1f}x "
                 f"{'fewer' if size < depth else 'more'} than the training slides ({depth:,.0f}). Predictions are "
