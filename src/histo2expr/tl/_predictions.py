@@ -37,7 +37,7 @@ PREDICTED_MARKER = "predicted_expression"
 #: The kinds of record and the function family that writes each.
 KINDS = {"cross_validation": "fit_histo2expr", "fit": "fit_histo2expr", "prediction": "predict_expression"}
 #: Protocol of predictions of a model on slides it was not fitted on.
-EXTERNAL_PROTOCOL = "external slides (a model fitted on other slides)"
+EXTERNAL_PROTOCOL = "external slides"
 
 
 def _fields(key: str) -> dict[str, list[str]]:
@@ -81,7 +81,7 @@ def check_key(adata: AnnData, key: str, *, kind: str, method: str, protocol: str
     if (old.get("method"), old.get("protocol")) != (method, protocol):
         msg = (
             f"Replacing the results at key {key!r} ({old.get('method')}, {old.get('protocol') or old_kind}) with "
-            f"those of {method} ({protocol}). Pass another `key_added=` to keep both."
+            f"those of {method} ({protocol or kind}). Pass another `key_added=` to keep both."
         )
         warnings.warn(msg, UserWarning, stacklevel=3)
 
@@ -120,25 +120,20 @@ def prediction_frame(values: np.ndarray, obs_names: pd.Index, genes: Sequence[st
     return pd.DataFrame(np.asarray(values, dtype=np.float32), index=obs_names, columns=pd.Index(list(genes)))
 
 
-def default_key(adata: AnnData, key: str | None, *, need: Sequence[str] = ()) -> str:
-    """``key``, or the only key of ``adata`` whose record has every part in ``need`` (and predictions)."""
+def default_key(adata: AnnData, key: str | None) -> str:
+    """``key``, or the only key of ``adata`` with predictions."""
     if key is not None:
         return key
-    found = [
-        k
-        for k in record_keys(adata, with_predictions="predictions" in need)
-        if all(part in adata.uns[k] for part in need if part != "predictions")
-    ]
+    found = record_keys(adata, with_predictions=True)
     if len(found) == 1:
         return found[0]
-    what = "predictions" if "predictions" in need else "results of `hx.tl`"
     if not found:
         msg = (
-            f"`adata` holds no {what}. Run `hx.tl.fit_histo2expr(adata, cv=...)` or "
+            "`adata` holds no predictions. Run `hx.tl.fit_histo2expr(adata, cv=...)` or "
             "`hx.tl.predict_expression(adata, model)` first."
         )
         raise KeyError(msg)
-    msg = f"`adata` holds {what} under several keys {found}; pass `key=` with the one to use."
+    msg = f"`adata` holds predictions under several keys {found}; pass `key=` with the one to use."
     raise KeyError(msg)
 
 
@@ -183,7 +178,7 @@ def predictions(adata: AnnData, key: str | None = None) -> pd.DataFrame:
     -------
     A copy of ``adata.obsm[key]``: float32, index ``adata.obs_names``, columns the genes.
     """
-    key = default_key(adata, key, need=("predictions",))
+    key = default_key(adata, key)
     record = fit_record(adata, key)
     if key not in adata.obsm:
         msg = (
@@ -243,7 +238,7 @@ def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[s
     """
     from ._data import h5ad_safe, log_expression
 
-    key = default_key(adata, key, need=("predictions",))
+    key = default_key(adata, key)
     record = fit_record(adata, key)
     frame = predictions(adata, key)
     complete = [str(g) for g in frame.columns[frame.notna().all(axis=0).to_numpy()]]
@@ -272,7 +267,7 @@ def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[s
         out.layers["measured"] = log_expression(adata, genes)
     for name, values in adata.obsm.items():
         if not isinstance(values, pd.DataFrame):
-            out.obsm[name] = np.array(values, copy=True)
+            out.obsm[name] = values.copy()
     if "spatial" in adata.uns:
         out.uns["spatial"] = adata.uns["spatial"]
     out.uns[PREDICTED_MARKER] = h5ad_safe(
