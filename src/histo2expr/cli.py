@@ -10,16 +10,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._hest_benchmark import PROTOCOLS
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
     from ._benchmark import MethodRun
 
 #: Readers of ``histo2expr benchmark --reader``.
-READERS = ("auto", "legacy_st", "visium", "h5ad")
-#: Cross-validation schemes of ``histo2expr benchmark --cv``; ``auto`` runs both when patients repeat.
-CV_SCHEMES = ("auto", "leave_one_slide_out", "leave_one_patient_out")
-#: Suffixes of the result keys when both protocols run.
+READERS = ("auto", "legacy_st", "visium", "hest", "h5ad")
+#: Cross-validation schemes of ``histo2expr benchmark --cv``.
+CV_SCHEMES = ("leave_one_slide_out", "leave_one_patient_out")
+#: Suffixes of the result keys when both cross-validation schemes run.
 _PROTOCOL_SUFFIX = {"leave_one_slide_out": "_loso", "leave_one_patient_out": "_lopo"}
 
 
@@ -39,10 +41,12 @@ def _report(
     title: str,
     preamble: list[str],
     settings: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Print the report, write results.json / results.md and the figures into ``out``, say where.
 
-    With several protocols, each one's figures go to a sub-folder named after it.
+    ``extra``: further top-level entries of results.json.
+    With several cross-validation schemes, each one's figures go to a sub-folder named after it.
     """
     from . import pl
     from ._benchmark import results_markdown, write_results
@@ -50,7 +54,7 @@ def _report(
     markdown = results_markdown(runs, title=title, preamble=preamble)
     print()
     print(markdown)
-    written = write_results(runs, out, markdown=markdown, settings=settings)
+    written = write_results(runs, out, markdown=markdown, settings=settings, extra=extra)
     protocols = list(dict.fromkeys(run.protocol for run in runs))
     for protocol in protocols:
         keys = [run.key for run in runs if run.protocol == protocol]
@@ -81,8 +85,13 @@ def _token_grid(encoder: Any, patch_size: int) -> int | None:
     return min(TOKEN_GRID, int(n_tokens**0.5))
 
 
-def _embed(adata: AnnData, args: argparse.Namespace, methods: Sequence[str]) -> float:
-    """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them); seconds taken."""
+def _embed(
+    adata: AnnData, args: argparse.Namespace, methods: Sequence[str], *, mpp: float | None = None
+) -> float:
+    """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them); seconds taken.
+
+    ``mpp``: pixel size of the patches (None: the slides' native resolution).
+    """
     from . import tl
     from .models import build_encoder, get_method
 
@@ -95,6 +104,7 @@ def _embed(adata: AnnData, args: argparse.Namespace, methods: Sequence[str]) -> 
         tokens=grid,
         encoder=args.encoder,
         patch_size=args.patch_size,
+        mpp=mpp,
         num_workers=args.workers,
         device=args.device,
         progress=not args.quiet,
@@ -161,11 +171,23 @@ def _demo(args: argparse.Namespace) -> int:
 def _detect_reader(path: Path) -> str:
     if path.suffix == ".h5ad":
         return "h5ad"
-    if any(path.glob("*/filtered_feature_bc_matrix.h5")) or any(
-        path.glob("*/outs/filtered_feature_bc_matrix.h5")
-    ):
+    if (path / "st").is_dir() and (path / "metadata").is_dir():
+        return "hest"
+    if _space_ranger_folders(path):
         return "visium"
     return "legacy_st"
+
+
+def _space_ranger_folders(path: Path) -> list[Path]:
+    """The Space Ranger output folders directly under ``path`` (or their ``outs``): those with counts (.h5 or mtx)."""
+    return sorted(
+        {
+            counts.parent
+            for pattern in ("*/filtered_feature_bc_matrix*", "*/outs/filtered_feature_bc_matrix*")
+            for counts in path.glob(pattern)
+            if counts.name in ("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix")
+        }
+    )
 
 
 def _read_visium_folder(path: Path) -> AnnData:
@@ -174,15 +196,7 @@ def _read_visium_folder(path: Path) -> AnnData:
 
     from . import io
 
-    outs = sorted(
-        {
-            h5.parent
-            for h5 in [
-                *path.glob("*/filtered_feature_bc_matrix.h5"),
-                *path.glob("*/outs/filtered_feature_bc_matrix.h5"),
-            ]
-        }
-    )
+    outs = _space_ranger_folders(path)
     slides = [
         io.read_visium(folder, library_id=(folder.parent if folder.name == "outs" else folder).name)
         for folder in outs
@@ -197,10 +211,10 @@ def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | Non
     ----------
     path
         A legacy ST dataset folder (:func:`histo2expr.io.read_legacy_st`), a folder of Space
-        Ranger output folders (one Visium slide each, :func:`histo2expr.io.read_visium`) or an
-        ``.h5ad`` file following the data model.
+        Ranger output folders (one Visium slide each, :func:`histo2expr.io.read_visium`), a HEST
+        folder (:func:`histo2expr.io.read_hest`) or an ``.h5ad`` file following the data model.
     reader
-        ``"legacy_st"``, ``"visium"``, ``"h5ad"`` or ``"auto"`` (from the path).
+        ``"legacy_st"``, ``"visium"``, ``"hest"``, ``"h5ad"`` or ``"auto"`` (from the path).
     slides
         Slide ids to keep; all by default.
     """
@@ -213,13 +227,15 @@ def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | Non
     reader = _detect_reader(path) if reader == "auto" else reader
     if reader == "legacy_st":
         adata = io.read_legacy_st(path, sections=slides)
+    elif reader == "hest":
+        adata = io.read_hest(path, ids=slides)
     elif reader == "visium":
         adata = _read_visium_folder(path)
     else:
         adata = ad.read_h5ad(path)
     if "slide" not in adata.obs:
         raise CommandError(f"{path} has no obs['slide'] column; benchmarks cross-validate by slide.")
-    if slides and reader != "legacy_st":
+    if slides and reader not in ("legacy_st", "hest"):
         missing = sorted(set(slides) - set(adata.obs["slide"].astype(str)))
         if missing:
             raise CommandError(
@@ -229,30 +245,78 @@ def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | Non
     return adata
 
 
-def _protocols(adata: AnnData, cv: str) -> tuple[list[str], str]:
-    """The protocols ``--cv`` asks for, and a note when patients contribute several slides."""
+def _protocols(adata: AnnData, cv: str | None) -> tuple[list[str], str]:
+    """The cross-validation schemes to run, and a note when patients contribute several slides.
+
+    ``cv=None``: leave-one-slide-out, and leave-one-patient-out as well when patients repeat.
+    """
     if "patient" not in adata.obs:
-        return (["leave_one_slide_out"] if cv == "auto" else [cv]), ""
+        return (["leave_one_slide_out"] if cv is None else [cv]), ""
     slides_per_patient = adata.obs.groupby(adata.obs["patient"].astype(str), observed=True)["slide"].nunique()
     repeated = slides_per_patient[slides_per_patient > 1]
     if repeated.empty:
-        return (["leave_one_slide_out"] if cv == "auto" else [cv]), ""
+        return (["leave_one_slide_out"] if cv is None else [cv]), ""
     note = (
         f"Patients repeat: {', '.join(f'{p} ({n} slides)' for p, n in repeated.items())}. Leave-one-slide-out "
         "then scores new sections of patients seen in training; leave-one-patient-out scores new patients."
     )
-    if cv != "auto":
+    if cv is not None:
         return [cv], note
     both = len(slides_per_patient) > 1
     return (["leave_one_slide_out", "leave_one_patient_out"] if both else ["leave_one_slide_out"]), note
 
 
+def _protocol(args: argparse.Namespace) -> tuple[str | None, int, float | None]:
+    """Cross-validation (None: see :func:`_protocols`), number of genes and patch pixel size of the protocol."""
+    from ._hest_benchmark import HEST_GENES, HEST_MPP
+
+    if args.protocol == "hest":
+        if args.cv not in (None, "leave_one_patient_out"):
+            raise CommandError(
+                f"--protocol hest holds out one patient at a time; drop --cv {args.cv} or use leave_one_patient_out."
+            )
+        return "leave_one_patient_out", args.genes or HEST_GENES, HEST_MPP
+    return args.cv, args.genes or 250, None
+
+
+def _hest_scores(adata: AnnData, runs: list[MethodRun], genes: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The report section and the results entries of HEST-Benchmark's score, per method."""
+    import pandas as pd
+
+    from ._hest_benchmark import hest_fold_pearson
+
+    scores = {run.method: hest_fold_pearson(adata, run.key, genes) for run in runs}
+    table = pd.DataFrame(
+        {
+            method: {
+                "mean over folds": f"{folds['pearson_mean'].mean():.4f}",
+                "std over folds": f"{folds['pearson_mean'].std(ddof=0):.4f}",
+                **{f"fold {row.fold}": f"{row.pearson_mean:.4f}" for row in folds.itertuples()},
+            }
+            for method, folds in scores.items()
+        }
+    )
+    lines = [
+        "## HEST-Benchmark score",
+        "",
+        "Per fold (one patient held out), the Pearson correlation of each gene over all held-out spots pooled, "
+        "averaged over the genes; then the mean and standard deviation over folds, as HEST-Benchmark reports.",
+        "",
+        table.to_markdown(),
+        "",
+    ]
+    return lines, {method: folds.to_dict(orient="records") for method, folds in scores.items()}
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     from . import pp
     from ._benchmark import compare_methods, machine_description
+    from ._hest_benchmark import hest_genes, hest_log_expression
     from .models import available_methods, get_method
 
     start = time.perf_counter()
+    cv, n_genes, mpp = _protocol(args)
+    hest = args.protocol == "hest"
     if args.methods is None:
         methods = [m for m in available_methods() if args.regime in get_method(m).regimes]
     else:
@@ -268,21 +332,28 @@ def _benchmark(args: argparse.Namespace) -> int:
     n_slides = adata.obs["slide"].nunique()
     if n_slides < 2:
         raise CommandError(f"{args.data} has {n_slides} slide; cross-validation needs at least two.")
-    if args.cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
+    if cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
         raise CommandError("leave_one_patient_out needs obs['patient'] with at least two patients.")
-    protocols, patients_note = _protocols(adata, args.cv)
-    pp.normalize(adata)
+    protocols, patients_note = _protocols(adata, cv)
+    if hest:
+        hest_log_expression(adata)
+        genes: int | list[str] = hest_genes(adata, n_genes)
+        gene_rule = f"HEST-Benchmark's {n_genes} highly variable genes of all slides (log1p counts)"
+    else:
+        pp.normalize(adata)
+        genes = n_genes
+        gene_rule = f"{n_genes} highly expressed genes chosen on the training slides of each fold"
     print(
-        f"histo2expr benchmark: {adata.n_obs} spots on {n_slides} slides of {args.data}; "
-        f"{' and '.join(protocols)}, {args.regime} regime ({args.encoder}), {args.genes} genes, methods "
+        f"histo2expr benchmark ({args.protocol} protocol): {adata.n_obs} spots on {n_slides} slides of {args.data}; "
+        f"{' and '.join(protocols)}, {args.regime} regime ({args.encoder}), {n_genes} genes, methods "
         f"{', '.join(methods)}."
     )
     fit_kwargs: dict[str, Any] = {"epochs": args.epochs, "device": args.device, "num_workers": args.workers}
     embed_seconds = None
     if args.regime == "frozen":
-        embed_seconds = _embed(adata, args, methods)
+        embed_seconds = _embed(adata, args, methods, mpp=mpp)
     else:
-        fit_kwargs.update(use_rep=None, patch_size=args.patch_size)
+        fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
     method_params = {m: {"encoder": args.encoder} for m in methods} if args.regime == "end2end" else None
     runs = []
     for protocol in protocols:
@@ -290,7 +361,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             adata,
             methods,
             cv=protocol,
-            genes=args.genes,
+            genes=genes,
             seed=args.seed,
             progress=not args.quiet,
             method_params=method_params,
@@ -298,6 +369,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             patient_key="patient" if protocol == "leave_one_patient_out" else None,
             **fit_kwargs,
         )
+    hest_lines, hest_results = _hest_scores(adata, runs, genes) if hest else ([], None)
     total = time.perf_counter() - start
     machine = machine_description()
     command = "histo2expr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
@@ -307,49 +379,59 @@ def _benchmark(args: argparse.Namespace) -> int:
         adata,
         runs,
         out=args.out,
-        title=f"histo2expr benchmark: {args.data.name}, {' and '.join(protocols)}, {args.regime} {args.encoder}",
+        title=(
+            f"histo2expr benchmark: {args.data.name}, {args.protocol} protocol, {' and '.join(protocols)}, "
+            f"{args.regime} {args.encoder}"
+        ),
         preamble=[
             f"Command: `{command}`",
             "",
             *([patients_note, ""] if patients_note else []),
-            f"Machine: {machine['cpu_cores']} CPU cores, {gpu}, torch {machine['torch']} with "
-            f"{machine['torch_threads']} thread(s), Python {machine['python']}, {machine['platform']}.",
+            f"Machine: {machine['cpu_cores']} CPU cores ({machine['available_cpus']} available to the process), "
+            f"{gpu}, torch {machine['torch']}, Python {machine['python']}, {machine['platform']}.",
             "",
             f"Data: {adata.n_obs} spots on {n_slides} slides ({', '.join(map(str, adata.obs['slide'].unique()))}); "
-            f"{args.genes} highly expressed genes chosen on the training slides of each fold; {args.patch_size} px "
-            f"patches; at most {args.epochs} epochs; seed {args.seed}.{embedded} Whole run: {total:.1f} s.",
+            f"{gene_rule}; {args.patch_size} px patches"
+            f"{'' if mpp is None else f' at {mpp} µm/px'}; at most {args.epochs} epochs; seed {args.seed}."
+            f"{embedded} Whole run: {total:.1f} s.",
             "",
+            *hest_lines,
         ],
         settings={
             "command": command,
             "data": str(args.data),
             "reader": args.reader,
+            "protocol": args.protocol,
             "slides": sorted(map(str, adata.obs["slide"].unique())),
             "n_spots": adata.n_obs,
-            "cv": args.cv,
+            "cv": cv or "auto",
             "protocols": protocols,
             "regime": args.regime,
             "encoder": args.encoder,
             "patch_size": args.patch_size,
-            "genes": args.genes,
+            "patch_mpp": mpp,
+            "genes": genes,
             "epochs": args.epochs,
             "seed": args.seed,
             "embedding_seconds": embed_seconds,
             "total_seconds": total,
         },
+        extra=None if hest_results is None else {"hest_pearson": hest_results},
     )
     return 0
 
 
-def _add_common(add: Any, *, genes: int, epochs: int, methods: str | None, out: str) -> None:
+def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None, out: str) -> None:
     add("--seed", type=int, default=0, help="seed of the training (and the synthetic cohort) (default 0)")
-    add("--genes", type=int, default=genes, help=f"highly expressed genes to predict (default {genes})")
+    shown_genes = genes or "250; 50 with --protocol hest"
+    add("--genes", type=int, default=genes, help=f"number of genes to predict (default {shown_genes})")
     shown = methods or "every registered method of the regime"
     add("--methods", default=methods, help=f"comma-separated methods (default: {shown})")
     add(
         "--encoder",
         default="efficientnet_lite0",
-        help="encoder: efficientnet_lite0 (ImageNet, offline), colour_texture (no weights) or a timm name",
+        help="encoder: efficientnet_lite0/1/2 (ImageNet, offline), colour_texture (no weights), a pathology "
+        "foundation model (uni, uni2-h, virchow2, h-optimus-0, ...) or a timm name",
     )
     add(
         "--epochs",
@@ -386,16 +468,23 @@ def _parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         required=True,
-        help="dataset folder (legacy ST, folder of Visium outs) or .h5ad file",
+        help="dataset folder (legacy ST, folder of Visium outs, HEST) or .h5ad file",
     )
     add("--reader", choices=READERS, default="auto", help="how to read --data (default: from the path)")
     add("--slides", default=None, help="comma-separated slides to keep (default: all)")
     add(
         "--cv",
         choices=CV_SCHEMES,
-        default="auto",
-        help="cross-validation; auto: leave_one_slide_out, and leave_one_patient_out too when patients "
-        "have several slides (default auto)",
+        default=None,
+        help="cross-validation (default: leave_one_slide_out, and leave_one_patient_out too when patients have "
+        "several slides; leave_one_patient_out alone with --protocol hest)",
+    )
+    add(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="histo2expr",
+        help="histo2expr (genes chosen per fold, log-normalised targets; default) or hest (HEST-Benchmark's "
+        "genes, targets, patient folds, 0.5 µm/px patches and score)",
     )
     add(
         "--regime",
@@ -403,7 +492,7 @@ def _parser() -> argparse.ArgumentParser:
         default="frozen",
         help="frozen features or end-to-end (default frozen)",
     )
-    _add_common(add, genes=250, epochs=50, methods=None, out="histo2expr-benchmark")
+    _add_common(add, genes=None, epochs=50, methods=None, out="histo2expr-benchmark")
     bench.set_defaults(func=_benchmark)
     return parser
 

@@ -201,8 +201,9 @@ def heg_curve(
 
     Returns
     -------
-    The Axes when not shown, else None. Reads ``uns[key]["gene_pcc"]``,
-    ``layers[f"{key}_pred"]`` and ``X``.
+    The Axes when not shown, else None. Reads ``uns[key]["gene_pcc"]``, the predictions of ``key``
+    (:func:`histo2expr.get.predictions`) and ``X``; K is at most the number of genes predicted per
+    held-out slide, and the title names the evaluation protocol(s).
     """
     keys = as_keys(key)
     ks = _capped_ks(ks, min(_genes_per_slide(adata, k) for k in keys))
