@@ -259,12 +259,12 @@ def results_markdown(runs: Sequence[MethodRun], *, title: str, preamble: Sequenc
 def results_json(
     runs: Sequence[MethodRun], *, settings: Mapping[str, Any], extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Every metric per held-out slide, protocol and method, with times, memory, settings, the machine and ``extra``."""
+    """Every metric per cross-validation scheme, method and held-out slide, with times, memory, settings, the machine and ``extra``."""
     from . import __version__
 
-    protocols: dict[str, dict[str, Any]] = {}
+    schemes: dict[str, dict[str, Any]] = {}
     for protocol, protocol_runs in _by_protocol(runs).items():
-        methods = protocols.setdefault(protocol, {"methods": {}})["methods"]
+        methods = schemes.setdefault(protocol, {"methods": {}})["methods"]
         for run in protocol_runs:
             folds = run.folds.replace({np.nan: None})
             methods[run.method] = {
@@ -277,7 +277,7 @@ def results_json(
         "histo2expr": __version__,
         "settings": dict(settings),
         "machine": machine_description(),
-        "protocols": protocols,
+        "cross_validation": schemes,
         **(extra or {}),
     }
 

@@ -405,7 +405,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             "slides": sorted(map(str, adata.obs["slide"].unique())),
             "n_spots": adata.n_obs,
             "cv": cv or "auto",
-            "protocols": protocols,
+            "cv_schemes": protocols,
             "regime": args.regime,
             "encoder": args.encoder,
             "patch_size": args.patch_size,
