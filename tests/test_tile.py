@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+import warnings
 import zlib
 
 import numpy as np
@@ -151,9 +152,13 @@ def test_virtual_spatial_transcriptomics_end_to_end(model, new_slide, tmp_path):
     sdata = hx.io.to_spatialdata(virtual)
     assert sdata.tables["table"].n_vars == len(model.genes) and len(sdata.shapes["he_spots"]) == virtual.n_obs
     sc.pp.neighbors(virtual, n_neighbors=6, use_rep="X", method="gauss", transformer="sklearn")
-    pytest.importorskip("igraph", reason="sc.tl.leiden(flavor='igraph') needs the igraph package")
+    # leiden installs with histo2expr: scanpy's igraph flavour, and its default (leidenalg)
     sc.tl.leiden(virtual, resolution=0.5, flavor="igraph", n_iterations=2, random_state=0)
     assert virtual.obs["leiden"].nunique() >= 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scanpy announces igraph as its future default
+        sc.tl.leiden(virtual, resolution=0.5, key_added="leidenalg")
+    assert virtual.obs["leidenalg"].nunique() >= 2
 
 
 def test_retrieval_confidence_and_a_model_of_another_scale(cohort, new_slide, tmp_path, one_torch_thread):
