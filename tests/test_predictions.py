@@ -192,6 +192,10 @@ def test_leave_one_slide_out_warns_when_patients_repeat(cohort):
     assert adata.uns["histo2expr"]["protocol_note"].startswith("2 of 3 folds hold out")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        hx.tl.fit_histo2expr(  # another method on the same folds: said once per AnnData and protocol
+            adata, genes=12, cv="leave_one_slide_out", key_added="again", n_components=3, progress=False
+        )
+        assert adata.uns["again"]["protocol_note"] == adata.uns["histo2expr"]["protocol_note"]
         hx.tl.fit_histo2expr(
             adata,
             genes=12,

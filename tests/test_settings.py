@@ -250,7 +250,7 @@ def test_one_progress_bar_per_fit(capsys):
     hx.tl.embed_patches(adata, encoder="colour_texture", patch_size=16, progress=False)
     hx.tl.fit_histo2expr(adata, method="stnet", genes=5, cv="leave_one_slide_out", epochs=2, refit=False)
     printed = capsys.readouterr().err
-    assert "fit stnet: 100%" in printed and "3/3" in printed and "epochs" not in printed  # folds, not epochs
+    assert "fit stnet: 100%" in printed and "3/3" in printed and "epochs:" not in printed  # folds, not epochs
     hx.tl.fit_histo2expr(adata, method="stnet", genes=5, epochs=2, key_added="final")
     printed = capsys.readouterr().err
-    assert "epochs" in printed and "fit stnet" not in printed  # without cv, the one bar follows the epochs
+    assert "epochs:" in printed and "fit stnet" not in printed  # without cv, the one bar follows the epochs

@@ -13,7 +13,6 @@ import os
 import platform
 import threading
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,13 +143,11 @@ def compare_methods(
         raise ValueError(msg)
     runs = []
     bar = progress_bar(methods, desc=f"methods ({cv})", disable=not progress)
-    for position, method in enumerate(bar):
+    for method in bar:
         bar.set_postfix_str(method)
         key = method + key_suffix
         tic = time.perf_counter()
-        with PeakMemory() as memory, warnings.catch_warnings():
-            if position:  # identical folds: the first method's warning about shared patients holds for all
-                warnings.filterwarnings("ignore", message=".*share their patient", category=UserWarning)
+        with PeakMemory() as memory:
             tl.fit_histo2expr(
                 adata,
                 method=method,

@@ -29,7 +29,7 @@ from ._data import (
     spot_geometry_um,
 )
 from ._model import Histo2ExprModel
-from ._predictions import FIT_KEY, check_key, prediction_frame, write_results
+from ._predictions import FIT_KEY, check_key, is_record, prediction_frame, write_results
 from ._scale import SCALES, training_statistics
 
 if TYPE_CHECKING:
@@ -113,20 +113,20 @@ def protocol_name(cv: str | int | None, patient_key: str | None) -> str:
     return f"{int(cv)} grouped folds by {'patient' if patient_key else 'slide'}"
 
 
-def _shared_patients(table: AnnData, folds: list, patient_key: str | None) -> str:
-    """Warn when held-out slides share their patient with training slides; return a note for the record.
+def _shared_patients(table: AnnData, folds: list, patient_key: str | None) -> tuple[str, str]:
+    """A note for the record, and a warning, when held-out slides share their patient with training slides.
 
     The patients are ``obs[patient_key]``, or ``obs["patient"]`` when present (the readers' column).
+    Both are empty when no fold shares a patient.
     """
     column = patient_key or ("patient" if "patient" in table.obs else None)
     if column is None or column not in table.obs:
-        return ""
+        return "", ""
     patients = table.obs[column].astype(str).to_numpy()
     shared = [f for f in folds if np.intersect1d(patients[f.train], patients[f.test]).size]
     if not shared:
-        return ""
-    slides_of = table.obs.groupby(table.obs[column].astype(str), observed=True).size()
-    n_patients = len(slides_of)
+        return "", ""
+    n_patients = len(set(patients))
     examples = ", ".join(f"{f.name} (patient {patients[f.test][0]})" for f in shared[:3])
     note = (
         f"{len(shared)} of {len(folds)} folds hold out slides that share their patient with training slides"
@@ -141,8 +141,7 @@ def _shared_patients(table: AnnData, folds: list, patient_key: str | None) -> st
         f"{note}, e.g. {examples}. Their scores measure how well a new section of a patient seen in "
         f"training is predicted, which is easier than a new patient (serial sections look alike). {advice}"
     )
-    warnings.warn(msg, UserWarning, stacklevel=3)
-    return note
+    return note, msg
 
 
 def _cross_validate(
@@ -291,7 +290,8 @@ def fit_histo2expr(
     ``"method"``, ``"protocol"`` (the ``cv`` scheme) and ``"protocol_note"`` (held-out slides that
     share a patient with training slides), ``"scale"``, ``"params"`` (incl. ``"token_rep"``, the
     ``obsm`` key of the image tokens used or ``""``, and ``"n_tokens"``), and ``"genes"`` (the genes
-    of the returned model) when it refits.
+    of the returned model) when it refits. The warning about shared patients is given once per
+    AnnData and protocol: a fit of another method on the same folds records the note silently.
     """
     table = get_table(data, table_key)
     method_class = get_method(method)
@@ -378,7 +378,12 @@ def fit_histo2expr(
     folds = (
         [] if cv is None else make_folds(table, cv, slide_key=slide_key, patient_key=patient_key, seed=seed)
     )
-    note = _shared_patients(table, folds, patient_key) if folds else ""
+    note, warning = _shared_patients(table, folds, patient_key) if folds else ("", "")
+    if warning and not any(  # once per AnnData and protocol: other methods on the same folds stay quiet
+        is_record(v) and (v.get("protocol"), v.get("protocol_note")) == (protocol, note)
+        for v in table.uns.values()
+    ):
+        warnings.warn(warning, UserWarning, stacklevel=2)
     record: dict[str, Any] = {
         "kind": kind,
         "method": method,
