@@ -6,6 +6,12 @@ the prediction on the same (log-normalised) scale.
 NaN policy (DESIGN.md): the Pearson correlation of a gene that is constant on the
 slide — in the truth or in the prediction — is undefined. It is returned as NaN,
 left out of every mean, and counted (``n_nan_genes``); it is never set to 0.
+
+Small slides: a held-out slide with fewer than ``MIN_SPOTS`` (20) spots is flagged
+(:func:`small_slides`). Its per-gene PCC rests on so few spots that it is mostly noise (the
+standard error of a correlation over n spots is about ``1 / sqrt(n - 3)``: 0.24 at 20 spots), so
+:func:`summarize` leaves it out of the means over slides — unless every slide is that small —
+while the per-slide rows keep every slide.
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ __all__ = [
     "mse",
     "pcc_acg",
     "pcc_top",
+    "small_slides",
     "summarize",
     "top_genes",
 ]
 
 #: Relative tolerance under which a gene's values count as constant.
 _CONSTANT_RTOL = 1e-12
+#: Held-out slides with fewer spots are flagged as small and left out of the means over slides.
+MIN_SPOTS = 20
 
 
 def _as_pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +203,32 @@ def evaluate_slide(
     return out
 
 
-def summarize(folds: pd.DataFrame) -> pd.Series:
-    """Mean of every numeric metric column over held-out slides (NaN slides left out)."""
-    numeric = folds.select_dtypes("number").drop(columns=["n_spots", "n_nan_genes"], errors="ignore")
+def small_slides(folds: pd.DataFrame, *, min_spots: int = MIN_SPOTS) -> pd.Series:
+    """Which rows of a per-slide metrics table are small slides (fewer than ``min_spots`` spots).
+
+    Parameters
+    ----------
+    folds
+        One row per held-out slide with an ``n_spots`` column (e.g. ``uns[key]["folds"]`` of
+        :func:`histo2expr.tl.fit_histo2expr`).
+    min_spots
+        The smallest number of spots a slide needs to count fully.
+    """
+    if "n_spots" not in folds.columns:
+        msg = (
+            f"The metrics table needs an `n_spots` column (one row per slide); it has {list(folds.columns)}."
+        )
+        raise KeyError(msg)
+    return folds["n_spots"] < min_spots
+
+
+def summarize(folds: pd.DataFrame, *, min_spots: int = MIN_SPOTS) -> pd.Series:
+    """Mean of every numeric metric column over held-out slides (NaN slides left out).
+
+    Slides with fewer than ``min_spots`` spots (:func:`small_slides`) are left out of the means
+    unless every slide is that small; ``min_spots=0`` averages every slide.
+    """
+    small = small_slides(folds, min_spots=min_spots).to_numpy()
+    kept = folds if small.all() else folds[~small]
+    numeric = kept.select_dtypes("number").drop(columns=["n_spots", "n_nan_genes"], errors="ignore")
     return numeric.mean(axis=0, skipna=True)
