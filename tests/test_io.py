@@ -309,7 +309,7 @@ def visium_outs(tmp_path: Path, rng: np.random.Generator) -> Path:
     )
     positions.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
     factors = {
-        "spot_diameter_fullres": 110.0,
+        "spot_diameter_fullres": 55.0,  # 1 µm per px: spots 100 px apart, as placed above
         "tissue_hires_scalef": 0.5,
         "tissue_lowres_scalef": 0.1,
         "fiducial_diameter_fullres": 170.0,
@@ -332,9 +332,9 @@ def test_read_visium_data_model(visium_outs: Path) -> None:
     assert entry["images"]["hires"].shape == (75, 100, 3)
     factors = entry["scalefactors"]
     assert factors["tissue_hires_scalef"] == pytest.approx(0.25)
-    assert factors["microns_per_pixel"] == pytest.approx(0.5) and factors[
+    assert factors["microns_per_pixel"] == pytest.approx(1.0) and factors[
         "spot_spacing_fullres"
-    ] == pytest.approx(200)
+    ] == pytest.approx(100)
     assert factors["fiducial_diameter_fullres"] == 170.0
     assert entry["metadata"]["microns_per_pixel_source"] == "estimated from spot diameter"
     assert "source_image_path" not in entry["metadata"]

@@ -130,7 +130,14 @@ def seed_value(value: Any, name: str = "seed") -> int:
 
 #: Micrometres per pixel a microscopy image of tissue can plausibly have: finer than 0.01 µm/px is far
 #: beyond the resolution of light, coarser than 100 µm/px makes a spot smaller than a pixel.
-PLAUSIBLE_MPP = (0.01, 100.0)
+MPP_RANGE = (0.01, 100.0)
+
+
+#: The fix of an implausible ``microns_per_pixel`` argument of a reader.
+MPP_FIX = (
+    "Pass the pixel size of the full-resolution image in micrometres (e.g. 0.5), or None to estimate it "
+    "from the spots."
+)
 
 
 def plausible_mpp(value: Any, name: str, *, fix: str) -> float:
@@ -145,12 +152,15 @@ def plausible_mpp(value: Any, name: str, *, fix: str) -> float:
     fix
         What the user should do, ending the message.
     """
-    low, high = PLAUSIBLE_MPP
+    low, high = MPP_RANGE
     number = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-    if not number or not low <= value <= high:  # NaN fails the comparison
+    if not number:
+        msg = f"{name} must be a number of micrometres per pixel, got {value!r}. {fix}"
+        raise ValueError(msg)
+    if not low <= value <= high:  # NaN fails the comparison
         msg = (
-            f"{name} = {value!r} µm per pixel is not a pixel size of a tissue image ({low:g} to {high:g} µm/px; "
-            f"H&E scans have about 0.25 to 1 µm/px). {fix}"
+            f"{name} ({value:.4g} µm per pixel) is not the pixel size of a tissue image ({low:g} to {high:g} "
+            f"µm/px; H&E scans have about 0.25 to 1 µm/px). {fix}"
         )
         raise ValueError(msg)
     return float(value)
@@ -289,5 +299,51 @@ def _check_matches_counts(
             f"`adata.X` is not log1p of `adata.layers[{counts_layer!r}]` normalised per spot (e.g. spot {spot!r}: "
             "expm1(X) is not the counts times one factor): X was transformed again after normalising, e.g. "
             f"logged twice. {fix}"
+        )
+        raise ValueError(msg)
+
+
+#: Spot centres closer (median distance to the nearest spot) than this fraction of the recorded
+#: centre-to-centre spacing are not on the scale of the full-resolution image (grid spots never are).
+MIN_SPACING_RATIO = 0.75
+#: Spots whose nearest neighbour is looked up by :func:`check_spot_spacing` (a seeded sample).
+_SPACING_SAMPLE = 5000
+
+
+def check_spot_spacing(coords: np.ndarray, spacing_px: float | None, *, slide: str, where: str) -> None:
+    """Raise when the spots of a slide sit much closer together than the spacing the slide records.
+
+    Spots lie on a grid of centre-to-centre distance ``spacing_px`` (or sparser, where spots are
+    missing), so the median distance of a spot to its nearest spot is never much below it: when it
+    is below :data:`MIN_SPACING_RATIO` of it, the coordinates are on another scale (e.g. pixels of a
+    downscaled image) and patches would be cut at the wrong places and scale.
+
+    Parameters
+    ----------
+    coords
+        ``(n, 2)`` spot centres (x, y) of one slide, in full-resolution pixels.
+    spacing_px
+        The slide's recorded centre-to-centre spacing in the same pixels (None: nothing to check).
+    slide
+        The slide id, for the message.
+    where
+        Where the coordinates come from, for the message (e.g. ``"`obsm['spatial']`"``).
+    """
+    if spacing_px is None or not np.isfinite(spacing_px) or spacing_px <= 0 or len(coords) < 2:
+        return
+    from scipy.spatial import cKDTree
+
+    sample = coords
+    if len(coords) > _SPACING_SAMPLE:
+        sample = coords[np.random.default_rng(0).choice(len(coords), _SPACING_SAMPLE, replace=False)]
+    distances = cKDTree(coords).query(sample, k=2)[0][:, 1]
+    distances = distances[distances > 0]  # spots at the very same place say nothing about the scale
+    if distances.size and np.median(distances) < MIN_SPACING_RATIO * spacing_px:
+        msg = (
+            f"The spots of slide {slide!r} are {np.median(distances):.4g} px apart (median distance to the nearest "
+            f"spot in {where}), but the slide records a centre-to-centre spacing of {spacing_px:.4g} px "
+            "(`scalefactors['spot_spacing_fullres']`), and spots on a grid are never closer than that. The "
+            "coordinates look scaled (e.g. pixels of a downscaled image): store the spot centres in full-resolution "
+            "pixels, or correct the slide's scale factors."
         )
         raise ValueError(msg)

@@ -22,7 +22,9 @@ from histo2expr.io._image import (
     ArrayImage,
     _pil_to_rgb,
     no_pixel_limit,
+    read_image_size,
     to_rgb_uint8,
+    unreadable_image,
 )
 from histo2expr.io._wsi_image import open_slide_image
 
@@ -108,12 +110,16 @@ def downscale_image(path: str | Path, *, max_px: int = 2000) -> tuple[np.ndarray
     from PIL import Image
 
     path = Path(path)
-    with no_pixel_limit(), Image.open(path) as image:
-        size, scale = _target_size(*image.size, max_px)
-        image.draft(None, size)
-        if image.mode != "RGB":
-            image = Image.fromarray(_pil_to_rgb(image, path))
-        return _shrink(image, size), scale
+    read_image_size(path)  # a clear error for a damaged or misnamed file
+    try:
+        with no_pixel_limit(), Image.open(path) as image:
+            size, scale = _target_size(*image.size, max_px)
+            image.draft(None, size)
+            if image.mode != "RGB":
+                image = Image.fromarray(_pil_to_rgb(image, path))
+            return _shrink(image, size), scale
+    except OSError as error:  # e.g. damaged compressed data inside a complete-looking file
+        raise unreadable_image(path, error) from error
 
 
 def downscale_pixels(pixels: np.ndarray, *, max_px: int = 2000) -> tuple[np.ndarray, float]:

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anndata import AnnData
 
-from histo2expr._validation import check_obs_key, get_table, spatial_coordinates
+from histo2expr._validation import (
+    check_obs_key,
+    check_spot_spacing,
+    get_table,
+    plausible_mpp,
+    spatial_coordinates,
+)
 from histo2expr.io._image import PAD_VALUE, LazyImage
 from histo2expr.io._slides import slide_images
 
@@ -69,17 +75,9 @@ def _resolve_mpp(mpp: float | None, slides: Sequence[SlideImage]) -> float | Non
         "(the scanner's pixel size in micrometres)"
     )
     for slide, value in known.items():
-        if not (np.isfinite(value) and value > 0):
-            msg = f"Slide {slide!r} has `microns_per_pixel={value}`; it must be a positive number. {fix}."
-            raise ValueError(msg)
+        plausible_mpp(value, f"Slide {slide!r}'s `microns_per_pixel`", fix=f"{fix}.")
     if mpp is not None:
-        if (
-            isinstance(mpp, bool)
-            or not isinstance(mpp, int | float | np.number)
-            or not (np.isfinite(mpp) and mpp > 0)
-        ):
-            msg = f"`mpp` must be a positive number of micrometres per patch pixel, got {mpp!r}."
-            raise ValueError(msg)
+        plausible_mpp(mpp, "`mpp`", fix="Give `mpp` in micrometres per patch pixel (e.g. 0.5), or None.")
         if missing:
             msg = (
                 f"`mpp={mpp}` asks for patches at a physical scale, but slides {missing} have no "
@@ -108,6 +106,16 @@ def _resolve_mpp(mpp: float | None, slides: Sequence[SlideImage]) -> float | Non
             stacklevel=3,
         )
     return target
+
+
+def _check_spacing(adata: AnnData, coords: np.ndarray, codes: np.ndarray, slides: list[str]) -> None:
+    """The spots of every slide against the spacing recorded in ``uns["spatial"]`` (see ``check_spot_spacing``)."""
+    spatial = adata.uns.get("spatial") or {}
+    for code, slide in enumerate(slides):
+        factors = (spatial.get(slide) or {}).get("scalefactors") or {}
+        spacing = factors.get("spot_spacing_fullres")
+        if spacing is not None:
+            check_spot_spacing(coords[codes == code], float(spacing), slide=slide, where="`obsm['spatial']`")
 
 
 class PatchSource:
@@ -195,6 +203,7 @@ class PatchSource:
         self._images: list[SlideImage] = [images[s] for s in self.slides]
         self._codes = slide_column.cat.codes.to_numpy().astype(np.int32)
         if isinstance(data, AnnData):
+            _check_spacing(table, coords, self._codes, self.slides)
             scales = np.array([s.coord_scale for s in self._images])
             self._centres = coords * scales[self._codes, None]
         else:  # the SpatialData transformations (scale and translation) placed the spots on each image
