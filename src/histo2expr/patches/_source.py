@@ -53,7 +53,8 @@ def check_indices(indices: Any, n: int, *, what: str = "indices") -> np.ndarray:
     return array
 
 
-def _check_patch_size(patch_size: Any) -> int:
+def check_patch_size(patch_size: Any) -> int:
+    """Return ``patch_size`` as an int, or raise when it is not a whole number of pixels from 2 to 4096."""
     if isinstance(patch_size, bool) or not isinstance(patch_size, int | np.integer):
         msg = f"`patch_size` must be an integer number of pixels, got {patch_size!r}."
         raise TypeError(msg)
@@ -184,7 +185,7 @@ class PatchSource:
         table_key: str = "table",
         image_key: str | Mapping[str, str] | None = None,
     ) -> None:
-        self.patch_size = _check_patch_size(patch_size)
+        self.patch_size = check_patch_size(patch_size)
         table = get_table(data, table_key)
         slide_column = check_obs_key(table, slide_key)
         if table.n_obs == 0:
