@@ -105,12 +105,12 @@ def test_tampered_or_short_model_files_are_refused(cohort, tmp_path):
     (tmp_path / "short.pt").write_bytes(whole[: len(whole) // 2])
     (tmp_path / "empty.pt").write_bytes(b"")
     for name in ("short.pt", "empty.pt"):
-        with pytest.raises(ValueError, match="not a histo2expr model file.*Save the model again"):
+        with pytest.raises(ValueError, match=r"not a histo2expr model file.*Save the model again"):
             hx.tl.Histo2ExprModel.load(tmp_path / name)
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     del state["method_state"]["regressor"]["coef_"]
     torch.save(state, tmp_path / "tampered.pt")
-    with pytest.raises(ValueError, match="damaged histo2expr model file.*KeyError"):
+    with pytest.raises(ValueError, match=r"damaged histo2expr model file.*KeyError"):
         hx.tl.Histo2ExprModel.load(tmp_path / "tampered.pt")
     state["version"] = "1"
     torch.save(state, tmp_path / "version.pt")
