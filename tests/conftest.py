@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +40,30 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared with other jobs."""
+@contextmanager
+def _torch_threads(n: int):
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and the CPU is shared with other jobs."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def two_torch_threads():
+    """Two threads: results must not depend on the order in which threads add up their parts."""
+    with _torch_threads(2):
+        yield
 
 
 class TinyEncoder(nn.Module):

@@ -218,14 +218,6 @@ def test_embedding_refuses_an_implausible_pixel_size(cohort, mpp, refuses):
 # --- 6. determinism on two threads, every method ------------------------------------------------------
 
 
-@pytest.fixture
-def two_torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("method", available_methods())
 def test_every_method_is_deterministic_on_two_threads(cohort, method, two_torch_threads):
     runs = [predicted(cohort, fit(cohort.copy(), method, epochs=1, batch_size=32, seed=5)) for _ in range(2)]
