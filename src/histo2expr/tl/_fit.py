@@ -235,6 +235,7 @@ def fit_histo2expr(
     uses_coordinates = method_class(**method_params).uses_coordinates  # also checks the parameters now
     resolve_device(device)
     check_log_normalised(table)
+    coords = coordinates(table, needed_by=method if uses_coordinates else None)
     regime = "frozen" if use_rep is not None else "end2end"
     if regime not in method_class.regimes:
         msg = f"Method {method!r} supports the {method_class.regimes} regime(s); " + (
@@ -255,7 +256,6 @@ def fit_histo2expr(
         patches = PatchSource(data, patch_size=patch_size, mpp=mpp, slide_key=slide_key, table_key=table_key)
         patch_geometry = {"patch_size": patches.patch_size, "mpp": patches.mpp}
     patch_geometry = {**(patch_geometry or {}), **spot_geometry_um(table)}
-    coords = coordinates(table, needed_by=method if uses_coordinates else None)
     inputs = _Inputs(table, slides, coords, features, patches)
     fit_args = {
         "method": method,
