@@ -7,7 +7,6 @@ import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -352,31 +351,13 @@ def test_cut_off_tiff_is_refused(tmp_path: Path) -> None:
 # --- Visium ---------------------------------------------------------------------------------
 
 
-def _write_10x_h5(
-    path: Path, counts: np.ndarray, barcodes: list[str], genes: list[str], library_id: str
-) -> None:
-    matrix = sparse.csc_matrix(counts.T.astype(np.int32))  # genes x spots, stored by spot
-    with h5py.File(path, "w") as handle:
-        handle.attrs["library_ids"] = np.array([library_id.encode()])
-        group = handle.create_group("matrix")
-        group["barcodes"] = np.array([b.encode() for b in barcodes])
-        group["data"], group["indices"], group["indptr"] = matrix.data, matrix.indices, matrix.indptr
-        group["shape"] = np.array(matrix.shape, dtype=np.int32)
-        features = group.create_group("features")
-        features["id"] = np.array([f"ENSG{i:05d}".encode() for i in range(len(genes))])
-        features["name"] = np.array([g.encode() for g in genes])
-        features["feature_type"] = np.array([b"Gene Expression"] * len(genes))
-        features["genome"] = np.array([b"GRCh38"] * len(genes))
-        features["_all_tag_keys"] = np.array([b"genome"])
-
-
 @pytest.fixture
-def visium_outs(tmp_path: Path, rng: np.random.Generator) -> Path:
+def visium_outs(tmp_path: Path, rng: np.random.Generator, write_10x_h5) -> Path:
     """A 400 x 300 px 'full-resolution' slide, 6 spots, Space Ranger v2 file names."""
     outs = tmp_path / "outs"
     (outs / "spatial").mkdir(parents=True)
     barcodes = [f"AAAC{i}-1" for i in range(6)]
-    _write_10x_h5(
+    write_10x_h5(
         outs / "filtered_feature_bc_matrix.h5",
         rng.poisson(2.0, (6, 4)),
         barcodes,

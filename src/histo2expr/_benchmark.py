@@ -94,7 +94,7 @@ def compare_methods(
     methods: Sequence[str],
     *,
     cv: str | int = "leave_one_slide_out",
-    genes: int = 250,
+    genes: int | Sequence[str] = 250,
     seed: int = 0,
     progress: bool = True,
     method_params: Mapping[str, Mapping[str, Any]] | None = None,
@@ -245,8 +245,10 @@ def results_markdown(runs: Sequence[MethodRun], *, title: str, preamble: Sequenc
     return "\n".join(lines)
 
 
-def results_json(runs: Sequence[MethodRun], *, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Every metric per held-out slide and method, with times, memory, settings and the machine.
+def results_json(
+    runs: Sequence[MethodRun], *, settings: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every metric per held-out slide and method, with times, memory, settings, the machine and ``extra``.
 
     ``mean`` leaves small held-out slides out (:func:`histo2expr.metrics.summarize`),
     ``mean_all_slides`` averages every slide.
@@ -268,16 +270,24 @@ def results_json(runs: Sequence[MethodRun], *, settings: Mapping[str, Any]) -> d
         "settings": dict(settings),
         "machine": machine_description(),
         "methods": methods,
+        **(extra or {}),
     }
 
 
 def write_results(
-    runs: Sequence[MethodRun], out: Path, *, markdown: str, settings: Mapping[str, Any]
+    runs: Sequence[MethodRun],
+    out: Path,
+    *,
+    markdown: str,
+    settings: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Write ``results.json`` and ``results.md`` into ``out``; return their paths."""
+    """Write ``results.json`` (with the top-level entries of ``extra``) and ``results.md`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "results.json", out / "results.md"
-    json_path.write_text(json.dumps(results_json(runs, settings=settings), indent=2, default=_plain) + "\n")
+    json_path.write_text(
+        json.dumps(results_json(runs, settings=settings, extra=extra), indent=2, default=_plain) + "\n"
+    )
     md_path.write_text(markdown)
     return [json_path, md_path]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 from histo2expr._validation import check_obs_key, get_table, spatial_coordinates
@@ -31,6 +32,9 @@ from histo2expr.io._wsi_image import open_slide_image
 if TYPE_CHECKING:
     from spatialdata import SpatialData
     from xarray import DataArray
+
+#: Pixel sizes (µm) outside this range are not a microscope's: e.g. the 72 or 300 dpi software defaults.
+PLAUSIBLE_MPP = (0.02, 20.0)
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,36 @@ def check_spots_inside(
         raise ValueError(msg)
 
 
+def check_microns_per_pixel(value: Any, *, where: str, fix: str) -> float:
+    """``value`` as a pixel size in µm, or raise when it is missing, not positive or no microscope's.
+
+    Parameters
+    ----------
+    value
+        The pixel size read from a file or given by the user.
+    where
+        Where it comes from (e.g. ``"metadata/TENX95.json field 'pixel_size_um_estimated'"``).
+    fix
+        How the user corrects it, appended to the message.
+    """
+    number = None
+    if not isinstance(value, bool) and isinstance(value, int | float | np.number | str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not np.isfinite(number) or number <= 0:
+        msg = f"The pixel size in {where} is {value!r}, not a positive number of micrometres per pixel. {fix}"
+        raise ValueError(msg)
+    if not PLAUSIBLE_MPP[0] <= number <= PLAUSIBLE_MPP[1]:
+        msg = (
+            f"The pixel size in {where} is {number:g} µm, outside the {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm "
+            f"of a microscope image (about 0.25 at 40x, 0.5 at 20x). {fix}"
+        )
+        raise ValueError(msg)
+    return number
+
+
 def spatial_entry(
     hires: np.ndarray,
     *,
@@ -178,6 +212,49 @@ def spatial_entry(
     if source_image_level is not None:
         metadata["source_image_level"] = int(source_image_level)
     return {"images": {"hires": hires}, "scalefactors": scalefactors, "metadata": metadata}
+
+
+def spot_table(
+    counts: Any,
+    *,
+    var: pd.DataFrame,
+    obs: pd.DataFrame,
+    slide: str,
+    patient: str,
+    coords: np.ndarray,
+    entry: dict,
+    source: str | Path,
+) -> AnnData:
+    """One slide's spots in the data model, as every reader returns them.
+
+    ``X`` raw counts (float32 CSR, checked), ``obs_names`` ``"{slide}_{barcode}"``, categorical
+    ``obs['slide']`` and ``obs['patient']`` before the columns of ``obs`` (indexed by barcode),
+    ``obsm['spatial']`` = ``coords`` and ``uns['spatial'][slide]`` = ``entry``. Duplicated gene names are
+    made unique with a warning naming ``source``, the file the counts came from.
+    """
+    from scipy import sparse
+
+    from histo2expr._validation import check_counts
+
+    matrix = sparse.csr_matrix(counts, dtype=np.float32)
+    check_counts(matrix, where=f"Count matrix {source}")
+    obs = obs.copy()
+    obs.index = slide + "_" + obs.index.astype(str)
+    obs.insert(0, "slide", pd.Categorical([slide] * len(obs)))
+    obs.insert(1, "patient", pd.Categorical([patient] * len(obs)))
+    out = AnnData(X=matrix, obs=obs, var=var.copy())
+    if out.var_names.has_duplicates:
+        duplicated = list(out.var_names[out.var_names.duplicated()].unique()[:5])
+        warnings.warn(
+            f"{Path(source).name} has duplicated gene names (e.g. {duplicated}); they are made unique with "
+            "`AnnData.var_names_make_unique`.",
+            UserWarning,
+            stacklevel=3,
+        )
+        out.var_names_make_unique()
+    out.obsm["spatial"] = np.asarray(coords, dtype=np.float64)
+    out.uns["spatial"] = {slide: entry}
+    return out
 
 
 # --- reading: AnnData --------------------------------------------------------------------------

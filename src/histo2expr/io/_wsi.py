@@ -20,7 +20,7 @@ from anndata import AnnData
 
 from .._validation import check_slide_id, plausible_mpp
 from ._image import LazyImage, no_pixel_limit
-from ._slides import downscale_image, downscale_pixels, spatial_entry
+from ._slides import PLAUSIBLE_MPP, downscale_image, downscale_pixels, spatial_entry
 from ._wsi_image import (
     OPENSLIDE_SUFFIXES,
     PLAIN_SUFFIXES,
@@ -31,8 +31,6 @@ from ._wsi_image import (
     suffix_of,
 )
 
-#: Pixel sizes (µm) outside this range are not a microscope's: e.g. the 72 or 300 dpi software defaults.
-PLAUSIBLE_MPP = (0.02, 20.0)
 #: Relative difference tolerated between the file's pixel size and the ``mpp`` argument, or x and y.
 _MPP_TOLERANCE = 0.02
 #: Bytes of full-resolution pixels read at a time while the hires image is made.

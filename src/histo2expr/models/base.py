@@ -280,7 +280,15 @@ def get_method(name: str) -> type[Method]:
 
 
 #: Modules holding the built-in methods, imported on first use (they import torch).
-_BUILTIN_METHOD_MODULES: tuple[str, ...] = (".ridge", ".stnet", ".bleep", ".chrep", ".nh2st", ".cmrcnet")
+_BUILTIN_METHOD_MODULES: tuple[str, ...] = (
+    ".ridge",
+    ".hest_probe",
+    ".stnet",
+    ".bleep",
+    ".chrep",
+    ".nh2st",
+    ".cmrcnet",
+)
 
 
 def _load_builtin_methods() -> None:
