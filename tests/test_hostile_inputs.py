@@ -206,12 +206,17 @@ def test_embedding_refuses_an_implausible_pixel_size(cohort, mpp, refuses):
     for entry in adata.uns["spatial"].values():
         entry["scalefactors"]["microns_per_pixel"] = mpp
     embed = lambda a: hx.tl.embed_patches(a, encoder="colour_texture", patch_size=32, progress=False)  # noqa: E731
-    refuses(adata, embed, ValueError, r"microns_per_pixel.*not the pixel size of a tissue image")
+    refuses(
+        adata,
+        embed,
+        ValueError,
+        r"pixel size in `uns\['spatial'\]\['S\d'\]\['scalefactors'\]\['microns_per_pixel'\]` is .*(outside|not a positive)",
+    )
     refuses(
         cohort.copy(),
         lambda a: hx.tl.embed_patches(a, encoder="colour_texture", mpp=mpp, progress=False),
         ValueError,
-        r"`mpp`.*not the pixel size",
+        r"pixel size in `mpp` is .*(outside|not a positive)",
     )
 
 

@@ -229,7 +229,7 @@ def _legacy_section(folder: Path, *, pitch: float, mirror_x: bool, swap: bool, o
 
 @settings(FAST, max_examples=15)
 @given(
-    pitch=st.floats(5, 60),
+    pitch=st.floats(12, 60),
     mirror_x=st.booleans(),
     swap=st.booleans(),
     offset=st.floats(0, 40),

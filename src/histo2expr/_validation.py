@@ -128,42 +128,43 @@ def seed_value(value: Any, name: str = "seed") -> int:
     return int(value)
 
 
-#: Micrometres per pixel a microscopy image of tissue can plausibly have: finer than 0.01 µm/px is far
-#: beyond the resolution of light, coarser than 100 µm/px makes a spot smaller than a pixel.
-MPP_RANGE = (0.01, 100.0)
-
-
+#: Pixel sizes (µm) outside this range are not a microscope's: e.g. the 72 or 300 dpi software defaults.
+PLAUSIBLE_MPP = (0.02, 20.0)
 #: The fix of an implausible ``microns_per_pixel`` argument of a reader.
 MPP_FIX = (
-    "Pass the pixel size of the full-resolution image in micrometres (e.g. 0.5), or None to estimate it "
-    "from the spots."
+    "Pass the pixel size of the full-resolution image in micrometres (about 0.25 at 40x, 0.5 at 20x), or None "
+    "to estimate it from the spots."
 )
 
 
-def plausible_mpp(value: Any, name: str, *, fix: str) -> float:
-    """Return ``value`` as a float, or raise when it is not a micrometres-per-pixel an H&E image can have.
+def check_microns_per_pixel(value: Any, *, where: str, fix: str) -> float:
+    """``value`` as a pixel size in µm, or raise when it is missing, not positive or no microscope's.
 
     Parameters
     ----------
     value
-        The pixel size.
-    name
-        How the message names it (a parameter, or a field of ``uns``).
+        The pixel size read from a file or given by the user.
+    where
+        Where it comes from (e.g. ``"metadata/TENX95.json field 'pixel_size_um_estimated'"``).
     fix
-        What the user should do, ending the message.
+        How the user corrects it, appended to the message.
     """
-    low, high = MPP_RANGE
-    number = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-    if not number:
-        msg = f"{name} must be a number of micrometres per pixel, got {value!r}. {fix}"
+    number = None
+    if not isinstance(value, bool) and isinstance(value, int | float | np.number | str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not np.isfinite(number) or number <= 0:
+        msg = f"The pixel size in {where} is {value!r}, not a positive number of micrometres per pixel. {fix}"
         raise ValueError(msg)
-    if not low <= value <= high:  # NaN fails the comparison
+    if not PLAUSIBLE_MPP[0] <= number <= PLAUSIBLE_MPP[1]:
         msg = (
-            f"{name} ({value:.4g} µm per pixel) is not the pixel size of a tissue image ({low:g} to {high:g} "
-            f"µm/px; H&E scans have about 0.25 to 1 µm/px). {fix}"
+            f"The pixel size in {where} is {number:g} µm, outside the {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm "
+            f"of a microscope image (about 0.25 at 40x, 0.5 at 20x). {fix}"
         )
         raise ValueError(msg)
-    return float(value)
+    return number
 
 
 def check_not_empty(adata: AnnData, *, what: str, genes: bool = True) -> None:

@@ -16,7 +16,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from histo2expr._validation import MPP_FIX, check_counts, check_slide_id, plausible_mpp
+from histo2expr._validation import MPP_FIX, check_counts, check_microns_per_pixel, check_slide_id
 from histo2expr.io._image import read_image_size
 from histo2expr.io._slides import check_spots_inside, downscale_image, spatial_entry
 
@@ -351,9 +351,9 @@ def _read_section(section: _Section, *, microns_per_pixel: float | None, hires_m
             )
             raise ValueError(msg)
         mpp, source = SPOT_PITCH_UM / pitch, "estimated from spot pitch"
-        plausible_mpp(
+        check_microns_per_pixel(
             mpp,
-            f"Section {section.slide!r}: the pixel size implied by the spot pitch of {pitch:.4g} px",
+            where=f"section {section.slide!r} (estimated from its spot pitch of {pitch:.4g} px)",
             fix="Check that pixel_x / pixel_y of the spot file are full-resolution image pixels, or pass "
             "`microns_per_pixel=`.",
         )
@@ -488,7 +488,7 @@ def read_legacy_st(
         msg = f"`genes` must be 'intersection' or 'union', got {genes!r}."
         raise ValueError(msg)
     if microns_per_pixel is not None:
-        plausible_mpp(microns_per_pixel, "`microns_per_pixel`", fix=MPP_FIX)
+        check_microns_per_pixel(microns_per_pixel, where="`microns_per_pixel`", fix=MPP_FIX)
     path = Path(path)
     layout, found = _find_sections(path)
     parts = []

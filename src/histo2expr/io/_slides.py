@@ -33,9 +33,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
     from xarray import DataArray
 
-#: Pixel sizes (µm) outside this range are not a microscope's: e.g. the 72 or 300 dpi software defaults.
-PLAUSIBLE_MPP = (0.02, 20.0)
-
 
 @dataclass(frozen=True)
 class SlideImage:
@@ -152,36 +149,6 @@ def check_spots_inside(
             "same section and that the image was not resized."
         )
         raise ValueError(msg)
-
-
-def check_microns_per_pixel(value: Any, *, where: str, fix: str) -> float:
-    """``value`` as a pixel size in µm, or raise when it is missing, not positive or no microscope's.
-
-    Parameters
-    ----------
-    value
-        The pixel size read from a file or given by the user.
-    where
-        Where it comes from (e.g. ``"metadata/TENX95.json field 'pixel_size_um_estimated'"``).
-    fix
-        How the user corrects it, appended to the message.
-    """
-    number = None
-    if not isinstance(value, bool) and isinstance(value, int | float | np.number | str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if number is None or not np.isfinite(number) or number <= 0:
-        msg = f"The pixel size in {where} is {value!r}, not a positive number of micrometres per pixel. {fix}"
-        raise ValueError(msg)
-    if not PLAUSIBLE_MPP[0] <= number <= PLAUSIBLE_MPP[1]:
-        msg = (
-            f"The pixel size in {where} is {number:g} µm, outside the {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm "
-            f"of a microscope image (about 0.25 at 40x, 0.5 at 20x). {fix}"
-        )
-        raise ValueError(msg)
-    return number
 
 
 def spatial_entry(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from anndata import AnnData
 
-from histo2expr._validation import MPP_FIX, check_slide_id, check_spot_spacing, plausible_mpp
+from histo2expr._validation import MPP_FIX, check_microns_per_pixel, check_slide_id, check_spot_spacing
 from histo2expr.io._image import read_image_size, to_rgb_uint8
 from histo2expr.io._slides import check_spots_inside, downscale_pixels, spatial_entry, spot_table
 from histo2expr.io._spaceranger import counts_present, library_id_of, positions_file, read_space_ranger
@@ -164,7 +164,7 @@ def read_visium(
     path = Path(path)
     counts, positions = _check_files(path, counts_file)
     if microns_per_pixel is not None:
-        plausible_mpp(microns_per_pixel, "`microns_per_pixel`", fix=MPP_FIX)
+        check_microns_per_pixel(microns_per_pixel, where="`microns_per_pixel`", fix=MPP_FIX)
     if library_id is None:
         library_id = library_id_of(counts) or (path.parent.name if path.name == "outs" else path.name)
     library_id = check_slide_id(library_id)
@@ -205,9 +205,9 @@ def read_visium(
     estimate = SPOT_DIAMETER_UM / diameter
     if microns_per_pixel is None:
         mpp, mpp_source = estimate, "estimated from spot diameter"
-        plausible_mpp(
+        check_microns_per_pixel(
             mpp,
-            f"The pixel size implied by spot_diameter_fullres = {diameter} px",
+            where=f"the scale factors (estimated from spot_diameter_fullres = {diameter:g} px)",
             fix=f"Check {path / 'spatial' / 'scalefactors_json.json'}, or pass `microns_per_pixel=`.",
         )
     else:

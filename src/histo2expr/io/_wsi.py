@@ -18,9 +18,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._validation import check_slide_id, plausible_mpp
+from .._validation import PLAUSIBLE_MPP, check_microns_per_pixel, check_slide_id
 from ._image import LazyImage, no_pixel_limit
-from ._slides import PLAUSIBLE_MPP, downscale_image, downscale_pixels, spatial_entry
+from ._slides import downscale_image, downscale_pixels, spatial_entry
 from ._wsi_image import (
     OPENSLIDE_SUFFIXES,
     PLAIN_SUFFIXES,
@@ -132,8 +132,8 @@ def _resolve_mpp(path: Path, mpp: float | None, downsample: float) -> tuple[floa
             )
     file_mpp = None if found is None else float(np.mean(found))
     if mpp is not None:
-        plausible_mpp(
-            mpp, "`mpp`", fix="Pass the scanner's micrometres per full-resolution pixel (about 0.25 at 40x)."
+        check_microns_per_pixel(
+            mpp, where="`mpp`", fix="Pass the scanner's micrometres per full-resolution pixel."
         )
         if file_mpp is not None and abs(mpp / file_mpp - 1) > _MPP_TOLERANCE:
             warnings.warn(

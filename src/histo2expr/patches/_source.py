@@ -10,10 +10,10 @@ import numpy as np
 from anndata import AnnData
 
 from histo2expr._validation import (
+    check_microns_per_pixel,
     check_obs_key,
     check_spot_spacing,
     get_table,
-    plausible_mpp,
     spatial_coordinates,
 )
 from histo2expr.io._image import PAD_VALUE, LazyImage
@@ -75,10 +75,15 @@ def _resolve_mpp(mpp: float | None, slides: Sequence[SlideImage]) -> float | Non
         "Set `adata.uns['spatial'][slide]['scalefactors']['microns_per_pixel']` for those slides "
         "(the scanner's pixel size in micrometres)"
     )
-    for slide, value in known.items():
-        plausible_mpp(value, f"Slide {slide!r}'s `microns_per_pixel`", fix=f"{fix}.")
+    for slide in slides:  # the recorded full-resolution pixel size (a downscaled image's is larger)
+        if slide.microns_per_pixel is not None:
+            where = f"`uns['spatial'][{slide.slide!r}]['scalefactors']['microns_per_pixel']`"
+            check_microns_per_pixel(slide.microns_per_pixel * slide.coord_scale, where=where, fix=f"{fix}.")
     if mpp is not None:
-        plausible_mpp(mpp, "`mpp`", fix="Give `mpp` in micrometres per patch pixel (e.g. 0.5), or None.")
+        check_microns_per_pixel(
+            mpp, where="`mpp`", fix="Give `mpp` in micrometres per patch pixel (e.g. 0.5)."
+        )
+        mpp = float(mpp)
         if missing:
             msg = (
                 f"`mpp={mpp}` asks for patches at a physical scale, but slides {missing} have no "
