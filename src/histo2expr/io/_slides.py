@@ -197,12 +197,14 @@ def spot_table(
     ``X`` raw counts (float32 CSR, checked), ``obs_names`` ``"{slide}_{barcode}"``, categorical
     ``obs['slide']`` and ``obs['patient']`` before the columns of ``obs`` (indexed by barcode),
     ``obsm['spatial']`` = ``coords`` and ``uns['spatial'][slide]`` = ``entry``. Duplicated gene names are
-    made unique with a warning naming ``source``, the file the counts came from.
+    made unique with a warning naming ``source``, the file the counts came from. A slide id that writing
+    would mangle is refused (``_validation.check_slide_id``).
     """
     from scipy import sparse
 
-    from histo2expr._validation import check_counts
+    from histo2expr._validation import check_counts, check_slide_id
 
+    slide = check_slide_id(slide)
     matrix = sparse.csr_matrix(counts, dtype=np.float32)
     check_counts(matrix, where=f"Count matrix {source}")
     obs = obs.copy()
