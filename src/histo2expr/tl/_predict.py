@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._settings import cpu_threads
-from .._validation import get_table
+from .._validation import check_not_empty, check_unique_var_names, get_table
 from ..models.base import SpotSet
 from ._data import coordinates, features_of, slide_labels, tokens_of
 from ._model import Histo2ExprModel
@@ -171,6 +171,8 @@ def predict_expression(
     if not isinstance(model, Histo2ExprModel):
         msg = f"`model` must be a Histo2ExprModel (from `hx.tl.fit_histo2expr` or `.load`), got {type(model).__name__}."
         raise TypeError(msg)
+    check_not_empty(table, what="prediction", genes=False)
+    check_unique_var_names(table)
     if scale not in SCALES:
         msg = f"`scale={scale!r}` is not one of {sorted(SCALES)}; see the docstring for what each means."
         raise ValueError(msg)
