@@ -146,17 +146,31 @@ def test_a_truncated_jpeg_fails_clearly_and_leaves_no_temporary_file(tmp_path, c
     whole = tmp_path / "whole.jpg"
     pixels = np.random.default_rng(0).integers(0, 255, size=(300, 400, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(whole, quality=90)
+    half = whole.read_bytes()[: whole.stat().st_size // 2]
     truncated = tmp_path / "truncated.jpg"
-    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"Could not decode the image .*truncated.jpg.*export the slide"):
+    truncated.write_bytes(half)
+    with pytest.raises(ValueError, match=r"truncated.jpg is cut off"):
         LazyImage(truncated).read_region(0, 0, 8, 8)
     assert files_in(cache) == []
-    text = tmp_path / "notes.jpg"
-    text.write_text("not an image")
-    with pytest.raises(ValueError, match="Could not decode"):
-        LazyImage(text).read_region(0, 0, 8, 8)
     assert LazyImage(whole).read_region(0, 0, 8, 8).shape == (8, 8, 3)
     assert len(files_in(cache)) == 1 and not files_in(cache)[0].startswith(".")
+
+
+def test_a_decode_that_fails_half_way_leaves_no_temporary_file(tmp_path, cache, monkeypatch):
+    from histo2expr.io import _image
+
+    path = tmp_path / "slide.png"
+    Image.fromarray(np.full((600, 50, 3), 120, dtype=np.uint8)).save(path)
+    real = _image._decode_into
+
+    def fails_half_way(source, tmp, shape):
+        real(source, tmp, shape)  # the temporary file is written in full...
+        raise OSError("No space left on device")  # ...then the disk fills up
+
+    monkeypatch.setattr(_image, "_decode_into", fails_half_way)
+    with pytest.raises(ValueError, match=r"slide.png cannot be read \(No space left on device\)"):
+        LazyImage(path).read_region(0, 0, 8, 8)
+    assert files_in(cache) == []
 
 
 def test_atomic_path_renames_on_success_and_cleans_up_on_failure(tmp_path):
