@@ -69,7 +69,7 @@ def test_two_processes_train_the_model_of_one(cohort, tmp_path, capsys):
     assert two.method.report.train_loss == pytest.approx(one.method.report.train_loss, rel=1e-4)
     assert two.method.report.best_epoch == one.method.report.best_epoch
     predicted = [
-        hx.tl.predict_expression(held_out, model, copy=True).layers["histo2expr_pred"] for model in (one, two)
+        hx.tl.predict_expression(held_out, model, copy=True).obsm["histo2expr_pred"] for model in (one, two)
     ]
     np.testing.assert_allclose(predicted[1], predicted[0], rtol=1e-4, atol=1e-4)
 
@@ -97,7 +97,9 @@ def test_fit_command_saves_a_model_and_refuses_bad_input(cohort, tmp_path, capsy
     path, held_out = cohort
     model = fit_in_one_process(path, tmp_path / "ridge.pt", "ridge", capsys=capsys)
     assert model.method.name == "ridge" and len(model.genes) == 30
-    assert np.isfinite(hx.tl.predict_expression(held_out, model, copy=True).layers["histo2expr_pred"]).any()
+    assert np.isfinite(hx.tl.predict_expression(held_out, model, copy=True).obsm["histo2expr_pred"]).all(
+        axis=None
+    )
     no_features = ad.read_h5ad(path)
     del no_features.obsm["X_histo"]
     no_features.write_h5ad(tmp_path / "raw.h5ad")

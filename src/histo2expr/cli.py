@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._hest_benchmark import PROTOCOLS
 
@@ -23,14 +24,86 @@ READERS = ("auto", "legacy_st", "visium", "hest", "h5ad")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 #: Cross-validation schemes of ``histo2expr benchmark --cv``.
 CV_SCHEMES = ("leave_one_slide_out", "leave_one_patient_out")
+#: Suffixes of the result keys when both cross-validation schemes run.
+_PROTOCOL_SUFFIX = {"leave_one_slide_out": "_loso", "leave_one_patient_out": "_lopo"}
 
 
 class CommandError(Exception):
     """Bad command-line input: printed as one line on stderr, exit status 2."""
 
 
+#: What histo2expr raises for bad input; the command prints its message as one line (exit status 2).
+BAD_INPUT = (CommandError, ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (a :class:`CommandError`), not usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandError(f"{message} (see `{self.prog} --help`)")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer of at least {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _method_list(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _check_encoder(name: str) -> None:
+    """Raise the encoder's clear error now when ``name`` is no encoder, without building a known one."""
+    import timm
+    from timm.models import split_model_name_tag
+
+    from .models import BUILTIN_ENCODERS, ENCODER_PRESETS, build_encoder
+
+    timm_name = split_model_name_tag(BUILTIN_ENCODERS.get(name, name))[0]
+    if name != "colour_texture" and name not in ENCODER_PRESETS and not timm.is_model(timm_name):
+        build_encoder(name, weights=None)  # fails with the names there are
+
+
+def _check_common(args: argparse.Namespace) -> list[str] | None:
+    """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
+    from .models import get_method, resolve_device
+    from .patches._source import check_patch_size
+
+    check_patch_size(args.patch_size)
+    methods = None if args.methods is None else _method_list(args.methods)
+    if methods is not None:
+        if not methods:
+            raise CommandError("--methods names no method; give e.g. --methods ridge,stnet.")
+        for method in methods:
+            get_method(method)
+        if len(set(methods)) != len(methods):
+            raise CommandError(f"--methods lists a method twice ({args.methods}); give each once.")
+    _check_encoder(args.encoder)
+    try:
+        resolve_device(args.device)
+    except RuntimeError as error:
+        raise CommandError(f"--device {args.device}: {error}") from error
+    if args.out.exists() and not args.out.is_dir():
+        raise CommandError(
+            f"--out {args.out} is a file; give a folder for the results (it is made if missing)."
+        )
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(
+            f"--out {args.out} cannot be made ({error.strerror}); give a writable folder."
+        ) from error
+    if not os.access(args.out, os.W_OK):
+        raise CommandError(f"--out {args.out} is not writable; give a folder you can write to.")
+    return methods
 
 
 def _report(
@@ -46,6 +119,7 @@ def _report(
     """Print the report, write results.json / results.md and the figures into ``out``, say where.
 
     ``extra``: further top-level entries of results.json.
+    With several cross-validation schemes, each one's figures go to a sub-folder named after it.
     """
     from . import pl
     from ._benchmark import results_markdown, write_results
@@ -54,7 +128,12 @@ def _report(
     print()
     print(markdown)
     written = write_results(runs, out, markdown=markdown, settings=settings, extra=extra)
-    written += pl.save_run_figures(adata, keys=[run.method for run in runs], out_dir=out)
+    protocols = list(dict.fromkeys(run.protocol for run in runs))
+    for protocol in protocols:
+        keys = [run.key for run in runs if run.protocol == protocol]
+        written += pl.save_run_figures(
+            adata, keys=keys, out_dir=out / protocol if len(protocols) > 1 else out
+        )
     print("Written:")
     for path in written:
         print(f"  {path}")
@@ -143,15 +222,64 @@ def _setting(text: str) -> tuple[str, Any]:
     return name.strip(), parsed
 
 
-def _fit(args: argparse.Namespace) -> int:
+def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """Check the options of ``histo2expr fit`` before any work; return the method's class and settings."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from .models import get_method
+    from .models.base import TrainConfig
+    from .models.training import make_trainer, quiet_lightning
+
+    method_class = get_method(args.method)
+    if args.regime not in method_class.regimes:
+        raise CommandError(
+            f"method {args.method!r} supports the {' and '.join(method_class.regimes)} regime(s), not "
+            f"--regime {args.regime}."
+        )
+    method_params = dict(args.param)
+    if args.regime == "end2end":
+        _check_encoder(args.encoder)
+        method_params.setdefault("encoder", args.encoder)
+    method_class(**method_params)  # the settings' own checks
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        num_workers=args.workers,
+        progress=False,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=args.strategy,
+        num_nodes=args.num_nodes,
+        precision=args.precision,
+    )
+    try:
+        with quiet_lightning():
+            make_trainer(config, validation=False, callbacks=[])  # Lightning checks the engine flags here
+    except MisconfigurationException as error:  # its message names the flag and the choices
+        raise CommandError(str(error)) from error
+    if args.out.is_dir():
+        raise CommandError(f"--out {args.out} is a folder; give the model file to write (e.g. model.pt).")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(
+            f"--out {args.out}: its folder cannot be made ({error.strerror}); give a writable place."
+        ) from error
+    if not os.access(args.out.parent, os.W_OK):
+        raise CommandError(f"--out {args.out}: its folder is not writable; give a place you can write to.")
+    _check_data(args.data, args.reader)
+    return method_class, method_params
+
+
+def _fit(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     from . import pp
-    from .models import get_method
 
     start = time.perf_counter()
-    method_class = get_method(args.method)
+    method_class, method_params = _check_fit(args)
     slides = _method_list(args.slides) if args.slides else None
     adata = read_cohort(args.data, reader=args.reader, slides=slides)
     if "log1p" not in adata.uns:
@@ -162,16 +290,9 @@ def _fit(args: argparse.Namespace) -> int:
             f"{args.data} has no frozen features in obsm[{use_rep!r}]; embed them first with "
             f"`hx.tl.embed_patches(adata, key_added={use_rep!r})` and save the AnnData, or use --regime end2end."
         )
-    method_params = dict(args.param)
-    if args.regime == "end2end":
-        method_params.setdefault("encoder", args.encoder)
-    try:
-        model = _fit_model(adata, args, use_rep=use_rep, method_params=method_params)
-    except MisconfigurationException as error:  # Lightning's message names the flag and the choices
-        raise CommandError(str(error)) from error
+    model = _fit_model(adata, args, use_rep=use_rep, method_params=method_params)
     if rank_zero_only.rank != 0:  # every process of a data-parallel run holds the same model
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     model.save(args.out)
     report = model.method.report
     epochs = "" if report is None or not report.train_loss else f", {len(report.train_loss)} epochs"
@@ -215,7 +336,7 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.n_slides < 2:
         raise CommandError("cross-validation needs at least two slides; use --n-slides 2 or more.")
-    methods = _method_list(args.methods)
+    methods = _check_common(args)
     print(
         f"histo2expr demo: synthetic cohort of {args.n_slides} slides (seed {args.seed}), frozen {args.encoder} "
         f"features of {args.patch_size} px patches; leave-one-slide-out for {', '.join(methods)} on "
@@ -300,6 +421,23 @@ def _read_visium_folder(path: Path) -> AnnData:
     return ad.concat(slides, join="inner", merge="same", uns_merge="unique")
 
 
+def _check_data(path: Path, reader: str) -> str:
+    """The reader of ``--data``, after checking that the path can be what it reads."""
+    if not path.exists():
+        raise CommandError(f"--data {path} does not exist; give the dataset folder (or .h5ad file).")
+    reader = _detect_reader(path) if reader == "auto" else reader
+    if reader == "h5ad" and not path.is_file():
+        raise CommandError(
+            f"--data {path} is a folder, not an .h5ad file; give the file, or --reader for the folder."
+        )
+    if reader != "h5ad" and not path.is_dir():
+        raise CommandError(
+            f"--data {path} is a file, but the {reader} reader reads a folder; give the dataset folder (legacy ST, "
+            "or a folder of Space Ranger outputs) or an .h5ad file."
+        )
+    return reader
+
+
 def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | None = None) -> AnnData:
     """The spots of ``path`` in the histo2expr data model, restricted to ``slides`` when given.
 
@@ -318,9 +456,7 @@ def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | Non
 
     from . import io
 
-    if not path.exists():
-        raise CommandError(f"--data {path} does not exist; give the dataset folder (or .h5ad file).")
-    reader = _detect_reader(path) if reader == "auto" else reader
+    reader = _check_data(path, reader)
     if reader == "legacy_st":
         adata = io.read_legacy_st(path, sections=slides)
     elif reader == "hest":
@@ -341,8 +477,29 @@ def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | Non
     return adata
 
 
-def _protocol(args: argparse.Namespace) -> tuple[str, int, float | None]:
-    """Cross-validation, number of genes and patch pixel size of the chosen protocol (options override)."""
+def _protocols(adata: AnnData, cv: str | None) -> tuple[list[str], str]:
+    """The cross-validation schemes to run, and a note when patients contribute several slides.
+
+    ``cv=None``: leave-one-slide-out, and leave-one-patient-out as well when patients repeat.
+    """
+    if "patient" not in adata.obs:
+        return (["leave_one_slide_out"] if cv is None else [cv]), ""
+    slides_per_patient = adata.obs.groupby(adata.obs["patient"].astype(str), observed=True)["slide"].nunique()
+    repeated = slides_per_patient[slides_per_patient > 1]
+    if repeated.empty:
+        return (["leave_one_slide_out"] if cv is None else [cv]), ""
+    note = (
+        f"Patients repeat: {', '.join(f'{p} ({n} slides)' for p, n in repeated.items())}. Leave-one-slide-out "
+        "then scores new sections of patients seen in training; leave-one-patient-out scores new patients."
+    )
+    if cv is not None:
+        return [cv], note
+    both = len(slides_per_patient) > 1
+    return (["leave_one_slide_out", "leave_one_patient_out"] if both else ["leave_one_slide_out"]), note
+
+
+def _protocol(args: argparse.Namespace) -> tuple[str | None, int, float | None]:
+    """Cross-validation (None: see :func:`_protocols`), number of genes and patch pixel size of the protocol."""
     from ._hest_benchmark import HEST_GENES, HEST_MPP
 
     if args.protocol == "hest":
@@ -351,7 +508,7 @@ def _protocol(args: argparse.Namespace) -> tuple[str, int, float | None]:
                 f"--protocol hest holds out one patient at a time; drop --cv {args.cv} or use leave_one_patient_out."
             )
         return "leave_one_patient_out", args.genes or HEST_GENES, HEST_MPP
-    return args.cv or "leave_one_slide_out", args.genes or 250, None
+    return args.cv, args.genes or 250, None
 
 
 def _hest_scores(adata: AnnData, runs: list[MethodRun], genes: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -360,7 +517,7 @@ def _hest_scores(adata: AnnData, runs: list[MethodRun], genes: list[str]) -> tup
 
     from ._hest_benchmark import hest_fold_pearson
 
-    scores = {run.method: hest_fold_pearson(adata, run.method, genes) for run in runs}
+    scores = {run.method: hest_fold_pearson(adata, run.key, genes) for run in runs}
     table = pd.DataFrame(
         {
             method: {
@@ -390,12 +547,12 @@ def _benchmark(args: argparse.Namespace) -> int:
     from .models import available_methods, get_method
 
     start = time.perf_counter()
+    methods = _check_common(args)
     cv, n_genes, mpp = _protocol(args)
     hest = args.protocol == "hest"
-    if args.methods is None:
+    if methods is None:
         methods = [m for m in available_methods() if args.regime in get_method(m).regimes]
-    else:
-        methods = _method_list(args.methods)
+    _check_data(args.data, args.reader)
     for method in methods:
         if args.regime not in get_method(method).regimes:
             raise CommandError(
@@ -407,8 +564,11 @@ def _benchmark(args: argparse.Namespace) -> int:
     n_slides = adata.obs["slide"].nunique()
     if n_slides < 2:
         raise CommandError(f"{args.data} has {n_slides} slide; cross-validation needs at least two.")
+    if n_genes > adata.n_vars:
+        raise CommandError(f"--genes {n_genes} exceeds the {adata.n_vars} genes of {args.data}; lower it.")
     if cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
         raise CommandError("leave_one_patient_out needs obs['patient'] with at least two patients.")
+    protocols, patients_note = _protocols(adata, cv)
     if hest:
         hest_log_expression(adata)
         genes: int | list[str] = hest_genes(adata, n_genes)
@@ -419,7 +579,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         gene_rule = f"{n_genes} highly expressed genes chosen on the training slides of each fold"
     print(
         f"histo2expr benchmark ({args.protocol} protocol): {adata.n_obs} spots on {n_slides} slides of {args.data}; "
-        f"{cv}, {args.regime} regime ({args.encoder}), {n_genes} genes, methods {', '.join(methods)}."
+        f"{' and '.join(protocols)}, {args.regime} regime ({args.encoder}), {n_genes} genes, methods "
+        f"{', '.join(methods)}."
     )
     fit_kwargs: dict[str, Any] = {
         "epochs": args.epochs,
@@ -431,19 +592,21 @@ def _benchmark(args: argparse.Namespace) -> int:
         embed_seconds = _embed(adata, args, methods, mpp=mpp)
     else:
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
-    if cv == "leave_one_patient_out":
-        fit_kwargs["patient_key"] = "patient"
     method_params = {m: {"encoder": args.encoder} for m in methods} if args.regime == "end2end" else None
-    runs = compare_methods(
-        adata,
-        methods,
-        cv=cv,
-        genes=genes,
-        seed=args.seed,
-        progress=not args.quiet,
-        method_params=method_params,
-        **fit_kwargs,
-    )
+    runs = []
+    for protocol in protocols:
+        runs += compare_methods(
+            adata,
+            methods,
+            cv=protocol,
+            genes=genes,
+            seed=args.seed,
+            progress=not args.quiet,
+            method_params=method_params,
+            key_suffix=_PROTOCOL_SUFFIX[protocol] if len(protocols) > 1 else "",
+            patient_key="patient" if protocol == "leave_one_patient_out" else None,
+            **fit_kwargs,
+        )
     hest_lines, hest_results = _hest_scores(adata, runs, genes) if hest else ([], None)
     total = time.perf_counter() - start
     machine = machine_description()
@@ -454,12 +617,16 @@ def _benchmark(args: argparse.Namespace) -> int:
         adata,
         runs,
         out=args.out,
-        title=f"histo2expr benchmark: {args.data.name}, {args.protocol} protocol, {cv}, {args.regime} {args.encoder}",
+        title=(
+            f"histo2expr benchmark: {args.data.name}, {args.protocol} protocol, {' and '.join(protocols)}, "
+            f"{args.regime} {args.encoder}"
+        ),
         preamble=[
             f"Command: `{command}`",
             "",
-            f"Machine: {machine['cpu_cores']} CPU cores, {gpu}, torch {machine['torch']} with "
-            f"{machine['torch_threads']} thread(s), Python {machine['python']}, {machine['platform']}.",
+            *([patients_note, ""] if patients_note else []),
+            f"Machine: {machine['cpu_cores']} CPU cores ({machine['available_cpus']} available to the process), "
+            f"{gpu}, torch {machine['torch']}, Python {machine['python']}, {machine['platform']}.",
             "",
             f"Data: {adata.n_obs} spots on {n_slides} slides ({', '.join(map(str, adata.obs['slide'].unique()))}); "
             f"{gene_rule}; {args.patch_size} px patches"
@@ -475,7 +642,8 @@ def _benchmark(args: argparse.Namespace) -> int:
             "protocol": args.protocol,
             "slides": sorted(map(str, adata.obs["slide"].unique())),
             "n_spots": adata.n_obs,
-            "cv": cv,
+            "cv": cv or "auto",
+            "cv_schemes": protocols,
             "regime": args.regime,
             "encoder": args.encoder,
             "patch_size": args.patch_size,
@@ -492,9 +660,19 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None, out: str) -> None:
-    add("--seed", type=int, default=0, help="seed of the training (and the synthetic cohort) (default 0)")
+    add(
+        "--seed",
+        type=_int_at_least(0),
+        default=0,
+        help="seed of the training (and the synthetic cohort) (default 0)",
+    )
     shown_genes = genes or "250; 50 with --protocol hest"
-    add("--genes", type=int, default=genes, help=f"number of genes to predict (default {shown_genes})")
+    add(
+        "--genes",
+        type=_int_at_least(1),
+        default=genes,
+        help=f"number of genes to predict (default {shown_genes})",
+    )
     shown = methods or "every registered method of the regime"
     add("--methods", default=methods, help=f"comma-separated methods (default: {shown})")
     add(
@@ -505,12 +683,12 @@ def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None
     )
     add(
         "--epochs",
-        type=int,
+        type=_int_at_least(1),
         default=epochs,
         help=f"maximum training epochs of the torch methods (default {epochs})",
     )
-    add("--patch-size", type=int, default=224, help="patch side in pixels (default 224)")
-    add("--workers", type=int, default=0, help="DataLoader workers reading patches (default 0)")
+    add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
+    add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers reading patches (default 0)")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default auto)")
     add("--out", type=Path, default=Path(out), help=f"folder for results and figures (default {out})")
     add("--quiet", action="store_true", help="no progress bars")
@@ -519,9 +697,7 @@ def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="histo2expr", description="Predict spatial gene expression from H&E images."
-    )
+    parser = _Parser(prog="histo2expr", description="Predict spatial gene expression from H&E images.")
     parser.add_argument("--version", action="version", version=f"histo2expr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -546,7 +722,8 @@ def _parser() -> argparse.ArgumentParser:
         "--cv",
         choices=CV_SCHEMES,
         default=None,
-        help="cross-validation (default leave_one_slide_out; leave_one_patient_out with --protocol hest)",
+        help="cross-validation (default: leave_one_slide_out, and leave_one_patient_out too when patients have "
+        "several slides; leave_one_patient_out alone with --protocol hest)",
     )
     add(
         "--protocol",
@@ -592,13 +769,18 @@ def _add_fit_options(add: Any) -> None:
         default="efficientnet_lite0",
         help="end-to-end regime: the encoder trained (default efficientnet_lite0)",
     )
-    add("--patch-size", type=int, default=224, help="end-to-end regime: patch side in pixels (default 224)")
-    add("--genes", type=int, default=250, help="highly expressed genes to predict (default 250)")
-    add("--epochs", type=int, default=50, help="maximum training epochs (default 50)")
-    add("--batch-size", type=int, default=64, help="spots per batch and device (default 64)")
+    add(
+        "--patch-size",
+        type=_int_at_least(2),
+        default=224,
+        help="end-to-end regime: patch side in pixels (default 224)",
+    )
+    add("--genes", type=_int_at_least(1), default=250, help="highly expressed genes to predict (default 250)")
+    add("--epochs", type=_int_at_least(1), default=50, help="maximum training epochs (default 50)")
+    add("--batch-size", type=_int_at_least(2), default=64, help="spots per batch and device (default 64)")
     add("--lr", type=float, default=1e-3, help="AdamW learning rate (default 0.001)")
-    add("--seed", type=int, default=0, help="seed of the training (default 0)")
-    add("--workers", type=int, default=0, help="DataLoader workers reading patches (default 0)")
+    add("--seed", type=_int_at_least(0), default=0, help="seed of the training (default 0)")
+    add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers reading patches (default 0)")
     add(
         "--param",
         type=_setting,
@@ -620,7 +802,12 @@ def _add_fit_options(add: Any) -> None:
         help="devices per node: a number, -1 (all), auto or indices 0,1 (default 1)",
     )
     add("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default auto)")
-    add("--num-nodes", type=int, default=1, help="machines training together, e.g. under SLURM (default 1)")
+    add(
+        "--num-nodes",
+        type=_int_at_least(1),
+        default=1,
+        help="machines training together, e.g. under SLURM (default 1)",
+    )
     add(
         "--precision",
         default=None,
@@ -629,14 +816,27 @@ def _add_fit_options(add: Any) -> None:
     add("--quiet", action="store_true", help="no progress bars")
 
 
+def _one_line(error: Exception) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``histo2expr`` command."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``histo2expr`` command.
+
+    Every argument is checked before any work starts; bad input (a bad argument, or data histo2expr
+    refuses) prints one line on stderr naming the problem and the fix, and returns exit status 2.
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except CommandError as error:
+        print(f"histo2expr: {_one_line(error)}", file=sys.stderr)
+        return 2
     args.argv = None if argv is None else list(argv)
     try:
         return args.func(args)
-    except (CommandError, ValueError) as error:  # bad input: the message names the problem and the fix
-        print(f"histo2expr {args.command}: {error}", file=sys.stderr)
+    except BAD_INPUT as error:  # the message names the problem and the fix
+        print(f"histo2expr {args.command}: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .._validation import positive_int
+from .._validation import non_negative_number, positive_int, seed_value
 
 if TYPE_CHECKING:
     import torch
@@ -204,22 +204,16 @@ class TrainConfig:
             "batch_size": (self.batch_size, 2, 1_000_000),
             "patience": (self.patience, 1, 100_000),
             "num_workers": (self.num_workers, 0, 1024),
-            "seed": (self.seed, 0, 2**32 - 1),
         }
         for name, (value, low, high) in checks.items():
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or not low <= value <= high:
                 msg = f"`{name}` must be an integer between {low} and {high}, got {value!r}."
                 raise ValueError(msg)
-        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not 0 < self.lr <= 1:
+        if non_negative_number(self.lr, "lr", positive=True) > 1:
             msg = f"`lr` must be in (0, 1], got {self.lr!r}."
             raise ValueError(msg)
-        if (
-            isinstance(self.weight_decay, bool)
-            or not isinstance(self.weight_decay, int | float)
-            or self.weight_decay < 0
-        ):
-            msg = f"`weight_decay` must be >= 0, got {self.weight_decay!r}."
-            raise ValueError(msg)
+        non_negative_number(self.weight_decay, "weight_decay")
+        seed_value(self.seed)
         for name in ("accelerator", "strategy"):
             if not isinstance(getattr(self, name), str):
                 msg = f"`{name}` must be a string (e.g. 'auto'), got {getattr(self, name)!r}."
@@ -266,11 +260,16 @@ class FitReport:
 
 
 def plain_value(value: Any) -> Any:
-    """``value`` as plain values for a state dict: tuples and numpy arrays become lists, numpy scalars Python numbers."""
+    """``value`` as plain Python values (recursively): dicts with string keys, lists, numbers, strings.
+
+    Tuples and numpy arrays become lists and numpy scalars Python numbers, so the value can be written
+    to h5ad ``uns`` and saved in a weights-only torch file, and a record read back from h5ad (where
+    lists became numpy arrays) turns plain again.
+    """
     if isinstance(value, Mapping):
         return {str(k): plain_value(v) for k, v in value.items()}
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return plain_value(value.tolist())
     if isinstance(value, list | tuple):
         return [plain_value(v) for v in value]
     if isinstance(value, np.generic):
@@ -360,7 +359,10 @@ class Method(ABC):
 
     @property
     def uses_coordinates(self) -> bool:
-        """Whether fitting reads the spot coordinates (``SpotSet.coords``) with these settings."""
+        """Whether fitting, as configured, learns from the spot centres (``SpotSet.coords``).
+
+        False by default; the ``tl`` layer refuses data without spot centres for a method that says True.
+        """
         return False
 
     def check_regime(self, data: SpotSet) -> None:

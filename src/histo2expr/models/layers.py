@@ -272,7 +272,7 @@ class ImageInput(nn.Module):
         return dataclasses.replace(data, features=self.scaler.transform(data.features))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(B, dim)`` features of a batch of :func:`~histo2expr.models.training.iterate_batches`."""
+        """``(B, dim)`` features of a batch (``histo2expr.models.batches.SpotBatches``)."""
         if self.encoder is None:
             return batch["features"]
         return self.encoder(batch["image"])

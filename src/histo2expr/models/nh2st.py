@@ -229,7 +229,10 @@ class _NH2STNetwork(SpotNetwork):
         k = settings.n_neighbours
         size = len(targets) // (k + 1) if settings.with_neighbours else len(targets)  # the batch's own spots
         unique, rows = _unique_rows(batch)
-        image, gene = self(unique)[rows], self.gene_encoder(unique["targets"])[rows]
+        # index_select, not `[rows]`: its backward sums the repeated rows in a fixed order on any number
+        # of threads, so that CPU fits stay bit-identical
+        image = self(unique).index_select(0, rows)
+        gene = self.gene_encoder(unique["targets"]).index_select(0, rows)
         terms = {"mse": F.mse_loss(self.translator(image[:size]).float(), targets[:size])}
         terms["query"] = self._aligned("query_attention", image[:size], gene[:size])
         loss = terms["mse"] + settings.query_weight * terms["query"]

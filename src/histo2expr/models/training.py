@@ -219,9 +219,11 @@ class EpochBar(ProgressBar):
 
     def on_train_start(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
         """Open the bar."""
-        from tqdm.auto import tqdm
+        from .._progress import progress_bar
 
-        self.bar = tqdm(total=trainer.max_epochs, desc="epochs", leave=False, disable=not self.enabled)
+        self.bar = progress_bar(
+            total=trainer.max_epochs, desc="epochs", leave=False, disable=not self.enabled
+        )
 
     def _show(self, plan: TrainingPlan) -> None:
         """Count the epochs the plan has recorded and show their last losses."""

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._progress import progress_bar
+from .._settings import cpu_threads
 from .._validation import get_table
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ def embed_patches(
     image_key: str | Mapping[str, str] | None = None,
     key_added: str = "X_histo",
     tokens: int | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> None:
     """Embed the H&E patch around every spot with a frozen image encoder.
@@ -50,7 +53,7 @@ def embed_patches(
         :class:`torch.nn.Module` returning ``(B, D)`` features.
     weights
         ``"default"`` (ImageNet for names, the module's own for a module), ``"imagenet"``,
-        ``None`` (random), a checkpoint path or a state dict — see
+        ``None`` (random, drawn from ``seed``), a checkpoint path or a state dict — see
         :func:`histo2expr.models.build_encoder`.
     patch_size
         Patch side in pixels.
@@ -76,6 +79,9 @@ def embed_patches(
         at most the map's own side (7 for ``efficientnet_lite0`` at 224 px). The backbone runs
         once per patch for both outputs. ``None`` keeps the pooled features only (and removes
         tokens a previous call left under this key).
+    seed
+        Seed of a random initialisation (``weights=None``): the same seed gives the same weights,
+        so slides embedded in separate calls share one encoder.
     progress
         Show a progress bar.
 
@@ -88,11 +94,11 @@ def embed_patches(
     ``.obsm[f"{key_added}_tokens"]``
         With ``tokens``: ``(n_spots, tokens * tokens, token_dim)`` float32 tokens (row-major grid).
     ``.uns[key_added]``
-        ``{"encoder": description incl. weights hash, "patches": patch geometry}``, and with
+        ``{"encoder": ..., "patches": ...}``: the encoder's description incl. a hash of its weights
+        (and the ``seed`` of random weights) and the patch geometry; with
         ``tokens`` ``"tokens": {"key": f"{key_added}_tokens", "grid": tokens, "n_tokens": tokens**2}``.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from ..models import build_encoder
     from ..models.inference import inference_fabric
@@ -109,7 +115,7 @@ def embed_patches(
     source = PatchSource(
         data, patch_size=patch_size, mpp=mpp, slide_key=slide_key, table_key=table_key, image_key=image_key
     )
-    model = build_encoder(encoder, weights=weights)
+    model = build_encoder(encoder, weights=weights, seed=seed)
     fabric = inference_fabric(device)  # bfloat16 autocast on CUDA, full precision elsewhere
     target = fabric.device
     model.to(target).eval()
@@ -128,9 +134,10 @@ def embed_patches(
         token_array = np.empty((len(source), tokens * tokens, model.token_dim), dtype=np.float32)
     loader = patch_loader(source, batch_size=batch_size, num_workers=num_workers)
     with (
+        cpu_threads(num_workers),
         torch.inference_mode(),
         fabric.autocast(),
-        tqdm(total=len(source), desc="embedding", disable=not progress) as bar,
+        progress_bar(total=len(source), desc="embedding", disable=not progress) as bar,
     ):
         for batch in loader:
             images = batch["image"].to(target, non_blocking=True).contiguous(memory_format=memory_format)
@@ -143,7 +150,10 @@ def embed_patches(
                 token_array[rows] = pool_token_grid(grid.float(), tokens).cpu().numpy()
             bar.update(len(images))
     table.obsm[key_added] = features
-    table.uns[key_added] = {"encoder": model.describe(), "patches": source.describe()}
+    description = model.describe()
+    if description["weights"] == "random":
+        description["seed"] = seed  # what re-creates these weights: `weights=None, seed=seed`
+    table.uns[key_added] = {"encoder": description, "patches": source.describe()}
     token_key = f"{key_added}_tokens"
     if tokens is None:
         if token_key in table.obsm:
