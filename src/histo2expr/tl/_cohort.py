@@ -43,7 +43,7 @@ _GLOB_MAGIC = ("*", "?", "[")
 Inputs = str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...]
 
 
-@dataclass(frozen=True)
+@dataclass
 class CohortSlide:
     """One slide of a cohort: the file or folder it is read from, its reader and its slide id."""
 
