@@ -203,10 +203,19 @@ def test_predict_cohort_embeds_with_the_models_encoder_and_predicts_like_predict
         record = out.uns["histo2expr_cohort"]
         assert record["step"] == "predict" and record["model"]["method"] == "ridge"
         assert len(record["model"]["sha256"]) == 64 and record["encoder"]["name"] == "colour_texture"
+    from spatialdata import read_zarr
+
     from_object = hx.tl.predict_cohort(
-        files[3], model, tmp_path / "object", accelerator="cpu", progress=False
+        files[3], model, tmp_path / "object", format="zarr", accelerator="cpu", progress=False
     )
-    assert list(from_object["status"]) == ["written"]
+    assert list(from_object["status"]) == ["written"] and model.device.type == "cpu"
+    table = read_zarr(tmp_path / "object" / "S4.zarr").tables["table"]
+    np.testing.assert_allclose(
+        hx.get.predictions(table).to_numpy(),
+        hx.get.predictions(ad.read_h5ad(tmp_path / "predicted" / "S4.h5ad")).to_numpy(),
+        rtol=1e-6,
+    )
+    assert "path" not in table.uns["histo2expr_cohort"]["model"]
 
 
 def test_zarr_outputs_are_spatialdata(cohort, tmp_path):

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 PROVENANCE_KEY = "histo2expr_cohort"
 #: Output formats and the suffix of their files.
 FORMATS = {"h5ad": ".h5ad", "zarr": ".zarr"}
-#: Suffixes of the slide files read with :func:`histo2expr.io.read_wsi` (anything else not .h5ad / a folder too).
+#: Characters that make an input a glob pattern (unless a file of that name exists).
 _GLOB_MAGIC = ("*", "?", "[")
 
 Inputs = str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...]
@@ -180,7 +180,7 @@ def _read_table(unit: CohortSlide, job: CohortJob, model: Histo2ExprModel | None
     if unit.reader == "visium":
         return io.read_visium(unit.path, library_id=unit.slide)
     if unit.reader == "wsi":
-        return pp.tile_slide(unit.path, model=model, **job.tiling)
+        return pp.tile_slide(unit.path, model=model, slide=unit.slide, **job.tiling)
     if unit.subset is None:
         return ad.read_h5ad(unit.path)
     backed = ad.read_h5ad(unit.path, backed="r")
@@ -303,28 +303,15 @@ def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.
             rows.append(_row(unit, job, "skipped", rank))
     todo = [unit for unit, finished in zip(slides, done, strict=True) if not finished]
     mine = todo[rank::world]
-    model = job.model
-    if isinstance(model, Path):
-        model = Histo2ExprModel.load(model)
-    if model is not None:
-        model.to(fabric.device)
-    where = f", process {rank + 1}/{world}" if world > 1 else ""
-    for index, unit in enumerate(mine, 1):
-        tic = time.perf_counter()
+    model = Histo2ExprModel.load(job.model) if isinstance(job.model, Path) else job.model
+    if model is None:
+        rows += _work_through(job, mine, None, fabric)
+    else:  # a model passed in goes back to its device afterwards
+        previous = model.device
         try:
-            n_spots = _process_slide(job, unit, model, str(fabric.device))
-        except Exception as error:  # one bad slide must not stop the others; reported together at the end
-            seconds = time.perf_counter() - tic
-            message = f"{type(error).__name__}: {' '.join(str(error).split())}"
-            _say(job, f"{unit.slide} ({index}/{len(mine)}{where}): failed after {seconds:.1f} s: {message}")
-            rows.append(_row(unit, job, "failed", rank, seconds=seconds, error=message))
-            continue
-        seconds = time.perf_counter() - tic
-        _say(
-            job,
-            f"{unit.slide} ({index}/{len(mine)}{where}): {n_spots} spots in {seconds:.1f} s -> {job.target(unit)}",
-        )
-        rows.append(_row(unit, job, "written", rank, n_spots=n_spots, seconds=seconds))
+            rows += _work_through(job, mine, model.to(fabric.device), fabric)
+        finally:
+            model.to(previous)
     if world > 1:
         import torch.distributed
 
@@ -352,6 +339,32 @@ def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.
         )
         raise RuntimeError(msg)
     return table
+
+
+def _work_through(
+    job: CohortJob, mine: list[CohortSlide], model: Histo2ExprModel | None, fabric: Fabric
+) -> list[dict[str, Any]]:
+    """Process ``mine``, one slide after the other on ``fabric``'s device, with a progress line each; their rows."""
+    rank, world = fabric.global_rank, fabric.world_size
+    where = f", process {rank + 1}/{world}" if world > 1 else ""
+    rows = []
+    for index, unit in enumerate(mine, 1):
+        tic = time.perf_counter()
+        try:
+            n_spots = _process_slide(job, unit, model, str(fabric.device))
+        except Exception as error:  # one bad slide must not stop the others; reported together at the end
+            seconds = time.perf_counter() - tic
+            message = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            _say(job, f"{unit.slide} ({index}/{len(mine)}{where}): failed after {seconds:.1f} s: {message}")
+            rows.append(_row(unit, job, "failed", rank, seconds=seconds, error=message))
+            continue
+        seconds = time.perf_counter() - tic
+        _say(
+            job,
+            f"{unit.slide} ({index}/{len(mine)}{where}): {n_spots} spots in {seconds:.1f} s -> {job.target(unit)}",
+        )
+        rows.append(_row(unit, job, "written", rank, n_spots=n_spots, seconds=seconds))
+    return rows
 
 
 def _row(unit: CohortSlide, job: CohortJob, status: str, rank: int, **values: Any) -> dict[str, Any]:
