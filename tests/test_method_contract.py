@@ -175,6 +175,17 @@ def test_same_seed_is_bit_identical(name, threads, cohort):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_coordinates_are_read_only_when_declared(name, cohort, fitted):
+    """A method whose settings say it does not use the spot centres gives the same results without them (NaN)."""
+    if get_method(name)().uses_coordinates:
+        pytest.skip(f"{name} reads the spot centres with its default settings (uses_coordinates)")
+    train, validation, held_out = (dataclasses.replace(s, coords=np.full_like(s.coords, np.nan)) for s in cohort)
+    method = get_method(name)()
+    method.fit(train, validation, config())
+    assert_same_outputs(outputs(method, held_out), outputs(fitted[name], cohort[2]))
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_state_round_trip(name, cohort, fitted):
     method, held_out = fitted[name], cohort[2]
     state = method.state_dict()

@@ -304,6 +304,9 @@ class Method(ABC):
       (early stopping, a penalty, whether a part is kept) and may join a retrieval gallery.
       Nothing else is read: held-out spots never reach a method before it is fitted. The inputs
       are never modified.
+    - **Coordinates**: a method reads ``SpotSet.coords`` only when :attr:`uses_coordinates` says
+      so (from its settings); the ``tl`` layer then refuses data without spot centres, and a method
+      that says False fits and predicts the same when they are unknown (NaN).
     - **Determinism**: everything random is drawn from ``config.seed``; the same seed gives
       bit-identical predictions on the CPU, with any number of threads.
     - **Inference** (:meth:`predict`, :meth:`embed`, :meth:`confidence`) reads the spots' image
