@@ -241,6 +241,8 @@ def test_zarr_outputs_are_spatialdata(cohort, tmp_path):
         (["S1.h5ad"], {"format": "loom"}, ValueError, "is not one of"),
         (["S1.h5ad"], {"batch_size": 0}, ValueError, "batch_size"),
         (["."], {}, ValueError, "no Space Ranger output"),
+        (["S1.h5ad"], {"weights": "missing.pt"}, FileNotFoundError, "is no file"),
+        (["S1.h5ad"], {"tokens": 0}, ValueError, "tokens"),
     ],
 )
 def test_embed_cohort_refuses_bad_input(cohort, tmp_path, monkeypatch, inputs, options, error, message):

@@ -179,7 +179,9 @@ def test_coordinates_are_read_only_when_declared(name, cohort, fitted):
     """A method whose settings say it does not use the spot centres gives the same results without them (NaN)."""
     if get_method(name)().uses_coordinates:
         pytest.skip(f"{name} reads the spot centres with its default settings (uses_coordinates)")
-    train, validation, held_out = (dataclasses.replace(s, coords=np.full_like(s.coords, np.nan)) for s in cohort)
+    train, validation, held_out = (
+        dataclasses.replace(s, coords=np.full_like(s.coords, np.nan)) for s in cohort
+    )
     method = get_method(name)()
     method.fit(train, validation, config())
     assert_same_outputs(outputs(method, held_out), outputs(fitted[name], cohort[2]))

@@ -524,6 +524,11 @@ def embed_cohort(
     if weights is not None and not isinstance(weights, str):
         msg = "`weights` must be 'default', 'imagenet', None or a checkpoint path for a cohort (a name that each process can load)."
         raise TypeError(msg)
+    if weights not in (None, "default", "imagenet") and not Path(weights).is_file():
+        msg = f"`weights={weights!r}` is no file; give 'default', 'imagenet', None (random) or a checkpoint file."
+        raise FileNotFoundError(msg)
+    if tokens is not None:
+        positive_int(tokens, "tokens")
     embedding = {
         "encoder": encoder,
         "weights": weights,
