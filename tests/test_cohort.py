@@ -265,8 +265,12 @@ def test_embed_and_predict_commands(cohort, tmp_path, capsys):
     )
     assert cli.main([*argv[:-1], "--scale", "magic"]) == 2
     assert capsys.readouterr().err.startswith("histo2expr")
-    assert (
-        cli.main(["predict", str(files[0]), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
-        == 2
-    )
+    (tmp_path / "broken.tif").write_bytes(b"not an image")
+    argv = ["embed", str(files[0]), str(tmp_path / "broken.tif"), "--out", str(tmp_path / "e"), "--encoder",
+            "colour_texture", "--patch-size", "32", "--accelerator", "cpu", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 1  # S1 skipped, broken failed
+    err = capsys.readouterr().err
+    assert err.startswith("histo2expr: 1 of 2 slides failed: broken (") and err.count("\n") == 1
+    argv = ["predict", str(files[0]), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
     assert "No model file" in capsys.readouterr().err

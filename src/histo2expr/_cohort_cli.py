@@ -41,11 +41,11 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(call: Any) -> int:
     """Run ``call``; slides that failed (the others are written) give one line on stderr and exit status 1."""
+    from .tl._cohort import SlidesFailedError
+
     try:
         call()
-    except RuntimeError as error:
-        if "slides failed" not in str(error):
-            raise
+    except SlidesFailedError as error:
         print(f"histo2expr: {_one_line(error)}", file=sys.stderr)
         return 1
     return 0

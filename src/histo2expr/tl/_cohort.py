@@ -40,6 +40,11 @@ FORMATS = {"h5ad": ".h5ad", "zarr": ".zarr"}
 #: Characters that make an input a glob pattern (unless a file of that name exists).
 _GLOB_MAGIC = ("*", "?", "[")
 
+
+class SlidesFailedError(RuntimeError):
+    """Some slides of a cohort run failed (named in the message); the outputs of the others are written."""
+
+
 Inputs = str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...]
 
 
@@ -337,7 +342,7 @@ def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.
             f"{len(failed)} of {len(table)} slides failed: {listed}. The other outputs are written; fix these "
             "slides and run the same command again: finished slides are skipped."
         )
-        raise RuntimeError(msg)
+        raise SlidesFailedError(msg)
     return table
 
 
