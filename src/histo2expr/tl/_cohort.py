@@ -233,20 +233,23 @@ def _write(table: AnnData, target: Path, fmt: str) -> None:
 
 
 def _stored_parameters(target: Path) -> str | None:
-    """The parameters recorded in an existing output (None when it records none)."""
-    from anndata.io import read_elem
-
+    """The parameters recorded in an existing output (None when it records none); nothing else is read."""
+    name = f"uns/{PROVENANCE_KEY}/parameters"
     if target.suffix == ".zarr":
         import zarr
 
-        group = zarr.open_group(target / "tables" / "table", mode="r")
-        entry = group.get(f"uns/{PROVENANCE_KEY}/parameters")
-        return None if entry is None else str(read_elem(entry))
-    import h5py
+        entry = zarr.open_group(target / "tables" / "table", mode="r").get(name)
+        value = None if entry is None else entry[()]
+    else:
+        import h5py
 
-    with h5py.File(target, "r") as handle:
-        entry = handle.get(f"uns/{PROVENANCE_KEY}/parameters")
-        return None if entry is None else str(read_elem(entry))
+        with h5py.File(target, "r") as handle:
+            entry = handle.get(name)
+            value = None if entry is None else entry[()]
+    if value is None:
+        return None
+    value = value.item() if hasattr(value, "item") else value  # a 0-d array of zarr
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _check_existing(job: CohortJob, slides: list[CohortSlide]) -> None:
