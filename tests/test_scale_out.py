@@ -100,6 +100,7 @@ def test_fit_command_saves_a_model_and_refuses_bad_input(cohort, tmp_path, capsy
     assert np.isfinite(hx.tl.predict_expression(held_out, model, copy=True).obsm["histo2expr_pred"]).all(
         axis=None
     )
+    capsys.readouterr()  # the prediction's warnings are not the command's
     no_features = ad.read_h5ad(path)
     del no_features.obsm["X_histo"]
     no_features.write_h5ad(tmp_path / "raw.h5ad")
@@ -114,11 +115,12 @@ def test_fit_command_saves_a_model_and_refuses_bad_input(cohort, tmp_path, capsy
             "`hidden` must be a positive integer",
         ),
         (fit_command(path, tmp_path / "m.pt", "stnet", "--strategy", "magic"), "strategy"),
+        (fit_command(path, tmp_path / "m.pt", "stnet", "--lr", "5"), r"`lr` must be in \(0, 1\]"),
+        (fit_command(path, tmp_path, "ridge"), "is a folder; give the model file"),
     ]:
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("histo2expr fit: ") and err.count("\n") == 1
         assert re.search(message, err), err
-    with pytest.raises(SystemExit):
-        cli.main(fit_command(path, tmp_path / "m.pt", "stnet", "--accelerator", "tpu"))
+    assert cli.main(fit_command(path, tmp_path / "m.pt", "stnet", "--accelerator", "tpu")) == 2
     assert "invalid choice: 'tpu'" in capsys.readouterr().err
