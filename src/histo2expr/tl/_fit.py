@@ -533,7 +533,9 @@ def fit_histo2expr(
                     )
                 },
                 "var": {
-                    f"{key_added}_{column}": predictability[column].reindex(table.var_names).to_numpy()
+                    f"{key_added}_{column}": predictability[column]
+                    .reindex(table.var_names, fill_value=False if column == "predictable" else np.nan)
+                    .to_numpy(dtype=bool if column == "predictable" else np.float32)
                     for column in predictability
                 },
             }
