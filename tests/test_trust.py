@@ -353,3 +353,25 @@ def test_gene_predictability_plot_ranks_genes_with_their_intervals(imaged):
     # the predictions of the refitted model carry the same ranking
     ax = hx.pl.gene_predictability(new, "histo2expr_pred", n_genes=5, show=False)
     assert top_down(ax) == list(expected.index[:5])
+
+
+def test_evaluate_expression_measures_coverage_on_another_cohort(fitted, tmp_path):
+    import anndata as ad
+
+    _, model = fitted
+    other = exchangeable_cohort(2, seed=5)
+    folds = hx.tl.evaluate_expression(other, model)
+    record = other.uns["histo2expr_pred"]
+    lower, upper = hx.get.intervals(other)
+    truth = other[:, model.genes].X.toarray()
+    covered = (truth >= lower[model.genes].to_numpy()) & (truth <= upper[model.genes].to_numpy())
+    slides = other.obs["slide"].astype(str).to_numpy()
+    for row in folds.itertuples():
+        assert row.coverage == pytest.approx(covered[slides == row.slide].mean())
+    assert folds["coverage"].mean() == pytest.approx(0.9, abs=0.06)
+    assert list(record["interval_coverage"].columns) == list(folds["slide"])
+    # everything written is h5ad-serialisable
+    other.write_h5ad(tmp_path / "evaluated.h5ad")
+    back = ad.read_h5ad(tmp_path / "evaluated.h5ad")
+    pd.testing.assert_frame_equal(hx.get.intervals(back)[0], lower)
+    assert back.uns["histo2expr_pred"]["intervals"]["kind"] == "adaptive"

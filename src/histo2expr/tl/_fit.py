@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -117,7 +117,8 @@ def _fit_on(
 
 def _refitter(inputs: _Inputs, fit_args: dict[str, Any]) -> Any:
     """``fit(positions, genes)``: the method fitted on those spots alone, on the given genes (for calibration)."""
-    return lambda positions, genes: _fit_on(inputs, positions, **{**fit_args, "genes": genes})
+    quiet = {**fit_args, "config": replace(fit_args["config"], progress=False)}
+    return lambda positions, genes: _fit_on(inputs, positions, **{**quiet, "genes": genes})
 
 
 def protocol_name(cv: str | int | None, patient_key: str | None) -> str:
