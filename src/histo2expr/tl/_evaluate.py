@@ -8,7 +8,7 @@ import pandas as pd
 
 from .._validation import check_log_normalised, check_not_empty, check_unique_var_names, get_table
 from ._data import gene_pcc_table, log_expression, score_slides, slide_labels
-from ._intervals import score_intervals
+from ._intervals import HeldOut, score_intervals
 from ._model import Histo2ExprModel
 from ._predict import predict_expression
 from ._predictions import PREDICT_KEY
@@ -58,7 +58,8 @@ def evaluate_expression(
         PCC of every model gene (rows) on every slide (columns).
     ``.uns[key_added]["interval_coverage"]``, ``["interval_width"]``
         A model fitted with ``intervals``: the coverage and mean width of every gene's intervals (rows) on
-        every slide (columns); the returned rows gain their means, ``coverage`` and ``interval_width``.
+        every slide (columns); the returned rows gain their means, ``coverage`` and ``interval_width``, and
+        the slide's ``ood_fraction`` and ``distance_ratio`` (see ``uns[key_added]["shift"]``).
     """
     table = get_table(data, table_key)
     check_not_empty(table, what="evaluation")
@@ -73,12 +74,13 @@ def evaluate_expression(
     )
     scores = {"gene_pcc": gene_pcc_table(pccs)}
     if f"{key_added}_lower" in table.obsm:  # a model calibrated with intervals: their coverage here
-        lower, upper = (table.obsm[f"{key_added}_{b}"][model.genes].to_numpy() for b in ("lower", "upper"))
-        covered, coverage, width = score_intervals(truth, lower, upper, slides, model.genes)
-        rows = [
-            {**row, **{k: v for k, v in c.items() if k != "slide"}}
-            for row, c in zip(rows, covered, strict=True)
-        ]
+        spots = HeldOut(
+            *(table.obsm[f"{key_added}_{b}"][model.genes].to_numpy() for b in ("lower", "upper")),
+            difficulty=table.obs[f"{key_added}_difficulty"].to_numpy(),
+            p_value=table.obs[f"{key_added}_ood_pvalue"].to_numpy(),
+        )
+        per_slide, coverage, width = score_intervals(truth, spots, slides, model.genes)
+        rows = [{**row, **per_slide.loc[row["slide"]].to_dict()} for row in rows]
         scores.update(interval_coverage=gene_pcc_table(coverage), interval_width=gene_pcc_table(width))
     folds = pd.DataFrame(rows)
     table.uns[key_added] = {**table.uns[key_added], "folds": folds, **scores}

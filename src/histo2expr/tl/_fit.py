@@ -29,6 +29,7 @@ from ._data import (
     spot_geometry_um,
 )
 from ._intervals import (
+    HeldOut,
     IntervalSettings,
     calibrate,
     check_calibration_slides,
@@ -38,7 +39,6 @@ from ._intervals import (
     score_intervals,
 )
 from ._model import Histo2ExprModel
-from ._ood import slide_shift
 from ._predictability import gene_predictability
 from ._predictions import FIT_KEY, check_key, is_record, prediction_frame, write_results
 from ._scale import SCALES, training_statistics
@@ -179,81 +179,55 @@ def _cross_validate(
     intervals: IntervalSettings | None,
     progress: Any,
 ) -> tuple[pd.DataFrame, np.ndarray, list[dict[str, Any]], dict[str, pd.Series], dict[str, Any]]:
-    """Fit and score every fold; out-of-fold predictions of the union of the folds' genes (and their intervals)."""
+    """Fit and score every fold; out-of-fold predictions of the union of the folds' genes.
+
+    With ``intervals``, the last value holds the out-of-fold interval bounds (``"lower"``, ``"upper"``),
+    the spots' ``"ood_pvalue"`` and ``"difficulty"``, and the per-gene ``"coverage"`` and ``"width"`` of
+    every held-out slide; the rows gain their means and the slides' shift.
+    """
     table = inputs.table
     predicted_by_fold, fold_of = [], np.empty(table.n_obs, dtype=object)
     rows, pccs = [], {}
-    bounds: dict[str, list] = {"lower": [], "upper": []}
-    trust: dict[str, Any] = {
-        "coverage": {},
-        "width": {},
-        "ood_pvalue": np.full(table.n_obs, np.nan),
-        "difficulty": np.full(table.n_obs, np.nan),
-    }
+    held: list[tuple[np.ndarray, list[str], HeldOut]] = []
+    trust: dict[str, Any] = {"coverage": {}, "width": {}}
     for fold in folds:
         fitted = _fit_on(inputs, fold.train, **fit_args)
         predicted = fitted.scaler.inverse_transform(fitted.method.predict(inputs.spots(fold.test)))
         predicted_by_fold.append((fold.test, fitted.genes, predicted))
         fold_of[fold.test] = fold.name
         truth = log_expression(table[fold.test], fitted.genes)
+        slides = inputs.slides[fold.test]
         fold_rows, fold_pccs = score_slides(
-            truth,
-            predicted,
-            inputs.slides[fold.test],
-            genes=fitted.genes,
-            mean=fitted.scaler.mean_,
-            std=fitted.scaler.scale_,
+            truth, predicted, slides, genes=fitted.genes, mean=fitted.scaler.mean_, std=fitted.scaler.scale_
         )
         if intervals is not None:
-            fold_rows = _with_intervals(
-                inputs, fold, fitted, predicted, truth, fold_rows, fit_args, intervals, bounds, trust
+            refit = _refitter(inputs, fit_args)
+            spots = held_out(
+                inputs,
+                fitted,
+                fold.train,
+                fold.test,
+                predicted,
+                refit,
+                intervals,
+                seed=fit_args["config"].seed,
             )
+            per_slide, coverage, width = score_intervals(truth, spots, slides, fitted.genes)
+            fold_rows = [{**row, **per_slide.loc[row["slide"]].to_dict()} for row in fold_rows]
+            held.append((fold.test, fitted.genes, spots))
+            trust["coverage"].update(coverage)
+            trust["width"].update(width)
         rows += [{"slide": row["slide"], "fold": fold.name, **row} for row in fold_rows]
         pccs.update(fold_pccs)
         progress.update(1)
     if intervals is not None:
-        trust.update({name: _out_of_fold(table, parts) for name, parts in bounds.items()})
+        for name in ("lower", "upper"):
+            trust[name] = _out_of_fold(table, [(test, genes, getattr(s, name)) for test, genes, s in held])
+        for name, field in (("ood_pvalue", "p_value"), ("difficulty", "difficulty")):
+            trust[name] = np.full(table.n_obs, np.nan)
+            for test, _, spots in held:
+                trust[name][test] = getattr(spots, field)
     return _out_of_fold(table, predicted_by_fold), fold_of, rows, pccs, trust
-
-
-def _with_intervals(
-    inputs: _Inputs,
-    fold: Any,
-    fitted: _FoldFit,
-    predicted: np.ndarray,
-    truth: np.ndarray,
-    rows: list[dict[str, Any]],
-    fit_args: dict[str, Any],
-    intervals: IntervalSettings,
-    bounds: dict[str, list],
-    trust: dict[str, Any],
-) -> list[dict[str, Any]]:
-    """Calibrate the fold's intervals on its training slides, score them per held-out slide; the rows with the scores."""
-    seed = fit_args["config"].seed
-    spots = held_out(
-        inputs,
-        fitted,
-        fold.train,
-        fold.test,
-        predicted,
-        _refitter(inputs, fit_args),
-        intervals,
-        seed=seed,
-    )
-    bounds["lower"].append((fold.test, fitted.genes, spots.lower))
-    bounds["upper"].append((fold.test, fitted.genes, spots.upper))
-    trust["ood_pvalue"][fold.test], trust["difficulty"][fold.test] = spots.p_value, spots.difficulty
-    slides = inputs.slides[fold.test]
-    scored, coverage, width = score_intervals(truth, spots.lower, spots.upper, slides, fitted.genes)
-    trust["coverage"].update(coverage)
-    trust["width"].update(width)
-    shift = slide_shift(spots.p_value, spots.difficulty, slides).set_index("slide")
-    return [
-        {**row, **extra, **shift.loc[row["slide"], ["ood_fraction", "distance_ratio"]].to_dict()}
-        for row, extra in zip(
-            rows, [{k: v for k, v in r.items() if k != "slide"} for r in scored], strict=True
-        )
-    ]
 
 
 def fit_histo2expr(

@@ -27,7 +27,7 @@ import pandas as pd
 from .._validation import check_level
 from ..splits import grouped_kfold
 from ._data import log_expression
-from ._ood import NeighbourReference
+from ._ood import NeighbourReference, slide_shift
 
 if TYPE_CHECKING:
     from ._fit import _FoldFit, _Inputs
@@ -278,20 +278,23 @@ def standardized_bounds(
 
 
 def score_intervals(
-    truth: np.ndarray, lower: np.ndarray, upper: np.ndarray, slides: np.ndarray, genes: list[str]
-) -> tuple[list[dict[str, Any]], dict[str, pd.Series], dict[str, pd.Series]]:
-    """Per slide: mean coverage and width (one row each), and the coverage and mean width of every gene."""
-    rows, coverage, width = [], {}, {}
-    covered = (truth >= lower) & (truth <= upper)
+    truth: np.ndarray, spots: HeldOut, slides: np.ndarray, genes: list[str]
+) -> tuple[pd.DataFrame, dict[str, pd.Series], dict[str, pd.Series]]:
+    """How the intervals of held-out spots did, slide by slide, against the measured ``truth``.
+
+    Returns one row per slide (index ``slide``: ``coverage`` and ``interval_width``, the means over the
+    genes, and the shift columns of :func:`~histo2expr.tl._ood.slide_shift`), and each slide's coverage
+    and mean width of every gene.
+    """
+    coverage, width = {}, {}
+    covered = (truth >= spots.lower) & (truth <= spots.upper)
     for slide in dict.fromkeys(slides):
         on_slide = slides == slide
         coverage[slide] = pd.Series(covered[on_slide].mean(axis=0), index=genes)
-        width[slide] = pd.Series((upper - lower)[on_slide].mean(axis=0), index=genes)
-        rows.append(
-            {
-                "slide": slide,
-                "coverage": float(coverage[slide].mean()),
-                "interval_width": float(width[slide].mean()),
-            }
-        )
-    return rows, coverage, width
+        width[slide] = pd.Series((spots.upper - spots.lower)[on_slide].mean(axis=0), index=genes)
+    per_slide = (
+        slide_shift(spots.p_value, spots.difficulty, slides).set_index("slide").drop(columns="n_spots")
+    )
+    per_slide.insert(0, "coverage", [coverage[s].mean() for s in per_slide.index])
+    per_slide.insert(1, "interval_width", [width[s].mean() for s in per_slide.index])
+    return per_slide, coverage, width
