@@ -375,3 +375,18 @@ def test_evaluate_expression_measures_coverage_on_another_cohort(fitted, tmp_pat
     back = ad.read_h5ad(tmp_path / "evaluated.h5ad")
     pd.testing.assert_frame_equal(hx.get.intervals(back)[0], lower)
     assert back.uns["histo2expr_pred"]["intervals"]["kind"] == "adaptive"
+
+
+def test_intervals_work_for_a_torch_method(one_torch_thread):
+    adata = exchangeable_cohort(4, spots=50)
+    hx.tl.fit_histo2expr(
+        adata,
+        intervals="constant",
+        calibration_folds=2,
+        refit=False,
+        **{**FIT, "method": "bleep", "epochs": 2, "batch_size": 32},
+    )
+    folds = adata.uns["histo2expr"]["folds"]
+    assert folds["coverage"].between(0.5, 1.0).all() and (folds["interval_width"] > 0).all()
+    lower, upper = hx.get.intervals(adata)
+    assert ((upper >= lower) | upper.isna()).all().all() and upper.notna().any().any()
