@@ -232,6 +232,6 @@ def gene_predictability(
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(positions, scores.index)
     ax.set_xlabel("held-out PCC (95% CI over slides)")
-    ax.legend(loc="lower right", frameon=False, fontsize="small")
+    ax.legend(loc="best", fontsize="small")
     ax.set_title(titled(f"{key}: gene predictability", [protocol_of(adata, key)]))
     return finish(ax, show=show, ax_given=given)

@@ -356,8 +356,9 @@ def fit_histo2expr(
     ``.uns[key_added]["gene_pcc"]``
         PCC of every predicted gene (rows) on every held-out slide (columns).
     ``.var[f"{key_added}_cv_pcc"]``, ``[f"{key_added}_cv_pcc_low"]``, ``[f"{key_added}_cv_pcc_high"]``
-        Each gene's mean held-out PCC and its 95% confidence interval over the held-out slides
-        (:func:`~histo2expr.tl._predictability.gene_predictability`; NaN for genes not predicted).
+        Each gene's mean held-out PCC and its 95% confidence interval over the held-out slides (a t
+        interval over the slides where the gene was predicted; NaN for genes not predicted, and with
+        fewer than two such slides).
     ``.var[f"{key_added}_predictable"]``
         Whether that interval lies above zero.
 

@@ -85,11 +85,15 @@ def interval_settings(intervals: bool | str | None, level: float, folds: int) ->
 
 
 def check_calibration_slides(slides: np.ndarray, folds: list, settings: IntervalSettings | None) -> None:
-    """Refuse intervals when a model to calibrate would have fewer than two training slides."""
+    """Refuse intervals before any fit when a model to calibrate cannot be calibrated.
+
+    That is, when it has fewer than two training slides, or fewer training spots (its calibration
+    spots) than the level needs.
+    """
     if settings is None:
         return
-    training = [np.unique(slides[f.train]) for f in folds] or [np.unique(slides)]
-    fewest = min(len(t) for t in training)
+    training = [f.train for f in folds] or [np.arange(len(slides))]
+    fewest = min(len(np.unique(slides[t])) for t in training)
     if fewest < 2:
         msg = (
             f"Intervals are calibrated on training slides the model did not fit, so every model needs at least two "
@@ -97,11 +101,11 @@ def check_calibration_slides(slides: np.ndarray, folds: list, settings: Interval
             "`intervals=False`."
         )
         raise ValueError(msg)
+    _conformal_rank(min(len(t) for t in training), settings.level)
 
 
-def conformal_quantile(scores: np.ndarray, level: float) -> np.ndarray:
-    """Per column, the ``ceil((n + 1) level)``-th smallest of the ``n`` scores (split conformal quantile)."""
-    n = len(scores)
+def _conformal_rank(n: int, level: float) -> int:
+    """The rank ``ceil((n + 1) level)`` of the conformal quantile of ``n`` scores; an error when above ``n``."""
     rank = math.ceil((n + 1) * level - 1e-9)
     if rank > n:
         needed = math.ceil(level / (1 - level) - 1e-9)
@@ -110,6 +114,12 @@ def conformal_quantile(scores: np.ndarray, level: float) -> np.ndarray:
             f"least {needed} spots. Lower `level` or add training slides."
         )
         raise ValueError(msg)
+    return rank
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> np.ndarray:
+    """Per column, the ``ceil((n + 1) level)``-th smallest of the ``n`` scores (split conformal quantile)."""
+    rank = _conformal_rank(len(scores), level)
     return np.partition(np.asarray(scores, dtype=np.float64), rank - 1, axis=0)[rank - 1]
 
 
