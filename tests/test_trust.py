@@ -390,3 +390,18 @@ def test_intervals_work_for_a_torch_method(one_torch_thread):
     assert folds["coverage"].between(0.5, 1.0).all() and (folds["interval_width"] > 0).all()
     lower, upper = hx.get.intervals(adata)
     assert ((upper >= lower) | upper.isna()).all().all() and upper.notna().any().any()
+
+
+def test_a_model_fitted_without_cv_is_calibrated_on_all_its_slides(cohort):
+    adata = cohort.copy()
+    model = hx.tl.fit_histo2expr(adata, intervals="constant", **{**FIT, "cv": None})
+    calibration = model.trust["calibration"]
+    assert calibration["n_spots"] == adata.n_obs and calibration["n_slides"] == 6
+    assert model.trust["predictability"] is None  # no held-out slides, no predictability
+    assert not any(c.startswith("histo2expr_") for c in adata.var)
+    new = exchangeable_cohort(1, seed=3)
+    hx.tl.predict_expression(new, model)
+    lower, upper = hx.get.intervals(new)
+    width = (upper - lower)[(lower > 0).all(axis=1)]
+    np.testing.assert_allclose(width.iloc[0].to_numpy(), 2 * np.asarray(calibration["quantile"]), rtol=1e-5)
+    assert not hx.get.predicted_adata(new).var["predictable"].any()
