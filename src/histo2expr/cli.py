@@ -241,22 +241,11 @@ def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         _check_encoder(args.encoder)
         method_params.setdefault("encoder", args.encoder)
     method_class(**method_params)  # the settings' own checks
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        num_workers=args.workers,
-        progress=False,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        strategy=args.strategy,
-        num_nodes=args.num_nodes,
-        precision=args.precision,
-    )
     try:
-        with quiet_lightning():
-            make_trainer(config, validation=False, callbacks=[])  # Lightning checks the engine flags here
+        with quiet_lightning():  # Lightning checks the engine flags when it builds a Trainer
+            make_trainer(
+                TrainConfig(**_training_options(args), progress=False), validation=False, callbacks=[]
+            )  # Lightning checks the engine flags here
     except MisconfigurationException as error:  # its message names the flag and the choices
         raise CommandError(str(error)) from error
     if args.out.is_dir():
@@ -314,19 +303,26 @@ def _fit_model(adata: AnnData, args: argparse.Namespace, *, use_rep: str | None,
         genes=args.genes,
         use_rep=use_rep,
         patch_size=args.patch_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        num_workers=args.workers,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        strategy=args.strategy,
-        num_nodes=args.num_nodes,
-        precision=args.precision,
         progress=not args.quiet,
+        **_training_options(args),
         **method_params,
     )
+
+
+def _training_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options of ``histo2expr fit``, as ``TrainConfig`` and ``fit_histo2expr`` name them."""
+    return {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "num_workers": args.workers,
+        "accelerator": args.accelerator,
+        "devices": args.devices,
+        "strategy": args.strategy,
+        "num_nodes": args.num_nodes,
+        "precision": args.precision,
+    }
 
 
 def _demo(args: argparse.Namespace) -> int:
