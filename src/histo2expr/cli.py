@@ -73,7 +73,7 @@ def _check_encoder(name: str) -> None:
 def _check_common(args: argparse.Namespace) -> list[str] | None:
     """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
     from .models import get_method, resolve_device
-    from .patches._source import check_patch_size
+    from ._validation import check_patch_size
 
     check_patch_size(args.patch_size)
     methods = None if args.methods is None else _method_list(args.methods)

@@ -10,10 +10,12 @@ from histo2expr.io._spatialdata import to_spatialdata
 from histo2expr.io._visium import read_visium
 from histo2expr.io._visium_hd import read_visium_hd
 from histo2expr.io._wsi import read_wsi
+from histo2expr.io._wsi_image import open_slide_image
 from histo2expr.io._xenium import read_xenium_he
 
 __all__ = [
     "SlideImage",
+    "open_slide_image",
     "read_hest",
     "read_legacy_st",
     "read_visium",

@@ -159,7 +159,7 @@ def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
         spot_id[spots] = np.arange(len(spots))
     tables = {}
     if adata.n_obs:
-        from .. import __version__
+        from .._version import __version__
 
         table = adata.copy()
         table.uns.pop(TableModel.ATTRS_KEY, None)  # a table of another SpatialData: annotate these elements

@@ -12,25 +12,25 @@ from anndata import AnnData
 from histo2expr._validation import (
     check_microns_per_pixel,
     check_obs_key,
+    check_patch_size,
     check_spot_spacing,
     get_table,
     spatial_coordinates,
 )
+from histo2expr.io import slide_images
 from histo2expr.io._image import PAD_VALUE, LazyImage
-from histo2expr.io._slides import slide_images
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from spatialdata import SpatialData
 
-    from histo2expr.io._slides import SlideImage
+    from histo2expr.io import SlideImage
 
 #: Slides whose pixel sizes differ by at most this fraction are used at their own resolution.
 MPP_TOLERANCE = 0.02
 #: Allowed ratio (target mpp / slide mpp): at most 8x upsampling and 32x downsampling.
 _MIN_ZOOM, _MAX_ZOOM = 1 / 8, 32.0
-_MAX_PATCH_SIZE = 4096
 
 
 def check_indices(indices: Any, n: int, *, what: str = "indices") -> np.ndarray:
@@ -51,20 +51,6 @@ def check_indices(indices: Any, n: int, *, what: str = "indices") -> np.ndarray:
         )
         raise IndexError(msg)
     return array
-
-
-def check_patch_size(patch_size: Any) -> int:
-    """Return ``patch_size`` as an int, or raise when it is not a whole number of pixels from 2 to 4096."""
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int | np.integer):
-        msg = f"`patch_size` must be an integer number of pixels, got {patch_size!r}."
-        raise TypeError(msg)
-    if not 2 <= patch_size <= _MAX_PATCH_SIZE:
-        msg = (
-            f"`patch_size={patch_size}` is out of range; use 2 to {_MAX_PATCH_SIZE} pixels "
-            "(224 is what most encoders expect)."
-        )
-        raise ValueError(msg)
-    return int(patch_size)
 
 
 def _resolve_mpp(mpp: float | None, slides: Sequence[SlideImage]) -> float | None:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import metrics
+from .._records import FIT_KEY
 from .._validation import positive_int
-from ..tl._predictions import FIT_KEY
 from ._utils import (
     check_genes,
     finish,

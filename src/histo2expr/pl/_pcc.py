@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from .. import metrics
+from .._records import FIT_KEY
 from .._validation import positive_int
-from ..tl._predictions import FIT_KEY
 from ._utils import (
     as_keys,
     axes,

@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import metrics
+from .._records import FIT_KEY, SCALES
 from .._validation import spatial_coordinates
-from ..tl._predictions import FIT_KEY
-from ..tl._scale import SCALES
 from ._utils import (
     check_genes,
     finish,

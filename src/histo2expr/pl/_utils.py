@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._records import SCALES, fit_record
+from .._validation import log_expression, slide_labels
 from ..get import predictions
-from ..tl._data import log_expression, slide_labels
-from ..tl._predictions import fit_record
-from ..tl._scale import SCALES
 
 if TYPE_CHECKING:
     from anndata import AnnData

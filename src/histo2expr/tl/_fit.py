@@ -11,8 +11,16 @@ import numpy as np
 import pandas as pd
 
 from .._progress import progress_bar
+from .._records import FIT_KEY, SCALES, h5ad_safe, is_record
 from .._settings import cpu_threads
-from .._validation import check_log_normalised, check_not_empty, check_unique_var_names, get_table
+from .._validation import (
+    check_log_normalised,
+    check_not_empty,
+    check_unique_var_names,
+    get_table,
+    log_expression,
+    slide_labels,
+)
 from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method
 from ..models.scaling import Standardizer
 from ..pp import select_genes
@@ -22,15 +30,12 @@ from ._data import (
     coordinates,
     frozen_inputs,
     gene_pcc_table,
-    h5ad_safe,
-    log_expression,
     score_slides,
-    slide_labels,
     spot_geometry_um,
 )
 from ._model import Histo2ExprModel
-from ._predictions import FIT_KEY, check_key, is_record, prediction_frame, write_results
-from ._scale import SCALES, training_statistics
+from ._predictions import check_key, prediction_frame, write_results
+from ._scale import training_statistics
 
 if TYPE_CHECKING:
     from anndata import AnnData

@@ -86,7 +86,7 @@ class Histo2ExprModel:
 
     def describe(self) -> dict[str, Any]:
         """An h5ad-serialisable summary: method, regime, genes, encoder, patches, parameters."""
-        from ._data import h5ad_safe
+        from .._records import h5ad_safe
 
         return h5ad_safe(
             {
@@ -109,7 +109,7 @@ class Histo2ExprModel:
         """
         import torch
 
-        from ._data import h5ad_safe
+        from .._records import h5ad_safe
 
         records = {"encoder": self.encoder, "patches": self.patches, "params": self.params}
         state = {

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._records import EXTERNAL_PROTOCOL, PREDICT_KEY, SCALES
 from .._settings import cpu_threads
-from .._validation import check_not_empty, check_unique_var_names, get_table
+from .._validation import check_not_empty, check_unique_var_names, get_table, slide_labels
 from ..models.base import SpotSet
-from ._data import coordinates, features_of, slide_labels, tokens_of
+from ._data import coordinates, features_of, tokens_of
 from ._model import Histo2ExprModel
-from ._predictions import EXTERNAL_PROTOCOL, PREDICT_KEY, check_key, prediction_frame, write_results
-from ._scale import SCALES, check_depth_inputs, to_scale, warn_if_unlike_training
+from ._predictions import check_key, prediction_frame, write_results
+from ._scale import check_depth_inputs, to_scale, warn_if_unlike_training
 
 if TYPE_CHECKING:
     from anndata import AnnData
