@@ -72,8 +72,8 @@ def _check_encoder(name: str) -> None:
 
 def _check_common(args: argparse.Namespace) -> list[str] | None:
     """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
-    from .models import get_method, resolve_device
     from ._validation import check_patch_size
+    from .models import get_method, resolve_device
 
     check_patch_size(args.patch_size)
     methods = None if args.methods is None else _method_list(args.methods)
@@ -129,9 +129,7 @@ def _report(
     protocols = list(dict.fromkeys(run.protocol for run in runs))
     for protocol in protocols:
         keys = [run.key for run in runs if run.protocol == protocol]
-        written += pl.save_run_figures(
-            adata, keys=keys, out_dir=out / protocol if len(protocols) > 1 else out
-        )
+        written += pl.save_run_figures(adata, key=keys, out_dir=out / protocol if len(protocols) > 1 else out)
     print("Written:")
     for path in written:
         print(f"  {path}")

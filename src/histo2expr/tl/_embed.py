@@ -100,8 +100,7 @@ def embed_patches(
     """
     import torch
 
-    from ..models import build_encoder, resolve_device
-    from ..models.layers import pool_token_grid
+    from ..models import build_encoder, pool_token_grid, resolve_device
     from ..models.training import autocast
     from ..patches import PatchSource, patch_loader
 
