@@ -4,6 +4,7 @@ Also the lazily read slide images, and the data model as a SpatialData.
 """
 
 from histo2expr.io._hest import read_hest
+from histo2expr.io._image import ArrayImage
 from histo2expr.io._legacy_st import read_legacy_st
 from histo2expr.io._slides import SlideImage, slide_images
 from histo2expr.io._spatialdata import to_spatialdata
@@ -14,6 +15,7 @@ from histo2expr.io._wsi_image import open_slide_image
 from histo2expr.io._xenium import read_xenium_he
 
 __all__ = [
+    "ArrayImage",
     "SlideImage",
     "open_slide_image",
     "read_hest",
