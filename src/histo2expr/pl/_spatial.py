@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -154,8 +155,12 @@ def spatial_expression(
     ``obsm["spatial"]`` and ``uns["spatial"][slide]``; without a ``"hires"`` image the spots are
     drawn on a blank background.
     """
-    import squidpy as sq
     from matplotlib.colors import Normalize
+
+    with warnings.catch_warnings():
+        # docrep's notes on squidpy's own docstrings when squidpy is first imported: nothing to act on
+        warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
+        import squidpy as sq
 
     record = fit_record(adata, key)
     genes = check_genes(genes, predicted_genes(record), key)
