@@ -106,7 +106,7 @@ def test_shared_docstring_fragments_are_filled_in():
     from histo2expr import _docs
 
     placeholders = [f"{{{name}}}" for name in _docs._FRAGMENTS]
-    for namespace in ("io", "pp", "tl", "get", "pl", "splits", "metrics"):
+    for namespace in ("io", "pp", "patches", "tl", "get", "pl", "splits", "metrics"):
         module = importlib.import_module(f"histo2expr.{namespace}")
         for name in module.__all__:
             doc = getattr(module, name).__doc__ or ""

@@ -22,6 +22,10 @@ key
 KEYS = """\
 key
         The ``key_added`` of the fit, or a list of them to compare methods."""
+#: ``slide_key``: the column of the slides.
+SLIDE_KEY = """\
+slide_key
+        Column of ``obs`` with the slide of each spot."""
 #: ``ax`` of a plot of one panel.
 AX = """\
 ax
@@ -44,6 +48,7 @@ With ``return_fig``, the Figure; else, when the figure is not shown, the Axes"""
 _FRAGMENTS = {
     "key_param": KEY,
     "keys_param": KEYS,
+    "slide_key_param": SLIDE_KEY,
     "ax_param": AX,
     "show_save_params": SHOW_SAVE,
     "plot_returns": RETURNS,

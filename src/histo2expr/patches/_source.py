@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anndata import AnnData
 
+from histo2expr._docs import fill_docs
 from histo2expr._validation import (
     check_microns_per_pixel,
     check_obs_key,
@@ -110,6 +111,7 @@ def _check_spacing(adata: AnnData, coords: np.ndarray, codes: np.ndarray, slides
             check_spot_spacing(coords[codes == code], float(spacing), slide=slide, where="`obsm['spatial']`")
 
 
+@fill_docs
 class PatchSource:
     """Square RGB patches centred on the spots, cut lazily at one microns-per-pixel.
 
@@ -140,8 +142,7 @@ class PatchSource:
         Micrometres per pixel of the output patches. ``None``: each slide's native resolution when
         all slides agree within 2 %, else the median slide pixel size (with a warning naming the
         resampled slides); native pixels when no slide records its pixel size.
-    slide_key
-        Column of ``adata.obs`` with the slide of each spot.
+    {slide_key_param}
     spatial_key
         Key of ``adata.obsm`` with the spot centres (x, y) in full-resolution pixels (AnnData only).
     table_key
