@@ -31,7 +31,7 @@ from anndata import AnnData
 FIT_KEY = "histo2expr"
 #: Default ``key_added`` of :func:`~histo2expr.tl.predict_expression` and ``evaluate_expression``.
 PREDICT_KEY = "histo2expr_pred"
-#: ``uns`` key of the marker of an AnnData made by :func:`predicted_adata`.
+#: ``uns`` key of the marker of an AnnData made by :func:`histo2expr.get.predicted_adata`.
 PREDICTED_MARKER = "predicted_expression"
 #: The kinds of record and the function family that writes each.
 KINDS = {"cross_validation": "fit_histo2expr", "fit": "fit_histo2expr", "prediction": "predict_expression"}

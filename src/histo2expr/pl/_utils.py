@@ -192,7 +192,7 @@ def finish(
     import matplotlib.pyplot as plt
 
     fig: Figure = (axes[0] if isinstance(axes, list) else axes).figure  # type: ignore[assignment]
-    if save:
+    if save is not None and save is not False:  # a string, even empty, saves (as scanpy)
         fig.savefig(figure_path(name, save), bbox_inches="tight")
     if show is None:
         show = not ax_given and not return_fig
