@@ -13,6 +13,11 @@ one key, its ``key_added``, and writes (see ``docs/data_model.md``):
 ``obs[f"{key}_fold"]``, ``obsm[f"X_{key}"]``, ``obs[f"{key}_similarity"]``
     The fold of each spot (cross-validation), the method's image embedding and retrieval similarity
     (prediction).
+``obsm[f"{key}_lower"]``, ``obsm[f"{key}_upper"]``, ``obs[f"{key}_ood_pvalue"]``, ``obs[f"{key}_difficulty"]``
+    Prediction intervals (laid out like the predictions), each spot's out-of-distribution p-value and
+    its difficulty (adaptive intervals), see ``docs/trust.md``.
+``var[f"{key}_cv_pcc"]``, ``var[f"{key}_cv_pcc_low"]``, ``var[f"{key}_cv_pcc_high"]``, ``var[f"{key}_predictable"]``
+    Each gene's cross-validated PCC with its confidence interval and predictability flag.
 
 ``tl`` writes them (``tl/_predictions.py``); :mod:`histo2expr.get` and :mod:`histo2expr.pl` read
 them through the functions here.
@@ -26,6 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+
+from ._predictability import COLUMNS, gene_predictability
 
 #: Default ``key_added`` of :func:`~histo2expr.tl.fit_histo2expr`.
 FIT_KEY = "histo2expr"
@@ -41,7 +48,11 @@ EXTERNAL_PROTOCOL = "external slides"
 
 def result_fields(key: str) -> dict[str, list[str]]:
     """Every field a call with ``key_added=key`` may write, besides ``uns[key]``."""
-    return {"obsm": [key, f"X_{key}"], "obs": [f"{key}_fold", f"{key}_similarity"]}
+    return {
+        "obsm": [key, f"X_{key}", f"{key}_lower", f"{key}_upper"],
+        "obs": [f"{key}_fold", f"{key}_similarity", f"{key}_ood_pvalue", f"{key}_difficulty"],
+        "var": [f"{key}_{column}" for column in COLUMNS],
+    }
 
 
 def is_record(value: Any) -> bool:
@@ -101,15 +112,17 @@ def fit_record(adata: AnnData, key: str, *, need: Sequence[str] = ()) -> Mapping
     return record
 
 
-def gene_scores(record: Mapping[str, Any], genes: Sequence[str]) -> np.ndarray:
-    """Each gene's mean cross-validated PCC over held-out slides, NaN where unknown."""
+def gene_scores(record: Mapping[str, Any], genes: Sequence[str]) -> pd.DataFrame:
+    """Each gene's cross-validated PCC, its confidence interval and predictability flag, NaN (False) where unknown."""
     if "gene_pcc" in record and record.get("kind", "cross_validation") == "cross_validation":
-        scores = record["gene_pcc"].mean(axis=1, skipna=True)
+        scores = gene_predictability(record["gene_pcc"])
     elif "cv_pcc" in record:
-        scores = record["cv_pcc"]["cv_pcc"]
+        scores = record["cv_pcc"]
     else:
-        return np.full(len(genes), np.nan)
-    return pd.Series(scores, dtype=np.float64).reindex(list(genes)).to_numpy()
+        scores = pd.DataFrame(columns=["cv_pcc"], dtype=np.float64)
+    scores = scores.reindex(index=list(genes), columns=list(COLUMNS))
+    scores["predictable"] = scores["predictable"].fillna(False).astype(bool)
+    return scores
 
 
 def h5ad_safe(value: Any) -> Any:

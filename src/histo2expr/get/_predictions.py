@@ -1,4 +1,4 @@
-"""The one accessor of stored predictions, and an AnnData of them for scanpy and squidpy."""
+"""The accessors of stored predictions and their intervals, and an AnnData of them for scanpy and squidpy."""
 
 from __future__ import annotations
 
@@ -47,6 +47,38 @@ def predictions(adata: AnnData, key: str | None = None) -> pd.DataFrame:
     return frame.copy()
 
 
+def intervals(adata: AnnData, key: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The prediction intervals stored under ``key``: lower and upper bounds, laid out like the predictions.
+
+    Written by :func:`~histo2expr.tl.fit_histo2expr` (``intervals=...`` with ``cv``: out of fold) and by
+    :func:`~histo2expr.tl.predict_expression` (a model fitted with ``intervals``);
+    ``adata.uns[key]["intervals"]`` says their level and how they were made.
+
+    Parameters
+    ----------
+    adata
+        The AnnData the intervals were written into.
+    key
+        The ``key_added`` of the call; may be left out when ``adata`` holds one set of predictions.
+
+    Returns
+    -------
+    Copies of ``adata.obsm[f"{key}_lower"]`` and ``adata.obsm[f"{key}_upper"]``: float32, index
+    ``adata.obs_names``, columns the genes, on the scale of the predictions.
+    """
+    key = default_key(adata, key)
+    record = fit_record(adata, key)
+    names = (f"{key}_lower", f"{key}_upper")
+    if not all(isinstance(adata.obsm.get(name), pd.DataFrame) for name in names):
+        msg = (
+            f"`adata.uns[{key!r}]` ({record.get('kind', 'fit')}) has no prediction intervals. Fit with "
+            "`hx.tl.fit_histo2expr(adata, cv=..., intervals=True)` (out of fold), or predict with a model fitted "
+            "with `intervals=True`."
+        )
+        raise KeyError(msg)
+    return adata.obsm[names[0]].copy(), adata.obsm[names[1]].copy()
+
+
 def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[str] | None = None) -> AnnData:
     """A new AnnData of the predicted expression: spots x predicted genes, ready for scanpy and squidpy.
 
@@ -68,9 +100,12 @@ def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[s
         The predictions (float32), on the scale ``.uns["predicted_expression"]["scale"]`` names.
     ``.layers["measured"]``
         The measured log-normalised expression of the same genes, when ``adata`` has it.
-    ``.var["cv_pcc"]``
-        Each gene's mean PCC over the held-out slides of the cross-validation behind the model (NaN
-        when unknown): how far its predicted map can be trusted.
+    ``.layers["lower"]``, ``.layers["upper"]``
+        The prediction intervals (:func:`intervals`), when the call wrote them.
+    ``.var["cv_pcc"]``, ``["cv_pcc_low"]``, ``["cv_pcc_high"]``, ``["predictable"]``
+        Each gene's mean PCC over the held-out slides of the cross-validation behind the model, its 95%
+        confidence interval over those slides (NaN when unknown) and whether it lies above zero: keep
+        the trustworthy genes with ``out[:, out.var["predictable"]]``.
     ``.obs``, ``.obsm``, ``.uns["spatial"]``
         Copied from ``adata`` (without prediction tables), so spatial plots work as on measured data.
     ``.uns["predicted_expression"]``
@@ -101,10 +136,13 @@ def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[s
     out = AnnData(
         X=frame[genes].to_numpy(dtype=np.float32),
         obs=adata.obs.copy(),
-        var=pd.DataFrame({"cv_pcc": gene_scores(record, genes)}, index=pd.Index(genes, name="gene")),
+        var=gene_scores(record, genes).rename_axis("gene"),
     )
     if "log1p" in adata.uns and all(g in adata.var_names for g in genes):
         out.layers["measured"] = log_expression(adata, genes)
+    if f"{key}_lower" in adata.obsm:
+        lower, upper = intervals(adata, key)
+        out.layers["lower"], out.layers["upper"] = lower[genes].to_numpy(), upper[genes].to_numpy()
     for name, values in adata.obsm.items():
         if not isinstance(values, pd.DataFrame):
             out.obsm[name] = values.copy()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,13 +29,14 @@ from ._utils import (
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
 #: Inches per panel.
 _PANEL_SIZE = 3.6
 
 
-def _slide_view(adata: AnnData, slide: str, spots: np.ndarray, panels: dict[str, np.ndarray]) -> AnnData:
+def slide_view(adata: AnnData, slide: str, spots: np.ndarray, panels: dict[str, np.ndarray]) -> AnnData:
     """The spots of ``slide`` as squidpy plots them: one ``obs`` column per panel, the slide's image entry.
 
     The spot diameter, when the slide does not record it, is the median distance between
@@ -57,9 +58,32 @@ def _slide_view(adata: AnnData, slide: str, spots: np.ndarray, panels: dict[str,
     return view
 
 
-def _has_image(view: AnnData, slide: str) -> bool:
+def scatter(panel: Axes, view: AnnData, slide: str, column: str, *, norm: Normalize, cmap: str) -> Any:
+    """Draw ``view.obs[column]`` with squidpy's ``spatial_scatter``; return the discs (for a colour bar).
+
+    Each spot is a disc of the spot's diameter over the slide's ``"hires"`` image (blank without one).
+    """
+    with warnings.catch_warnings():
+        # docrep's notes on squidpy's own docstrings when squidpy is first imported: nothing to act on
+        warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
+        import squidpy as sq
+
     entry = view.uns["spatial"][slide]
-    return "hires" in entry.get("images", {}) and "tissue_hires_scalef" in entry["scalefactors"]
+    sq.pl.spatial_scatter(
+        view,
+        color=column,
+        library_id=slide,
+        img="hires" in entry.get("images", {}) and "tissue_hires_scalef" in entry["scalefactors"],
+        img_res_key="hires",
+        size_key="spot_diameter_fullres",
+        cmap=cmap,
+        norm=norm,
+        colorbar=False,
+        frameon=False,
+        axis_label="",
+        ax=panel,
+    )
+    return panel.collections[-1]
 
 
 def colour_limit(value: float | str | None, values: np.ndarray, default: str) -> float:
@@ -80,7 +104,7 @@ def colour_limit(value: float | str | None, values: np.ndarray, default: str) ->
     return float(value)
 
 
-def _panel_axes(ax: Axes | Sequence[Axes] | None, rows: int, columns: int) -> tuple[Figure, np.ndarray, bool]:
+def panel_axes(ax: Axes | Sequence[Axes] | None, rows: int, columns: int) -> tuple[Figure, np.ndarray, bool]:
     """A ``rows x columns`` grid of axes: the given ones (row by row), or those of a new figure."""
     import matplotlib.pyplot as plt
 
@@ -157,11 +181,6 @@ def spatial_expression(
     """
     from matplotlib.colors import Normalize
 
-    with warnings.catch_warnings():
-        # docrep's notes on squidpy's own docstrings when squidpy is first imported: nothing to act on
-        warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
-        import squidpy as sq
-
     record = fit_record(adata, key)
     genes = check_genes(genes, predicted_genes(record), key)
     spots, slide = slide_spots(adata, record, slide, pooled=False)
@@ -179,14 +198,13 @@ def spatial_expression(
     measured = truth(adata, genes, spots) if measured_here else None
     shared = scale_of(adata, key) != SCALES["standardized"]
     columns = 1 if measured is None else 2
-    fig, grid, ax_given = _panel_axes(ax, len(genes), columns)
+    fig, grid, ax_given = panel_axes(ax, len(genes), columns)
     panels = {}
     for i, gene in enumerate(genes):
         if measured is not None:
             panels[f"{gene}: measured"] = measured[:, i]
         panels[f"{gene}: predicted"] = predicted[:, i]
-    view = _slide_view(adata, slide, spots, panels)
-    image = _has_image(view, slide)
+    view = slide_view(adata, slide, spots, panels)
     label = "log expression" if shared else "standardised prediction"
     for i, gene in enumerate(genes):
         names = [f"{gene}: predicted"] if measured is None else [f"{gene}: measured", f"{gene}: predicted"]
@@ -196,22 +214,9 @@ def spatial_expression(
             norm = Normalize(colour_limit(vmin, stacked, "p1"), colour_limit(vmax, stacked, "p99"))
             for name in group:
                 panel = grid[i, names.index(name)]
-                sq.pl.spatial_scatter(
-                    view,
-                    color=name,
-                    library_id=slide,
-                    img=image,
-                    img_res_key="hires",
-                    size_key="spot_diameter_fullres",
-                    cmap=cmap,
-                    norm=norm,
-                    colorbar=False,
-                    frameon=False,
-                    axis_label="",
-                    ax=panel,
-                )
+                discs = scatter(panel, view, slide, name, norm=norm, cmap=cmap)
                 if not shared:
-                    fig.colorbar(panel.collections[-1], ax=panel, shrink=0.8, label=label)
+                    fig.colorbar(discs, ax=panel, shrink=0.8, label=label)
         if measured is None:
             grid[i, 0].set_title(f"{gene}: predicted ({key}), slide {slide}")
         else:

@@ -52,6 +52,7 @@ def write_results(
     predictions: pd.DataFrame | None = None,
     obs: Mapping[str, Any] | None = None,
     obsm: Mapping[str, np.ndarray] | None = None,
+    var: Mapping[str, Any] | None = None,
 ) -> None:
     """Write one call's results under ``key`` at once, removing what an earlier call left there.
 
@@ -68,6 +69,8 @@ def write_results(
         adata.obs[name] = values
     for name, values in (obsm or {}).items():
         adata.obsm[name] = values
+    for name, values in (var or {}).items():
+        adata.var[name] = values
     adata.uns[key] = h5ad_safe(record)
 
 
