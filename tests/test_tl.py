@@ -148,6 +148,9 @@ def test_predict_refuses_another_encoder_or_scale(cohort):
     model.patches = {"patch_size": 64, "mpp": 1.0}
     with pytest.raises(ValueError, match="µm/px"):
         hx.tl.predict_expression(rescaled, model)
+    model.patches = {"patch_size": 64, "mpp": 2.0, "tta": 4}
+    with pytest.raises(ValueError, match=r"embedded with `tta=1`.*`tta=4`"):
+        hx.tl.predict_expression(rescaled, model)
     missing = cohort.copy()
     del missing.obsm["X_histo"]
     with pytest.raises(KeyError, match="embed_patches"):
@@ -260,3 +263,99 @@ def test_embed_by_name_matches_a_prebuilt_encoder(cohort):
     hx.tl.embed_patches(small, encoder=prebuilt, patch_size=64, progress=False, key_added="prebuilt")
     np.testing.assert_allclose(small.obsm["by_name"], small.obsm["prebuilt"], rtol=1e-4, atol=1e-4)
     assert small.uns["by_name"]["encoder"]["weights_sha1"] == small.uns["prebuilt"]["encoder"]["weights_sha1"]
+
+
+class PoolingNet(nn.Module):
+    """Average pooling to a 4 x 4 map of 32 px patches: exactly equivariant under flips and quarter turns."""
+
+    num_features = 3
+
+    def forward_features(self, x):
+        return nn.functional.avg_pool2d(x, 8)
+
+    def forward_head(self, features):
+        return features.mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_embed_patches_tta_averages_the_rotated_views(cohort):
+    from histo2expr.patches import PatchSource, dihedral
+
+    small = cohort[:30].copy()
+    hx.tl.embed_patches(small, encoder=TinyEncoder(), patch_size=64, tta=4, progress=False, key_added="tta")
+    assert small.uns["tta"]["patches"]["tta"] == 4 and small.uns["tta"]["blocks"] == {"spot": [0, 32]}
+    encoder = hx.models.build_encoder(TinyEncoder()).eval()
+    images = torch.from_numpy(
+        PatchSource(small, patch_size=64).read(np.arange(30)).transpose(0, 3, 1, 2).copy()
+    )
+    with torch.no_grad():
+        expected = torch.stack([encoder(dihedral(images, k)) for k in range(4)]).mean(0).numpy()
+    np.testing.assert_allclose(small.obsm["tta"], expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(small.obsm["tta"], small.obsm["X_histo"], atol=1e-3)
+    for bad in (3, True, 0):
+        with pytest.raises(ValueError, match="`tta` must be the number of views"):
+            hx.tl.embed_patches(small, tta=bad)
+
+
+def test_embed_patches_tta_turns_each_views_tokens_back(cohort):
+    small = cohort[:20].copy()
+    for tta in (1, 8):
+        hx.tl.embed_patches(
+            small, encoder=PoolingNet(), patch_size=32, tokens=2, tta=tta, progress=False, key_added=f"v{tta}"
+        )
+    # an equivariant encoder: every view, turned back, has the tokens of the patch itself
+    np.testing.assert_allclose(small.obsm["v8_tokens"], small.obsm["v1_tokens"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(small.obsm["v8"], small.obsm["v1"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(small.obsm["v1_tokens"][:, 0], small.obsm["v1_tokens"][:, 3])
+
+
+def test_embed_patches_appends_context_and_neighbour_blocks(cohort):
+    from histo2expr.models.graphs import spatial_knn
+    from histo2expr.patches import PatchSource
+
+    adata = cohort.copy()
+    hx.tl.embed_patches(
+        adata, encoder=TokenGridNet(), patch_size=32, context=2, neighbours=3, tokens=2, progress=False
+    )
+    features, record = adata.obsm["X_histo"], adata.uns["X_histo"]
+    assert features.shape == (adata.n_obs, 12)
+    assert record["blocks"] == {"spot": [0, 4], "context": [4, 8], "neighbours": [8, 12]}
+    assert record["patches"]["context"] == 2 and record["patches"]["neighbours"] == 3
+    encoder = hx.models.build_encoder(TokenGridNet()).eval()
+    wide = PatchSource(adata, patch_size=32, field=2).read(np.arange(adata.n_obs))
+    with torch.no_grad():
+        context = encoder(torch.from_numpy(wide.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(features[:, 4:8], context, rtol=1e-4, atol=1e-5)
+    nearest = spatial_knn(adata.obsm["spatial"], adata.obs["slide"].astype(str).to_numpy(), k=3)
+    np.testing.assert_allclose(features[:, 8:], features[nearest, :4].mean(axis=1), rtol=1e-5, atol=1e-6)
+    tokens = adata.obsm[
+        "X_histo_tokens"
+    ]  # spot tokens, each followed by the spot's context and neighbour blocks
+    assert tokens.shape == (adata.n_obs, 4, 4 + 8)
+    np.testing.assert_allclose(tokens[:, 2, 4:], features[:, 4:], rtol=1e-6)
+    with pytest.raises(ValueError, match="`neighbours` must be None or a positive number"):
+        hx.tl.embed_patches(adata, neighbours=0)
+    with pytest.raises(ValueError, match="too few for 500 spatial neighbours"):
+        hx.tl.embed_patches(adata, encoder=TokenGridNet(), patch_size=32, neighbours=500, progress=False)
+
+
+class TokenGridNet(nn.Module):
+    """A strided convolution: a 4 x 4 token map of 4 features for 32 px patches."""
+
+    num_features = 4
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, 4, 8, stride=8)
+
+    def forward_features(self, x):
+        return torch.relu(self.conv(x))
+
+    def forward_head(self, features):
+        return features.mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 #: Relative difference of micrometres per pixel tolerated between training and new patches.
 _MPP_TOLERANCE = 0.02
+#: Options of :func:`~histo2expr.tl.embed_patches` that change the features, recorded with the patch
+#: geometry (``None`` values are not recorded), and their defaults.
+_EMBEDDING_OPTIONS = {"tta": 1, "context": None, "neighbours": None, "stain_normalization": None}
 
 
 def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
@@ -43,6 +46,17 @@ def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray
             f"`hx.tl.embed_patches(adata, mpp={trained_mpp:.4g}, key_added={model.use_rep!r})`."
         )
         raise ValueError(msg)
+    for option, default in _EMBEDDING_OPTIONS.items():
+        trained_value = (model.patches or {}).get(option, default)
+        current_value = (record.get("patches") or {}).get(option, default)
+        if trained_value != current_value:
+            msg = (
+                f"The features were embedded with `{option}={current_value!r}` but the model was trained on "
+                f"features embedded with `{option}={trained_value!r}`. Re-embed with "
+                f"`hx.tl.embed_patches(adata, {option}={trained_value!r}, key_added={model.use_rep!r})` and "
+                "the model's other embedding options."
+            )
+            raise ValueError(msg)
     if model.token_rep:
         return _check_tokens(table, model)
     if features.shape[1] != model.params["n_features"]:
