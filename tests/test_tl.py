@@ -230,6 +230,21 @@ def test_end_to_end_regime_fit_predict_save_load(tmp_path):
     np.testing.assert_allclose(out.X, direct.X, rtol=1e-5, atol=1e-6)
 
 
+def test_end_to_end_stain_normalization_is_recorded_and_used_to_predict(cohort):
+    adata = hx.datasets.synthetic(n_slides=2, seed=0, spots_per_side=5, n_genes=12)
+    hx.pp.normalize(adata)
+    params = {"method": "stnet", "use_rep": None, "encoder": "test_resnet", "weights": None, "patch_size": 32}
+    model = hx.tl.fit_histo2expr(
+        adata, genes=6, epochs=1, batch_size=16, progress=False, stain_normalization="macenko", **params
+    )
+    assert model.patches["stain_normalization"] == "macenko"
+    normalised = hx.tl.predict_expression(adata[:, :0].copy(), model).X
+    model.patches = {k: v for k, v in model.patches.items() if k != "stain_normalization"}
+    assert not np.allclose(hx.tl.predict_expression(adata[:, :0].copy(), model).X, normalised)
+    with pytest.raises(ValueError, match="end-to-end regime"):
+        hx.tl.fit_histo2expr(cohort, genes=5, stain_normalization="macenko", progress=False)
+
+
 def test_embed_patches_on_spatialdata_writes_its_table(cohort):
     import tifffile
     from spatialdata import SpatialData
@@ -337,8 +352,11 @@ def test_embed_patches_appends_context_and_neighbour_blocks(cohort):
     np.testing.assert_allclose(tokens[:, 2, 4:], features[:, 4:], rtol=1e-6)
     with pytest.raises(ValueError, match="`neighbours` must be None or a positive number"):
         hx.tl.embed_patches(adata, neighbours=0)
-    with pytest.raises(ValueError, match="too few for 500 spatial neighbours"):
-        hx.tl.embed_patches(adata, encoder=TokenGridNet(), patch_size=32, neighbours=500, progress=False)
+    # more neighbours than a slide has spots: the mean of the slide's other spots
+    one = adata[adata.obs["slide"] == "S1"].copy()
+    hx.tl.embed_patches(one, encoder=TokenGridNet(), patch_size=32, neighbours=500, progress=False)
+    spot = one.obsm["X_histo"][:, :4]
+    np.testing.assert_allclose(one.obsm["X_histo"][0, 4:], spot[1:].mean(axis=0), rtol=1e-5)
 
 
 class TokenGridNet(nn.Module):

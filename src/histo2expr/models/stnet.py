@@ -80,7 +80,8 @@ class STNetMethod(TorchMethod):
         it with AdamW.
     alphas
         Candidate L2 penalties of the closed-form head, relative to the number of spots (without
-        validation spots, the middle one is used).
+        validation spots, the middle one is used; the head is solved on the training and the
+        validation spots whenever there are some).
 
     Notes
     -----
@@ -153,18 +154,18 @@ class STNetMethod(TorchMethod):
         alphas = np.asarray(self.params["alphas"])
         x, y = train.features.astype(np.float64), train.targets.astype(np.float64)
         notes: dict[str, Any] = {"solver": "closed_form"}
-        if validation is not None and len(alphas) > 1:
-            offset, target_offset = x.mean(0), y.mean(0)
-            predicted = ridge_predictions(
-                x - offset, y - target_offset, validation.features - offset, alphas * len(x)
-            )
-            scores = [pcc_acg(validation.targets, p + target_offset) for p in predicted]
-            notes["validation_pcc"] = [float(v) for v in scores]
+        alpha = float(alphas[len(alphas) // 2])
+        if validation is not None:
+            if len(alphas) > 1:
+                offset, target_offset = x.mean(0), y.mean(0)
+                predicted = ridge_predictions(
+                    x - offset, y - target_offset, validation.features - offset, alphas * len(x)
+                )
+                scores = [pcc_acg(validation.targets, p + target_offset) for p in predicted]
+                notes["validation_pcc"] = [float(v) for v in scores]
+                alpha = float(alphas[int(np.nanargmax(scores))])
             x = np.concatenate([x, validation.features])
             y = np.concatenate([y, validation.targets.astype(np.float64)])
-            alpha = float(alphas[int(np.nanargmax(scores))])
-        else:
-            alpha = float(alphas[len(alphas) // 2])
         notes["alpha"] = alpha
         offset, target_offset = x.mean(0), y.mean(0)
         coefficients = ridge_coefficients(x - offset, y - target_offset, alpha * len(x))

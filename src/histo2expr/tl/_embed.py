@@ -79,8 +79,9 @@ def embed_patches(
         ``tta``; its features follow the spot's. ``None``: no context view.
     neighbours
         Also append the mean spot-view features of the spot's ``neighbours`` nearest spots on
-        its own slide (:func:`histo2expr.models.graphs.spatial_knn`); no extra forward pass.
-        ``None``: no neighbour block.
+        its own slide (:func:`histo2expr.models.graphs.spatial_knn`; all other spots of a slide
+        with fewer, the spot itself on a slide of one spot); no extra forward pass. ``None``: no
+        neighbour block.
     stain_normalization
         ``None`` or ``"macenko"``: every slide's patches re-stained to reference stain vectors
         from that slide's own Macenko estimate (see :class:`~histo2expr.patches.PatchSource`).
@@ -126,7 +127,6 @@ def embed_patches(
     import torch
 
     from ..models import build_encoder, resolve_device
-    from ..models.graphs import spatial_knn
     from ..patches import PatchSource
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -154,10 +154,7 @@ def embed_patches(
     }
     source = PatchSource(data, **geometry)
     context_source = None if context is None else PatchSource(data, field=context, **geometry)
-    if neighbours is not None:
-        nearest = spatial_knn(
-            spatial_coordinates(table), table.obs[slide_key].astype(str).to_numpy(), k=neighbours
-        )
+    coords = spatial_coordinates(table)
     model = build_encoder(encoder, weights=weights)
     target = resolve_device(device)
     model.to(target).eval()
@@ -178,7 +175,7 @@ def embed_patches(
     if context_source is not None:
         blocks["context"] = _embed_views(context_source, tokens=None, desc="context", **run)[0]
     if neighbours is not None:
-        blocks["neighbours"] = features[nearest].mean(axis=1)
+        blocks["neighbours"] = _neighbour_mean(features, coords, table.obs[slide_key].to_numpy(), neighbours)
     widths = np.cumsum([0] + [block.shape[1] for block in blocks.values()])
     extra = [block for name, block in blocks.items() if name != "spot"]
     table.obsm[key_added] = np.concatenate(list(blocks.values()), axis=1)
@@ -250,6 +247,21 @@ def _embed_views(
                 token_array[rows] = (grid_sum / len(views)).cpu().numpy()
             bar.update(len(images))
     return features, token_array
+
+
+def _neighbour_mean(features: np.ndarray, coords: np.ndarray, slides: np.ndarray, k: int) -> np.ndarray:
+    """Mean ``features`` of every spot's ``k`` nearest spots of its slide (fewer on a small slide; itself alone)."""
+    from ..models.graphs import spatial_knn
+
+    means = np.empty_like(features)
+    for slide in dict.fromkeys(slides):
+        rows = np.flatnonzero(slides == slide)
+        if len(rows) == 1:
+            means[rows] = features[rows]
+            continue
+        nearest = spatial_knn(coords[rows], slides[rows], k=min(k, len(rows) - 1))
+        means[rows] = features[rows][nearest].mean(axis=1)
+    return means
 
 
 def _turned_back(tokens: torch.Tensor, k: int, side: int) -> torch.Tensor:

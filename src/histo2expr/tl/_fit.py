@@ -111,6 +111,7 @@ def fit_histo2expr(
     use_rep: str | None = "X_histo",
     patch_size: int = 224,
     mpp: float | None = None,
+    stain_normalization: str | None = None,
     epochs: int = 50,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -160,8 +161,11 @@ def fit_histo2expr(
         when present, else the pooled features as a single token (with a warning).
         ``None``: end-to-end regime, the method trains its encoder on patches cut at
         ``patch_size`` / ``mpp``.
-    patch_size, mpp
-        Patch geometry of the end-to-end regime.
+    patch_size, mpp, stain_normalization
+        Patches of the end-to-end regime: side, micrometres per pixel, and ``None`` or
+        ``"macenko"`` (each slide re-stained from its own stain vectors, see
+        :class:`~histo2expr.patches.PatchSource`). In the frozen regime these are choices of
+        :func:`~histo2expr.tl.embed_patches`.
     epochs, batch_size, lr, weight_decay, patience
         Training of the torch methods (AdamW, early stopping after ``patience``
         epochs without improvement of the inner validation loss).
@@ -245,6 +249,12 @@ def fit_histo2expr(
             else "pass `use_rep=` with frozen features."
         )
         raise ValueError(msg)
+    if use_rep is not None and stain_normalization is not None:
+        msg = (
+            "`stain_normalization` applies to the patches of the end-to-end regime (`use_rep=None`); for frozen "
+            "features pass it to `hx.tl.embed_patches(..., stain_normalization=...)`."
+        )
+        raise ValueError(msg)
     features = patches = token_rep = None
     encoder = patch_geometry = None
     if use_rep is not None:
@@ -254,8 +264,17 @@ def fit_histo2expr(
     else:
         from ..patches import PatchSource
 
-        patches = PatchSource(data, patch_size=patch_size, mpp=mpp, slide_key=slide_key, table_key=table_key)
+        patches = PatchSource(
+            data,
+            patch_size=patch_size,
+            mpp=mpp,
+            stain_normalization=stain_normalization,
+            slide_key=slide_key,
+            table_key=table_key,
+        )
         patch_geometry = {"patch_size": patches.patch_size, "mpp": patches.mpp}
+        if stain_normalization is not None:
+            patch_geometry["stain_normalization"] = stain_normalization
     patch_geometry = {**(patch_geometry or {}), **spot_geometry_um(table)}
     log_expression(table[:1], table.var_names[:1])  # fail early when X is not log-normalised
     inputs = _Inputs(table, slides, coordinates(table), features, patches)

@@ -152,6 +152,7 @@ def predict_expression(
             data,
             patch_size=geometry["patch_size"],
             mpp=geometry.get("mpp"),
+            stain_normalization=geometry.get("stain_normalization"),
             slide_key=slide_key,
             table_key=table_key,
         )
