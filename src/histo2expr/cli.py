@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from ._hest_benchmark import PROTOCOLS
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -16,7 +19,7 @@ if TYPE_CHECKING:
     from ._benchmark import MethodRun
 
 #: Readers of ``histo2expr benchmark --reader``.
-READERS = ("auto", "legacy_st", "visium", "h5ad")
+READERS = ("auto", "legacy_st", "visium", "hest", "h5ad")
 #: Cross-validation schemes of ``histo2expr benchmark --cv``.
 CV_SCHEMES = ("leave_one_slide_out", "leave_one_patient_out")
 
@@ -25,8 +28,78 @@ class CommandError(Exception):
     """Bad command-line input: printed as one line on stderr, exit status 2."""
 
 
+#: What histo2expr raises for bad input; the command prints its message as one line (exit status 2).
+BAD_INPUT = (CommandError, ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (a :class:`CommandError`), not usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandError(f"{message} (see `{self.prog} --help`)")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer of at least {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _method_list(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _check_encoder(name: str) -> None:
+    """Raise the encoder's clear error now when ``name`` is no encoder, without building a known one."""
+    import timm
+    from timm.models import split_model_name_tag
+
+    from .models import BUILTIN_ENCODERS, ENCODER_PRESETS, build_encoder
+
+    timm_name = split_model_name_tag(BUILTIN_ENCODERS.get(name, name))[0]
+    if name != "colour_texture" and name not in ENCODER_PRESETS and not timm.is_model(timm_name):
+        build_encoder(name, weights=None)  # fails with the names there are
+
+
+def _check_common(args: argparse.Namespace) -> list[str] | None:
+    """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
+    from .models import get_method, resolve_device
+    from .patches._source import check_patch_size
+
+    check_patch_size(args.patch_size)
+    methods = None if args.methods is None else _method_list(args.methods)
+    if methods is not None:
+        if not methods:
+            raise CommandError("--methods names no method; give e.g. --methods ridge,stnet.")
+        for method in methods:
+            get_method(method)
+        if len(set(methods)) != len(methods):
+            raise CommandError(f"--methods lists a method twice ({args.methods}); give each once.")
+    _check_encoder(args.encoder)
+    try:
+        resolve_device(args.device)
+    except RuntimeError as error:
+        raise CommandError(f"--device {args.device}: {error}") from error
+    if args.out.exists() and not args.out.is_dir():
+        raise CommandError(
+            f"--out {args.out} is a file; give a folder for the results (it is made if missing)."
+        )
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(
+            f"--out {args.out} cannot be made ({error.strerror}); give a writable folder."
+        ) from error
+    if not os.access(args.out, os.W_OK):
+        raise CommandError(f"--out {args.out} is not writable; give a folder you can write to.")
+    return methods
 
 
 def _report(
@@ -37,15 +110,19 @@ def _report(
     title: str,
     preamble: list[str],
     settings: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Print the report, write results.json / results.md and the figures into ``out``, say where."""
+    """Print the report, write results.json / results.md and the figures into ``out``, say where.
+
+    ``extra``: further top-level entries of results.json.
+    """
     from . import pl
     from ._benchmark import results_markdown, write_results
 
     markdown = results_markdown(runs, title=title, preamble=preamble)
     print()
     print(markdown)
-    written = write_results(runs, out, markdown=markdown, settings=settings)
+    written = write_results(runs, out, markdown=markdown, settings=settings, extra=extra)
     written += pl.save_run_figures(adata, keys=[run.method for run in runs], out_dir=out)
     print("Written:")
     for path in written:
@@ -71,8 +148,13 @@ def _token_grid(encoder: Any, patch_size: int) -> int | None:
     return min(TOKEN_GRID, int(n_tokens**0.5))
 
 
-def _embed(adata: AnnData, args: argparse.Namespace, methods: Sequence[str]) -> float:
-    """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them); seconds taken."""
+def _embed(
+    adata: AnnData, args: argparse.Namespace, methods: Sequence[str], *, mpp: float | None = None
+) -> float:
+    """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them); seconds taken.
+
+    ``mpp``: pixel size of the patches (None: the slides' native resolution).
+    """
     from . import tl
     from .models import build_encoder, get_method
 
@@ -85,6 +167,7 @@ def _embed(adata: AnnData, args: argparse.Namespace, methods: Sequence[str]) -> 
         tokens=grid,
         encoder=args.encoder,
         patch_size=args.patch_size,
+        mpp=mpp,
         num_workers=args.workers,
         device=args.device,
         progress=not args.quiet,
@@ -99,7 +182,7 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.n_slides < 2:
         raise CommandError("cross-validation needs at least two slides; use --n-slides 2 or more.")
-    methods = _method_list(args.methods)
+    methods = _check_common(args)
     print(
         f"histo2expr demo: synthetic cohort of {args.n_slides} slides (seed {args.seed}), frozen {args.encoder} "
         f"features of {args.patch_size} px patches; leave-one-slide-out for {', '.join(methods)} on "
@@ -151,11 +234,23 @@ def _demo(args: argparse.Namespace) -> int:
 def _detect_reader(path: Path) -> str:
     if path.suffix == ".h5ad":
         return "h5ad"
-    if any(path.glob("*/filtered_feature_bc_matrix.h5")) or any(
-        path.glob("*/outs/filtered_feature_bc_matrix.h5")
-    ):
+    if (path / "st").is_dir() and (path / "metadata").is_dir():
+        return "hest"
+    if _space_ranger_folders(path):
         return "visium"
     return "legacy_st"
+
+
+def _space_ranger_folders(path: Path) -> list[Path]:
+    """The Space Ranger output folders directly under ``path`` (or their ``outs``): those with counts (.h5 or mtx)."""
+    return sorted(
+        {
+            counts.parent
+            for pattern in ("*/filtered_feature_bc_matrix*", "*/outs/filtered_feature_bc_matrix*")
+            for counts in path.glob(pattern)
+            if counts.name in ("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix")
+        }
+    )
 
 
 def _read_visium_folder(path: Path) -> AnnData:
@@ -164,20 +259,29 @@ def _read_visium_folder(path: Path) -> AnnData:
 
     from . import io
 
-    outs = sorted(
-        {
-            h5.parent
-            for h5 in [
-                *path.glob("*/filtered_feature_bc_matrix.h5"),
-                *path.glob("*/outs/filtered_feature_bc_matrix.h5"),
-            ]
-        }
-    )
+    outs = _space_ranger_folders(path)
     slides = [
         io.read_visium(folder, library_id=(folder.parent if folder.name == "outs" else folder).name)
         for folder in outs
     ]
     return ad.concat(slides, join="inner", merge="same", uns_merge="unique")
+
+
+def _check_data(path: Path, reader: str) -> str:
+    """The reader of ``--data``, after checking that the path can be what it reads."""
+    if not path.exists():
+        raise CommandError(f"--data {path} does not exist; give the dataset folder (or .h5ad file).")
+    reader = _detect_reader(path) if reader == "auto" else reader
+    if reader == "h5ad" and not path.is_file():
+        raise CommandError(
+            f"--data {path} is a folder, not an .h5ad file; give the file, or --reader for the folder."
+        )
+    if reader != "h5ad" and not path.is_dir():
+        raise CommandError(
+            f"--data {path} is a file, but the {reader} reader reads a folder; give the dataset folder (legacy ST, "
+            "or a folder of Space Ranger outputs) or an .h5ad file."
+        )
+    return reader
 
 
 def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | None = None) -> AnnData:
@@ -187,10 +291,10 @@ def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | Non
     ----------
     path
         A legacy ST dataset folder (:func:`histo2expr.io.read_legacy_st`), a folder of Space
-        Ranger output folders (one Visium slide each, :func:`histo2expr.io.read_visium`) or an
-        ``.h5ad`` file following the data model.
+        Ranger output folders (one Visium slide each, :func:`histo2expr.io.read_visium`), a HEST
+        folder (:func:`histo2expr.io.read_hest`) or an ``.h5ad`` file following the data model.
     reader
-        ``"legacy_st"``, ``"visium"``, ``"h5ad"`` or ``"auto"`` (from the path).
+        ``"legacy_st"``, ``"visium"``, ``"hest"``, ``"h5ad"`` or ``"auto"`` (from the path).
     slides
         Slide ids to keep; all by default.
     """
@@ -198,18 +302,18 @@ def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | Non
 
     from . import io
 
-    if not path.exists():
-        raise CommandError(f"--data {path} does not exist; give the dataset folder (or .h5ad file).")
-    reader = _detect_reader(path) if reader == "auto" else reader
+    reader = _check_data(path, reader)
     if reader == "legacy_st":
         adata = io.read_legacy_st(path, sections=slides)
+    elif reader == "hest":
+        adata = io.read_hest(path, ids=slides)
     elif reader == "visium":
         adata = _read_visium_folder(path)
     else:
         adata = ad.read_h5ad(path)
     if "slide" not in adata.obs:
         raise CommandError(f"{path} has no obs['slide'] column; benchmarks cross-validate by slide.")
-    if slides and reader != "legacy_st":
+    if slides and reader not in ("legacy_st", "hest"):
         missing = sorted(set(slides) - set(adata.obs["slide"].astype(str)))
         if missing:
             raise CommandError(
@@ -219,16 +323,61 @@ def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | Non
     return adata
 
 
+def _protocol(args: argparse.Namespace) -> tuple[str, int, float | None]:
+    """Cross-validation, number of genes and patch pixel size of the chosen protocol (options override)."""
+    from ._hest_benchmark import HEST_GENES, HEST_MPP
+
+    if args.protocol == "hest":
+        if args.cv not in (None, "leave_one_patient_out"):
+            raise CommandError(
+                f"--protocol hest holds out one patient at a time; drop --cv {args.cv} or use leave_one_patient_out."
+            )
+        return "leave_one_patient_out", args.genes or HEST_GENES, HEST_MPP
+    return args.cv or "leave_one_slide_out", args.genes or 250, None
+
+
+def _hest_scores(adata: AnnData, runs: list[MethodRun], genes: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The report section and the results entries of HEST-Benchmark's score, per method."""
+    import pandas as pd
+
+    from ._hest_benchmark import hest_fold_pearson
+
+    scores = {run.method: hest_fold_pearson(adata, run.method, genes) for run in runs}
+    table = pd.DataFrame(
+        {
+            method: {
+                "mean over folds": f"{folds['pearson_mean'].mean():.4f}",
+                "std over folds": f"{folds['pearson_mean'].std(ddof=0):.4f}",
+                **{f"fold {row.fold}": f"{row.pearson_mean:.4f}" for row in folds.itertuples()},
+            }
+            for method, folds in scores.items()
+        }
+    )
+    lines = [
+        "## HEST-Benchmark score",
+        "",
+        "Per fold (one patient held out), the Pearson correlation of each gene over all held-out spots pooled, "
+        "averaged over the genes; then the mean and standard deviation over folds, as HEST-Benchmark reports.",
+        "",
+        table.to_markdown(),
+        "",
+    ]
+    return lines, {method: folds.to_dict(orient="records") for method, folds in scores.items()}
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     from . import pp
     from ._benchmark import compare_methods, machine_description
+    from ._hest_benchmark import hest_genes, hest_log_expression
     from .models import available_methods, get_method
 
     start = time.perf_counter()
-    if args.methods is None:
+    methods = _check_common(args)
+    cv, n_genes, mpp = _protocol(args)
+    hest = args.protocol == "hest"
+    if methods is None:
         methods = [m for m in available_methods() if args.regime in get_method(m).regimes]
-    else:
-        methods = _method_list(args.methods)
+    _check_data(args.data, args.reader)
     for method in methods:
         if args.regime not in get_method(method).regimes:
             raise CommandError(
@@ -240,32 +389,42 @@ def _benchmark(args: argparse.Namespace) -> int:
     n_slides = adata.obs["slide"].nunique()
     if n_slides < 2:
         raise CommandError(f"{args.data} has {n_slides} slide; cross-validation needs at least two.")
-    if args.cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
+    if n_genes > adata.n_vars:
+        raise CommandError(f"--genes {n_genes} exceeds the {adata.n_vars} genes of {args.data}; lower it.")
+    if cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
         raise CommandError("leave_one_patient_out needs obs['patient'] with at least two patients.")
-    pp.normalize(adata)
+    if hest:
+        hest_log_expression(adata)
+        genes: int | list[str] = hest_genes(adata, n_genes)
+        gene_rule = f"HEST-Benchmark's {n_genes} highly variable genes of all slides (log1p counts)"
+    else:
+        pp.normalize(adata)
+        genes = n_genes
+        gene_rule = f"{n_genes} highly expressed genes chosen on the training slides of each fold"
     print(
-        f"histo2expr benchmark: {adata.n_obs} spots on {n_slides} slides of {args.data}; "
-        f"{args.cv}, {args.regime} regime ({args.encoder}), {args.genes} genes, methods {', '.join(methods)}."
+        f"histo2expr benchmark ({args.protocol} protocol): {adata.n_obs} spots on {n_slides} slides of {args.data}; "
+        f"{cv}, {args.regime} regime ({args.encoder}), {n_genes} genes, methods {', '.join(methods)}."
     )
     fit_kwargs: dict[str, Any] = {"epochs": args.epochs, "device": args.device, "num_workers": args.workers}
     embed_seconds = None
     if args.regime == "frozen":
-        embed_seconds = _embed(adata, args, methods)
+        embed_seconds = _embed(adata, args, methods, mpp=mpp)
     else:
-        fit_kwargs.update(use_rep=None, patch_size=args.patch_size)
-    if args.cv == "leave_one_patient_out":
+        fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
+    if cv == "leave_one_patient_out":
         fit_kwargs["patient_key"] = "patient"
     method_params = {m: {"encoder": args.encoder} for m in methods} if args.regime == "end2end" else None
     runs = compare_methods(
         adata,
         methods,
-        cv=args.cv,
-        genes=args.genes,
+        cv=cv,
+        genes=genes,
         seed=args.seed,
         progress=not args.quiet,
         method_params=method_params,
         **fit_kwargs,
     )
+    hest_lines, hest_results = _hest_scores(adata, runs, genes) if hest else ([], None)
     total = time.perf_counter() - start
     machine = machine_description()
     command = "histo2expr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
@@ -275,7 +434,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         adata,
         runs,
         out=args.out,
-        title=f"histo2expr benchmark: {args.data.name}, {args.cv}, {args.regime} {args.encoder}",
+        title=f"histo2expr benchmark: {args.data.name}, {args.protocol} protocol, {cv}, {args.regime} {args.encoder}",
         preamble=[
             f"Command: `{command}`",
             "",
@@ -283,48 +442,65 @@ def _benchmark(args: argparse.Namespace) -> int:
             f"{machine['torch_threads']} thread(s), Python {machine['python']}, {machine['platform']}.",
             "",
             f"Data: {adata.n_obs} spots on {n_slides} slides ({', '.join(map(str, adata.obs['slide'].unique()))}); "
-            f"{args.genes} highly expressed genes chosen on the training slides of each fold; {args.patch_size} px "
-            f"patches; at most {args.epochs} epochs; seed {args.seed}.{embedded} Whole run: {total:.1f} s.",
+            f"{gene_rule}; {args.patch_size} px patches"
+            f"{'' if mpp is None else f' at {mpp} µm/px'}; at most {args.epochs} epochs; seed {args.seed}."
+            f"{embedded} Whole run: {total:.1f} s.",
             "",
+            *hest_lines,
         ],
         settings={
             "command": command,
             "data": str(args.data),
             "reader": args.reader,
+            "protocol": args.protocol,
             "slides": sorted(map(str, adata.obs["slide"].unique())),
             "n_spots": adata.n_obs,
-            "cv": args.cv,
+            "cv": cv,
             "regime": args.regime,
             "encoder": args.encoder,
             "patch_size": args.patch_size,
-            "genes": args.genes,
+            "patch_mpp": mpp,
+            "genes": genes,
             "epochs": args.epochs,
             "seed": args.seed,
             "embedding_seconds": embed_seconds,
             "total_seconds": total,
         },
+        extra=None if hest_results is None else {"hest_pearson": hest_results},
     )
     return 0
 
 
-def _add_common(add: Any, *, genes: int, epochs: int, methods: str | None, out: str) -> None:
-    add("--seed", type=int, default=0, help="seed of the training (and the synthetic cohort) (default 0)")
-    add("--genes", type=int, default=genes, help=f"highly expressed genes to predict (default {genes})")
+def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None, out: str) -> None:
+    add(
+        "--seed",
+        type=_int_at_least(0),
+        default=0,
+        help="seed of the training (and the synthetic cohort) (default 0)",
+    )
+    shown_genes = genes or "250; 50 with --protocol hest"
+    add(
+        "--genes",
+        type=_int_at_least(1),
+        default=genes,
+        help=f"number of genes to predict (default {shown_genes})",
+    )
     shown = methods or "every registered method of the regime"
     add("--methods", default=methods, help=f"comma-separated methods (default: {shown})")
     add(
         "--encoder",
         default="efficientnet_lite0",
-        help="encoder: efficientnet_lite0 (ImageNet, offline), colour_texture (no weights) or a timm name",
+        help="encoder: efficientnet_lite0/1/2 (ImageNet, offline), colour_texture (no weights), a pathology "
+        "foundation model (uni, uni2-h, virchow2, h-optimus-0, ...) or a timm name",
     )
     add(
         "--epochs",
-        type=int,
+        type=_int_at_least(1),
         default=epochs,
         help=f"maximum training epochs of the torch methods (default {epochs})",
     )
-    add("--patch-size", type=int, default=224, help="patch side in pixels (default 224)")
-    add("--workers", type=int, default=0, help="DataLoader workers reading patches (default 0)")
+    add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
+    add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers reading patches (default 0)")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default auto)")
     add("--out", type=Path, default=Path(out), help=f"folder for results and figures (default {out})")
     add("--quiet", action="store_true", help="no progress bars")
@@ -333,9 +509,7 @@ def _add_common(add: Any, *, genes: int, epochs: int, methods: str | None, out: 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="histo2expr", description="Predict spatial gene expression from H&E images."
-    )
+    parser = _Parser(prog="histo2expr", description="Predict spatial gene expression from H&E images.")
     parser.add_argument("--version", action="version", version=f"histo2expr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -352,15 +526,22 @@ def _parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         required=True,
-        help="dataset folder (legacy ST, folder of Visium outs) or .h5ad file",
+        help="dataset folder (legacy ST, folder of Visium outs, HEST) or .h5ad file",
     )
     add("--reader", choices=READERS, default="auto", help="how to read --data (default: from the path)")
     add("--slides", default=None, help="comma-separated slides to keep (default: all)")
     add(
         "--cv",
         choices=CV_SCHEMES,
-        default="leave_one_slide_out",
-        help="cross-validation (default leave_one_slide_out)",
+        default=None,
+        help="cross-validation (default leave_one_slide_out; leave_one_patient_out with --protocol hest)",
+    )
+    add(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="histo2expr",
+        help="histo2expr (genes chosen per fold, log-normalised targets; default) or hest (HEST-Benchmark's "
+        "genes, targets, patient folds, 0.5 µm/px patches and score)",
     )
     add(
         "--regime",
@@ -368,19 +549,32 @@ def _parser() -> argparse.ArgumentParser:
         default="frozen",
         help="frozen features or end-to-end (default frozen)",
     )
-    _add_common(add, genes=250, epochs=50, methods=None, out="histo2expr-benchmark")
+    _add_common(add, genes=None, epochs=50, methods=None, out="histo2expr-benchmark")
     bench.set_defaults(func=_benchmark)
     return parser
 
 
+def _one_line(error: Exception) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``histo2expr`` command."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``histo2expr`` command.
+
+    Every argument is checked before any work starts; bad input (a bad argument, or data histo2expr
+    refuses) prints one line on stderr naming the problem and the fix, and returns exit status 2.
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except CommandError as error:
+        print(f"histo2expr: {_one_line(error)}", file=sys.stderr)
+        return 2
     args.argv = None if argv is None else list(argv)
     try:
         return args.func(args)
-    except (CommandError, ValueError) as error:  # bad input: the message names the problem and the fix
-        print(f"histo2expr {args.command}: {error}", file=sys.stderr)
+    except BAD_INPUT as error:  # the message names the problem and the fix
+        print(f"histo2expr {args.command}: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 from histo2expr._validation import check_obs_key, get_table, spatial_coordinates
@@ -22,7 +23,9 @@ from histo2expr.io._image import (
     ArrayImage,
     _pil_to_rgb,
     no_pixel_limit,
+    read_image_size,
     to_rgb_uint8,
+    unreadable_image,
 )
 from histo2expr.io._wsi_image import open_slide_image
 
@@ -108,12 +111,16 @@ def downscale_image(path: str | Path, *, max_px: int = 2000) -> tuple[np.ndarray
     from PIL import Image
 
     path = Path(path)
-    with no_pixel_limit(), Image.open(path) as image:
-        size, scale = _target_size(*image.size, max_px)
-        image.draft(None, size)
-        if image.mode != "RGB":
-            image = Image.fromarray(_pil_to_rgb(image, path))
-        return _shrink(image, size), scale
+    read_image_size(path)  # a clear error for a damaged or misnamed file
+    try:
+        with no_pixel_limit(), Image.open(path) as image:
+            size, scale = _target_size(*image.size, max_px)
+            image.draft(None, size)
+            if image.mode != "RGB":
+                image = Image.fromarray(_pil_to_rgb(image, path))
+            return _shrink(image, size), scale
+    except OSError as error:  # e.g. damaged compressed data inside a complete-looking file
+        raise unreadable_image(path, error) from error
 
 
 def downscale_pixels(pixels: np.ndarray, *, max_px: int = 2000) -> tuple[np.ndarray, float]:
@@ -172,6 +179,51 @@ def spatial_entry(
     if source_image_level is not None:
         metadata["source_image_level"] = int(source_image_level)
     return {"images": {"hires": hires}, "scalefactors": scalefactors, "metadata": metadata}
+
+
+def spot_table(
+    counts: Any,
+    *,
+    var: pd.DataFrame,
+    obs: pd.DataFrame,
+    slide: str,
+    patient: str,
+    coords: np.ndarray,
+    entry: dict,
+    source: str | Path,
+) -> AnnData:
+    """One slide's spots in the data model, as every reader returns them.
+
+    ``X`` raw counts (float32 CSR, checked), ``obs_names`` ``"{slide}_{barcode}"``, categorical
+    ``obs['slide']`` and ``obs['patient']`` before the columns of ``obs`` (indexed by barcode),
+    ``obsm['spatial']`` = ``coords`` and ``uns['spatial'][slide]`` = ``entry``. Duplicated gene names are
+    made unique with a warning naming ``source``, the file the counts came from. A slide id that writing
+    would mangle is refused (``_validation.check_slide_id``).
+    """
+    from scipy import sparse
+
+    from histo2expr._validation import check_counts, check_slide_id
+
+    slide = check_slide_id(slide)
+    matrix = sparse.csr_matrix(counts, dtype=np.float32)
+    check_counts(matrix, where=f"Count matrix {source}")
+    obs = obs.copy()
+    obs.index = slide + "_" + obs.index.astype(str)
+    obs.insert(0, "slide", pd.Categorical([slide] * len(obs)))
+    obs.insert(1, "patient", pd.Categorical([patient] * len(obs)))
+    out = AnnData(X=matrix, obs=obs, var=var.copy())
+    if out.var_names.has_duplicates:
+        duplicated = list(out.var_names[out.var_names.duplicated()].unique()[:5])
+        warnings.warn(
+            f"{Path(source).name} has duplicated gene names (e.g. {duplicated}); they are made unique with "
+            "`AnnData.var_names_make_unique`.",
+            UserWarning,
+            stacklevel=3,
+        )
+        out.var_names_make_unique()
+    out.obsm["spatial"] = np.asarray(coords, dtype=np.float64)
+    out.uns["spatial"] = {slide: entry}
+    return out
 
 
 # --- reading: AnnData --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._validation import check_obs_key, spatial_coordinates
+from .._validation import check_element_name, check_obs_key, check_slide_id, spatial_coordinates
 from ._slides import SlideImage, slide_images
 from ._wsi_image import PyramidImage, open_slide_image
 
@@ -63,19 +63,26 @@ def _image_element(slide: SlideImage, system: str) -> Any:
     return tree
 
 
+#: Key of the table's ``uns`` entry recording the export.
+PROVENANCE_KEY = "histo2expr_to_spatialdata"
+
+
 def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
     """The dataset as a :class:`~spatialdata.SpatialData`: each slide's image, its spots as circles, the table.
 
-    Works on any AnnData of the data model, e.g. the pseudo-spots of :func:`histo2expr.pp.tile_slide`
-    with the predictions of :func:`histo2expr.tl.predict_expression`, for spatialdata-plot, napari or
-    squidpy. Nothing is copied or read: images are dask arrays reading the slide file region by region,
-    with one scale per pyramid level of the file (from the full-resolution level down).
+    Works on any AnnData of the data model, e.g. the measured spots of a reader, or the predictions
+    of :func:`histo2expr.tl.predict_expression` (on real spots or the pseudo-spots of
+    :func:`histo2expr.pp.tile_slide`): the table is that AnnData as it is, whatever it holds, for
+    spatialdata-plot, napari-spatialdata or squidpy. Nothing is copied or read: images are dask
+    arrays reading the slide file region by region, with one scale per pyramid level of the file
+    (from the full-resolution level down).
 
     Parameters
     ----------
     adata
         AnnData following the histo2expr data model (``uns["spatial"][slide]`` with the image of each
-        slide, ``obsm["spatial"]``, ``spot_diameter_fullres``).
+        slide, ``obsm["spatial"]``, ``spot_diameter_fullres``). Slide ids name the elements, so they
+        may only hold letters, digits, ``_``, ``-`` and ``.``.
     slide_key
         Column of ``obs`` with the slide of each spot.
 
@@ -90,7 +97,18 @@ def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
         One circle per spot at its centre, radius ``spot_diameter_fullres / 2``, indexed by the
         spot's position within the slide.
     ``tables["table"]``
-        A copy of ``adata`` annotating the circles (``obs["region"]``, ``obs["spot_id"]``).
+        A copy of ``adata`` annotating the circles, parsed with
+        :class:`spatialdata.models.TableModel` (``region_key="region"``, ``instance_key="spot_id"``:
+        ``obs["region"]`` names the circles of the spot's slide, ``obs["spot_id"]`` is its index
+        there), with ``uns["histo2expr_to_spatialdata"]``: the histo2expr version, ``slide_key``
+        and, per slide, the names of its image and circles elements (the provenance of the
+        values themselves stays in the ``uns`` entries ``adata`` already has).
+
+    Examples
+    --------
+    >>> sdata = hx.io.to_spatialdata(predicted)  # doctest: +SKIP
+    >>> sdata.pl.render_images().pl.render_shapes(color="ERBB2").pl.show(coordinate_systems="S1")  # doctest: +SKIP
+    >>> sdata.write("predictions.zarr")  # doctest: +SKIP
     """
     from spatialdata import SpatialData
     from spatialdata.models import ShapesModel, TableModel
@@ -111,6 +129,8 @@ def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
             for name, meta in ((n, e.get("metadata", {})) for n, e in adata.uns.get("spatial", {}).items())
             if "source_image_path" in meta
         }
+    for name in images:
+        check_element_name(check_slide_id(name))
     elements_images, elements_shapes = {}, {}
     column = slides.to_numpy()
     coords = spatial_coordinates(adata) if adata.n_obs else np.zeros((0, 2))
@@ -139,7 +159,16 @@ def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
         spot_id[spots] = np.arange(len(spots))
     tables = {}
     if adata.n_obs:
+        from .. import __version__
+
         table = adata.copy()
+        table.uns.pop(TableModel.ATTRS_KEY, None)  # a table of another SpatialData: annotate these elements
+        table.uns[PROVENANCE_KEY] = {
+            "histo2expr_version": __version__,
+            "slide_key": slide_key,
+            "images": {name: f"{name}_image" for name in images},
+            "regions": {name: f"{name}_spots" for name in images if f"{name}_spots" in elements_shapes},
+        }
         table.obs["region"] = pd.Categorical(region, categories=sorted(elements_shapes))
         table.obs["spot_id"] = spot_id
         regions = sorted(elements_shapes)

@@ -6,17 +6,20 @@ import logging
 import warnings
 from pathlib import Path
 
-import h5py
 import numpy as np
-import pandas as pd
 from anndata import AnnData
-from scipy import sparse
 
-from histo2expr._validation import check_counts
+from histo2expr._validation import MPP_FIX, check_microns_per_pixel, check_slide_id, check_spot_spacing
 from histo2expr.io._image import read_image_size, to_rgb_uint8
-from histo2expr.io._slides import check_spots_inside, downscale_pixels, spatial_entry
+from histo2expr.io._slides import check_spots_inside, downscale_pixels, spatial_entry, spot_table
+from histo2expr.io._spaceranger import counts_present, library_id_of, positions_file, read_space_ranger
 
 logger = logging.getLogger(__name__)
+
+#: Count matrices looked for by default: the 10x HDF5 file, then the Matrix Market folder.
+_COUNTS = ("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix")
+#: The CytAssist image, the full-resolution image of runs without a microscope image.
+_CYTASSIST_IMAGE = Path("spatial") / "cytassist_image.tiff"
 
 #: Visium spots are 55 µm wide, 100 µm centre to centre.
 SPOT_DIAMETER_UM = 55.0
@@ -25,44 +28,31 @@ SPOT_PITCH_UM = 100.0
 _SOURCE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 
 
-def _check_files(path: Path, counts_file: str) -> Path:
-    """Raise naming the first missing Space Ranger file; return the tissue positions file."""
+def _check_files(path: Path, counts_file: str | None) -> tuple[Path, Path]:
+    """Raise naming the missing Space Ranger files; return the counts (file or folder) and the positions file."""
     if not path.is_dir():
         msg = f"{path} is not a folder; pass the Space Ranger output folder (`outs`) of one Visium library."
         raise FileNotFoundError(msg)
     spatial = path / "spatial"
-    positions = next(
-        (
-            spatial / n
-            for n in ("tissue_positions.csv", "tissue_positions_list.csv")
-            if (spatial / n).is_file()
-        ),
-        None,
-    )
-    required = [path / counts_file, spatial / "scalefactors_json.json"]
+    positions = positions_file(spatial)
+    if counts_file is None:  # the HDF5 file, else the Matrix Market folder
+        counts_file = next((n for n in _COUNTS if counts_present(path / n)), _COUNTS[0])
+    required = [spatial / "scalefactors_json.json"]
     required += [spatial / "tissue_hires_image.png", spatial / "tissue_lowres_image.png"]
     missing = [str(p) for p in required if not p.is_file()]
+    if not counts_present(path / counts_file):
+        missing.insert(0, str(path / counts_file))
     if positions is None:
         missing.append(str(spatial / "tissue_positions.csv (or tissue_positions_list.csv)"))
     if missing:
         msg = (
-            f"{path} is not a complete Space Ranger output folder: {missing} missing. Expected "
-            f"{counts_file} (a 10x HDF5 count matrix; set `counts_file=` for another name) and spatial/ with "
-            "scalefactors_json.json, tissue_positions(.csv or _list.csv), tissue_hires_image.png and "
-            "tissue_lowres_image.png."
+            f"{path} is not a complete Space Ranger output folder: {missing} missing. Expected the counts "
+            f"({' or '.join(_COUNTS)}/ with matrix.mtx.gz; set `counts_file=` for another name) and spatial/ "
+            "with scalefactors_json.json, tissue_positions.csv (Space Ranger 2+) or tissue_positions_list.csv "
+            "(Space Ranger 1), tissue_hires_image.png and tissue_lowres_image.png."
         )
         raise FileNotFoundError(msg)
-    return positions
-
-
-def _library_id(counts: Path) -> str:
-    with h5py.File(counts, "r") as handle:
-        ids = handle.attrs.get("library_ids")
-    if ids is None or len(ids) == 0:
-        msg = f"{counts} records no library id (HDF5 attribute 'library_ids'); pass `library_id=`."
-        raise KeyError(msg)
-    first = ids[0]
-    return first.decode() if isinstance(first, bytes) else str(first)
+    return path / counts_file, positions
 
 
 def _size_matches(size: tuple[int, int], expected: np.ndarray, scalef: float) -> bool:
@@ -87,6 +77,8 @@ def _source_image(path: Path, given: str | Path | None, expected: np.ndarray, sc
             raise ValueError(msg)
         return given
     found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _SOURCE_SUFFIXES)
+    if not found and (path / _CYTASSIST_IMAGE).is_file():  # a CytAssist run without a microscope image
+        found = [path / _CYTASSIST_IMAGE]
     if len(found) > 1:
         warnings.warn(
             f"Several images in {path} ({[p.name for p in found]}) could be the full-resolution image; none is "
@@ -111,7 +103,7 @@ def _source_image(path: Path, given: str | Path | None, expected: np.ndarray, sc
 def read_visium(
     path: str | Path,
     *,
-    counts_file: str = "filtered_feature_bc_matrix.h5",
+    counts_file: str | None = None,
     library_id: str | None = None,
     source_image_path: str | Path | None = None,
     patient: str | None = None,
@@ -120,24 +112,30 @@ def read_visium(
 ) -> AnnData:
     """Read one Visium library from its Space Ranger output folder.
 
-    The counts, spot positions, images and scale factors are read with
-    :func:`squidpy.read.visium`, then put into the histo2expr data model. Visium spots are
-    55 µm wide, so the pixel size is ``55 / spot_diameter_fullres`` unless given.
+    Every layout Space Ranger writes is read: counts as ``filtered_feature_bc_matrix.h5`` or as the
+    ``filtered_feature_bc_matrix/`` Matrix Market folder (read with scanpy), spot positions as
+    ``tissue_positions_list.csv`` (Space Ranger 1, no header) or ``tissue_positions.csv`` (Space
+    Ranger 2 and later, with a header). Visium spots are 55 µm wide, so the pixel size is
+    ``55 / spot_diameter_fullres`` unless given.
 
     Parameters
     ----------
     path
-        Space Ranger ``outs`` folder: ``counts_file`` and ``spatial/`` (``scalefactors_json.json``,
+        Space Ranger ``outs`` folder: the counts and ``spatial/`` (``scalefactors_json.json``,
         ``tissue_positions.csv`` or ``tissue_positions_list.csv``, ``tissue_hires_image.png``,
         ``tissue_lowres_image.png``).
     counts_file
-        10x HDF5 count matrix in ``path``.
+        Counts in ``path``: a 10x HDF5 file or a Matrix Market folder. Default:
+        ``filtered_feature_bc_matrix.h5``, else ``filtered_feature_bc_matrix/``.
     library_id
-        Slide id; default: the library id recorded in ``counts_file``.
+        Slide id; default: the library id recorded in the HDF5 counts, else the name of the
+        Space Ranger folder (the folder holding ``outs``).
     source_image_path
         Full-resolution H&E image Space Ranger was run on. Default: the one image file
         (``.tif``, ``.tiff``, ``.jpg``, ``.jpeg``, ``.png``) directly in ``path`` whose size fits
-        the scale factors, if any; else none (patches are then cut from the hires image).
+        the scale factors, else, for a CytAssist run without a microscope image,
+        ``spatial/cytassist_image.tiff`` when its size fits; else none (patches are then cut from
+        the hires image).
     patient
         Patient id; default: the library id.
     microns_per_pixel
@@ -164,14 +162,13 @@ def read_visium(
         diameter"`` or ``"argument"``).
     """
     path = Path(path)
-    positions = _check_files(path, counts_file)
-    if microns_per_pixel is not None and not microns_per_pixel > 0:
-        msg = f"`microns_per_pixel` must be a positive number, got {microns_per_pixel}."
-        raise ValueError(msg)
-    library_id = str(library_id) if library_id is not None else _library_id(path / counts_file)
-    from squidpy.read import visium
-
-    adata = visium(path, counts_file=counts_file, library_id=library_id)
+    counts, positions = _check_files(path, counts_file)
+    if microns_per_pixel is not None:
+        check_microns_per_pixel(microns_per_pixel, where="`microns_per_pixel`", fix=MPP_FIX)
+    if library_id is None:
+        library_id = library_id_of(counts) or (path.parent.name if path.name == "outs" else path.name)
+    library_id = check_slide_id(library_id)
+    adata = read_space_ranger(path, counts, positions, library_id=library_id)
     entry = adata.uns["spatial"][library_id]
     scalefactors = dict(entry["scalefactors"])
     missing = [k for k in ("spot_diameter_fullres", "tissue_hires_scalef") if k not in scalefactors]
@@ -182,7 +179,7 @@ def read_visium(
     unplaced = np.isnan(coords).any(axis=1)
     if unplaced.any():
         msg = (
-            f"{int(unplaced.sum())} barcodes of {counts_file} (e.g. {adata.obs_names[unplaced][0]}) are not in "
+            f"{int(unplaced.sum())} barcodes of {counts.name} (e.g. {adata.obs_names[unplaced][0]}) are not in "
             f"{positions}; the count matrix and the spatial folder must come from the same Space Ranger run."
         )
         raise ValueError(msg)
@@ -201,43 +198,47 @@ def read_visium(
         coords[in_tissue], adata.obs_names[in_tissue], slide=library_id, size=size, image=source or hires_file
     )
 
+    spacing = SPOT_PITCH_UM / SPOT_DIAMETER_UM * float(scalefactors["spot_diameter_fullres"])
+    check_spot_spacing(coords[in_tissue], spacing, slide=library_id, where=str(positions))
     hires, shrink = downscale_pixels(hires, max_px=hires_max_px)
+    diameter = float(scalefactors["spot_diameter_fullres"])
+    estimate = SPOT_DIAMETER_UM / diameter
     if microns_per_pixel is None:
-        mpp, mpp_source = (
-            SPOT_DIAMETER_UM / float(scalefactors["spot_diameter_fullres"]),
-            "estimated from spot diameter",
+        mpp, mpp_source = estimate, "estimated from spot diameter"
+        check_microns_per_pixel(
+            mpp,
+            where=f"the scale factors (estimated from spot_diameter_fullres = {diameter:g} px)",
+            fix=f"Check {path / 'spatial' / 'scalefactors_json.json'}, or pass `microns_per_pixel=`.",
         )
     else:
         mpp, mpp_source = float(microns_per_pixel), "argument"
+        if abs(estimate / mpp - 1) > 0.1:
+            warnings.warn(
+                f"`microns_per_pixel={mpp}` differs by more than 10 % from {estimate:.4g}, the value implied by "
+                f"the spot diameter of {diameter:.4g} px in the Space Ranger scale factors.",
+                UserWarning,
+                stacklevel=2,
+            )
     new_entry = spatial_entry(
         hires,
         hires_scalef=hires_scalef * shrink,
         microns_per_pixel=mpp,
         microns_per_pixel_source=mpp_source,
         spot_diameter_fullres=float(scalefactors["spot_diameter_fullres"]),
-        spot_spacing_fullres=SPOT_PITCH_UM / mpp,
+        spot_spacing_fullres=spacing,
         source_image_path=source,
     )
     new_entry["images"]["lowres"] = lowres
     new_entry["scalefactors"] = scalefactors | new_entry["scalefactors"]
     new_entry["metadata"] = dict(entry.get("metadata", {})) | new_entry["metadata"]
 
-    counts = sparse.csr_matrix(adata.X, dtype=np.float32)
-    check_counts(counts, where=f"Count matrix {path / counts_file}")
-    obs = adata.obs.copy()
-    obs.index = library_id + "_" + obs.index.astype(str)
-    obs.insert(0, "slide", pd.Categorical([library_id] * len(obs)))
-    obs.insert(1, "patient", pd.Categorical([str(patient if patient is not None else library_id)] * len(obs)))
-    out = AnnData(X=counts, obs=obs, var=adata.var.copy())
-    if out.var_names.has_duplicates:
-        duplicated = list(out.var_names[out.var_names.duplicated()].unique()[:5])
-        warnings.warn(
-            f"{counts_file} has duplicated gene names (e.g. {duplicated}); they are made unique with "
-            "`AnnData.var_names_make_unique`.",
-            UserWarning,
-            stacklevel=2,
-        )
-        out.var_names_make_unique()
-    out.obsm["spatial"] = coords
-    out.uns["spatial"] = {library_id: new_entry}
-    return out
+    return spot_table(
+        adata.X,
+        var=adata.var,
+        obs=adata.obs,
+        slide=library_id,
+        patient=str(patient if patient is not None else library_id),
+        coords=coords,
+        entry=new_entry,
+        source=counts,
+    )

