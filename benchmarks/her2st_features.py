@@ -7,6 +7,7 @@ each view is embedded once and each (setting, method, seed) row is run once:
     python benchmarks/her2st_features.py embed --field 3 --views 8             # 3x wider context view
     python benchmarks/her2st_features.py embed --field 1 --views 4 --stain macenko
     python benchmarks/her2st_features.py embed --field 1 --views 4 --jitter 0.2 --jitter-seed 1
+    python benchmarks/her2st_features.py embed --field 1 --views 1 --encoder efficientnet_lite2
     python benchmarks/her2st_features.py run --settings "f1:1;f1:4+f3:4+nbr6" --methods ridge,stnet --seeds 0,1,2
     python benchmarks/her2st_features.py augment --setting f1:4 --copies f1_hed0.2s1,f1_hed0.2s2 --methods ridge
     python benchmarks/her2st_features.py report
@@ -14,7 +15,8 @@ each view is embedded once and each (setting, method, seed) row is run once:
 A *setting* is a '+'-joined list of feature blocks: ``TAG:V`` is the mean over the first V views
 (1; 4 = the quarter turns; 8 = with their mirror images) of the embedding ``TAG`` (``f1``: the spot
 view, ``f3``: the 3x context view, ``f1_macenko``: Macenko-normalised spot view), and ``nbrK`` is the
-mean of the first block over the K nearest spots of the same slide. These are the blocks
+mean of the first block over the K nearest spots of the same slide; ``lite1_f1`` / ``lite2_f1`` are
+the spot views of the offline ImageNet EfficientNet-Lite1 / -Lite2 (``embed --encoder``). These are the blocks
 ``hx.tl.embed_patches(tta=, context=, neighbours=, stain_normalization=)`` writes; embedding each
 view once lets every average be formed without embedding again. Methods that take tokens
 (cmrcnet) get the spot view's 3 x 3 tokens (each view's grid turned back before averaging) with
@@ -61,9 +63,14 @@ def cohort() -> hx.AnnData:
     return adata
 
 
-def view_tag(field: float, stain: str | None, jitter: float, jitter_seed: int) -> str:
+def view_tag(args: argparse.Namespace) -> str:
+    """Cache name of one embedding: ``[liteN_]fFIELD[_STAIN][_hedJITTERsSEED]``."""
+    encoder = args.encoder.removeprefix("efficientnet_")
     return (
-        f"f{field:g}" + (f"_{stain}" if stain else "") + (f"_hed{jitter:g}s{jitter_seed}" if jitter else "")
+        ("" if encoder == "lite0" else f"{encoder}_")
+        + f"f{args.field:g}"
+        + (f"_{args.stain}" if args.stain else "")
+        + (f"_hed{args.jitter:g}s{args.jitter_seed}" if args.jitter else "")
     )
 
 
@@ -74,13 +81,13 @@ def embed(args: argparse.Namespace) -> None:
     from histo2expr.patches import Augment, PatchSource, augment_rng, dihedral, patch_loader
     from histo2expr.tl._embed import _turned_back
 
-    tag = view_tag(args.field, args.stain, args.jitter, args.jitter_seed)
+    tag = view_tag(args)
     path = CACHE / f"{tag}.npz"
     if path.exists():
         print(f"{path} exists")
         return
     adata = hx.io.read_legacy_st(DATA)
-    model = build_encoder("efficientnet_lite0").eval().to(memory_format=torch.channels_last)
+    model = build_encoder(args.encoder).eval().to(memory_format=torch.channels_last)
     source = PatchSource(adata, patch_size=224, field=args.field, stain_normalization=args.stain)
     jitter = None
     if args.jitter:
@@ -286,7 +293,7 @@ def _summary(rows: pd.DataFrame) -> pd.DataFrame:
 
 def report(args: argparse.Namespace) -> None:
     rows, augmented = _rows(ROWS), _rows(AUGMENTED)
-    seconds = {path.stem: float(np.load(path)["seconds"]) for path in sorted(CACHE.glob("f*.npz"))}
+    seconds = {path.stem: float(np.load(path)["seconds"]) for path in sorted(CACHE.glob("*.npz"))}
     lines = [
         "# her2st, leave-one-slide-out: frozen features for every method",
         "",
@@ -334,6 +341,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     steps = parser.add_subparsers(dest="step", required=True)
     step = steps.add_parser("embed")
+    step.add_argument("--encoder", default="efficientnet_lite0")
     step.add_argument("--field", type=float, default=1.0)
     step.add_argument("--views", type=int, default=8)
     step.add_argument("--tokens", action="store_true")
