@@ -371,7 +371,9 @@ class TokenCNN(torch.nn.Module):
 
 def test_embed_patches_writes_pooled_tokens():
     adata = hx.datasets.synthetic(n_slides=1, seed=0, spots_per_side=4, n_genes=5)
-    hx.tl.embed_patches(adata, encoder=TokenCNN(), patch_size=32, tokens=2, device="cpu", progress=False)
+    hx.tl.embed_patches(
+        adata, encoder=TokenCNN(), patch_size=32, tokens=2, neighbours=None, device="cpu", progress=False
+    )
     tokens = adata.obsm["X_histo_tokens"]
     assert tokens.shape == (adata.n_obs, 4, 6) and tokens.dtype == np.float32
     assert adata.uns["X_histo"]["tokens"] == {"key": "X_histo_tokens", "grid": 2, "n_tokens": 4}

@@ -44,7 +44,10 @@ def fitted():
     try:
         adata = hx.datasets.synthetic(n_slides=3, seed=0, spots_per_side=6, n_genes=24)
         hx.pp.normalize(adata)
-        hx.tl.embed_patches(adata, encoder="colour_texture", patch_size=32, progress=False)
+        # single-view features without neighbours: the reference images were drawn from them
+        hx.tl.embed_patches(
+            adata, encoder="colour_texture", patch_size=32, tta=1, neighbours=None, progress=False
+        )
         model = hx.tl.fit_histo2expr(adata, genes=10, cv="leave_one_slide_out", progress=False)
         hx.tl.fit_histo2expr(
             adata, genes=10, cv="leave_one_slide_out", progress=False, key_added="pca", n_components=3

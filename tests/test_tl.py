@@ -36,11 +36,15 @@ def cohort():
 
 def test_embed_patches_writes_features_and_encoder_record(cohort):
     features = cohort.obsm["X_histo"]
-    assert features.shape == (cohort.n_obs, 32) and features.dtype == np.float32
+    # the defaults: the spot view averaged over its 4 quarter turns, then the mean of its 6 nearest spots
+    assert features.shape == (cohort.n_obs, 2 * 32) and features.dtype == np.float32
     assert np.isfinite(features).all() and features.std(0).max() > 0
     record = cohort.uns["X_histo"]
     assert record["encoder"]["name"] == "TinyEncoder" and record["encoder"]["weights_sha1"]
     assert record["patches"]["patch_size"] == 64
+    assert record["patches"]["tta"] == 4 and record["patches"]["neighbours"] == 6
+    assert "context" not in record["patches"]
+    assert record["blocks"] == {"spot": [0, 32], "neighbours": [32, 64]}
 
 
 def test_embed_patches_is_deterministic_and_order_independent(cohort):
@@ -300,16 +304,25 @@ def test_embed_patches_tta_averages_the_rotated_views(cohort):
     from histo2expr.patches import PatchSource, dihedral
 
     small = cohort[:30].copy()
-    hx.tl.embed_patches(small, encoder=TinyEncoder(), patch_size=64, tta=4, progress=False, key_added="tta")
-    assert small.uns["tta"]["patches"]["tta"] == 4 and small.uns["tta"]["blocks"] == {"spot": [0, 32]}
+    for tta in (1, 4):
+        hx.tl.embed_patches(
+            small,
+            encoder=TinyEncoder(),
+            patch_size=64,
+            tta=tta,
+            neighbours=None,
+            progress=False,
+            key_added=f"v{tta}",
+        )
+    assert small.uns["v4"]["patches"]["tta"] == 4 and small.uns["v4"]["blocks"] == {"spot": [0, 32]}
     encoder = hx.models.build_encoder(TinyEncoder()).eval()
     images = torch.from_numpy(
         PatchSource(small, patch_size=64).read(np.arange(30)).transpose(0, 3, 1, 2).copy()
     )
     with torch.no_grad():
         expected = torch.stack([encoder(dihedral(images, k)) for k in range(4)]).mean(0).numpy()
-    np.testing.assert_allclose(small.obsm["tta"], expected, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(small.obsm["tta"], small.obsm["X_histo"], atol=1e-3)
+    np.testing.assert_allclose(small.obsm["v4"], expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(small.obsm["v4"], small.obsm["v1"], atol=1e-3)
     for bad in (3, True, 0):
         with pytest.raises(ValueError, match="`tta` must be the number of views"):
             hx.tl.embed_patches(small, tta=bad)
@@ -333,7 +346,7 @@ def test_embed_patches_appends_context_and_neighbour_blocks(cohort):
 
     adata = cohort.copy()
     hx.tl.embed_patches(
-        adata, encoder=TokenGridNet(), patch_size=32, context=2, neighbours=3, tokens=2, progress=False
+        adata, encoder=TokenGridNet(), patch_size=32, tta=1, context=2, neighbours=3, tokens=2, progress=False
     )
     features, record = adata.obsm["X_histo"], adata.uns["X_histo"]
     assert features.shape == (adata.n_obs, 12)
@@ -344,8 +357,20 @@ def test_embed_patches_appends_context_and_neighbour_blocks(cohort):
     with torch.no_grad():
         context = encoder(torch.from_numpy(wide.transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(features[:, 4:8], context, rtol=1e-4, atol=1e-5)
-    nearest = spatial_knn(adata.obsm["spatial"], adata.obs["slide"].astype(str).to_numpy(), k=3)
-    np.testing.assert_allclose(features[:, 8:], features[nearest, :4].mean(axis=1), rtol=1e-5, atol=1e-6)
+    # on this square grid the 3rd nearest spot ties with the 4th: all 4 spots at that distance count
+    slides = adata.obs["slide"].astype(str).to_numpy()
+    coords = adata.obsm["spatial"]
+    third = spatial_knn(coords, slides, k=3)[:, -1]
+    radius = np.linalg.norm(coords[third] - coords, axis=1)
+    distance = np.linalg.norm(coords[:, None] - coords[None], axis=2)
+    near = (
+        (distance <= radius[:, None] * (1 + 1e-6))
+        & (slides[:, None] == slides[None])
+        & ~np.eye(len(slides), dtype=bool)
+    )
+    assert (near.sum(axis=1) >= 3).all() and (near.sum(axis=1) == 4).any()
+    expected = np.stack([features[row, :4].mean(axis=0) for row in near])
+    np.testing.assert_allclose(features[:, 8:], expected, rtol=1e-5, atol=1e-6)
     tokens = adata.obsm[
         "X_histo_tokens"
     ]  # spot tokens, each followed by the spot's context and neighbour blocks

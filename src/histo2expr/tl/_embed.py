@@ -28,9 +28,9 @@ def embed_patches(
     weights: Any = "default",
     patch_size: int = 224,
     mpp: float | None = None,
-    tta: int = 1,
+    tta: int = 4,
     context: float | None = None,
-    neighbours: int | None = None,
+    neighbours: int | None = 6,
     stain_normalization: str | None = None,
     batch_size: int = 64,
     device: str = "auto",
@@ -51,6 +51,11 @@ def embed_patches(
     a wider field around the spot (``context``) and by the mean features of the spot's nearest
     spots on its slide (``neighbours``). All of them use the slide's own image only, so they are
     as legitimate for a held-out slide as the spot's patch itself.
+
+    The defaults (4 quarter turns and the mean of the 6 nearest spots, no context view) are the
+    best setting measured on her2st that keeps a CPU benchmark short: every method gained over a
+    single view without neighbours (``benchmarks/results/her2st_features.md``), for 4 forward
+    passes per spot. ``tta=1, neighbours=None`` is the fastest embedding (one pass per spot).
 
     Parameters
     ----------
@@ -75,16 +80,17 @@ def embed_patches(
         Test-time augmentation: the features (and tokens) are averaged over this many views of
         every patch — 1 (the patch as it is), 4 (its four quarter turns) or 8 (the quarter turns
         and their mirror images, :func:`~histo2expr.patches.dihedral_views`). Each view costs one
-        forward pass.
+        forward pass; 8 views measured no better than 4.
     context
         Also embed a *context view*, a square ``context`` times wider than the patch around the
         spot shrunk to ``patch_size`` pixels (``PatchSource(field=context)``), with the same
-        ``tta``; its features follow the spot's. ``None``: no context view.
+        ``tta``; its features follow the spot's. It doubles the forward passes; ``context=3``
+        helped some methods on her2st, not all. ``None``: no context view.
     neighbours
         Also append the mean spot-view features of the spot's ``neighbours`` nearest spots on
-        its own slide (:func:`histo2expr.models.graphs.spatial_knn`; all other spots of a slide
-        with fewer, the spot itself on a slide of one spot); no extra forward pass. ``None``: no
-        neighbour block.
+        its own slide (:func:`histo2expr.models.graphs.spatial_knn`, and every spot tied with the
+        ``neighbours``-th nearest; all other spots of a slide with fewer, the spot itself on a slide
+        of one spot); no extra forward pass. ``None``: no neighbour block.
     stain_normalization
         ``None`` or ``"macenko"``: every slide's patches re-stained to reference stain vectors
         from that slide's own Macenko estimate (see :class:`~histo2expr.patches.PatchSource`).
@@ -253,7 +259,13 @@ def _embed_views(
 
 
 def _neighbour_mean(features: np.ndarray, coords: np.ndarray, slides: np.ndarray, k: int) -> np.ndarray:
-    """Mean ``features`` of every spot's ``k`` nearest spots of its slide (fewer on a small slide; itself alone)."""
+    """Mean ``features`` of every spot's ``k`` nearest spots of its slide (fewer on a small slide; itself alone).
+
+    Spots as near as the ``k``-th nearest count too (e.g. all 8 around a spot of a square grid for
+    ``k=6``), so that the mean does not depend on the order of the spots.
+    """
+    from scipy.spatial import cKDTree
+
     from ..models.graphs import spatial_knn
 
     means = np.empty_like(features)
@@ -262,8 +274,11 @@ def _neighbour_mean(features: np.ndarray, coords: np.ndarray, slides: np.ndarray
         if len(rows) == 1:
             means[rows] = features[rows]
             continue
-        nearest = spatial_knn(coords[rows], slides[rows], k=min(k, len(rows) - 1))
-        means[rows] = features[rows][nearest].mean(axis=1)
+        points = coords[rows]
+        kth = spatial_knn(points, slides[rows], k=min(k, len(rows) - 1))[:, -1]
+        radius = np.linalg.norm(points[kth] - points, axis=1) * (1 + 1e-6)
+        for spot, near in enumerate(cKDTree(points).query_ball_point(points, radius)):
+            means[rows[spot]] = features[rows[[j for j in near if j != spot]]].mean(axis=0)
     return means
 
 
