@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> None:
             for method in args.methods.split(","):
                 if (setting, method, seed) in finished:
                     continue
-                tic = time.perf_counter()
+                tic, cpu = time.perf_counter(), time.process_time()
                 hx.tl.fit_histo2expr(
                     adata, method=method, cv="leave_one_slide_out", genes=250, seed=seed, key_added="row",
                     progress=False, refit=False,
@@ -183,6 +183,7 @@ def run(args: argparse.Namespace) -> None:
                     "method": method,
                     "seed": seed,
                     "seconds": time.perf_counter() - tic,
+                    "cpu_seconds": time.process_time() - cpu,  # one thread: the time on a core of its own
                     "per_slide": folds[["slide", *COLUMNS]].to_dict(orient="records"),
                 }
                 with ROWS.open("a") as handle:
@@ -268,6 +269,15 @@ def _rows(path: Path) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
+def _cpu_seconds(path: Path) -> pd.DataFrame:
+    """Mean CPU seconds of a leave-one-slide-out run per setting and method (rows that recorded it)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    table = pd.DataFrame(
+        [r for r in rows if "cpu_seconds" in r], columns=["setting", "method", "cpu_seconds"]
+    )
+    return table.groupby(["setting", "method"])["cpu_seconds"].agg(["size", "mean"]).round(0)
+
+
 def _summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Per setting and method: the mean over slides, then its mean ± sd over seeds; the same for B4 alone."""
     keys = ["setting", "method", "seed"]
@@ -289,6 +299,25 @@ def _summary(rows: pd.DataFrame) -> pd.DataFrame:
         }
     )
     return table.reset_index()
+
+
+def _stain_effect(rows: pd.DataFrame, augmented: pd.DataFrame, base: str = "f1:4") -> pd.DataFrame:
+    """Per method, B4's PCC(ACG) (and the mean over slides) on ``base``, Macenko-normalised and with jittered copies."""
+    variants = {
+        base: rows[rows["setting"] == base],
+        "Macenko": rows[rows["setting"] == base.replace("f1:", "f1_macenko:")],
+        "HED-jittered copies": augmented[augmented["setting"].str.startswith(f"{base} + ")]
+        if not augmented.empty
+        else augmented,
+    }
+    table = {}
+    for name, part in variants.items():
+        if part.empty:
+            continue
+        per_seed = part.groupby(["method", "seed"])
+        table[f"B4, {name}"] = part[part["slide"] == "B4"].groupby("method")["pcc_acg"].mean()
+        table[f"mean, {name}"] = per_seed["pcc_acg"].mean().groupby("method").mean()
+    return pd.DataFrame(table).round(4)
 
 
 def report(args: argparse.Namespace) -> None:
@@ -319,13 +348,31 @@ def report(args: argparse.Namespace) -> None:
             _summary(augmented).to_markdown(index=False),
             "",
         ]
-    lines += ["## PCC(ACG) per held-out slide and seed", ""]
+    lines += [
+        "## Slide shift: B4 (the one patient-B section, the hardest) under stain normalisation and augmentation",
+        "",
+        "PCC(ACG) on B4 and the mean over the six held-out slides, seed 0, on the `f1:4` spot view: as it is, "
+        "Macenko-normalised per slide (`f1_macenko:4`), and trained also on two HED-jittered copies of the "
+        "training spots (`augment`).",
+        "",
+        _stain_effect(rows, augmented).to_markdown(),
+        "",
+        "## PCC(ACG) per held-out slide and seed",
+        "",
+    ]
     for name, table in (("rows", rows), ("augmented", augmented)):
         if table.empty:
             continue
         wide = table.pivot_table(index=["setting", "method", "seed"], columns="slide", values="pcc_acg")
         lines += [f"### {name}", "", wide.round(4).to_markdown(), ""]
     lines += [
+        "## CPU time of one leave-one-slide-out run (one thread; rows that recorded it)",
+        "",
+        "Process CPU seconds, i.e. about the wall time on a core of its own: the wall times of this shared "
+        "machine (2 cores, load 8-12 while these ran) are not comparable between rows.",
+        "",
+        _cpu_seconds(ROWS).to_markdown(),
+        "",
         "## Embedding time per cached view set (one thread, shared machine)",
         "",
         pd.Series(seconds, name="seconds").round(0).to_markdown(),
