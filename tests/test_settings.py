@@ -102,7 +102,7 @@ def test_fit_predict_and_embed_run_under_the_thread_policy(monkeypatch):
     adata = hx.datasets.synthetic(n_slides=2, spots_per_side=5, n_genes=12)
     hx.pp.normalize(adata)
     hx.tl.embed_patches(adata, encoder="colour_texture", patch_size=16, progress=False)
-    model = hx.tl.fit_histo2expr(adata, genes=5, num_workers=0, progress=False)
+    model = hx.tl.fit_histo2expr(adata, method="ridge", genes=5, num_workers=0, progress=False)
     hx.tl.predict_expression(adata, model)
     assert calls == [0, 0, 0]
 

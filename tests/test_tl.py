@@ -258,7 +258,7 @@ def test_end_to_end_stain_normalization_is_recorded_and_used_to_predict(cohort):
     hx.tl.predict_expression(unnormalised, model)
     assert not np.allclose(hx.get.predictions(unnormalised), hx.get.predictions(new))
     with pytest.raises(ValueError, match="end-to-end regime"):
-        hx.tl.fit_histo2expr(cohort, genes=5, stain_normalization="macenko", progress=False)
+        hx.tl.fit_histo2expr(cohort, method="ridge", genes=5, stain_normalization="macenko", progress=False)
 
 
 def test_embed_patches_on_spatialdata_writes_its_table(cohort):
