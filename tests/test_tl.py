@@ -349,23 +349,23 @@ def test_embed_patches_tta_turns_each_views_tokens_back(cohort):
     assert not np.allclose(small.obsm["v1_tokens"][:, 0], small.obsm["v1_tokens"][:, 3])
 
 
-def test_embed_patches_appends_context_and_neighbour_blocks(cohort):
+def test_embed_patches_appends_context_and_neighbour_blocks(cohort, token_cnn):
     from histo2expr.models.graphs import spatial_knn
     from histo2expr.patches import PatchSource
 
     adata = cohort.copy()
     hx.tl.embed_patches(
-        adata, encoder=TokenGridNet(), patch_size=32, tta=1, context=2, neighbours=3, tokens=2, progress=False
+        adata, encoder=token_cnn(), patch_size=32, tta=1, context=2, neighbours=3, tokens=2, progress=False
     )
     features, record = adata.obsm["X_histo"], adata.uns["X_histo"]
-    assert features.shape == (adata.n_obs, 12)
-    assert record["blocks"] == {"spot": [0, 4], "context": [4, 8], "neighbours": [8, 12]}
+    assert features.shape == (adata.n_obs, 18)
+    assert record["blocks"] == {"spot": [0, 6], "context": [6, 12], "neighbours": [12, 18]}
     assert record["patches"]["context"] == 2 and record["patches"]["neighbours"] == 3
-    encoder = hx.models.build_encoder(TokenGridNet()).eval()
+    encoder = hx.models.build_encoder(token_cnn()).eval()
     wide = PatchSource(adata, patch_size=32, field=2).read(np.arange(adata.n_obs))
     with torch.no_grad():
         context = encoder(torch.from_numpy(wide.transpose(0, 3, 1, 2).copy())).numpy()
-    np.testing.assert_allclose(features[:, 4:8], context, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(features[:, 6:12], context, rtol=1e-4, atol=1e-5)
     # on this square grid the 3rd nearest spot ties with the 4th: all 4 spots at that distance count
     slides = adata.obs["slide"].astype(str).to_numpy()
     coords = adata.obsm["spatial"]
@@ -378,37 +378,17 @@ def test_embed_patches_appends_context_and_neighbour_blocks(cohort):
         & ~np.eye(len(slides), dtype=bool)
     )
     assert (near.sum(axis=1) >= 3).all() and (near.sum(axis=1) == 4).any()
-    expected = np.stack([features[row, :4].mean(axis=0) for row in near])
-    np.testing.assert_allclose(features[:, 8:], expected, rtol=1e-5, atol=1e-6)
+    expected = np.stack([features[row, :6].mean(axis=0) for row in near])
+    np.testing.assert_allclose(features[:, 12:], expected, rtol=1e-5, atol=1e-6)
     tokens = adata.obsm[
         "X_histo_tokens"
     ]  # spot tokens, each followed by the spot's context and neighbour blocks
-    assert tokens.shape == (adata.n_obs, 4, 4 + 8)
-    np.testing.assert_allclose(tokens[:, 2, 4:], features[:, 4:], rtol=1e-6)
+    assert tokens.shape == (adata.n_obs, 4, 6 + 12)
+    np.testing.assert_allclose(tokens[:, 2, 6:], features[:, 6:], rtol=1e-6)
     with pytest.raises(ValueError, match="`neighbours` must be None or a positive number"):
         hx.tl.embed_patches(adata, neighbours=0)
     # more neighbours than a slide has spots: the mean of the slide's other spots
     one = adata[adata.obs["slide"] == "S1"].copy()
-    hx.tl.embed_patches(one, encoder=TokenGridNet(), patch_size=32, neighbours=500, progress=False)
-    spot = one.obsm["X_histo"][:, :4]
-    np.testing.assert_allclose(one.obsm["X_histo"][0, 4:], spot[1:].mean(axis=0), rtol=1e-5)
-
-
-class TokenGridNet(nn.Module):
-    """A strided convolution: a 4 x 4 token map of 4 features for 32 px patches."""
-
-    num_features = 4
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1)
-        self.conv = nn.Conv2d(3, 4, 8, stride=8)
-
-    def forward_features(self, x):
-        return torch.relu(self.conv(x))
-
-    def forward_head(self, features):
-        return features.mean(dim=(2, 3))
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+    hx.tl.embed_patches(one, encoder=token_cnn(), patch_size=32, neighbours=500, progress=False)
+    spot = one.obsm["X_histo"][:, :6]
+    np.testing.assert_allclose(one.obsm["X_histo"][0, 6:], spot[1:].mean(axis=0), rtol=1e-5)
