@@ -42,7 +42,7 @@ import torch
 from _her2st import DATA, HERE
 
 import histo2expr as hx
-from histo2expr._settings import cache_dir
+from histo2expr._cache import cache_dir
 
 CACHE = cache_dir("benchmarks/features")
 ROWS = CACHE / "rows.jsonl"
@@ -332,9 +332,10 @@ def report(args: argparse.Namespace) -> None:
         "2-core machine shared with other jobs. Same folds and genes in every row; seeds change the "
         "initialisation, batches and the inner validation slide.",
         "",
-        "Settings: `f1:V` spot view averaged over V dihedral views (1, 4 quarter turns, 8 with mirrors), `f3:V` "
-        "the 3x wider context view, `nbr6` the mean spot view of the 6 nearest spots of the slide, "
-        "`f1_macenko` Macenko-normalised patches; '+' concatenates.",
+        "Settings: `f1:V` spot view averaged over V dihedral views (1, 4 quarter turns, 8 with mirrors), `f2:V` / "
+        "`f3:V` the 2x / 3x wider context view, `nbr6` the mean spot view of the 6 nearest spots of the slide, "
+        "`f1_macenko` Macenko-normalised patches, `lite1_f1` / `lite2_f1` the spot view of EfficientNet-Lite1 / "
+        "-Lite2; '+' concatenates. `f1:4+nbr6` is what `hx.tl.embed_patches` computes by default.",
         "",
         "## Mean over held-out slides (mean ± sd over seeds)",
         "",
