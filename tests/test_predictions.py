@@ -130,9 +130,15 @@ def test_a_fitted_h5ad_grows_by_about_the_predictions_only(tmp_path):
     growth = (tmp_path / "after.h5ad").stat().st_size - (tmp_path / "before.h5ad").stat().st_size
     predictions = adata.obsm["histo2expr"]
     gene_pcc = adata.uns["histo2expr"]["gene_pcc"]
-    # the predictions, their gene names and per-gene PCCs, and HDF5's headers of each column and table
+    # the predictions, their gene names and per-gene PCCs, the genes' predictability in var, and HDF5's
+    # headers of each column and table
+    predictability = sum(adata.var[c].to_numpy().nbytes for c in adata.var if c.startswith("histo2expr_"))
     bound = (
-        predictions.to_numpy().nbytes + gene_pcc.to_numpy().nbytes + 1024 * predictions.shape[1] + 64 * 1024
+        predictions.to_numpy().nbytes
+        + gene_pcc.to_numpy().nbytes
+        + predictability
+        + 1024 * predictions.shape[1]
+        + 64 * 1024
     )
     assert growth <= bound, (growth, bound)
     dense_layer = adata.n_obs * adata.n_vars * 4  # what a layer over all genes took

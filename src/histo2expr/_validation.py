@@ -348,3 +348,14 @@ def check_spot_spacing(coords: np.ndarray, spacing_px: float | None, *, slide: s
             "pixels, or correct the slide's scale factors."
         )
         raise ValueError(msg)
+
+
+def check_level(value: Any, name: str = "level") -> float:
+    """Return ``value`` as a float, or raise naming the parameter when it is not a probability in (0, 1)."""
+    bad = (
+        isinstance(value, bool) or not isinstance(value, int | float | np.floating) or not np.isfinite(value)
+    )
+    if bad or not 0 < value < 1:
+        msg = f"`{name}` must be a probability strictly between 0 and 1 (e.g. 0.9 for 90% intervals), got {value!r}."
+        raise ValueError(msg)
+    return float(value)

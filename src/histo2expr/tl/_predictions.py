@@ -13,8 +13,13 @@ one key, its ``key_added``, and writes (see ``docs/data_model.md``):
 ``obs[f"{key}_fold"]``, ``obsm[f"X_{key}"]``, ``obs[f"{key}_similarity"]``
     The fold of each spot (cross-validation), the method's image embedding and retrieval similarity
     (prediction).
+``obsm[f"{key}_lower"]``, ``obsm[f"{key}_upper"]``, ``obs[f"{key}_ood_pvalue"]``, ``obs[f"{key}_difficulty"]``
+    Prediction intervals (laid out like the predictions), each spot's out-of-distribution p-value and
+    its difficulty (adaptive intervals), see ``docs/trust.md``.
+``var[f"{key}_cv_pcc"]``, ``var[f"{key}_cv_pcc_low"]``, ``var[f"{key}_cv_pcc_high"]``, ``var[f"{key}_predictable"]``
+    Each gene's cross-validated PCC with its confidence interval and predictability flag.
 
-:func:`predictions` reads them (everything in :mod:`histo2expr.pl` goes through it) and
+:func:`predictions` and :func:`intervals` read them (everything in :mod:`histo2expr.pl` goes through it) and
 :func:`predicted_adata` turns them into an AnnData for scanpy and squidpy.
 """
 
@@ -42,7 +47,13 @@ EXTERNAL_PROTOCOL = "external slides"
 
 def _fields(key: str) -> dict[str, list[str]]:
     """Every field a call with ``key_added=key`` may write, besides ``uns[key]``."""
-    return {"obsm": [key, f"X_{key}"], "obs": [f"{key}_fold", f"{key}_similarity"]}
+    from ._predictability import COLUMNS
+
+    return {
+        "obsm": [key, f"X_{key}", f"{key}_lower", f"{key}_upper"],
+        "obs": [f"{key}_fold", f"{key}_similarity", f"{key}_ood_pvalue", f"{key}_difficulty"],
+        "var": [f"{key}_{column}" for column in COLUMNS],
+    }
 
 
 def is_record(value: Any) -> bool:
@@ -94,6 +105,7 @@ def write_results(
     predictions: pd.DataFrame | None = None,
     obs: Mapping[str, Any] | None = None,
     obsm: Mapping[str, np.ndarray] | None = None,
+    var: Mapping[str, Any] | None = None,
 ) -> None:
     """Write one call's results under ``key`` at once, removing what an earlier call left there.
 
@@ -112,6 +124,8 @@ def write_results(
         adata.obs[name] = values
     for name, values in (obsm or {}).items():
         adata.obsm[name] = values
+    for name, values in (var or {}).items():
+        adata.var[name] = values
     adata.uns[key] = h5ad_safe(record)
 
 
@@ -194,15 +208,51 @@ def predictions(adata: AnnData, key: str | None = None) -> pd.DataFrame:
     return frame.copy()
 
 
-def gene_scores(record: Mapping[str, Any], genes: Sequence[str]) -> np.ndarray:
-    """Each gene's mean cross-validated PCC over held-out slides, NaN where unknown."""
+def intervals(adata: AnnData, key: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The prediction intervals stored under ``key``: lower and upper bounds, laid out like the predictions.
+
+    Written by :func:`~histo2expr.tl.fit_histo2expr` (``intervals=...`` with ``cv``: out of fold) and by
+    :func:`~histo2expr.tl.predict_expression` (a model fitted with ``intervals``);
+    ``adata.uns[key]["intervals"]`` says their level and how they were made.
+
+    Parameters
+    ----------
+    adata
+        The AnnData the intervals were written into.
+    key
+        The ``key_added`` of the call; may be left out when ``adata`` holds one set of predictions.
+
+    Returns
+    -------
+    Copies of ``adata.obsm[f"{key}_lower"]`` and ``adata.obsm[f"{key}_upper"]``: float32, index
+    ``adata.obs_names``, columns the genes, on the scale of the predictions.
+    """
+    key = default_key(adata, key)
+    record = fit_record(adata, key)
+    names = (f"{key}_lower", f"{key}_upper")
+    if not all(isinstance(adata.obsm.get(name), pd.DataFrame) for name in names):
+        msg = (
+            f"`adata.uns[{key!r}]` ({record.get('kind', 'fit')}) has no prediction intervals. Fit with "
+            "`hx.tl.fit_histo2expr(adata, cv=..., intervals=True)` (out of fold), or predict with a model fitted "
+            "with `intervals=True`."
+        )
+        raise KeyError(msg)
+    return adata.obsm[names[0]].copy(), adata.obsm[names[1]].copy()
+
+
+def gene_scores(record: Mapping[str, Any], genes: Sequence[str]) -> pd.DataFrame:
+    """Each gene's cross-validated PCC, its confidence interval and predictability flag, NaN (False) where unknown."""
+    from ._predictability import COLUMNS, gene_predictability
+
     if "gene_pcc" in record and record.get("kind", "cross_validation") == "cross_validation":
-        scores = record["gene_pcc"].mean(axis=1, skipna=True)
+        scores = gene_predictability(record["gene_pcc"])
     elif "cv_pcc" in record:
-        scores = record["cv_pcc"]["cv_pcc"]
+        scores = record["cv_pcc"]
     else:
-        return np.full(len(genes), np.nan)
-    return pd.Series(scores, dtype=np.float64).reindex(list(genes)).to_numpy()
+        scores = pd.DataFrame(columns=["cv_pcc"], dtype=np.float64)
+    scores = scores.reindex(index=list(genes), columns=list(COLUMNS))
+    scores["predictable"] = scores["predictable"].fillna(False).astype(bool)
+    return scores
 
 
 def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[str] | None = None) -> AnnData:
@@ -226,9 +276,12 @@ def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[s
         The predictions (float32), on the scale ``.uns["predicted_expression"]["scale"]`` names.
     ``.layers["measured"]``
         The measured log-normalised expression of the same genes, when ``adata`` has it.
-    ``.var["cv_pcc"]``
-        Each gene's mean PCC over the held-out slides of the cross-validation behind the model (NaN
-        when unknown): how far its predicted map can be trusted.
+    ``.layers["lower"]``, ``.layers["upper"]``
+        The prediction intervals (:func:`intervals`), when the call wrote them.
+    ``.var["cv_pcc"]``, ``["cv_pcc_low"]``, ``["cv_pcc_high"]``, ``["predictable"]``
+        Each gene's mean PCC over the held-out slides of the cross-validation behind the model, its 95%
+        confidence interval over those slides (NaN when unknown) and whether it lies above zero: keep
+        the trustworthy genes with ``out[:, out.var["predictable"]]``.
     ``.obs``, ``.obsm``, ``.uns["spatial"]``
         Copied from ``adata`` (without prediction tables), so spatial plots work as on measured data.
     ``.uns["predicted_expression"]``
@@ -261,10 +314,13 @@ def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[s
     out = AnnData(
         X=frame[genes].to_numpy(dtype=np.float32),
         obs=adata.obs.copy(),
-        var=pd.DataFrame({"cv_pcc": gene_scores(record, genes)}, index=pd.Index(genes, name="gene")),
+        var=gene_scores(record, genes).rename_axis("gene"),
     )
     if "log1p" in adata.uns and all(g in adata.var_names for g in genes):
         out.layers["measured"] = log_expression(adata, genes)
+    if f"{key}_lower" in adata.obsm:
+        lower, upper = intervals(adata, key)
+        out.layers["lower"], out.layers["upper"] = lower[genes].to_numpy(), upper[genes].to_numpy()
     for name, values in adata.obsm.items():
         if not isinstance(values, pd.DataFrame):
             out.obsm[name] = values.copy()
