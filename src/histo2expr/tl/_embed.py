@@ -91,7 +91,7 @@ def embed_patches(
         helped some methods on her2st, not all. ``None``: no context view.
     neighbours
         Also append the mean spot-view features of the spot's ``neighbours`` nearest spots on
-        its own slide (:func:`histo2expr.models.graphs.spatial_knn`, and every spot tied with the
+        its own slide (``histo2expr.models.graphs.spatial_knn``, and every spot tied with the
         ``neighbours``-th nearest; all other spots of a slide with fewer, the spot itself on a slide
         of one spot); no extra forward pass. ``None``: no neighbour block.
     stain_normalization
