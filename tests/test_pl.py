@@ -44,10 +44,21 @@ def fitted():
     try:
         adata = hx.datasets.synthetic(n_slides=3, seed=0, spots_per_side=6, n_genes=24)
         hx.pp.normalize(adata)
-        hx.tl.embed_patches(adata, encoder="colour_texture", patch_size=32, progress=False)
-        model = hx.tl.fit_histo2expr(adata, genes=10, cv="leave_one_slide_out", progress=False)
+        # single-view features without neighbours: the reference images were drawn from them
+        hx.tl.embed_patches(
+            adata, encoder="colour_texture", patch_size=32, tta=1, neighbours=None, progress=False
+        )
+        model = hx.tl.fit_histo2expr(
+            adata, method="ridge", genes=10, cv="leave_one_slide_out", progress=False
+        )
         hx.tl.fit_histo2expr(
-            adata, genes=10, cv="leave_one_slide_out", progress=False, key_added="pca", n_components=3
+            adata,
+            method="ridge",
+            genes=10,
+            cv="leave_one_slide_out",
+            progress=False,
+            key_added="pca",
+            n_components=3,
         )
     finally:
         torch.set_num_threads(threads)
@@ -285,7 +296,7 @@ def test_unfitted_keys_and_fits_without_metrics_are_refused(fitted):
     with pytest.raises(KeyError, match="not among the held-out slides"):
         hx.pl.heg_curve(adata, slides=["S7"], show=False)
     no_cv = adata.copy()
-    hx.tl.fit_histo2expr(no_cv, genes=5, key_added="final", progress=False)
+    hx.tl.fit_histo2expr(no_cv, method="ridge", genes=5, key_added="final", progress=False)
     for plot in (hx.pl.gene_pcc_boxplot, hx.pl.heg_curve):
         with pytest.raises(KeyError, match=r"cv="):
             plot(no_cv, key="final", show=False)
