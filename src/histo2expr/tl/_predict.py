@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,15 +10,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._records import EXTERNAL_PROTOCOL, PREDICT_KEY, SCALES
 from .._settings import cpu_threads
-from .._validation import check_not_empty, check_unique_var_names, get_table
+from .._validation import check_not_empty, check_unique_var_names, get_table, slide_labels
 from ..models.base import SpotSet
-from ._data import coordinates, features_of, slide_labels, tokens_of
+from ._data import coordinates, features_of, tokens_of
 from ._intervals import Calibration, new_spots, standardized_bounds
 from ._model import Histo2ExprModel
 from ._ood import slide_shift, warn_if_out_of_distribution
-from ._predictions import EXTERNAL_PROTOCOL, PREDICT_KEY, check_key, prediction_frame, write_results
-from ._scale import SCALES, check_depth_inputs, to_scale, warn_if_unlike_training
+from ._predictions import check_key, prediction_frame, write_results
+from ._scale import check_depth_inputs, to_scale, warn_if_unlike_training
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +28,10 @@ if TYPE_CHECKING:
 
 #: Relative difference of micrometres per pixel tolerated between training and new patches.
 _MPP_TOLERANCE = 0.02
+#: Options of :func:`~histo2expr.tl.embed_patches` that change the features, recorded with the patch
+#: geometry (``None`` values are not recorded), and what a record without them means (the features
+#: of versions before these options: one view, no context, no neighbours).
+_EMBEDDING_OPTIONS = {"tta": 1, "context": None, "neighbours": None, "stain_normalization": None}
 
 
 def _reembed_hint(model: Histo2ExprModel) -> str:
@@ -45,15 +51,25 @@ def _reembed_hint(model: Histo2ExprModel) -> str:
     else:  # a state dict or a module's own weights: only the user has them
         return (
             f"Re-embed with the encoder and weights the model was trained on ({name}, {weights}, weights hash "
-            f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..., "
-            f"key_added={model.use_rep!r})`."
+            f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..."
+            f"{_embedding_arguments(model.patches or {})}, key_added={model.use_rep!r})`."
         )
     geometry = model.patches or {}
     if geometry.get("patch_size"):
         arguments += f", patch_size={int(geometry['patch_size'])}"
     if geometry.get("mpp"):
         arguments += f", mpp={float(geometry['mpp']):.6g}"
+    arguments += _embedding_arguments(geometry)
     return f"Re-embed with `hx.tl.embed_patches(adata, encoder={name!r}, {arguments}, key_added={model.use_rep!r})`."
+
+
+def _embedding_arguments(geometry: dict) -> str:
+    """``", tta=1, neighbours=None"``: the model's embedding options that differ from embed_patches' defaults."""
+    from ._embed import embed_patches
+
+    defaults = inspect.signature(embed_patches).parameters
+    trained = {option: geometry.get(option, absent) for option, absent in _EMBEDDING_OPTIONS.items()}
+    return "".join(f", {k}={v!r}" for k, v in trained.items() if v != defaults[k].default)
 
 
 def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
@@ -77,6 +93,15 @@ def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray
             f"`hx.tl.embed_patches(adata, mpp={trained_mpp:.4g}, key_added={model.use_rep!r})`."
         )
         raise ValueError(msg)
+    for option, default in _EMBEDDING_OPTIONS.items():
+        trained_value = (model.patches or {}).get(option, default)
+        current_value = (record.get("patches") or {}).get(option, default)
+        if trained_value != current_value:
+            msg = (
+                f"The features were embedded with `{option}={current_value!r}` but the model was trained on "
+                f"features embedded with `{option}={trained_value!r}`. {_reembed_hint(model)}"
+            )
+            raise ValueError(msg)
     if model.token_rep:
         return _check_tokens(table, model)
     if features.shape[1] != model.params["n_features"]:
@@ -213,6 +238,7 @@ def predict_expression(
                 data,
                 patch_size=geometry["patch_size"],
                 mpp=geometry.get("mpp"),
+                stain_normalization=geometry.get("stain_normalization"),
                 slide_key=slide_key,
                 table_key=table_key,
             )
