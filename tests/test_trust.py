@@ -11,9 +11,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 import histo2expr as hx
+from histo2expr._predictability import gene_predictability
 from histo2expr.tl._intervals import conformal_quantile
 from histo2expr.tl._ood import NeighbourReference
-from histo2expr.tl._predictability import gene_predictability
 
 FIT = {"method": "ridge", "genes": 8, "cv": "leave_one_slide_out", "progress": False}
 
@@ -314,13 +314,13 @@ def test_interval_coverage_plot_shows_each_slide_against_the_level(imaged):
     ("value", "gene"), [("width", None), ("width", "first"), ("ood", None), ("difficulty", None)]
 )
 def test_spatial_uncertainty_colours_every_spot_of_the_slide(imaged, value, gene):
-    from matplotlib.collections import EllipseCollection
+    from matplotlib.collections import PatchCollection
 
     _, new = imaged
     lower, upper = hx.get.intervals(new)
     gene = lower.columns[0] if gene == "first" else gene
     ax = hx.pl.spatial_uncertainty(new, gene, key="histo2expr_pred", value=value, show=False)
-    spots = next(c for c in ax.collections if isinstance(c, EllipseCollection))
+    spots = next(c for c in ax.collections if isinstance(c, PatchCollection))
     expected = {
         "width": (upper - lower).mean(axis=1).to_numpy()
         if gene is None
@@ -329,7 +329,7 @@ def test_spatial_uncertainty_colours_every_spot_of_the_slide(imaged, value, gene
         "difficulty": new.obs["histo2expr_pred_difficulty"].to_numpy(),
     }[value]
     np.testing.assert_allclose(spots.get_array(), expected, rtol=1e-6)
-    assert len(spots.get_offsets()) == new.n_obs and len(ax.images) == 1
+    assert len(spots.get_paths()) == new.n_obs and len(ax.images) == 1
     with pytest.raises(ValueError, match="`value='noise'` is not one of"):
         hx.pl.spatial_uncertainty(new, key="histo2expr_pred", value="noise", show=False)
 

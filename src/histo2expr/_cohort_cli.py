@@ -143,8 +143,7 @@ def _add_shared(add: Any) -> None:
 
 def add_cohort_commands(commands: Any) -> None:
     """Add ``embed`` and ``predict`` to the sub-commands of ``histo2expr``."""
-    from .tl._predictions import PREDICT_KEY
-    from .tl._scale import SCALES
+    from ._records import PREDICT_KEY, SCALES
 
     embed = commands.add_parser(
         "embed", help="embed every slide of a cohort, one output per slide, resumable"

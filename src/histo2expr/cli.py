@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -74,8 +74,8 @@ def _check_encoder(name: str) -> None:
 
 def _check_common(args: argparse.Namespace) -> list[str] | None:
     """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
+    from ._validation import check_patch_size
     from .models import get_method, resolve_device
-    from .patches._source import check_patch_size
 
     check_patch_size(args.patch_size)
     methods = None if args.methods is None else _method_list(args.methods)
@@ -131,9 +131,7 @@ def _report(
     protocols = list(dict.fromkeys(run.protocol for run in runs))
     for protocol in protocols:
         keys = [run.key for run in runs if run.protocol == protocol]
-        written += pl.save_run_figures(
-            adata, keys=keys, out_dir=out / protocol if len(protocols) > 1 else out
-        )
+        written += pl.save_run_figures(adata, key=keys, out_dir=out / protocol if len(protocols) > 1 else out)
     print("Written:")
     for path in written:
         print(f"  {path}")
@@ -163,6 +161,8 @@ def _embed(
 ) -> float:
     """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them); seconds taken.
 
+    ``--tta`` and ``--neighbours`` override :func:`~histo2expr.tl.embed_patches`' defaults (``--neighbours 0``: none).
+
     ``mpp``: pixel size of the patches (None: the slides' native resolution).
     """
     from . import tl
@@ -172,9 +172,13 @@ def _embed(
     if any(getattr(get_method(m), "token_input", False) for m in methods):
         grid = _token_grid(build_encoder(args.encoder, weights=None), args.patch_size)
     tic = time.perf_counter()
+    views = {} if args.tta is None else {"tta": args.tta}
+    if args.neighbours is not None:
+        views["neighbours"] = args.neighbours or None
     tl.embed_patches(
         adata,
         tokens=grid,
+        **views,
         encoder=args.encoder,
         patch_size=args.patch_size,
         mpp=mpp,
@@ -224,11 +228,7 @@ def _setting(text: str) -> tuple[str, Any]:
 
 def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """Check the options of ``histo2expr fit`` before any work; return the method's class and settings."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from .models import get_method
-    from .models.base import TrainConfig
-    from .models.training import make_trainer, quiet_lightning
+    from .models import TrainConfig, check_engine_flags, get_method
 
     method_class = get_method(args.method)
     if args.regime not in method_class.regimes:
@@ -242,11 +242,8 @@ def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         method_params.setdefault("encoder", args.encoder)
     method_class(**method_params)  # the settings' own checks
     try:
-        with quiet_lightning():  # Lightning checks the engine flags when it builds a Trainer
-            make_trainer(
-                TrainConfig(**_training_options(args), progress=False), validation=False, callbacks=[]
-            )  # Lightning checks the engine flags here
-    except MisconfigurationException as error:  # its message names the flag and the choices
+        check_engine_flags(TrainConfig(**_training_options(args), progress=False))
+    except ValueError as error:
         raise CommandError(str(error)) from error
     if args.out.is_dir():
         raise CommandError(f"--out {args.out} is a folder; give the model file to write (e.g. model.pt).")
@@ -325,6 +322,23 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _embedding_options(adata: AnnData) -> dict[str, Any]:
+    """What the features of ``obsm["X_histo"]`` average and append (``tta``, ``neighbours``), for the report."""
+    patches = adata.uns["X_histo"]["patches"]
+    return {"tta": patches["tta"], "neighbours": patches.get("neighbours")}
+
+
+def _embedding_note(options: Mapping[str, Any]) -> str:
+    """``options`` of :func:`_embedding_options` in words."""
+    views = (
+        f"averaged over {options['tta']} views of each patch"
+        if options["tta"] > 1
+        else "one view of each patch"
+    )
+    near = f", then the mean of the {options['neighbours']} nearest spots" if options["neighbours"] else ""
+    return f"{views}{near}"
+
+
 def _demo(args: argparse.Namespace) -> int:
     from . import datasets, pp
     from ._benchmark import compare_methods
@@ -341,6 +355,7 @@ def _demo(args: argparse.Namespace) -> int:
     adata = datasets.synthetic(n_slides=args.n_slides, seed=args.seed)
     pp.normalize(adata)
     embed_seconds = _embed(adata, args, methods)
+    embedding = _embedding_options(adata)
     runs = compare_methods(
         adata,
         methods,
@@ -360,7 +375,8 @@ def _demo(args: argparse.Namespace) -> int:
         preamble=[
             f"Command: `{command}`",
             "",
-            f"Frozen {args.encoder} features of {args.patch_size} px patches (embedding: {embed_seconds:.1f} s); "
+            f"Frozen {args.encoder} features of {args.patch_size} px patches, {_embedding_note(embedding)} "
+            f"(embedding: {embed_seconds:.1f} s); "
             f"{args.genes} highly expressed genes chosen on the training slides of each fold; "
             f"at most {args.epochs} epochs. Whole run: {total:.1f} s.",
             "",
@@ -372,6 +388,7 @@ def _demo(args: argparse.Namespace) -> int:
             "genes": args.genes,
             "encoder": args.encoder,
             "patch_size": args.patch_size,
+            "embedding": embedding,
             "epochs": args.epochs,
             "embedding_seconds": embed_seconds,
             "total_seconds": total,
@@ -565,7 +582,9 @@ def _benchmark(args: argparse.Namespace) -> int:
     if cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
         raise CommandError("leave_one_patient_out needs obs['patient'] with at least two patients.")
     protocols, patients_note = _protocols(adata, cv)
-    if hest:
+    if hest:  # HEST-Benchmark embeds each spot's patch once, alone
+        args.tta = args.tta or 1
+        args.neighbours = args.neighbours or 0
         hest_log_expression(adata)
         genes: int | list[str] = hest_genes(adata, n_genes)
         gene_rule = f"HEST-Benchmark's {n_genes} highly variable genes of all slides (log1p counts)"
@@ -583,9 +602,10 @@ def _benchmark(args: argparse.Namespace) -> int:
         "num_workers": args.workers,
         **_device_flags(args.device),
     }
-    embed_seconds = None
+    embed_seconds, embedding = None, None
     if args.regime == "frozen":
         embed_seconds = _embed(adata, args, methods, mpp=mpp)
+        embedding = _embedding_options(adata)
     else:
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
     method_params = {m: {"encoder": args.encoder} for m in methods} if args.regime == "end2end" else None
@@ -608,7 +628,11 @@ def _benchmark(args: argparse.Namespace) -> int:
     machine = machine_description()
     command = "histo2expr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     gpu = machine["gpu"] or "no GPU"
-    embedded = "" if embed_seconds is None else f" Embedding: {embed_seconds:.1f} s."
+    embedded = (
+        ""
+        if embedding is None
+        else f" Features: {_embedding_note(embedding)}; embedding: {embed_seconds:.1f} s."
+    )
     _report(
         adata,
         runs,
@@ -644,6 +668,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             "encoder": args.encoder,
             "patch_size": args.patch_size,
             "patch_mpp": mpp,
+            "embedding": embedding,
             "genes": genes,
             "epochs": args.epochs,
             "seed": args.seed,
@@ -682,6 +707,21 @@ def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None
         type=_int_at_least(1),
         default=epochs,
         help=f"maximum training epochs of the torch methods (default {epochs})",
+    )
+    add(
+        "--tta",
+        type=int,
+        choices=(1, 4, 8),
+        default=None,
+        help="views averaged per patch: 1, its 4 quarter turns, or 8 with their mirror images (default 4; 1 with "
+        "--protocol hest)",
+    )
+    add(
+        "--neighbours",
+        type=_int_at_least(0),
+        default=None,
+        help="append the mean features of each spot's N nearest spots on its slide; 0: none (default 6; 0 with "
+        "--protocol hest)",
     )
     add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
     add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers reading patches (default 0)")

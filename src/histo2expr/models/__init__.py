@@ -31,13 +31,14 @@ if TYPE_CHECKING:
     from .handcrafted import ColourTextureStats
     from .hest_probe import HESTProbeMethod, HESTProbeSettings
     from .inference import resolve_device
+    from .layers import pool_token_grid
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
     from .nh2st import NH2STMethod, NH2STSettings
     from .presets import ENCODER_PRESETS, EncoderPreset, register_encoder_preset
     from .retrieval import aggregate, cosine_topk
     from .ridge import RidgeMethod, RidgeSettings
     from .stnet import STNetMethod, STNetSettings
-    from .training import LossOutput, SpotNetwork, TrainingPlan, train_network
+    from .training import LossOutput, SpotNetwork, TrainingPlan, check_engine_flags, train_network
 
 _LAZY = {
     "BUILTIN_ENCODERS": ".encoders",
@@ -48,6 +49,7 @@ _LAZY = {
     "EncoderPreset": ".presets",
     "register_encoder_preset": ".presets",
     "resolve_device": ".inference",
+    "pool_token_grid": ".layers",
     "Method": ".base",
     "MethodSettings": ".base",
     "SpotSet": ".base",
@@ -60,6 +62,7 @@ _LAZY = {
     "SpotNetwork": ".training",
     "TrainingPlan": ".training",
     "train_network": ".training",
+    "check_engine_flags": ".training",
     "Gallery": ".gallery",
     "RidgeMethod": ".ridge",
     "HESTProbeMethod": ".hest_probe",
@@ -118,10 +121,12 @@ __all__ = [
     "available_methods",
     "bleep_loss",
     "build_encoder",
+    "check_engine_flags",
     "cosine_topk",
     "get_method",
     "info_nce",
     "pcc_loss",
+    "pool_token_grid",
     "register_encoder_preset",
     "register_method",
     "regression_loss",

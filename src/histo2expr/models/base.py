@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from ..patches import PatchSource
 
-#: The two training regimes (METHODS.md): cached frozen features, or the backbone trained too.
+#: The two training regimes (docs/methods/index.md): cached frozen features, or the backbone trained too.
 REGIMES = ("frozen", "end2end")
 
 

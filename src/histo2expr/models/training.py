@@ -274,6 +274,22 @@ def seed_everything(seed: int) -> None:
     lightning.seed_everything(seed, workers=False, verbose=False)
 
 
+def check_engine_flags(config: TrainConfig) -> None:
+    """Raise a ``ValueError`` naming the flag and its choices when Lightning refuses ``config``'s engine flags.
+
+    Lightning checks ``accelerator``, ``devices``, ``strategy``, ``num_nodes`` and ``precision`` when
+    it builds a Trainer; one is built here (quietly, never run) so that a command can refuse bad
+    flags before any work.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        with quiet_lightning():
+            make_trainer(config, validation=False, callbacks=[])
+    except MisconfigurationException as error:  # its message names the flag and the choices
+        raise ValueError(str(error)) from error
+
+
 def make_trainer(config: TrainConfig, *, validation: bool, callbacks: list[Callback]) -> lightning.Trainer:
     """A light ``lightning.pytorch.Trainer`` with ``config``'s engine flags.
 

@@ -6,15 +6,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._validation import spatial_coordinates
+from .._docs import fill_docs
+from .._records import FIT_KEY, gene_scores
 from ..get import intervals
-from ..tl._predictions import FIT_KEY, gene_scores
-from ._spatial import _background, _draw, _panel_axes, _spot_diameter, colour_limit
+from ._spatial import colour_limit, panel_axes, scatter, slide_view
 from ._utils import axes, check_genes, finish, fit_record, predicted_genes, protocol_of, slide_spots, titled
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 #: What :func:`spatial_uncertainty` can show, and the colour bar label of each.
 UNCERTAINTY = {
@@ -24,9 +25,16 @@ UNCERTAINTY = {
 }
 
 
+@fill_docs
 def interval_coverage(
-    adata: AnnData, key: str = FIT_KEY, *, ax: Axes | None = None, show: bool | None = None
-) -> Axes | None:
+    adata: AnnData,
+    key: str = FIT_KEY,
+    *,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: bool | str | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
     """Empirical coverage of the prediction intervals on every held-out slide against the nominal level.
 
     One column per held-out slide: the coverage of every gene (dots), their mean (a black bar) and
@@ -38,14 +46,12 @@ def interval_coverage(
         AnnData cross-validated with intervals (``hx.tl.fit_histo2expr(..., cv=..., intervals=True)``).
     key
         The ``key_added`` of the fit.
-    ax
-        Axes to draw into; default: a new figure.
-    show
-        Show the figure; by default when ``ax`` is not given.
+    {ax_param}
+    {show_save_params}
 
     Returns
     -------
-    The Axes when not shown, else None. Reads ``uns[key]["interval_coverage"]`` and ``uns[key]["intervals"]``.
+    {plot_returns}, else None. Reads ``uns[key]["interval_coverage"]`` and ``uns[key]["intervals"]``.
     """
     record = fit_record(adata, key, need=("gene_pcc",))
     if "interval_coverage" not in record:
@@ -72,7 +78,7 @@ def interval_coverage(
     ax.set_ylim(min(0.0, float(np.nanmin(coverage.to_numpy())) - 0.02), 1.02)
     ax.legend(loc="lower right", frameon=False)
     ax.set_title(titled(f"{key}: interval coverage", [protocol_of(adata, key)]))
-    return finish(ax, show=show, ax_given=given)
+    return finish(ax, name="interval_coverage", show=show, save=save, return_fig=return_fig, ax_given=given)
 
 
 def _uncertainty_values(
@@ -96,6 +102,7 @@ def _uncertainty_values(
     return (-np.log10(values), "out-of-distribution score") if value == "ood" else (values, "difficulty")
 
 
+@fill_docs
 def spatial_uncertainty(
     adata: AnnData,
     gene: str | None = None,
@@ -108,7 +115,9 @@ def spatial_uncertainty(
     vmax: float | str | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
-) -> Axes | None:
+    save: bool | str | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
     """Uncertainty of the predictions over the H&E of one slide: interval width or out-of-distribution score.
 
     Parameters
@@ -129,14 +138,12 @@ def spatial_uncertainty(
         Colour map.
     vmin, vmax
         Colour limits: numbers, or percentiles such as ``"p1"`` and ``"p99"`` (the defaults).
-    ax
-        Axes to draw into; default: a new figure.
-    show
-        Show the figure; by default when ``ax`` is not given.
+    {ax_param}
+    {show_save_params}
 
     Returns
     -------
-    The Axes when not shown, else None. Reads ``obsm[f"{key}_lower"]`` / ``obsm[f"{key}_upper"]``
+    {plot_returns}, else None. Reads ``obsm[f"{key}_lower"]`` / ``obsm[f"{key}_upper"]``
     (:func:`histo2expr.get.intervals`) or ``obs[f"{key}_ood_pvalue"]`` / ``obs[f"{key}_difficulty"]``,
     ``obsm["spatial"]`` and ``uns["spatial"][slide]``.
     """
@@ -153,19 +160,20 @@ def spatial_uncertainty(
     if not np.isfinite(values).any():
         msg = f"{name} has no value on slide {slide!r} under key {key!r} (a fold that did not predict {gene!r}?)."
         raise ValueError(msg)
-    image, factor, diameter = _background(adata, slide)
-    centres = spatial_coordinates(adata)[spots] * factor
-    diameter = _spot_diameter(centres) if diameter is None else diameter * factor
-    _, grid, given = _panel_axes(ax, 1, 1)
+    assert slide is not None  # pooled=False names the slide
+    fig, grid, given = panel_axes(ax, 1, 1)
     panel = grid[0, 0]
     finite = values[np.isfinite(values)]
     norm = Normalize(colour_limit(vmin, finite, "p1"), colour_limit(vmax, finite, "p99"))
-    spots_artist = _draw(panel, image, centres, diameter, values, norm=norm, cmap=cmap)
-    panel.figure.colorbar(spots_artist, ax=panel, shrink=0.8, label=UNCERTAINTY[value])
+    discs = scatter(panel, slide_view(adata, slide, spots, {name: values}), slide, name, norm=norm, cmap=cmap)
+    fig.colorbar(discs, ax=panel, shrink=0.8, label=UNCERTAINTY[value])
     panel.set_title(f"{name} ({key}), slide {slide}")
-    return finish(panel, show=show, ax_given=given)
+    return finish(
+        panel, name="spatial_uncertainty", show=show, save=save, return_fig=return_fig, ax_given=given
+    )
 
 
+@fill_docs
 def gene_predictability(
     adata: AnnData,
     key: str = FIT_KEY,
@@ -173,7 +181,9 @@ def gene_predictability(
     n_genes: int = 30,
     ax: Axes | None = None,
     show: bool | None = None,
-) -> Axes | None:
+    save: bool | str | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
     """Genes ranked by their cross-validated PCC, with its 95% confidence interval over held-out slides.
 
     Genes whose interval lies above zero (``predictable``) are drawn in colour, the others in grey.
@@ -187,14 +197,12 @@ def gene_predictability(
         The ``key_added`` of the fit or prediction.
     n_genes
         The best genes shown (all with a larger number).
-    ax
-        Axes to draw into; default: a new figure.
-    show
-        Show the figure; by default when ``ax`` is not given.
+    {ax_param}
+    {show_save_params}
 
     Returns
     -------
-    The Axes when not shown, else None. Reads ``uns[key]["gene_pcc"]`` (cross-validation) or
+    {plot_returns}, else None. Reads ``uns[key]["gene_pcc"]`` (cross-validation) or
     ``uns[key]["cv_pcc"]`` (predictions).
     """
     if isinstance(n_genes, bool) or not isinstance(n_genes, int) or n_genes < 1:
@@ -234,4 +242,4 @@ def gene_predictability(
     ax.set_xlabel("held-out PCC (95% CI over slides)")
     ax.legend(loc="best", fontsize="small")
     ax.set_title(titled(f"{key}: gene predictability", [protocol_of(adata, key)]))
-    return finish(ax, show=show, ax_given=given)
+    return finish(ax, name="gene_predictability", show=show, save=save, return_fig=return_fig, ax_given=given)

@@ -23,11 +23,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import pandas as pd
 
 from .._cache import atomic_path, remove_temporaries
-from .._validation import check_element_name, check_slide_id, non_negative_number, positive_int, seed_value
+from .._records import PREDICT_KEY, SCALES
+from .._validation import (
+    check_element_name,
+    check_patch_size,
+    check_slide_id,
+    non_negative_number,
+    positive_int,
+    seed_value,
+)
 from ..models.base import plain_value
 from ._model import Histo2ExprModel
 from ._predict import frozen_encoder_arguments
-from ._predictions import PREDICT_KEY
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -185,7 +192,8 @@ def _read_table(unit: CohortSlide, job: CohortJob, model: Histo2ExprModel | None
     if unit.reader == "visium":
         return io.read_visium(unit.path, library_id=unit.slide)
     if unit.reader == "wsi":
-        return pp.tile_slide(unit.path, model=model, slide=unit.slide, **job.tiling)
+        geometry = None if model is None else model.patches
+        return pp.tile_slide(unit.path, geometry=geometry, slide=unit.slide, **job.tiling)
     if unit.subset is None:
         return ad.read_h5ad(unit.path)
     backed = ad.read_h5ad(unit.path, backed="r")
@@ -523,8 +531,6 @@ def embed_cohort(
     --------
     >>> hx.tl.embed_cohort("slides/*.svs", "embedded", mpp=0.5, accelerator="gpu", devices=4)  # doctest: +SKIP
     """
-    from ..patches._source import check_patch_size
-
     check_patch_size(patch_size)
     positive_int(batch_size, "batch_size")
     if isinstance(weights, os.PathLike):
@@ -643,8 +649,6 @@ def predict_cohort(
     ``model`` (``sha256``: the hash of the model file, or of the saved model when an object was
     passed; ``method``, ``path``).
     """
-    from ._scale import SCALES
-
     if scale not in SCALES:
         msg = f"`scale={scale!r}` is not one of {sorted(SCALES)}; see `hx.tl.predict_expression`."
         raise ValueError(msg)

@@ -6,12 +6,19 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .._validation import check_log_normalised, check_not_empty, check_unique_var_names, get_table
-from ._data import gene_pcc_table, log_expression, score_slides, slide_labels
+from .._records import PREDICT_KEY
+from .._validation import (
+    check_log_normalised,
+    check_not_empty,
+    check_unique_var_names,
+    get_table,
+    log_expression,
+    slide_labels,
+)
+from ._data import gene_pcc_table, score_slides
 from ._intervals import HeldOut, score_intervals
 from ._model import Histo2ExprModel
 from ._predict import predict_expression
-from ._predictions import PREDICT_KEY
 
 if TYPE_CHECKING:
     import torch

@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._validation import check_level
+from .._validation import check_level, log_expression
 from ..splits import grouped_kfold
-from ._data import log_expression
 from ._ood import NeighbourReference, slide_shift
 
 if TYPE_CHECKING:

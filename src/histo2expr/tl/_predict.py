@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -9,15 +10,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._records import EXTERNAL_PROTOCOL, PREDICT_KEY, SCALES
 from .._settings import cpu_threads
-from .._validation import check_not_empty, check_unique_var_names, get_table
+from .._validation import check_not_empty, check_unique_var_names, get_table, slide_labels
 from ..models.base import SpotSet
-from ._data import coordinates, features_of, slide_labels, tokens_of
+from ._data import coordinates, features_of, tokens_of
 from ._intervals import Calibration, new_spots, standardized_bounds
 from ._model import Histo2ExprModel
 from ._ood import slide_shift, warn_if_out_of_distribution
-from ._predictions import EXTERNAL_PROTOCOL, PREDICT_KEY, check_key, prediction_frame, write_results
-from ._scale import SCALES, check_depth_inputs, to_scale, warn_if_unlike_training
+from ._predictions import check_key, prediction_frame, write_results
+from ._scale import check_depth_inputs, to_scale, warn_if_unlike_training
 
 if TYPE_CHECKING:
     import torch
@@ -26,12 +28,17 @@ if TYPE_CHECKING:
 
 #: Relative difference of micrometres per pixel tolerated between training and new patches.
 _MPP_TOLERANCE = 0.02
+#: Options of :func:`~histo2expr.tl.embed_patches` that change the features, recorded with the patch
+#: geometry (``None`` values are not recorded), and what a record without them means (the features
+#: of versions before these options: one view, no context, no neighbours).
+_EMBEDDING_OPTIONS = {"tta": 1, "context": None, "neighbours": None, "stain_normalization": None}
 
 
 def frozen_encoder_arguments(model: Histo2ExprModel) -> dict[str, Any] | None:
     """The :func:`~histo2expr.tl.embed_patches` arguments that embed new slides as the model's training slides were.
 
-    Encoder, weights, patch geometry, token grid and ``key_added``; None when the weights cannot be
+    Encoder, weights, patch geometry, embedding options (views, context, neighbours, stain
+    normalisation), token grid and ``key_added``; None when the weights cannot be
     re-created from the model's record (a state dict or a module's own weights, or random weights
     without their seed): only the user has them then.
     """
@@ -50,6 +57,7 @@ def frozen_encoder_arguments(model: Histo2ExprModel) -> dict[str, Any] | None:
         arguments["patch_size"] = int(geometry["patch_size"])
     if geometry.get("mpp"):
         arguments["mpp"] = float(geometry["mpp"])
+    arguments.update({option: geometry.get(option, absent) for option, absent in _EMBEDDING_OPTIONS.items()})
     if model.token_rep:
         arguments["tokens"] = math.isqrt(int(model.params["n_tokens"]))
     return {"encoder": trained.get("name"), **arguments, "key_added": model.use_rep}
@@ -61,9 +69,13 @@ def _reembed_hint(model: Histo2ExprModel) -> str:
     weights, name = trained.get("weights"), trained.get("name")
     arguments = frozen_encoder_arguments(model)
     if arguments is not None:
+        from ._embed import embed_patches
+
+        defaults = inspect.signature(embed_patches).parameters
         listed = ", ".join(
             f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value!r}"
             for key, value in arguments.items()
+            if key not in _EMBEDDING_OPTIONS or value != defaults[key].default  # options: those that differ
         )
         return f"Re-embed with `hx.tl.embed_patches(adata, {listed})`."
     if weights == "random":
@@ -74,9 +86,18 @@ def _reembed_hint(model: Histo2ExprModel) -> str:
         )
     return (  # a state dict or a module's own weights: only the user has them
         f"Re-embed with the encoder and weights the model was trained on ({name}, {weights}, weights hash "
-        f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..., "
-        f"key_added={model.use_rep!r})`."
+        f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..."
+        f"{_embedding_arguments(model.patches or {})}, key_added={model.use_rep!r})`."
     )
+
+
+def _embedding_arguments(geometry: dict) -> str:
+    """``", tta=1, neighbours=None"``: the model's embedding options that differ from embed_patches' defaults."""
+    from ._embed import embed_patches
+
+    defaults = inspect.signature(embed_patches).parameters
+    trained = {option: geometry.get(option, absent) for option, absent in _EMBEDDING_OPTIONS.items()}
+    return "".join(f", {k}={v!r}" for k, v in trained.items() if v != defaults[k].default)
 
 
 def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
@@ -100,6 +121,15 @@ def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray
             f"`hx.tl.embed_patches(adata, mpp={trained_mpp:.4g}, key_added={model.use_rep!r})`."
         )
         raise ValueError(msg)
+    for option, default in _EMBEDDING_OPTIONS.items():
+        trained_value = (model.patches or {}).get(option, default)
+        current_value = (record.get("patches") or {}).get(option, default)
+        if trained_value != current_value:
+            msg = (
+                f"The features were embedded with `{option}={current_value!r}` but the model was trained on "
+                f"features embedded with `{option}={trained_value!r}`. {_reembed_hint(model)}"
+            )
+            raise ValueError(msg)
     if model.token_rep:
         return _check_tokens(table, model)
     if features.shape[1] != model.params["n_features"]:
@@ -236,6 +266,7 @@ def predict_expression(
                 data,
                 patch_size=geometry["patch_size"],
                 mpp=geometry.get("mpp"),
+                stain_normalization=geometry.get("stain_normalization"),
                 slide_key=slide_key,
                 table_key=table_key,
             )
