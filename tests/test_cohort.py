@@ -149,7 +149,7 @@ def test_cohort_inputs_a_glob_a_file_of_several_slides_and_a_whole_slide_image(c
     image = Path(adata.uns["spatial"]["S1"]["metadata"]["source_image_path"])
     wsi = api_embed(image, tmp_path / "wsi", spot_diameter_um=55, spacing_um=100, slide_mpp=1.0)
     tiles = ad.read_h5ad(tmp_path / "wsi" / "S1.h5ad")
-    assert wsi["n_spots"].iloc[0] == tiles.n_obs > 0 and tiles.obsm["X_histo"].shape == (tiles.n_obs, 26)
+    assert wsi["n_spots"].iloc[0] == tiles.n_obs > 0 and tiles.obsm["X_histo"].shape == (tiles.n_obs, 52)
 
 
 def test_a_failing_slide_leaves_no_output_and_the_others_are_written(cohort, tmp_path, monkeypatch):
@@ -218,7 +218,7 @@ def test_zarr_outputs_are_spatialdata(cohort, tmp_path):
     api_embed(files[:1], tmp_path, format="zarr")
     sdata = read_zarr(tmp_path / "S1.zarr")
     assert "S1_image" in sdata.images and "S1_spots" in sdata.shapes
-    assert sdata.tables["table"].obsm["X_histo"].shape == (ad.read_h5ad(files[0]).n_obs, 26)
+    assert sdata.tables["table"].obsm["X_histo"].shape == (ad.read_h5ad(files[0]).n_obs, 52)
     assert list(api_embed(files[:1], tmp_path, format="zarr")["status"]) == ["skipped"]
     assert list(api_embed(files[:1], tmp_path, format="zarr", overwrite=True)["status"]) == ["written"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["S1.zarr"]
