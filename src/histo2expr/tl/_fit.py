@@ -12,7 +12,7 @@ import pandas as pd
 
 from .._predictability import gene_predictability
 from .._progress import progress_bar
-from .._records import FIT_KEY, SCALES, is_record, plain_value
+from .._records import FIT_KEY, SCALES, is_record
 from .._settings import cpu_threads
 from .._validation import (
     check_log_normalised,
@@ -22,7 +22,7 @@ from .._validation import (
     log_expression,
     slide_labels,
 )
-from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method
+from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method, plain_value
 from ..models.scaling import Standardizer
 from ..pp import select_genes
 from ..splits import inner_validation_split, make_folds
