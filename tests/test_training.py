@@ -104,7 +104,7 @@ def test_fits_write_no_files_and_print_nothing(tmp_path, monkeypatch, capfd):
 
 
 def test_one_progress_bar_over_the_epochs(capfd):
-    get_method("stnet")().fit(spots(), spots(seed=1), config(epochs=3, progress=True))
+    get_method("stnet")(closed_form=False).fit(spots(), spots(seed=1), config(epochs=3, progress=True))
     err = capfd.readouterr().err
     assert "epochs" in err and "Epoch 0" not in err and "Validation" not in err
 
