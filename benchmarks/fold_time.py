@@ -41,7 +41,7 @@ def one_fold(adata, method: str, holdout: str, genes: int) -> tuple[float, float
     features, _ = frozen_inputs(adata, "X_histo", tokens=takes_tokens, method=method)
     inputs = _Inputs(adata, slides, coordinates(adata), features, None)
     train, test = np.flatnonzero(slides != holdout), np.flatnonzero(slides == holdout)
-    config = TrainConfig(device="cpu", progress=False)
+    config = TrainConfig(accelerator="cpu", progress=False)
     tic = time.perf_counter()
     fitted = _fit_on(
         inputs,

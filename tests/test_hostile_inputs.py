@@ -384,4 +384,4 @@ def test_cli_refuses_a_file_as_out_folder_and_as_data_folder(cohort_h5ad, tmp_pa
 def test_cli_refuses_cuda_without_a_gpu(cohort_h5ad, tmp_path, capsys):
     argv = ["benchmark", "--data", str(cohort_h5ad), "--device", "cuda", "--out", str(tmp_path)]
     assert cli.main(argv) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    assert "'cuda' is not usable on this machine" in capsys.readouterr().err

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 from histo2expr.metrics import pcc_acg
-from histo2expr.models.base import SpotSet, TrainConfig, available_methods, get_method
+from histo2expr.models.base import SpotSet, TrainConfig, get_method
 from histo2expr.models.layers import ProjectionHead
 from histo2expr.models.losses import bleep_loss, pcc_loss
 from histo2expr.models.retrieval import cosine_topk
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(**changes) -> TrainConfig:
-    values = {"epochs": 40, "batch_size": 32, "lr": 1e-2, "patience": 5, "device": "cpu", "progress": False}
+    values = {"epochs": 40, "batch_size": 32, "lr": 1e-2, "patience": 5, "progress": False}
     return TrainConfig(**{**values, **changes})
 
 
@@ -145,12 +146,6 @@ def test_projection_head_shapes_and_residual(rng):
 # --- stnet ---------------------------------------------------------------------------------------------
 
 
-def test_registry_has_the_torch_baselines():
-    assert {"stnet", "bleep"} <= set(available_methods())
-    assert get_method("stnet").name == "stnet"
-    assert get_method("bleep").name == "bleep"
-
-
 @pytest.mark.parametrize("closed_form", [True, False])
 def test_stnet_frozen_learns_a_linear_signal(rng, closed_form):
     train, validation, test = linear_cohort(rng)
@@ -202,17 +197,6 @@ def test_stnet_early_stopping_keeps_the_best_validation_epoch(rng):
     assert mse == pytest.approx(report.validation_loss[report.best_epoch], rel=1e-5)
 
 
-def test_stnet_same_seed_is_bit_identical(rng):
-    train, validation, test = linear_cohort(rng, n=120)
-    runs = []
-    for seed in (3, 3, 4):
-        method = get_method("stnet")(hidden=8, dropout=0.2)
-        method.fit(train, validation, config(epochs=5, seed=seed))
-        runs.append(method.predict(test))
-    np.testing.assert_array_equal(runs[0], runs[1])
-    assert not np.array_equal(runs[0], runs[2])
-
-
 def test_stnet_end2end_prediction_is_the_mean_over_8_views(patch_cohort, tiny_encoder):
     train, validation, test, source = patch_cohort
     mine = tiny_encoder()
@@ -233,7 +217,7 @@ def test_stnet_end2end_prediction_is_the_mean_over_8_views(patch_cohort, tiny_en
     np.testing.assert_allclose(pred, np.mean(views, axis=0), atol=1e-5)
     np.testing.assert_allclose(method.embed(test), np.mean(features, axis=0), atol=1e-5)
     assert not np.allclose(views[0], views[5], atol=1e-4)  # the views do differ
-    method.params["tta"] = False
+    method.settings = dataclasses.replace(method.settings, tta=False)
     np.testing.assert_allclose(method.predict(test), views[0], atol=1e-5)
 
 
@@ -246,14 +230,10 @@ def test_bleep_frozen_retrieves_training_spots_only(rng):
     method.fit(train, validation, config(epochs=30))
     pred = method.predict(test)
     gallery = np.concatenate([train.targets, validation.targets])
-    np.testing.assert_array_equal(method.gallery_expression.numpy(), gallery)
-    _, indices = cosine_topk(method.embed(test), method.gallery_embeddings, 10)
+    np.testing.assert_array_equal(method.gallery.values.numpy(), gallery)
+    _, indices = cosine_topk(method.embed(test), method.gallery.keys, 10)
     np.testing.assert_allclose(pred, gallery[indices].mean(axis=1), atol=1e-6)
-    np.testing.assert_allclose(method.predict(test.subset(np.arange(4))), pred[:4], atol=1e-6)
-    # poisoning the expression of spots outside the fit changes nothing ...
-    poisoned = frozen_spots(test.features, test.targets + 100.0, slide="c")
-    np.testing.assert_array_equal(method.predict(poisoned), pred)
-    # ... the training expression does
+    # the training expression changes the predictions (held-out spots never do: the contract tests)
     changed = frozen_spots(train.features, train.targets[::-1].copy(), slide="a")
     other = get_method("bleep")(projection_dim=32, top_k=10)
     other.fit(changed, validation, config(epochs=30))
@@ -278,55 +258,11 @@ def test_bleep_top_k_larger_than_the_gallery_is_an_error(rng):
         get_method("bleep")().fit(train, validation, config(epochs=1))
 
 
-def test_bleep_end2end_runs_one_epoch(patch_cohort, tiny_encoder):
+def test_custom_encoder_state_needs_a_module_of_the_same_architecture(patch_cohort, tiny_encoder, round_trip):
     train, validation, test, _ = patch_cohort
-    method = get_method("bleep")(encoder=tiny_encoder(), projection_dim=16, top_k=5)
-    report = method.fit(train, validation, config(epochs=1, batch_size=8))
-    assert len(report.train_loss) == 1 and np.isfinite(report.train_loss[0])
-    assert method.predict(test).shape == test.targets.shape
-    assert len(method.gallery_expression) == len(train) + len(validation)
-
-
-# --- state dicts ---------------------------------------------------------------------------------------
-
-
-def _plain(value) -> bool:
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_plain(v) for v in value)
-    return value is None or isinstance(value, str | int | float | bool | torch.Tensor)
-
-
-@pytest.mark.parametrize(
-    ("name", "params"),
-    [("stnet", {"hidden": 8}), ("stnet", {}), ("bleep", {"top_k": 5, "projection_dim": 16})],
-)
-def test_frozen_state_round_trip(rng, name, params, round_trip):
-    train, validation, test = clustered_cohort(rng, n=120)
-    method = get_method(name)(**params)
-    method.fit(train, validation, config(epochs=3))
-    state = method.state_dict()
-    assert _plain(state)
-    loaded = round_trip(method)
-    np.testing.assert_array_equal(loaded.predict(test), method.predict(test))
-    np.testing.assert_array_equal(loaded.embed(test), method.embed(test))
-    assert loaded.report.best_epoch == method.report.best_epoch
-    assert loaded.params == state["params"]
-
-
-@pytest.mark.parametrize("name", ["stnet", "bleep"])
-def test_end2end_state_round_trip(patch_cohort, name, tiny_encoder, round_trip):
-    train, validation, test, _ = patch_cohort
-    params = {"top_k": 5, "projection_dim": 16} if name == "bleep" else {}
-    custom = get_method(name)(encoder=tiny_encoder(), **params)
-    named = get_method(name)(encoder="test_resnet", weights=None, **params)
-    for method in (custom, named):
-        method.fit(train, validation, config(epochs=1, batch_size=8))
-        assert _plain(method.state_dict())
-    loaded = round_trip(named)  # a timm name is rebuilt from the state alone
-    assert loaded.network.image_input.encoder.describe() == named.network.image_input.encoder.describe()
-    np.testing.assert_array_equal(loaded.predict(test), named.predict(test))
+    custom = get_method("stnet")(encoder=tiny_encoder())
+    custom.fit(train, validation, config(epochs=1, batch_size=8))
+    assert custom.state_dict()["settings"]["encoder"] == "TinyEncoder"
     with pytest.raises(ValueError, match="custom encoder module"):
         round_trip(custom)
     loaded = round_trip(custom, encoder=tiny_encoder())
@@ -358,10 +294,6 @@ def test_bad_parameters_are_clear_errors(name, params, match):
 def test_wrong_data_is_a_clear_error(rng, patch_cohort):
     train, validation, test = linear_cohort(rng, n=60)
     method = get_method("stnet")()
-    with pytest.raises(RuntimeError, match="not fitted"):
-        method.predict(test)
-    with pytest.raises(RuntimeError, match="not fitted"):
-        method.state_dict()
     with pytest.raises(ValueError, match="targets"):
         method.fit(frozen_spots(train.features), None, config(epochs=1))
     with pytest.raises(ValueError, match="6 genes"):

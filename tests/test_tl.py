@@ -89,25 +89,6 @@ def test_cross_validation_without_refit_scores_the_same_and_returns_none(cohort)
         hx.tl.fit_histo2expr(cohort.copy(), method="ridge", genes=20, refit=False, progress=False)
 
 
-def test_held_out_slide_cannot_influence_its_own_predictions(cohort):
-    """Poison the held-out slide's expression: its out-of-fold predictions must not move."""
-    clean = cohort.copy()
-    hx.tl.fit_histo2expr(clean, method="ridge", genes=20, cv="leave_one_slide_out", progress=False)
-    poisoned = cohort.copy()
-    on_s3 = (poisoned.obs["slide"] == "S3").to_numpy()
-    counts = poisoned.layers["counts"].toarray()  # valid data (log-normalised) of other genes and depth
-    counts[on_s3] = np.random.default_rng(1).permutation(counts[on_s3].T).T * 3.0
-    poisoned.layers["counts"] = counts
-    hx.pp.normalize(poisoned)
-    hx.tl.fit_histo2expr(poisoned, method="ridge", genes=20, cv="leave_one_slide_out", progress=False)
-    clean_s3, poisoned_s3 = (hx.get.predictions(a)[on_s3].dropna(axis=1) for a in (clean, poisoned))
-    assert set(clean_s3.columns) == set(poisoned_s3.columns)
-    pd.testing.assert_frame_equal(clean_s3, poisoned_s3[clean_s3.columns])
-    assert not np.array_equal(
-        clean.obsm["histo2expr"][~on_s3].to_numpy(), poisoned.obsm["histo2expr"][~on_s3].to_numpy()
-    )
-
-
 def test_leave_one_patient_out_and_fixed_genes(cohort):
     adata = cohort.copy()
     adata.obs["patient"] = ["P1" if s != "S3" else "P2" for s in adata.obs["slide"]]
@@ -141,6 +122,41 @@ def test_save_load_and_predict_on_new_slides(cohort, tmp_path):
     assert "histo2expr_pred" in copy.obsm and "histo2expr_pred" not in cohort.obsm
     copy_of_he = hx.tl.predict_expression(h_and_e_only, model, copy=True, key_added="again")
     assert type(copy_of_he) is type(copy) and "again" not in h_and_e_only.obsm
+
+
+def test_models_predict_on_the_device_asked_for(cohort, tmp_path):
+    model = hx.tl.fit_histo2expr(cohort.copy(), method="stnet", genes=10, epochs=2, progress=False)
+    model.save(tmp_path / "model.pt")
+    loaded = hx.tl.Histo2ExprModel.load(tmp_path / "model.pt")
+    assert loaded.device == torch.device("cpu") and loaded.to("cpu") is loaded
+    here = hx.tl.predict_expression(cohort.copy(), loaded, device="cpu", copy=True)
+    pd.testing.assert_frame_equal(
+        here.obsm["histo2expr_pred"],
+        hx.tl.predict_expression(cohort, model, copy=True).obsm["histo2expr_pred"],
+    )
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'cuda' is not usable on this machine"):
+            hx.tl.predict_expression(cohort.copy(), loaded, device="cuda")
+        assert loaded.device == torch.device("cpu")  # the model stays where it was
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_loaded_model_predicts_on_the_gpu(cohort, tmp_path):
+    model = hx.tl.fit_histo2expr(cohort.copy(), method="bleep", genes=10, epochs=2, top_k=10, progress=False)
+    model.save(tmp_path / "model.pt")
+    loaded = hx.tl.Histo2ExprModel.load(tmp_path / "model.pt")
+    on_cpu = hx.tl.predict_expression(cohort, loaded, copy=True)
+    on_gpu = hx.tl.predict_expression(cohort, loaded, device="cuda", copy=True)
+    assert loaded.device == torch.device("cpu")
+    assert loaded.to("cuda").device.type == "cuda" and next(loaded.method.network.parameters()).is_cuda
+    again = hx.tl.predict_expression(cohort, loaded, copy=True)  # bfloat16 autocast on CUDA
+    for gpu in (on_gpu, again):
+        np.testing.assert_allclose(gpu.obsm["X_histo2expr_pred"], on_cpu.obsm["X_histo2expr_pred"], atol=0.1)
+
+
+def test_device_of_fit_is_deprecated_for_lightning_flags(cohort):
+    with pytest.warns(FutureWarning, match=r"accelerator='cpu', devices=1"):
+        hx.tl.fit_histo2expr(cohort.copy(), method="ridge", genes=10, device="cpu", progress=False)
 
 
 def test_predict_refuses_another_encoder_or_scale(cohort):

@@ -123,20 +123,3 @@ def gene_scores(record: Mapping[str, Any], genes: Sequence[str]) -> pd.DataFrame
     scores = scores.reindex(index=list(genes), columns=list(COLUMNS))
     scores["predictable"] = scores["predictable"].fillna(False).astype(bool)
     return scores
-
-
-def h5ad_safe(value: Any) -> Any:
-    """Plain Python values (recursively): dicts with string keys, lists for tuples and arrays, numbers.
-
-    Such a value can be written to h5ad ``uns`` and saved in a weights-only torch file; a record read
-    back from h5ad (where lists became numpy arrays) turns plain again.
-    """
-    if isinstance(value, dict):
-        return {str(k): h5ad_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [h5ad_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return h5ad_safe(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

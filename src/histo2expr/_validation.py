@@ -122,6 +122,30 @@ def non_negative_number(value: Any, name: str, *, positive: bool = False) -> flo
     return float(value)
 
 
+def probability(value: Any, name: str) -> float:
+    """Return ``value`` as a float, or raise naming the parameter when it is not a probability in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating) or not 0 <= value < 1:
+        msg = f"`{name}` must be a probability in [0, 1), got {value!r}."
+        raise ValueError(msg)
+    return float(value)
+
+
+def one_of(value: Any, choices: tuple[str, ...], name: str) -> str:
+    """Return ``value``, or raise naming the parameter and its choices when it is not one of them."""
+    if not isinstance(value, str) or value not in choices:
+        msg = f"`{name}` must be one of {list(choices)}, got {value!r}."
+        raise ValueError(msg)
+    return value
+
+
+def flag(value: Any, name: str) -> bool:
+    """Return ``value``, or raise naming the parameter when it is not True or False."""
+    if not isinstance(value, bool | np.bool_):
+        msg = f"`{name}` must be True or False, got {value!r}."
+        raise TypeError(msg)
+    return bool(value)
+
+
 def seed_value(value: Any, name: str = "seed") -> int:
     """Return ``value`` as an int, or raise naming the parameter when it is not an integer in ``[0, 2**32)``."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value < 2**32:

@@ -1,4 +1,4 @@
-"""The ``histo2expr`` command line: ``histo2expr demo`` and ``histo2expr benchmark``."""
+"""The ``histo2expr`` command line: ``histo2expr demo``, ``histo2expr benchmark`` and ``histo2expr fit``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 #: Readers of ``histo2expr benchmark --reader``.
 READERS = ("auto", "legacy_st", "visium", "hest", "h5ad")
+#: Accelerators of ``histo2expr fit --accelerator`` (Lightning's names).
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 #: Cross-validation schemes of ``histo2expr benchmark --cv``.
 CV_SCHEMES = ("leave_one_slide_out", "leave_one_patient_out")
 #: Suffixes of the result keys when both cross-validation schemes run.
@@ -187,6 +189,139 @@ def _embed(
     return time.perf_counter() - tic
 
 
+def _device_flags(device: str) -> dict[str, Any]:
+    """``--device`` as the ``accelerator`` and ``devices`` of :func:`~histo2expr.tl.fit_histo2expr`."""
+    from .models.inference import lightning_device
+
+    accelerator, devices = lightning_device(device)
+    return {"accelerator": accelerator, "devices": devices}
+
+
+def _devices(text: str) -> int | str | list[int]:
+    """``--devices``: a number (``2``, ``-1`` for all), ``auto``, or comma-separated indices (``0,1``)."""
+    text = text.strip()
+    try:
+        if "," in text:
+            return [int(part) for part in text.split(",") if part.strip()]
+        return text if text == "auto" else int(text)
+    except ValueError as error:
+        msg = (
+            f"--devices must be a number, 'auto' or comma-separated device indices such as 0,1; got {text!r}"
+        )
+        raise argparse.ArgumentTypeError(msg) from error
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """``--param NAME=VALUE``: a method setting, the value read as a Python literal (else as text)."""
+    import ast
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        msg = f"--param takes NAME=VALUE (e.g. top_k=20), got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return name.strip(), parsed
+
+
+def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """Check the options of ``histo2expr fit`` before any work; return the method's class and settings."""
+    from .models import TrainConfig, check_engine_flags, get_method
+
+    method_class = get_method(args.method)
+    if args.regime not in method_class.regimes:
+        raise CommandError(
+            f"method {args.method!r} supports the {' and '.join(method_class.regimes)} regime(s), not "
+            f"--regime {args.regime}."
+        )
+    method_params = dict(args.param)
+    if args.regime == "end2end":
+        _check_encoder(args.encoder)
+        method_params.setdefault("encoder", args.encoder)
+    method_class(**method_params)  # the settings' own checks
+    try:
+        check_engine_flags(TrainConfig(**_training_options(args), progress=False))
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    if args.out.is_dir():
+        raise CommandError(f"--out {args.out} is a folder; give the model file to write (e.g. model.pt).")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(
+            f"--out {args.out}: its folder cannot be made ({error.strerror}); give a writable place."
+        ) from error
+    if not os.access(args.out.parent, os.W_OK):
+        raise CommandError(f"--out {args.out}: its folder is not writable; give a place you can write to.")
+    _check_data(args.data, args.reader)
+    return method_class, method_params
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from . import pp
+
+    start = time.perf_counter()
+    method_class, method_params = _check_fit(args)
+    slides = _method_list(args.slides) if args.slides else None
+    adata = read_cohort(args.data, reader=args.reader, slides=slides)
+    if "log1p" not in adata.uns:
+        pp.normalize(adata)
+    use_rep = args.use_rep if args.regime == "frozen" else None
+    if use_rep is not None and use_rep not in adata.obsm:
+        raise CommandError(
+            f"{args.data} has no frozen features in obsm[{use_rep!r}]; embed them first with "
+            f"`hx.tl.embed_patches(adata, key_added={use_rep!r})` and save the AnnData, or use --regime end2end."
+        )
+    model = _fit_model(adata, args, use_rep=use_rep, method_params=method_params)
+    if rank_zero_only.rank != 0:  # every process of a data-parallel run holds the same model
+        return 0
+    model.save(args.out)
+    report = model.method.report
+    epochs = "" if report is None or not report.train_loss else f", {len(report.train_loss)} epochs"
+    print(
+        f"histo2expr fit: {method_class.name} ({args.regime}) on {adata.n_obs} spots of "
+        f"{adata.obs['slide'].nunique()} slides, {len(model.genes)} genes{epochs}, in "
+        f"{time.perf_counter() - start:.1f} s. Saved {args.out}."
+    )
+    return 0
+
+
+def _fit_model(adata: AnnData, args: argparse.Namespace, *, use_rep: str | None, method_params: dict) -> Any:
+    """:func:`~histo2expr.tl.fit_histo2expr` with the options of ``histo2expr fit``."""
+    from . import tl
+
+    return tl.fit_histo2expr(
+        adata,
+        method=args.method,
+        genes=args.genes,
+        use_rep=use_rep,
+        patch_size=args.patch_size,
+        progress=not args.quiet,
+        **_training_options(args),
+        **method_params,
+    )
+
+
+def _training_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options of ``histo2expr fit``, as ``TrainConfig`` and ``fit_histo2expr`` name them."""
+    return {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "num_workers": args.workers,
+        "accelerator": args.accelerator,
+        "devices": args.devices,
+        "strategy": args.strategy,
+        "num_nodes": args.num_nodes,
+        "precision": args.precision,
+    }
+
+
 def _embedding_options(adata: AnnData) -> dict[str, Any]:
     """What the features of ``obsm["X_histo"]`` average and append (``tta``, ``neighbours``), for the report."""
     patches = adata.uns["X_histo"]["patches"]
@@ -227,8 +362,8 @@ def _demo(args: argparse.Namespace) -> int:
         genes=args.genes,
         seed=args.seed,
         epochs=args.epochs,
-        device=args.device,
         progress=not args.quiet,
+        **_device_flags(args.device),
     )
     total = time.perf_counter() - start
     command = "histo2expr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
@@ -462,7 +597,11 @@ def _benchmark(args: argparse.Namespace) -> int:
         f"{' and '.join(protocols)}, {args.regime} regime ({args.encoder}), {n_genes} genes, methods "
         f"{', '.join(methods)}."
     )
-    fit_kwargs: dict[str, Any] = {"epochs": args.epochs, "device": args.device, "num_workers": args.workers}
+    fit_kwargs: dict[str, Any] = {
+        "epochs": args.epochs,
+        "num_workers": args.workers,
+        **_device_flags(args.device),
+    }
     embed_seconds, embedding = None, None
     if args.regime == "frozen":
         embed_seconds = _embed(adata, args, methods, mpp=mpp)
@@ -637,7 +776,80 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_common(add, genes=None, epochs=50, methods=None, out="histo2expr-benchmark")
     bench.set_defaults(func=_benchmark)
+
+    fit = commands.add_parser("fit", help="fit one method on every slide of a dataset and save the model")
+    _add_fit_options(fit.add_argument)
+    fit.set_defaults(func=_fit)
     return parser
+
+
+def _add_fit_options(add: Any) -> None:
+    add(
+        "data",
+        type=Path,
+        help="dataset: .h5ad file (data model, frozen features in obsm), legacy ST or Visium folder",
+    )
+    add("--method", required=True, help="the method (see histo2expr.models.available_methods())")
+    add("--out", type=Path, required=True, help="model file to write (hx.tl.Histo2ExprModel.load reads it)")
+    add("--reader", choices=READERS, default="auto", help="how to read DATA (default: from the path)")
+    add("--slides", default=None, help="comma-separated slides to fit on (default: all)")
+    add(
+        "--regime",
+        choices=("frozen", "end2end"),
+        default="frozen",
+        help="frozen features or end-to-end (default frozen)",
+    )
+    add("--use-rep", default="X_histo", help="obsm key of the frozen features (default X_histo)")
+    add(
+        "--encoder",
+        default="efficientnet_lite0",
+        help="end-to-end regime: the encoder trained (default efficientnet_lite0)",
+    )
+    add(
+        "--patch-size",
+        type=_int_at_least(2),
+        default=224,
+        help="end-to-end regime: patch side in pixels (default 224)",
+    )
+    add("--genes", type=_int_at_least(1), default=250, help="highly expressed genes to predict (default 250)")
+    add("--epochs", type=_int_at_least(1), default=50, help="maximum training epochs (default 50)")
+    add("--batch-size", type=_int_at_least(2), default=64, help="spots per batch and device (default 64)")
+    add("--lr", type=float, default=1e-3, help="AdamW learning rate (default 0.001)")
+    add("--seed", type=_int_at_least(0), default=0, help="seed of the training (default 0)")
+    add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers reading patches (default 0)")
+    add(
+        "--param",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a method setting, repeatable (e.g. --param top_k=20)",
+    )
+    add(
+        "--accelerator",
+        choices=ACCELERATORS,
+        default="auto",
+        help="Lightning accelerator (default auto: a GPU when there is one)",
+    )
+    add(
+        "--devices",
+        type=_devices,
+        default=1,
+        help="devices per node: a number, -1 (all), auto or indices 0,1 (default 1)",
+    )
+    add("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default auto)")
+    add(
+        "--num-nodes",
+        type=_int_at_least(1),
+        default=1,
+        help="machines training together, e.g. under SLURM (default 1)",
+    )
+    add(
+        "--precision",
+        default=None,
+        help="Lightning precision, e.g. 32-true, bf16-mixed (default: bf16-mixed on CUDA, else 32-true)",
+    )
+    add("--quiet", action="store_true", help="no progress bars")
 
 
 def _one_line(error: Exception) -> str:

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._records import PREDICTED_MARKER, default_key, fit_record, gene_scores, h5ad_safe
+from .._records import PREDICTED_MARKER, default_key, fit_record, gene_scores
 from .._validation import log_expression
+from ..models.base import plain_value
 
 
 def predictions(adata: AnnData, key: str | None = None) -> pd.DataFrame:
@@ -148,7 +149,7 @@ def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[s
             out.obsm[name] = values.copy()
     if "spatial" in adata.uns:
         out.uns["spatial"] = adata.uns["spatial"]
-    out.uns[PREDICTED_MARKER] = h5ad_safe(
+    out.uns[PREDICTED_MARKER] = plain_value(
         {
             "predicted": True,
             "source_key": key,

@@ -1,9 +1,10 @@
-"""Methods and their building blocks: encoders, retrieval, losses (tensors in, tensors out; never AnnData).
+"""Methods and their building blocks: the method contract, the training engine, encoders, retrieval, losses.
 
-The submodules import torch and timm, so they are loaded on first use and
-``import histo2expr`` stays light. Users normally reach the methods by name through
-:func:`histo2expr.tl.fit_histo2expr`; this namespace documents them and lets
-developers add one (:func:`register_method`).
+Tensors in, tensors out; never AnnData. The submodules import torch, Lightning and timm, so
+they are loaded on first use and ``import histo2expr`` stays light. Users normally reach the
+methods by name through :func:`histo2expr.tl.fit_histo2expr`; this namespace documents them and
+lets developers add one (:class:`Method`, :func:`register_method`, the ``histo2expr.methods``
+entry point group; see the docs page "Adding a method").
 """
 
 from __future__ import annotations
@@ -12,21 +13,32 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._device import resolve_device
-    from .base import FitReport, Method, SpotSet, TrainConfig, available_methods, get_method, register_method
-    from .bleep import BLEEPMethod
-    from .chrep import CHRepMethod
-    from .cmrcnet import CMRCNetMethod
+    from .base import (
+        FitReport,
+        Method,
+        MethodSettings,
+        SpotSet,
+        TrainConfig,
+        available_methods,
+        get_method,
+        register_method,
+    )
+    from .bleep import BLEEPMethod, BLEEPSettings
+    from .chrep import CHRepMethod, CHRepSettings
+    from .cmrcnet import CMRCNetMethod, CMRCNetSettings
     from .encoders import BUILTIN_ENCODERS, Encoder, build_encoder
+    from .gallery import Gallery
     from .handcrafted import ColourTextureStats
-    from .hest_probe import HESTProbeMethod
+    from .hest_probe import HESTProbeMethod, HESTProbeSettings
+    from .inference import resolve_device
     from .layers import pool_token_grid
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
-    from .nh2st import NH2STMethod
+    from .nh2st import NH2STMethod, NH2STSettings
     from .presets import ENCODER_PRESETS, EncoderPreset, register_encoder_preset
     from .retrieval import aggregate, cosine_topk
-    from .ridge import RidgeMethod
-    from .stnet import STNetMethod
+    from .ridge import RidgeMethod, RidgeSettings
+    from .stnet import STNetMethod, STNetSettings
+    from .training import LossOutput, SpotNetwork, TrainingPlan, check_engine_flags, train_network
 
 _LAZY = {
     "BUILTIN_ENCODERS": ".encoders",
@@ -36,22 +48,36 @@ _LAZY = {
     "ENCODER_PRESETS": ".presets",
     "EncoderPreset": ".presets",
     "register_encoder_preset": ".presets",
-    "resolve_device": "._device",
+    "resolve_device": ".inference",
     "pool_token_grid": ".layers",
     "Method": ".base",
+    "MethodSettings": ".base",
     "SpotSet": ".base",
     "TrainConfig": ".base",
     "FitReport": ".base",
     "available_methods": ".base",
     "get_method": ".base",
     "register_method": ".base",
+    "LossOutput": ".training",
+    "SpotNetwork": ".training",
+    "TrainingPlan": ".training",
+    "train_network": ".training",
+    "check_engine_flags": ".training",
+    "Gallery": ".gallery",
     "RidgeMethod": ".ridge",
     "HESTProbeMethod": ".hest_probe",
+    "HESTProbeSettings": ".hest_probe",
     "STNetMethod": ".stnet",
     "BLEEPMethod": ".bleep",
     "CHRepMethod": ".chrep",
     "NH2STMethod": ".nh2st",
     "CMRCNetMethod": ".cmrcnet",
+    "BLEEPSettings": ".bleep",
+    "CHRepSettings": ".chrep",
+    "CMRCNetSettings": ".cmrcnet",
+    "NH2STSettings": ".nh2st",
+    "RidgeSettings": ".ridge",
+    "STNetSettings": ".stnet",
     "bleep_loss": ".losses",
     "pcc_loss": ".losses",
     "regression_loss": ".losses",
@@ -66,23 +92,36 @@ __all__ = [
     "BUILTIN_ENCODERS",
     "ENCODER_PRESETS",
     "BLEEPMethod",
+    "BLEEPSettings",
     "CHRepMethod",
+    "CHRepSettings",
     "CMRCNetMethod",
+    "CMRCNetSettings",
     "ColourTextureStats",
     "Encoder",
     "EncoderPreset",
     "FitReport",
+    "Gallery",
     "HESTProbeMethod",
+    "HESTProbeSettings",
+    "LossOutput",
     "Method",
+    "MethodSettings",
     "NH2STMethod",
+    "NH2STSettings",
     "RidgeMethod",
+    "RidgeSettings",
     "STNetMethod",
+    "STNetSettings",
+    "SpotNetwork",
     "SpotSet",
     "TrainConfig",
+    "TrainingPlan",
     "aggregate",
     "available_methods",
     "bleep_loss",
     "build_encoder",
+    "check_engine_flags",
     "cosine_topk",
     "get_method",
     "info_nce",
@@ -94,6 +133,7 @@ __all__ = [
     "resolve_device",
     "topology_loss",
     "topology_prior",
+    "train_network",
 ]
 
 

@@ -1,21 +1,29 @@
-"""The method protocol every histo2expr method implements, and the registry of methods by name.
+"""The contract every histo2expr method follows, its typed settings, and the registry of methods by name.
 
-A method sees arrays and tensors only. It is fitted on the training spots of one fold
-(with an inner validation set of training slides for early stopping), predicts the
-standardised expression of any spots, embeds them, and round-trips through a plain
-state dict. The ``tl`` layer turns AnnData into :class:`SpotSet` objects and back.
+A method sees arrays and tensors only (never AnnData). It is fitted on the training spots of
+one fold (with an inner validation set of training slides for early stopping), predicts the
+standardised expression of any spots, embeds them, and round-trips through a plain state dict.
+The ``tl`` layer turns AnnData into :class:`SpotSet` objects and back. Methods register by
+name with :func:`register_method`; methods of other packages register through the entry point
+group ``histo2expr.methods`` and are found without an import (see the docs page "Adding a
+method").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .._validation import non_negative_number, seed_value
+from .._validation import non_negative_number, positive_int, seed_value
 
 if TYPE_CHECKING:
+    import torch
+
     from ..patches import PatchSource
 
 #: The two training regimes (docs/methods/index.md): cached frozen features, or the backbone trained too.
@@ -109,31 +117,71 @@ def concat_spots(parts: list[SpotSet]) -> SpotSet:
     )
 
 
-@dataclass
+def check_training_spots(train: SpotSet, validation: SpotSet | None) -> int:
+    """Check that training (and validation) spots carry finite targets of one width; return the width.
+
+    Raises a clear error when ``train`` is empty or has no ``targets``, when targets are
+    not finite, or when the validation spots differ from the training spots in regime
+    or number of genes.
+    """
+    if len(train) == 0 or train.targets is None:
+        msg = "Fitting needs training spots with `targets` (standardised expression); got none."
+        raise ValueError(msg)
+    targets = np.asarray(train.targets)
+    if targets.ndim != 2 or targets.shape[1] == 0:
+        msg = (
+            f"`targets` must be a 2-D (spots, genes) array with at least one gene, got shape {targets.shape}."
+        )
+        raise ValueError(msg)
+    for name, spots in (("training", train), ("validation", validation)):
+        if spots is None or len(spots) == 0:
+            continue
+        if spots.targets is None or np.shape(spots.targets)[1:] != targets.shape[1:]:
+            got = None if spots.targets is None else np.shape(spots.targets)
+            msg = f"The {name} spots need `targets` with {targets.shape[1]} genes, like the training spots; got {got}."
+            raise ValueError(msg)
+        if spots.regime != train.regime:
+            msg = f"The validation spots are {spots.regime!r} but the training spots are {train.regime!r}; use one regime."
+            raise ValueError(msg)
+        if not np.isfinite(spots.targets).all():
+            msg = f"The {name} `targets` contain NaN or infinite values; impute or drop those spots first."
+            raise ValueError(msg)
+    return int(targets.shape[1])
+
+
+#: Devices the engine accepts: Lightning's ``devices`` (a number, a list of indices, ``"auto"``, ``-1``).
+_DEVICES_HELP = "a number of devices, a list of device indices, 'auto' or -1 (all)"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """How a method is trained; shared by every method.
+    """How a method is trained; shared by every method, handed to the Lightning engine.
 
     Attributes
     ----------
     epochs
         Maximum number of passes over the training spots.
     batch_size
-        Spots per mini-batch.
+        Spots per mini-batch, per process (with ``devices=2`` a step sees twice as many spots).
     lr
         Learning rate of AdamW.
     weight_decay
         AdamW weight decay.
     patience
-        Epochs without improvement of the validation loss before stopping early.
+        Epochs without improvement of the validation metric before stopping early.
     seed
         Seed of initialisation, batch order and augmentation; the same seed gives
         bit-identical results on the CPU.
-    device
-        ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
     num_workers
         DataLoader workers reading patches (end-to-end regime).
     progress
-        Show a progress bar over epochs.
+        Show one progress bar over the epochs of a fit.
+    accelerator, devices, strategy, num_nodes, precision
+        Handed to ``lightning.pytorch.Trainer``: ``accelerator="auto"`` (a GPU when there is
+        one, else the CPU), ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"mps"``; ``devices=1`` (one device;
+        ``2`` or ``[0, 1]`` for data-parallel training on two); ``strategy="auto"`` (``"ddp"`` for
+        several devices or nodes); ``num_nodes`` machines; ``precision=None`` is ``"bf16-mixed"``
+        on CUDA and ``"32-true"`` elsewhere (any Lightning precision, e.g. ``"16-mixed"``).
     """
 
     epochs: int = 50
@@ -142,9 +190,13 @@ class TrainConfig:
     weight_decay: float = 1e-4
     patience: int = 10
     seed: int = 0
-    device: str = "auto"
     num_workers: int = 0
     progress: bool = True
+    accelerator: str = "auto"
+    devices: int | str | list[int] = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str | int | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -162,37 +214,151 @@ class TrainConfig:
             raise ValueError(msg)
         non_negative_number(self.weight_decay, "weight_decay")
         seed_value(self.seed)
+        for name in ("accelerator", "strategy"):
+            if not isinstance(getattr(self, name), str):
+                msg = f"`{name}` must be a string (e.g. 'auto'), got {getattr(self, name)!r}."
+                raise TypeError(msg)
+        devices = self.devices
+        listed = isinstance(devices, list | tuple) and all(
+            isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= 0 for d in devices
+        )
+        if not (
+            listed or isinstance(devices, str) or (isinstance(devices, int) and not isinstance(devices, bool))
+        ):
+            msg = f"`devices` must be {_DEVICES_HELP}, got {devices!r}."
+            raise TypeError(msg)
+        positive_int(self.num_nodes, "num_nodes")
+        if self.precision is not None and not isinstance(self.precision, str | int):
+            msg = f"`precision` must be None or a Lightning precision such as '32-true' or 'bf16-mixed', got {self.precision!r}."
+            raise TypeError(msg)
 
 
 @dataclass
 class FitReport:
-    """What happened while fitting: losses per epoch and where early stopping settled."""
+    """What happened while fitting: losses per epoch and where early stopping settled.
+
+    Attributes
+    ----------
+    train_loss
+        Mean training loss of every epoch (weighted by batch size, over all processes).
+    validation_loss
+        The method's validation metric after every epoch (empty without validation spots).
+    train_terms
+        Mean of every term of the training loss per epoch, by term name (e.g. ``"contrastive"``).
+    best_epoch
+        The epoch whose weights were kept (the last one without validation spots); `None` when
+        a method keeps its untrained weights because no epoch beat them.
+    notes
+        Method-specific facts (chosen penalties, what was kept, ...).
+    """
 
     train_loss: list[float] = field(default_factory=list)
     validation_loss: list[float] = field(default_factory=list)
+    train_terms: dict[str, list[float]] = field(default_factory=dict)
     best_epoch: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-class Method:
-    """Base class of every method; subclasses register themselves with :func:`register_method`.
+def plain_value(value: Any) -> Any:
+    """``value`` as plain Python values (recursively): dicts with string keys, lists, numbers, strings.
+
+    Tuples and numpy arrays become lists and numpy scalars Python numbers, so the value can be written
+    to h5ad ``uns`` and saved in a weights-only torch file, and a record read back from h5ad (where
+    lists became numpy arrays) turns plain again.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return plain_value(value.tolist())
+    if isinstance(value, list | tuple):
+        return [plain_value(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """A method's settings: a typed, frozen dataclass checked once, when it is made.
+
+    Each method declares its own subclass (its :attr:`Method.settings_class`) with a field per
+    setting, its default and its check in ``__post_init__``, which also brings values to one form
+    (e.g. a list to a tuple) with ``object.__setattr__``. Change a setting with
+    :func:`dataclasses.replace`, which checks again.
+    """
+
+    def plain(self) -> dict[str, Any]:
+        """The settings as plain values (str, numbers, bools, lists, None) for a state dict."""
+        return {f.name: plain_value(getattr(self, f.name)) for f in fields(self)}
+
+
+class Method(ABC):
+    """The contract of a histo2expr method; every method subclasses it and registers with :func:`register_method`.
+
+    A method is a thin class that declares what it needs and how it fits, predicts, embeds and
+    saves itself. The rules every method keeps, checked for every registered method by the
+    contract tests (``tests/test_method_contract.py``):
+
+    - **Fitting** (:meth:`fit`) sees only the training spots and an inner validation set of
+      training slides, both with standardised ``targets``; the validation spots may only choose
+      (early stopping, a penalty, whether a part is kept) and may join a retrieval gallery.
+      Nothing else is read: held-out spots never reach a method before it is fitted. The inputs
+      are never modified.
+    - **Coordinates**: a method reads ``SpotSet.coords`` only when :attr:`uses_coordinates` says
+      so (from its settings); the ``tl`` layer then refuses data without spot centres, and a method
+      that says False fits and predicts the same when they are unknown (NaN).
+    - **Determinism**: everything random is drawn from ``config.seed``; the same seed gives
+      bit-identical predictions on the CPU, with any number of threads.
+    - **Inference** (:meth:`predict`, :meth:`embed`, :meth:`confidence`) reads the spots' image
+      input (features or patches) and coordinates only, never their ``targets``; each spot's result
+      depends on that spot alone (not on the other spots passed with it, nor on their number), and
+      inference changes nothing of the fitted method.
+    - **State** (:meth:`state_dict`) is plain values and tensors, loadable with
+      ``torch.load(..., weights_only=True)``; :meth:`from_state_dict` rebuilds a method (on the CPU)
+      that predicts bit-identically.
 
     Parameters
     ----------
+    settings
+        The method's :attr:`settings_class` instance; or pass the settings as keywords.
     **params
-        The method's own parameters (documented by each method).
+        The settings by name (documented by each method); unknown names are an error.
+
+    Attributes
+    ----------
+    settings
+        The method's settings (frozen; see :class:`MethodSettings`).
+    report
+        The :class:`FitReport` of the last :meth:`fit` (`None` before).
+    device
+        The :class:`torch.device` inference runs on (see :meth:`to`).
     """
 
     #: Registry name, e.g. ``"ridge"``.
     name: ClassVar[str] = ""
-    #: Regimes the method supports.
+    #: The regimes the method supports, ``"frozen"`` (cached features) and / or ``"end2end"`` (patches).
     regimes: ClassVar[tuple[str, ...]] = REGIMES
     #: Whether the method takes frozen image *tokens*, ``(n, t, d)`` features (see :class:`SpotSet`).
     token_input: ClassVar[bool] = False
+    #: The dataclass of the method's settings.
+    settings_class: ClassVar[type[MethodSettings]] = MethodSettings
 
-    def __init__(self, **params: Any) -> None:
-        self.params = params
+    def __init__(self, settings: MethodSettings | None = None, /, **params: Any) -> None:
+        import torch
+
+        if settings is None:
+            known = [f.name for f in fields(self.settings_class)]
+            unknown = sorted(set(params) - set(known))
+            if unknown:
+                msg = f"Method {self.name!r} has no setting(s) {unknown}; its settings are {known}."
+                raise TypeError(msg)
+            settings = self.settings_class(**params)
+        elif params or not isinstance(settings, self.settings_class):
+            msg = f"Pass either a {self.settings_class.__name__} or the settings as keywords, not {settings!r} and {sorted(params)}."
+            raise TypeError(msg)
+        self.settings = settings
         self.report: FitReport | None = None
+        self.device = torch.device("cpu")
 
     @property
     def uses_coordinates(self) -> bool:
@@ -215,17 +381,20 @@ class Method:
             )
             raise ValueError(msg)
 
+    @abstractmethod
     def fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> FitReport:
-        """Fit on ``train`` (with ``targets``); ``validation`` drives early stopping."""
-        raise NotImplementedError
+        """Fit on ``train`` (with ``targets``); ``validation`` (training slides, may be empty) may only choose.
 
+        Returns the :class:`FitReport`, also kept as :attr:`report`.
+        """
+
+    @abstractmethod
     def predict(self, data: SpotSet) -> np.ndarray:
-        """``(n, g)`` predicted standardised expression."""
-        raise NotImplementedError
+        """``(n, g)`` float32 predicted standardised expression, each spot from its own image input."""
 
+    @abstractmethod
     def embed(self, data: SpotSet) -> np.ndarray:
-        """``(n, d)`` the method's image representation of the spots."""
-        raise NotImplementedError
+        """``(n, d)`` float32: the method's image representation of the spots."""
 
     def confidence(self, data: SpotSet, *, embedding: np.ndarray | None = None) -> np.ndarray | None:
         """``(n,)`` per-spot confidence of the predictions, or None when the method has none (the default).
@@ -242,37 +411,78 @@ class Method:
         """
         return None
 
+    def to(self, device: str | torch.device) -> Method:
+        """Run inference on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"auto"``); returns the method.
+
+        Methods computed in numpy (``ridge``) accept any usable device and stay on the CPU.
+        """
+        from .inference import resolve_device
+
+        self.device = resolve_device(device)
+        return self
+
+    @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to rebuild the fitted method (arrays, tensors and plain values)."""
-        raise NotImplementedError
+        """Everything needed to rebuild the fitted method (plain values, arrays as tensors)."""
 
     @classmethod
+    @abstractmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Method:
-        """Rebuild a fitted method from :meth:`state_dict`."""
-        raise NotImplementedError
+        """Rebuild a fitted method, on the CPU, from :meth:`state_dict`."""
 
+
+def check_state_format(state: dict[str, Any], name: str) -> None:
+    """Raise a clear error for a state saved before methods had typed settings (histo2expr < 0.1)."""
+    if "settings" not in state:
+        msg = (
+            f"This {name!r} state was saved by an earlier development version of histo2expr (method parameters "
+            "as `params`, before the Lightning engine); it cannot be loaded. Refit the model and save it again."
+        )
+        raise ValueError(msg)
+
+
+#: Entry point group through which other packages register methods.
+ENTRY_POINT_GROUP = "histo2expr.methods"
 
 _REGISTRY: dict[str, type[Method]] = {}
+#: Entry points already loaded (or failed), by ``(name, value)``.
+_SEEN_ENTRY_POINTS: set[tuple[str, str]] = set()
+#: Whether this process has read the installed packages' entry points (once: reading them takes time).
+_ENTRY_POINTS_READ = False
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method to the registry under ``cls.name``."""
+    """Class decorator adding a method to the registry under ``cls.name``.
+
+    A name already registered for another class is an error (a package cannot replace a
+    method of another by accident).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        msg = f"Only subclasses of histo2expr.models.Method can be registered, got {cls!r}."
+        raise TypeError(msg)
     if not cls.name:
         msg = f"{cls.__name__} needs a non-empty `name` to be registered."
+        raise ValueError(msg)
+    taken = _REGISTRY.get(cls.name)
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        msg = (
+            f"The method name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}; "
+            f"give {cls.__module__}.{cls.__qualname__} another `name`."
+        )
         raise ValueError(msg)
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def available_methods() -> list[str]:
-    """Names of the registered methods."""
-    _load_builtin_methods()
+    """Names of the registered methods: the built-in ones and those of installed packages."""
+    _load_methods()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> type[Method]:
     """The method class registered as ``name``, or a clear error listing the names."""
-    _load_builtin_methods()
+    _load_methods()
     if name not in _REGISTRY:
         msg = f"Unknown method {name!r}; available methods are {sorted(_REGISTRY)}."
         raise ValueError(msg)
@@ -291,8 +501,33 @@ _BUILTIN_METHOD_MODULES: tuple[str, ...] = (
 )
 
 
-def _load_builtin_methods() -> None:
+def _load_methods() -> None:
+    """Import the built-in methods and, once per process, load the entry points of group :data:`ENTRY_POINT_GROUP`.
+
+    An entry point names a :class:`Method` subclass (registered here) or a module that
+    registers its methods when imported. One that fails to load is skipped with a warning.
+    """
     from importlib import import_module
+    from importlib.metadata import entry_points
+
+    global _ENTRY_POINTS_READ
 
     for module in _BUILTIN_METHOD_MODULES:
         import_module(module, __package__)
+    if _ENTRY_POINTS_READ:
+        return
+    _ENTRY_POINTS_READ = True
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        if (entry_point.name, entry_point.value) in _SEEN_ENTRY_POINTS:
+            continue
+        _SEEN_ENTRY_POINTS.add((entry_point.name, entry_point.value))
+        try:
+            loaded = entry_point.load()
+            if isinstance(loaded, type):
+                register_method(loaded)
+        except Exception as error:
+            msg = (
+                f"The histo2expr method plug-in {entry_point.name!r} ({entry_point.value}) could not be "
+                f"loaded and is skipped: {error}"
+            )
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)

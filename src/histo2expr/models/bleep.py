@@ -2,37 +2,65 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from .._validation import positive_int
+from .._validation import non_negative_number, positive_int, probability
 from .base import FitReport, SpotSet, TrainConfig, register_method
-from .layers import ImageInput, ProjectionHead, TorchMethod
+from .gallery import Gallery
+from .layers import EncoderSettings, ImageInput, ProjectionHead, TorchMethod
 from .losses import bleep_loss
-from .retrieval import aggregate, cosine_topk
-from .training import train_module
+from .training import LossOutput, SpotNetwork
 
 #: Expression rows projected at a time when the gallery is built.
 _GALLERY_CHUNK = 4096
 
 
-class _BLEEPNetwork(nn.Module):
-    """Image input with its projection head, and the expression projection head."""
+@dataclass(frozen=True, kw_only=True)
+class BLEEPSettings(EncoderSettings):
+    """Settings of :class:`BLEEPMethod` (see its parameters)."""
+
+    projection_dim: int = 256
+    dropout: float = 0.1
+    temperature: float = 1.0
+    top_k: int = 50
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "projection_dim", positive_int(self.projection_dim, "projection_dim"))
+        object.__setattr__(self, "dropout", probability(self.dropout, "dropout"))
+        object.__setattr__(
+            self, "temperature", non_negative_number(self.temperature, "temperature", positive=True)
+        )
+        object.__setattr__(self, "top_k", positive_int(self.top_k, "top_k"))
+
+
+class _BLEEPNetwork(SpotNetwork):
+    """Image input with its projection head, and the expression projection head; BLEEP's loss."""
 
     def __init__(
-        self, image_input: ImageInput, image_head: ProjectionHead, gene_head: ProjectionHead
+        self,
+        image_input: ImageInput,
+        image_head: ProjectionHead,
+        gene_head: ProjectionHead,
+        temperature: float,
     ) -> None:
         super().__init__()
         self.image_input = image_input
         self.image_head = image_head
         self.gene_head = gene_head
+        self.temperature = temperature
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Projected image embeddings of a batch."""
         return self.image_head(self.image_input(batch))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """:func:`~histo2expr.models.losses.bleep_loss` of the two projections of the batch."""
+        return LossOutput(bleep_loss(self(batch), self.gene_head(batch["targets"]), self.temperature))
 
 
 @register_method
@@ -74,73 +102,45 @@ class BLEEPMethod(TorchMethod):
     """
 
     name = "bleep"
+    settings_class = BLEEPSettings
+    settings: BLEEPSettings
 
-    def __init__(
-        self,
-        *,
-        encoder: str | nn.Module = "efficientnet_lite0",
-        weights: Any = "default",
-        projection_dim: int = 256,
-        dropout: float = 0.1,
-        temperature: float = 1.0,
-        top_k: int = 50,
-    ) -> None:
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
-            msg = f"`temperature` must be a positive number, got {temperature!r}."
-            raise ValueError(msg)
-        super().__init__(
-            encoder=encoder,
-            weights=weights,
-            projection_dim=positive_int(projection_dim, "projection_dim"),
-            dropout=dropout,
-            temperature=float(temperature),
-            top_k=positive_int(top_k, "top_k"),
-        )
-        #: ``(n_gallery, projection_dim)`` projected expression of the spots fitted on (CPU, float32).
-        self.gallery_embeddings: torch.Tensor | None = None
-        #: ``(n_gallery, n_genes)`` their standardised expression (CPU, float32).
-        self.gallery_expression: torch.Tensor | None = None
+    def __init__(self, settings: BLEEPSettings | None = None, /, **params: Any) -> None:
+        super().__init__(settings, **params)
+        #: The retrieval gallery (`None` before fitting).
+        self.gallery: Gallery | None = None
 
     def build(self, image_input: ImageInput, n_genes: int) -> _BLEEPNetwork:
         """The image input with its projection head, and the expression projection head."""
-        dim, dropout = self.params["projection_dim"], self.params["dropout"]
+        dim, dropout = self.settings.projection_dim, self.settings.dropout
         return _BLEEPNetwork(
-            image_input, ProjectionHead(image_input.dim, dim, dropout), ProjectionHead(n_genes, dim, dropout)
+            image_input,
+            ProjectionHead(image_input.dim, dim, dropout),
+            ProjectionHead(n_genes, dim, dropout),
+            self.settings.temperature,
         )
 
     def fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> FitReport:
         """Train both projection heads (and the encoder, end to end); build the gallery of all fitted spots."""
         parts = [train] if validation is None or len(validation) == 0 else [train, validation]
-        n_gallery = sum(len(p) for p in parts)
-        if self.params["top_k"] > n_gallery:
+        expression = np.concatenate([np.asarray(p.targets, dtype=np.float32) for p in parts])
+        if self.settings.top_k > len(expression):
             msg = (
-                f"`top_k={self.params['top_k']}` exceeds the {n_gallery} training and validation spots "
-                f"that form the retrieval gallery; lower `top_k` to at most {n_gallery}."
+                f"`top_k={self.settings.top_k}` exceeds the {len(expression)} training and validation spots "
+                f"that form the retrieval gallery; lower `top_k` to at most {len(expression)}."
             )
             raise ValueError(msg)
         network = self.start_fit(train, validation, config)
-
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.batch_loss(network, batch)
-
-        prepare = network.image_input.prepare
-        ready_validation = None if validation is None else prepare(validation)
-        self.report = train_module(network, loss_fn, prepare(train), ready_validation, config)
-        self.gallery_expression = torch.from_numpy(
-            np.concatenate([np.asarray(p.targets, dtype=np.float32) for p in parts])
-        )
+        self.report = self.fit_network(network, train, validation, config)
         with torch.no_grad():
-            self.gallery_embeddings = torch.cat(
+            keys = torch.cat(
                 [
                     network.gene_head(chunk.to(self.device)).float().cpu()
-                    for chunk in self.gallery_expression.split(_GALLERY_CHUNK)
+                    for chunk in torch.from_numpy(expression).split(_GALLERY_CHUNK)
                 ]
             )
+        self.gallery = Gallery(keys, expression, top_k=self.settings.top_k)
         return self.report
-
-    def batch_loss(self, network: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of a batch: :func:`~histo2expr.models.losses.bleep_loss` of its two projections."""
-        return bleep_loss(network(batch), network.gene_head(batch["targets"]), self.params["temperature"])
 
     def embed(self, data: SpotSet) -> np.ndarray:
         """``(n, projection_dim)`` projected image embeddings (the retrieval queries)."""
@@ -150,25 +150,17 @@ class BLEEPMethod(TorchMethod):
     def predict(self, data: SpotSet) -> np.ndarray:
         """``(n, n_genes)`` mean standardised expression of the ``top_k`` gallery spots nearest to each spot's image."""
         queries = self.embed(data)
-        _, indices = cosine_topk(queries, self.gallery_embeddings, self.params["top_k"], device=self.device)
-        return aggregate(self.gallery_expression.numpy(), indices, weighting="mean").astype(np.float32)
+        return self.gallery.predict(queries, device=self.device)
 
     def confidence(self, data: SpotSet, *, embedding: np.ndarray | None = None) -> np.ndarray:
         """``(n,)`` mean cosine similarity of each spot's image embedding to the ``top_k`` gallery spots it retrieves."""
         queries = self.embed(data) if embedding is None else embedding
-        similarities, _ = cosine_topk(
-            queries, self.gallery_embeddings, self.params["top_k"], device=self.device
-        )
-        return similarities.mean(axis=1)
+        return self.gallery.confidence(queries, device=self.device)
 
     def extra_state(self) -> dict[str, Any]:
         """The gallery: projected expression and standardised expression of the spots fitted on."""
-        return {
-            "gallery_embeddings": self.gallery_embeddings.clone(),
-            "gallery_expression": self.gallery_expression.clone(),
-        }
+        return {"gallery": self.gallery.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the gallery."""
-        self.gallery_embeddings = state["gallery_embeddings"].float().cpu()
-        self.gallery_expression = state["gallery_expression"].float().cpu()
+        self.gallery = Gallery.from_state_dict(state["gallery"])

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._validation import non_negative_number, positive_int
+from .._validation import flag, non_negative_number, one_of, positive_int, probability
 from .base import FitReport, SpotSet, TrainConfig, register_method
-from .layers import ImageInput, ProjectionHead, RegressionHead, TorchMethod, cpu_state
+from .gallery import Gallery
+from .inference import predict_batches
+from .layers import EncoderSettings, ImageInput, ProjectionHead, RegressionHead, TorchMethod
 from .losses import info_nce, regression_loss, topology_loss
-from .retrieval import aggregate, cosine_topk
-from .training import evaluate_loss, train_module
+from .training import VALIDATION_METRIC, LossOutput, SpotNetwork, TrainingPlan, train_network
 
 #: Calibrations of the inference phase (paper, Table 2).
 CALIBRATIONS = ("estimate", "correction", "estimate+correction", "estimate+correction+constraint")
@@ -207,65 +211,6 @@ class ResidualAdapter(nn.Module):
         return x * self.scale + self.mean + self.mlp(x)
 
 
-class _CHRepNetwork(nn.Module):
-    """All of CHRep's trainable parts.
-
-    - ``image_input`` and ``adapter``: the image encoder f (the encoder end to end; a
-      :class:`ResidualAdapter` on the frozen features). Its output is h, also the calibration
-      query q.
-    - ``head``: the regression head g (dropped at inference).
-    - ``position`` and ``fuse``: the coordinate branch p and the fusion m = fuse(h + p).
-    - ``gene_encoder``: e(y) -> z; ``image_projection`` / ``gene_projection`` and ``log_scale``:
-      the contrastive alignment of m and z.
-    - ``correction``: the correction module of the inference phase, r = MLP(q), at zero until trained.
-    """
-
-    def __init__(self, image_input: ImageInput, n_genes: int, params: dict[str, Any]) -> None:
-        super().__init__()
-        self.image_input = image_input
-        dropout, width = params["dropout"], params["embedding_dim"]
-        dim = image_input.dim
-        if image_input.regime == "frozen":
-            scaler = image_input.scaler
-            self.adapter: nn.Module = ResidualAdapter(
-                scaler.mean_, scaler.scale_, params["adapter_hidden"], dropout
-            )
-        else:
-            self.adapter = nn.Identity()
-        self.head = RegressionHead(dim, n_genes)
-        fourier = FourierCoordinates(params["n_frequencies"])
-        self.position = nn.Sequential(fourier, _mlp(fourier.dim, width, dim))
-        self.fuse = _mlp(dim, width, dim)
-        self.gene_encoder = _mlp(n_genes, width, width, dropout)
-        self.image_projection = ProjectionHead(dim, params["projection_dim"], dropout)
-        self.gene_projection = ProjectionHead(width, params["projection_dim"], dropout)
-        self.log_scale = nn.Parameter(torch.tensor(_INITIAL_LOG_SCALE))
-        self.correction = _mlp(dim, params["correction_hidden"], n_genes)
-        with torch.no_grad():
-            self.correction[-1].weight.zero_()
-            self.correction[-1].bias.zero_()
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The image representation h (= the query q) of a batch."""
-        return self.adapter(self.image_input(batch))
-
-
-class _SpotContext:
-    """Normalised coordinates and slide codes of a set of spots, looked up by batch position."""
-
-    def __init__(self, spots: SpotSet, device: torch.device) -> None:
-        _, codes = np.unique(np.asarray(spots.groups), return_inverse=True)
-        self.codes = torch.as_tensor(codes.reshape(-1), dtype=torch.long, device=device)
-        self.coords = torch.as_tensor(normalise_coordinates(spots.coords, spots.groups), device=device)
-
-
-def _check_choice(value: Any, choices: tuple[str, ...], name: str) -> str:
-    if value not in choices:
-        msg = f"`{name}` must be one of {list(choices)}, got {value!r}."
-        raise ValueError(msg)
-    return value
-
-
 def _check_losses(losses: Any) -> tuple[str, ...]:
     if isinstance(losses, str):
         losses = (losses,)
@@ -280,6 +225,224 @@ def _check_losses(losses: Any) -> tuple[str, ...]:
         )
         raise ValueError(msg)
     return tuple(name for name in LOSSES if name in chosen)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CHRepSettings(EncoderSettings):
+    """Settings of :class:`CHRepMethod` (see its parameters)."""
+
+    losses: tuple[str, ...] = LOSSES
+    calibration: str = "estimate+correction+constraint"
+    regression_weight: float = 1.0
+    alignment_weight: float = 1.0
+    topology_weight: float = 1.0
+    embedding_dim: int = 256
+    adapter_hidden: int = 256
+    projection_dim: int = 128
+    dropout: float = 0.1
+    n_frequencies: int = 6
+    knn: int = 4
+    hops: int = 2
+    hop_decay: float = 0.5
+    neighbourhood_size: int = 8
+    top_k: int = 50
+    estimate_temperature: float = 0.1
+    correction_hidden: int = 64
+    correction_penalty: float = 1.0
+    exclude_own_slide: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_ = object.__setattr__
+        set_(self, "losses", _check_losses(self.losses))
+        one_of(self.calibration, CALIBRATIONS, "calibration")
+        for name in ("regression_weight", "alignment_weight", "topology_weight", "correction_penalty"):
+            set_(self, name, non_negative_number(getattr(self, name), name))
+        set_(
+            self,
+            "estimate_temperature",
+            non_negative_number(self.estimate_temperature, "estimate_temperature", positive=True),
+        )
+        for name in (
+            "embedding_dim", "adapter_hidden", "projection_dim", "n_frequencies", "knn", "hops",
+            "neighbourhood_size", "top_k", "correction_hidden",
+        ):  # fmt: skip
+            set_(self, name, positive_int(getattr(self, name), name))
+        set_(self, "dropout", probability(self.dropout, "dropout"))
+        decay = self.hop_decay
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay <= 1:
+            msg = f"`hop_decay` must be in (0, 1], got {decay!r}."
+            raise ValueError(msg)
+        set_(self, "hop_decay", float(decay))
+        if self.neighbourhood_size <= self.knn:
+            msg = (
+                f"`neighbourhood_size={self.neighbourhood_size}` must exceed `knn={self.knn}`: a spot's k nearest "
+                "neighbours are looked for inside its neighbourhood of the batch. Raise neighbourhood_size or lower knn."
+            )
+            raise ValueError(msg)
+        flag(self.exclude_own_slide, "exclude_own_slide")
+
+    @property
+    def spatial(self) -> bool:
+        """Whether the representation objective reads the spot coordinates (contrastive or topology term)."""
+        return bool({"contrastive", "topology"} & set(self.losses))
+
+
+class _CHRepNetwork(SpotNetwork):
+    """All of CHRep's trainable parts, and the representation objective.
+
+    - ``image_input`` and ``adapter``: the image encoder f (the encoder end to end; a
+      :class:`ResidualAdapter` on the frozen features). Its output is h, also the calibration
+      query q.
+    - ``head``: the regression head g (dropped at inference).
+    - ``position`` and ``fuse``: the coordinate branch p and the fusion m = fuse(h + p).
+    - ``gene_encoder``: e(y) -> z; ``image_projection`` / ``gene_projection`` and ``log_scale``:
+      the contrastive alignment of m and z.
+    - ``correction``: the correction module of the inference phase, r = MLP(q), at zero until trained.
+
+    Parts that the chosen ``losses`` do not train are frozen (``requires_grad=False``), so that
+    data-parallel training finds a gradient for every trainable parameter.
+    """
+
+    def __init__(self, image_input: ImageInput, n_genes: int, settings: CHRepSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.image_input = image_input
+        dropout, width = settings.dropout, settings.embedding_dim
+        dim = image_input.dim
+        if image_input.regime == "frozen":
+            scaler = image_input.scaler
+            self.adapter: nn.Module = ResidualAdapter(
+                scaler.mean_, scaler.scale_, settings.adapter_hidden, dropout
+            )
+        else:
+            self.adapter = nn.Identity()
+        self.head = RegressionHead(dim, n_genes)
+        fourier = FourierCoordinates(settings.n_frequencies)
+        self.position = nn.Sequential(fourier, _mlp(fourier.dim, width, dim))
+        self.fuse = _mlp(dim, width, dim)
+        self.gene_encoder = _mlp(n_genes, width, width, dropout)
+        self.image_projection = ProjectionHead(dim, settings.projection_dim, dropout)
+        self.gene_projection = ProjectionHead(width, settings.projection_dim, dropout)
+        self.log_scale = nn.Parameter(torch.tensor(_INITIAL_LOG_SCALE))
+        self.correction = _mlp(dim, settings.correction_hidden, n_genes)
+        with torch.no_grad():
+            self.correction[-1].weight.zero_()
+            self.correction[-1].bias.zero_()
+
+    def train_representation_only(self) -> None:
+        """Freeze what the representation objective does not train: the correction and unused branches."""
+        losses = set(self.settings.losses)
+        unused = [self.correction]
+        if "regression" not in losses:
+            unused.append(self.head)
+        if "contrastive" not in losses:
+            unused += [self.position, self.fuse, self.image_projection, self.gene_projection]
+            if "topology" not in losses:
+                unused.append(self.gene_encoder)
+        for part in unused:
+            part.requires_grad_(False)
+        self.log_scale.requires_grad_("contrastive" in losses)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The image representation h (= the query q) of a batch."""
+        return self.adapter(self.image_input(batch))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """``regression_weight * L_reg + alignment_weight * L_align + topology_weight * L_topo`` of a batch.
+
+        ``batch["coords"]`` are the coordinates normalised per slide (:func:`normalise_coordinates`).
+        """
+        settings, losses = self.settings, self.settings.losses
+        h = self(batch)
+        targets = batch["targets"]
+        terms: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=h.device)
+        if "regression" in losses:
+            terms["regression"] = regression_loss(self.head(h), targets)
+            total = total + settings.regression_weight * terms["regression"]
+        if not settings.spatial:
+            return LossOutput(total, terms)
+        coords, slides = batch["coords"], batch["slide"]
+        z = self.gene_encoder(targets)
+        if "contrastive" in losses:
+            m = self.fuse(h + self.position(coords))
+            terms["contrastive"] = info_nce(self.image_projection(m), self.gene_projection(z), self.log_scale)
+            total = total + settings.alignment_weight * terms["contrastive"]
+        if "topology" in losses:
+            terms["topology"] = topology_loss(
+                z, coords, slides, knn=settings.knn, hops=settings.hops, decay=settings.hop_decay
+            )
+            total = total + settings.topology_weight * terms["topology"]
+        return LossOutput(total, terms)
+
+
+class _EstimatePlan(TrainingPlan):
+    """CHRep's representation plan: early stopping on what inference uses, the Estimate module's ``L_reg``.
+
+    Before every validation pass the fit spots are embedded with the current encoder (evaluation
+    mode) and become the gallery; each validation batch is scored by ``L_reg`` of its estimate
+    retrieved from that gallery (computed on the CPU, as inference does).
+    """
+
+    def __init__(self, network: _CHRepNetwork, fit_spots: SpotSet, config: TrainConfig) -> None:
+        super().__init__(network, lr=config.lr, weight_decay=config.weight_decay)
+        self.fit_spots = fit_spots
+        self.batch_size = config.batch_size
+        self.gallery: Gallery | None = None
+
+    def on_validation_epoch_start(self) -> None:
+        """Embed the fit spots with the current encoder: the gallery of this validation pass."""
+        keys = predict_batches(self.network, self.fit_spots, batch_size=self.batch_size, device=self.device)
+        settings = self.network.settings
+        self.gallery = Gallery(
+            keys,
+            self.fit_spots.targets,
+            top_k=settings.top_k,
+            weighting="softmax",
+            temperature=settings.estimate_temperature,
+        )
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """``L_reg`` of the batch's estimate."""
+        queries = self.network(batch).float().cpu().numpy()
+        estimate = torch.from_numpy(self.gallery.predict(queries, device=self.device))
+        self.accumulate(
+            VALIDATION_METRIC, regression_loss(estimate, batch["targets"].float().cpu()), len(queries)
+        )
+
+
+class _Correction(SpotNetwork):
+    """CHRep's correction module as the engine trains it: features ``[q, estimate]`` (or ``q``) to expression.
+
+    Training loss ``L_reg(y_est + r, y) + penalty * mean(r^2)`` (terms ``regression`` and
+    ``magnitude``); validation metric ``L_reg(y_est + r, y)``.
+    """
+
+    def __init__(
+        self, correction: nn.Module, dim: int, *, with_estimate: bool, penalty: float | None
+    ) -> None:
+        super().__init__()
+        self.correction, self.dim = correction, dim
+        self.with_estimate, self.penalty = with_estimate, penalty
+
+    def residual_and_prediction(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        features = batch["features"]
+        residual = self.correction(features[:, : self.dim])
+        return residual, (features[:, self.dim :] + residual if self.with_estimate else residual)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        residual, prediction = self.residual_and_prediction(batch)
+        regression = regression_loss(prediction, batch["targets"])
+        if self.penalty is None:
+            return LossOutput(regression)
+        magnitude = (residual.float() ** 2).mean()
+        return LossOutput(
+            regression + self.penalty * magnitude, {"regression": regression, "magnitude": magnitude}
+        )
+
+    def validation_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return regression_loss(self.residual_and_prediction(batch)[1], batch["targets"])
 
 
 def _validation_rows(n: int, batch_size: int, seed: int) -> np.ndarray:
@@ -416,86 +579,22 @@ class CHRepMethod(TorchMethod):
     """
 
     name = "chrep"
+    settings_class = CHRepSettings
+    settings: CHRepSettings
 
-    def __init__(
-        self,
-        *,
-        encoder: str | nn.Module = "efficientnet_lite0",
-        weights: Any = "default",
-        losses: tuple[str, ...] | list[str] = LOSSES,
-        calibration: str = "estimate+correction+constraint",
-        regression_weight: float = 1.0,
-        alignment_weight: float = 1.0,
-        topology_weight: float = 1.0,
-        embedding_dim: int = 256,
-        adapter_hidden: int = 256,
-        projection_dim: int = 128,
-        dropout: float = 0.1,
-        n_frequencies: int = 6,
-        knn: int = 4,
-        hops: int = 2,
-        hop_decay: float = 0.5,
-        neighbourhood_size: int = 8,
-        top_k: int = 50,
-        estimate_temperature: float = 0.1,
-        correction_hidden: int = 64,
-        correction_penalty: float = 1.0,
-        exclude_own_slide: bool = True,
-    ) -> None:
-        if isinstance(hop_decay, bool) or not isinstance(hop_decay, int | float) or not 0 < hop_decay <= 1:
-            msg = f"`hop_decay` must be in (0, 1], got {hop_decay!r}."
-            raise ValueError(msg)
-        knn, neighbourhood_size = (
-            positive_int(knn, "knn"),
-            positive_int(neighbourhood_size, "neighbourhood_size"),
-        )
-        if neighbourhood_size <= knn:
-            msg = (
-                f"`neighbourhood_size={neighbourhood_size}` must exceed `knn={knn}`: a spot's k nearest "
-                "neighbours are looked for inside its neighbourhood of the batch. Raise neighbourhood_size or lower knn."
-            )
-            raise ValueError(msg)
-        if not isinstance(exclude_own_slide, bool):
-            msg = f"`exclude_own_slide` must be True or False, got {exclude_own_slide!r}."
-            raise TypeError(msg)
-        super().__init__(
-            encoder=encoder,
-            weights=weights,
-            losses=list(_check_losses(losses)),
-            calibration=_check_choice(calibration, CALIBRATIONS, "calibration"),
-            regression_weight=non_negative_number(regression_weight, "regression_weight"),
-            alignment_weight=non_negative_number(alignment_weight, "alignment_weight"),
-            topology_weight=non_negative_number(topology_weight, "topology_weight"),
-            embedding_dim=positive_int(embedding_dim, "embedding_dim"),
-            adapter_hidden=positive_int(adapter_hidden, "adapter_hidden"),
-            projection_dim=positive_int(projection_dim, "projection_dim"),
-            dropout=dropout,
-            n_frequencies=positive_int(n_frequencies, "n_frequencies"),
-            knn=knn,
-            hops=positive_int(hops, "hops"),
-            hop_decay=float(hop_decay),
-            neighbourhood_size=neighbourhood_size,
-            top_k=positive_int(top_k, "top_k"),
-            estimate_temperature=non_negative_number(
-                estimate_temperature, "estimate_temperature", positive=True
-            ),
-            correction_hidden=positive_int(correction_hidden, "correction_hidden"),
-            correction_penalty=non_negative_number(correction_penalty, "correction_penalty"),
-            exclude_own_slide=exclude_own_slide,
-        )
-        #: ``(n_gallery, d)`` q of the spots fitted on (CPU, float32).
-        self.gallery_queries: torch.Tensor | None = None
-        #: ``(n_gallery, n_genes)`` their standardised expression (CPU, float32).
-        self.gallery_expression: torch.Tensor | None = None
+    def __init__(self, settings: CHRepSettings | None = None, /, **params: Any) -> None:
+        super().__init__(settings, **params)
+        #: The gallery of the Estimate module, q and standardised expression of the spots fitted on (`None` before fitting).
+        self.gallery: Gallery | None = None
 
     @property
     def uses_coordinates(self) -> bool:
-        """True with the contrastive or topology loss (both read the spot centres); ``losses=("regression",)`` is not."""
-        return bool({"contrastive", "topology"} & set(self.params["losses"]))
+        """Whether the representation objective reads the coordinates (``"contrastive"`` or ``"topology"``)."""
+        return self.settings.spatial
 
     def build(self, image_input: ImageInput, n_genes: int) -> _CHRepNetwork:
         """All trainable parts of CHRep (random weights, correction at zero)."""
-        return _CHRepNetwork(image_input, n_genes, self.params)
+        return _CHRepNetwork(image_input, n_genes, self.settings)
 
     # --- training phase ------------------------------------------------------------------------------
 
@@ -505,26 +604,29 @@ class CHRepMethod(TorchMethod):
             validation = None
         self._check_fit(train, validation, config)
         network = self.start_fit(train, validation, config)
-        network.correction.requires_grad_(False)
+        network.train_representation_only()
         self.report = self._train_representation(network, train, validation, config)
         network.requires_grad_(False)
         network.eval()
         queries = self.embed(train)
         val_queries = None if validation is None else self.embed(validation)
-        if self.params["calibration"] != "estimate":
+        if self.settings.calibration != "estimate":
             self.report.notes["correction"] = self._train_correction(
                 network, (train, queries), None if validation is None else (validation, val_queries), config
             )
         parts = [(train, queries)] + ([] if validation is None else [(validation, val_queries)])
-        self.gallery_queries = torch.from_numpy(np.concatenate([q for _, q in parts]).astype(np.float32))
-        self.gallery_expression = torch.from_numpy(
-            np.concatenate([np.asarray(s.targets, dtype=np.float32) for s, _ in parts])
+        self.gallery = Gallery(
+            np.concatenate([q for _, q in parts]),
+            np.concatenate([np.asarray(s.targets, dtype=np.float32) for s, _ in parts]),
+            top_k=self.settings.top_k,
+            weighting="softmax",
+            temperature=self.settings.estimate_temperature,
         )
         return self.report
 
     def _check_fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> None:
-        size, top_k = self.params["neighbourhood_size"], self.params["top_k"]
-        if "topology" in self.params["losses"] and size > config.batch_size:
+        size, top_k = self.settings.neighbourhood_size, self.settings.top_k
+        if "topology" in self.settings.losses and size > config.batch_size:
             msg = (
                 f"`neighbourhood_size={size}` exceeds the batch size {config.batch_size}: a batch holds "
                 "whole neighbourhoods. Raise batch_size or lower neighbourhood_size."
@@ -537,100 +639,67 @@ class CHRepMethod(TorchMethod):
                 f"retrieval gallery; lower `top_k` to at most {n_gallery}."
             )
             raise ValueError(msg)
-        if (validation is not None or self.params["calibration"] != "estimate") and top_k >= len(train):
+        if (validation is not None or self.settings.calibration != "estimate") and top_k >= len(train):
             msg = (
                 f"`top_k={top_k}` must be smaller than the {len(train)} fit spots: validation spots and, while "
                 "the correction trains, fit spots (never themselves) retrieve from them. Lower `top_k`."
             )
             raise ValueError(msg)
-        if {"contrastive", "topology"} & set(self.params["losses"]):
+        if self.settings.spatial:
             normalise_coordinates(train.coords, train.groups)  # only the fit spots' coordinates are used
 
     def _train_representation(
         self, network: _CHRepNetwork, train: SpotSet, validation: SpotSet | None, config: TrainConfig
     ) -> FitReport:
         """Train f and the training-phase branches; keep the encoder whose estimate is best on validation."""
-        params = self.params
-        losses = set(params["losses"])
-        coherent = "topology" in losses
-        size, seed = params["neighbourhood_size"], config.seed
-        context = _SpotContext(train, self.device) if {"contrastive", "topology"} & losses else None
-        prepare = network.image_input.prepare
-        ready_train = prepare(train)
-        fit_targets = np.asarray(train.targets, dtype=np.float32)
-        gallery: dict[str, np.ndarray | None] = {"queries": None}
-
-        def objective(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            gallery["queries"] = None  # the encoder changes: the validation gallery is out of date
-            h = network(batch)
-            targets = batch["targets"]
-            total = torch.zeros((), device=h.device)
-            if "regression" in losses:
-                total = total + params["regression_weight"] * regression_loss(network.head(h), targets)
-            if context is None:
-                return total
-            coords, codes = context.coords[batch["position"]], context.codes[batch["position"]]
-            z = network.gene_encoder(targets)
-            if "contrastive" in losses:
-                m = network.fuse(h + network.position(coords))
-                aligned = info_nce(network.image_projection(m), network.gene_projection(z), network.log_scale)
-                total = total + params["alignment_weight"] * aligned
-            if "topology" in losses:
-                topo = topology_loss(
-                    z, coords, codes, knn=params["knn"], hops=params["hops"], decay=params["hop_decay"]
-                )
-                total = total + params["topology_weight"] * topo
-            return total
-
-        def estimate_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            if gallery["queries"] is None:
-                gallery["queries"] = self.run(network, ready_train)
-            queries = network(batch).float().cpu().numpy()
-            estimate = self._estimate(queries, gallery["queries"], fit_targets)
-            return regression_loss(torch.from_numpy(estimate), batch["targets"].float().cpu())
-
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return objective(batch) if network.training else estimate_loss(batch)
-
-        def order(epoch: int) -> list[np.ndarray]:
-            return neighbourhood_batches(
-                train.coords, train.groups, size=size, batch_size=config.batch_size, seed=seed, epoch=epoch
+        settings = self.settings
+        ready_train = network.image_input.prepare(train)
+        if settings.spatial:
+            ready_train = dataclasses.replace(
+                ready_train, coords=normalise_coordinates(train.coords, train.groups)
             )
-
-        if validation is None:
-            return train_module(
-                network, loss_fn, ready_train, None, config, batch_order=order if coherent else None
+        order = None
+        if "topology" in settings.losses:
+            order = partial(
+                neighbourhood_batches,
+                train.coords,
+                train.groups,
+                size=settings.neighbourhood_size,
+                batch_size=config.batch_size,
+                seed=config.seed,
             )
-        ready_validation = prepare(
-            validation.subset(_validation_rows(len(validation), config.batch_size, seed))
+        ready_validation = None
+        if validation is not None:
+            rows = _validation_rows(len(validation), config.batch_size, config.seed)
+            ready_validation = network.image_input.prepare(validation.subset(rows))
+        report, device = train_network(
+            network,
+            ready_train,
+            ready_validation,
+            config,
+            plan=_EstimatePlan(network, ready_train, config),
+            train_batches=order,
+            validate_untrained=True,
         )
-        untrained = cpu_state(network)
-        untrained_loss = evaluate_loss(network, loss_fn, ready_validation, config=config, device=self.device)
-        report = train_module(
-            network, loss_fn, ready_train, ready_validation, config, batch_order=order if coherent else None
-        )
-        report.notes["untrained_validation_loss"] = untrained_loss
-        report.notes["representation_kept"] = bool(min(report.validation_loss) < untrained_loss)
-        if not report.notes["representation_kept"]:
-            network.load_state_dict(untrained)
-        network.eval()
+        self.adopt_device(device)
+        if validation is not None:
+            report.notes["representation_kept"] = report.best_epoch is not None
         return report
 
     # --- inference phase -----------------------------------------------------------------------------
 
-    def _estimate(
+    def _estimates(
         self, queries: np.ndarray, gallery: np.ndarray, values: np.ndarray, **exclude: Any
     ) -> np.ndarray:
-        similarities, indices = cosine_topk(
-            queries, gallery, self.params["top_k"], device=self.device, **exclude
-        )
-        return aggregate(
+        """The Estimate module's prediction of ``queries`` from a gallery of ``(gallery, values)``."""
+        estimate = Gallery(
+            gallery,
             values,
-            indices,
-            similarities,
+            top_k=self.settings.top_k,
             weighting="softmax",
-            temperature=self.params["estimate_temperature"],
-        ).astype(np.float32)
+            temperature=self.settings.estimate_temperature,
+        )
+        return estimate.predict(queries, device=self.device, **exclude)
 
     def _train_correction(
         self,
@@ -640,15 +709,13 @@ class CHRepMethod(TorchMethod):
         config: TrainConfig,
     ) -> dict[str, Any]:
         """Train the correction on the fit spots, choose it on the validation spots (see the class docstring)."""
-        calibration, penalty = self.params["calibration"], self.params["correction_penalty"]
-        with_estimate = calibration != "correction"
-        constrained = calibration == "estimate+correction+constraint"
+        settings = self.settings
+        with_estimate = settings.calibration != "correction"
+        constrained = settings.calibration == "estimate+correction+constraint"
         spots, queries = fit
         targets = np.asarray(spots.targets, dtype=np.float32)
         own_slide = (
-            with_estimate
-            and self.params["exclude_own_slide"]
-            and len(set(np.asarray(spots.groups).tolist())) > 1
+            with_estimate and settings.exclude_own_slide and len(set(np.asarray(spots.groups).tolist())) > 1
         )
         notes: dict[str, Any] = {"own_slide_excluded": own_slide}
 
@@ -662,50 +729,35 @@ class CHRepMethod(TorchMethod):
             if own_slide:
                 exclude.update(query_groups=spots.groups, gallery_groups=spots.groups)
                 eligible = len(spots) - max(np.unique(np.asarray(spots.groups), return_counts=True)[1])
-                if eligible < self.params["top_k"]:
+                if eligible < settings.top_k:
                     msg = (
-                        f"`top_k={self.params['top_k']}` exceeds the {eligible} fit spots outside the largest "
+                        f"`top_k={settings.top_k}` exceeds the {eligible} fit spots outside the largest "
                         "slide, which is all a spot of that slide may retrieve while the correction trains; "
                         "lower `top_k` or pass exclude_own_slide=False."
                     )
                     raise ValueError(msg)
-            fit_estimate = self._estimate(queries, queries, targets, **exclude)
+            fit_estimate = self._estimates(queries, queries, targets, **exclude)
             if validation is not None:
-                val_estimate = self._estimate(validation[1], queries, targets)
+                val_estimate = self._estimates(validation[1], queries, targets)
         train_set = inputs(queries, fit_estimate, spots)
         val_set = None if validation is None else inputs(validation[1], val_estimate, validation[0])
         if val_set is not None:
             val_set = val_set.subset(_validation_rows(len(val_set), config.batch_size, config.seed))
-        correction, dim = network.correction, queries.shape[1]
-
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            features = batch["features"]
-            residual = correction(features[:, :dim])
-            prediction = features[:, dim:] + residual if with_estimate else residual
-            loss = regression_loss(prediction, batch["targets"])
-            if constrained and correction.training:
-                loss = loss + penalty * (residual.float() ** 2).mean()
-            return loss
-
-        correction.requires_grad_(True)
-        report = train_module(correction, loss_fn, train_set, val_set, config)
-        correction.requires_grad_(False)
+        correction = _Correction(
+            network.correction,
+            queries.shape[1],
+            with_estimate=with_estimate,
+            penalty=settings.correction_penalty if constrained else None,
+        )
+        network.correction.requires_grad_(True)
+        report, _ = train_network(correction, train_set, val_set, config, validate_untrained=True)
+        network.correction.requires_grad_(False)
+        network.correction.to(self.device).eval()
         notes.update(train_loss=report.train_loss, validation_loss=report.validation_loss)
         notes["best_epoch"] = report.best_epoch
-        if val_set is None:
-            notes["kept"] = True
-            return notes
-        last = correction[-1]
-        trained = {k: v.clone() for k, v in last.state_dict().items()}
-        with torch.no_grad():
-            last.weight.zero_()
-            last.bias.zero_()
-        baseline = evaluate_loss(correction, loss_fn, val_set, config=config, device=self.device)
-        notes["zero_correction_loss"] = baseline
-        notes["kept"] = bool(min(report.validation_loss) < baseline)
-        if notes["kept"]:
-            last.load_state_dict(trained)
-        correction.eval()
+        notes["kept"] = val_set is None or report.best_epoch is not None
+        if val_set is not None:
+            notes["zero_correction_loss"] = report.notes["untrained_validation_loss"]
         return notes
 
     def embed(self, data: SpotSet) -> np.ndarray:
@@ -716,12 +768,10 @@ class CHRepMethod(TorchMethod):
     def predict(self, data: SpotSet) -> np.ndarray:
         """``(n, n_genes)`` calibrated standardised expression: estimate from the gallery plus correction."""
         queries = self.embed(data)
-        calibration = self.params["calibration"]
+        calibration = self.settings.calibration
         prediction = np.zeros((len(queries), self.n_genes), dtype=np.float32)
         if calibration != "correction":
-            prediction += self._estimate(
-                queries, self.gallery_queries.numpy(), self.gallery_expression.numpy()
-            )
+            prediction += self.gallery.predict(queries, device=self.device)
         if calibration != "estimate":
             correction = self.network.correction
             with torch.no_grad():
@@ -736,17 +786,12 @@ class CHRepMethod(TorchMethod):
     def confidence(self, data: SpotSet, *, embedding: np.ndarray | None = None) -> np.ndarray:
         """``(n,)`` mean cosine similarity of each spot's query q to the ``top_k`` gallery queries it retrieves."""
         queries = self.embed(data) if embedding is None else embedding
-        similarities, _ = cosine_topk(queries, self.gallery_queries, self.params["top_k"], device=self.device)
-        return similarities.mean(axis=1)
+        return self.gallery.confidence(queries, device=self.device)
 
     def extra_state(self) -> dict[str, Any]:
         """The gallery: q and standardised expression of the spots fitted on."""
-        return {
-            "gallery_queries": self.gallery_queries.clone(),
-            "gallery_expression": self.gallery_expression.clone(),
-        }
+        return {"gallery": self.gallery.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the gallery."""
-        self.gallery_queries = state["gallery_queries"].float().cpu()
-        self.gallery_expression = state["gallery_expression"].float().cpu()
+        self.gallery = Gallery.from_state_dict(state["gallery"])

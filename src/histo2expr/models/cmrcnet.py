@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import positive_int
+from .._validation import flag, one_of, positive_int, probability
 from .base import register_method
-from .bleep import BLEEPMethod
+from .bleep import BLEEPMethod, BLEEPSettings
 from .layers import ImageInput, ProjectionHead, pool_token_grid
 from .losses import bleep_loss
+from .training import LossOutput, SpotNetwork
 
 #: Losses of the reconstruction (paper, Table 5).
 RECONSTRUCTION_LOSSES = ("mse", "cosine")
@@ -215,7 +216,54 @@ class CrossModalReconstruction(nn.Module):
         return self.output(fused.mean(dim=1))
 
 
-class _CMRCNetNetwork(nn.Module):
+@dataclass(frozen=True, kw_only=True)
+class CMRCNetSettings(BLEEPSettings):
+    """Settings of :class:`CMRCNetMethod` (see its parameters)."""
+
+    token_grid: int | None = 3
+    reconstruction: bool = True
+    mask_rate: float = 0.5
+    reconstruction_loss: str = "mse"
+    reconstruction_target: str = "image"
+    reconstruction_dim: int = 64
+    gene_tokens: int = 8
+    gene_dropout: float = 0.25
+    cross_heads: int = 4
+    fusion_heads: int = 8
+    fusion_blocks: int = 2
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_ = object.__setattr__
+        if self.token_grid is not None:
+            set_(self, "token_grid", positive_int(self.token_grid, "token_grid"))
+        flag(self.reconstruction, "reconstruction")
+        set_(self, "mask_rate", probability(self.mask_rate, "mask_rate"))
+        one_of(self.reconstruction_loss, RECONSTRUCTION_LOSSES, "reconstruction_loss")
+        one_of(self.reconstruction_target, RECONSTRUCTION_TARGETS, "reconstruction_target")
+        set_(self, "gene_dropout", probability(self.gene_dropout, "gene_dropout"))
+        for name in ("reconstruction_dim", "gene_tokens", "cross_heads", "fusion_heads", "fusion_blocks"):
+            set_(self, name, positive_int(getattr(self, name), name))
+        ratio = self.mlp_ratio
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, int | float)
+            or not (math.isfinite(ratio) and ratio > 0)
+        ):
+            msg = f"`mlp_ratio` must be a positive number, got {ratio!r}."
+            raise ValueError(msg)
+        set_(self, "mlp_ratio", float(ratio))
+        for heads in ("cross_heads", "fusion_heads"):
+            if self.reconstruction_dim % getattr(self, heads):
+                msg = (
+                    f"`{heads}={getattr(self, heads)}` must divide `reconstruction_dim={self.reconstruction_dim}` "
+                    "(each attention head gets an equal share of the width); change either."
+                )
+                raise ValueError(msg)
+
+
+class _CMRCNetNetwork(SpotNetwork):
     """BLEEP's two projection heads on the mean image token, and the reconstruction module (or None)."""
 
     def __init__(
@@ -224,40 +272,41 @@ class _CMRCNetNetwork(nn.Module):
         image_head: ProjectionHead,
         gene_head: ProjectionHead,
         reconstruction: CrossModalReconstruction | None,
-        token_grid: int | None,
+        settings: CMRCNetSettings,
     ) -> None:
         super().__init__()
         self.image_input = image_input
         self.image_head = image_head
         self.gene_head = gene_head
         self.reconstruction = reconstruction
-        self.token_grid = token_grid
+        self.settings = settings
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The image tokens of a batch; a square grid larger than ``token_grid`` is average-pooled to it."""
         tokens = self.image_input.tokens(batch)
-        side = math.isqrt(tokens.shape[1])
-        if self.token_grid is not None and side * side == tokens.shape[1] and side > self.token_grid:
-            tokens = pool_token_grid(tokens, self.token_grid)
+        side, grid = math.isqrt(tokens.shape[1]), self.settings.token_grid
+        if grid is not None and side * side == tokens.shape[1] and side > grid:
+            tokens = pool_token_grid(tokens, grid)
         return tokens
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Projected image embeddings ``F'_img`` of a batch (the retrieval queries)."""
         return self.image_head(self.tokens(batch).mean(dim=1))
 
-
-def _check_choice(value: Any, choices: tuple[str, ...], name: str) -> str:
-    if value not in choices:
-        msg = f"`{name}` must be one of {list(choices)}, got {value!r}."
-        raise ValueError(msg)
-    return value
-
-
-def _probability(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        msg = f"`{name}` must be a probability in [0, 1), got {value!r}."
-        raise ValueError(msg)
-    return float(value)
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """``log(1 + L_c) + log(1 + L_r)`` of a batch (terms ``contrastive`` and ``reconstruction``); ``L_c`` alone without reconstruction."""
+        tokens = self.tokens(batch)
+        image = self.image_head(tokens.mean(dim=1))
+        gene = self.gene_head(batch["targets"])
+        contrastive = bleep_loss(image, gene, self.settings.temperature)
+        if self.reconstruction is None:
+            return LossOutput(contrastive)
+        rebuilt = self.reconstruction(tokens, batch["targets"])
+        target = image if self.settings.reconstruction_target == "image" else gene
+        rebuilding = reconstruction_error(rebuilt, target, self.settings.reconstruction_loss)
+        return LossOutput(
+            cmrcnet_loss(contrastive, rebuilding), {"contrastive": contrastive, "reconstruction": rebuilding}
+        )
 
 
 @register_method
@@ -342,104 +391,28 @@ class CMRCNetMethod(BLEEPMethod):
 
     name = "cmrcnet"
     token_input = True
-
-    def __init__(
-        self,
-        *,
-        encoder: str | nn.Module = "efficientnet_lite0",
-        weights: Any = "default",
-        projection_dim: int = 256,
-        dropout: float = 0.1,
-        temperature: float = 1.0,
-        top_k: int = 50,
-        token_grid: int | None = 3,
-        reconstruction: bool = True,
-        mask_rate: float = 0.5,
-        reconstruction_loss: str = "mse",
-        reconstruction_target: str = "image",
-        reconstruction_dim: int = 64,
-        gene_tokens: int = 8,
-        gene_dropout: float = 0.25,
-        cross_heads: int = 4,
-        fusion_heads: int = 8,
-        fusion_blocks: int = 2,
-        mlp_ratio: float = 4.0,
-    ) -> None:
-        super().__init__(
-            encoder=encoder,
-            weights=weights,
-            projection_dim=projection_dim,
-            dropout=dropout,
-            temperature=temperature,
-            top_k=top_k,
-        )
-        if not isinstance(reconstruction, bool):
-            msg = f"`reconstruction` must be True or False, got {reconstruction!r}."
-            raise TypeError(msg)
-        bad_ratio = isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, int | float)
-        if bad_ratio or not (math.isfinite(mlp_ratio) and mlp_ratio > 0):
-            msg = f"`mlp_ratio` must be a positive number, got {mlp_ratio!r}."
-            raise ValueError(msg)
-        own = {
-            "token_grid": None if token_grid is None else positive_int(token_grid, "token_grid"),
-            "reconstruction": reconstruction,
-            "mask_rate": _probability(mask_rate, "mask_rate"),
-            "reconstruction_loss": _check_choice(
-                reconstruction_loss, RECONSTRUCTION_LOSSES, "reconstruction_loss"
-            ),
-            "reconstruction_target": _check_choice(
-                reconstruction_target, RECONSTRUCTION_TARGETS, "reconstruction_target"
-            ),
-            "reconstruction_dim": positive_int(reconstruction_dim, "reconstruction_dim"),
-            "gene_tokens": positive_int(gene_tokens, "gene_tokens"),
-            "gene_dropout": _probability(gene_dropout, "gene_dropout"),
-            "cross_heads": positive_int(cross_heads, "cross_heads"),
-            "fusion_heads": positive_int(fusion_heads, "fusion_heads"),
-            "fusion_blocks": positive_int(fusion_blocks, "fusion_blocks"),
-            "mlp_ratio": float(mlp_ratio),
-        }
-        for heads in ("cross_heads", "fusion_heads"):
-            if own["reconstruction_dim"] % own[heads]:
-                msg = (
-                    f"`{heads}={own[heads]}` must divide `reconstruction_dim={own['reconstruction_dim']}` "
-                    "(each attention head gets an equal share of the width); change either."
-                )
-                raise ValueError(msg)
-        self.params.update(own)
+    settings_class = CMRCNetSettings
+    settings: CMRCNetSettings
 
     def build(self, image_input: ImageInput, n_genes: int) -> _CMRCNetNetwork:
         """Projection heads on the mean image token and on the expression, and the reconstruction module."""
-        params = self.params
-        dim, dropout = params["projection_dim"], params["dropout"]
+        settings = self.settings
+        dim, dropout = settings.projection_dim, settings.dropout
         image_head = ProjectionHead(image_input.token_dim, dim, dropout)
         gene_head = ProjectionHead(n_genes, dim, dropout)
         reconstruction = None
-        if params["reconstruction"]:
+        if settings.reconstruction:
             reconstruction = CrossModalReconstruction(
                 image_input.token_dim,
                 n_genes,
-                params["reconstruction_dim"],
+                settings.reconstruction_dim,
                 dim,
-                mask_rate=params["mask_rate"],
-                gene_tokens=params["gene_tokens"],
-                gene_dropout=params["gene_dropout"],
-                cross_heads=params["cross_heads"],
-                fusion_heads=params["fusion_heads"],
-                fusion_blocks=params["fusion_blocks"],
-                mlp_ratio=params["mlp_ratio"],
+                mask_rate=settings.mask_rate,
+                gene_tokens=settings.gene_tokens,
+                gene_dropout=settings.gene_dropout,
+                cross_heads=settings.cross_heads,
+                fusion_heads=settings.fusion_heads,
+                fusion_blocks=settings.fusion_blocks,
+                mlp_ratio=settings.mlp_ratio,
             )
-        return _CMRCNetNetwork(image_input, image_head, gene_head, reconstruction, params["token_grid"])
-
-    def batch_loss(self, network: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``log(1 + L_c) + log(1 + L_r)`` of a batch; ``L_c`` alone without reconstruction."""
-        tokens = network.tokens(batch)
-        image = network.image_head(tokens.mean(dim=1))
-        gene = network.gene_head(batch["targets"])
-        contrastive = bleep_loss(image, gene, self.params["temperature"])
-        if network.reconstruction is None:
-            return contrastive
-        rebuilt = network.reconstruction(tokens, batch["targets"])
-        target = image if self.params["reconstruction_target"] == "image" else gene
-        return cmrcnet_loss(
-            contrastive, reconstruction_error(rebuilt, target, self.params["reconstruction_loss"])
-        )
+        return _CMRCNetNetwork(image_input, image_head, gene_head, reconstruction, settings)

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
-from .base import FitReport, Method, SpotSet, TrainConfig, concat_spots, register_method
+from .._validation import positive_int
+from .base import (
+    FitReport,
+    Method,
+    MethodSettings,
+    SpotSet,
+    TrainConfig,
+    check_state_format,
+    concat_spots,
+    register_method,
+)
 
 #: Principal components HEST-Benchmark keeps (its ``latent_dim``).
 HEST_COMPONENTS = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class HESTProbeSettings(MethodSettings):
+    """Settings of :class:`HESTProbeMethod` (see its parameters)."""
+
+    n_components: int = HEST_COMPONENTS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n_components", positive_int(self.n_components, "n_components"))
 
 
 @register_method
@@ -30,12 +54,11 @@ class HESTProbeMethod(Method):
 
     name = "hest_ridge"
     regimes = ("frozen",)
+    settings_class = HESTProbeSettings
+    settings: HESTProbeSettings
 
-    def __init__(self, *, n_components: int = HEST_COMPONENTS) -> None:
-        if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
-            msg = f"`n_components` must be a positive integer, got {n_components!r}."
-            raise ValueError(msg)
-        super().__init__(n_components=n_components)
+    def __init__(self, settings: HESTProbeSettings | None = None, /, **params: Any) -> None:
+        super().__init__(settings, **params)
         self.arrays: dict[str, np.ndarray] = {}
 
     def fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> FitReport:
@@ -48,7 +71,7 @@ class HESTProbeMethod(Method):
         spots = train if validation is None or len(validation) == 0 else concat_spots([train, validation])
         features = np.asarray(spots.features, dtype=np.float64)
         scaler = StandardScaler().fit(features)
-        k = min(self.params["n_components"], *features.shape)
+        k = min(self.settings.n_components, *features.shape)
         pca = PCA(n_components=k, random_state=config.seed).fit(scaler.transform(features))
         projected = pca.transform(scaler.transform(features))
         alpha = 100.0 / (projected.shape[1] * spots.targets.shape[1])
@@ -66,33 +89,42 @@ class HESTProbeMethod(Method):
         self.report = FitReport(notes={"alpha": alpha, "n_components": k})
         return self.report
 
-    def embed(self, data: SpotSet) -> np.ndarray:
-        """The principal components of the standardised features."""
+    def _components(self, data: SpotSet) -> np.ndarray:
+        """The principal components of the standardised features (float64), or a clear error before fitting."""
         self.check_regime(data)
         if not self.arrays:
             msg = "This hest_ridge probe is not fitted yet; call fit() first."
             raise RuntimeError(msg)
         a = self.arrays
-        return (((np.asarray(data.features, dtype=np.float64) - a["mean"]) / a["scale"]) - a["pca_mean"]) @ a[
-            "components"
-        ].T
+        standardised = (np.asarray(data.features, dtype=np.float64) - a["mean"]) / a["scale"]
+        return (standardised - a["pca_mean"]) @ a["components"].T
+
+    def embed(self, data: SpotSet) -> np.ndarray:
+        """The principal components of the standardised features (float32)."""
+        return self._components(data).astype(np.float32)
 
     def predict(self, data: SpotSet) -> np.ndarray:
         """Predicted standardised expression."""
-        return (self.embed(data) @ self.arrays["coef"].T).astype(np.float32)
+        return (self._components(data) @ self.arrays["coef"].T).astype(np.float32)
 
     def state_dict(self) -> dict:
-        """Parameters and the fitted arrays (float64 tensors)."""
+        """Settings, the fitted arrays (float64 tensors) and the fit report."""
         import torch
 
+        if not self.arrays:
+            msg = "This hest_ridge probe is not fitted yet; there is no state to save. Call fit() first."
+            raise RuntimeError(msg)
         return {
-            "params": dict(self.params),
+            "settings": self.settings.plain(),
             "arrays": {k: torch.as_tensor(v) for k, v in self.arrays.items()},
+            "report": None if self.report is None else dataclasses.asdict(self.report),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> HESTProbeMethod:
         """Rebuild from :meth:`state_dict`."""
-        method = cls(**state["params"])
+        check_state_format(state, cls.name)
+        method = cls(cls.settings_class(**state["settings"]))
         method.arrays = {k: np.asarray(v) for k, v in state["arrays"].items()}
+        method.report = None if state["report"] is None else FitReport(**state["report"])
         return method

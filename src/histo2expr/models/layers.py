@@ -18,18 +18,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from abc import abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._device import resolve_device
-from .base import FitReport, Method, SpotSet, TrainConfig
+from .base import (
+    FitReport,
+    Method,
+    MethodSettings,
+    SpotSet,
+    TrainConfig,
+    check_state_format,
+    check_training_spots,
+)
 from .encoders import Encoder, build_encoder
+from .inference import predict_batches
 from .scaling import Standardizer
-from .training import check_training_spots, predict_batches, seed_everything
+from .training import SpotNetwork, seed_everything, train_network
 
 
 class ProjectionHead(nn.Module):
@@ -103,33 +113,44 @@ def dihedral_mean(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
     return torch.stack(outputs).mean(dim=0)
 
 
-def check_encoder_params(encoder: Any, dropout: float | None = None) -> None:
-    """Raise when ``encoder`` is neither a name nor a module, or ``dropout`` is not in [0, 1)."""
-    if not isinstance(encoder, str | nn.Module):
-        msg = (
-            f"`encoder` must be an encoder name (e.g. 'efficientnet_lite0', 'resnet18') or a torch.nn.Module, "
-            f"got {type(encoder).__name__}."
-        )
-        raise TypeError(msg)
-    if dropout is not None and not (isinstance(dropout, int | float) and 0 <= dropout < 1):
-        msg = f"`dropout` must be a probability in [0, 1), got {dropout!r}."
-        raise ValueError(msg)
+@dataclass(frozen=True, kw_only=True)
+class EncoderSettings(MethodSettings):
+    """Settings of a method built on an :class:`ImageInput`: its encoder in the end-to-end regime.
 
-
-def plain_encoder_params(encoder: str | nn.Module, weights: Any) -> dict[str, Any]:
-    """``encoder`` and ``weights`` as plain values for a state dict: names kept, a module by its class name.
-
-    Weights become ``"state_dict"`` when they were a mapping and a string otherwise (or None);
-    a rebuilt method loads its trained weights from the state dict, not from these.
+    Attributes
+    ----------
+    encoder
+        End-to-end regime: an encoder name (``"efficientnet_lite0"``, the offline ImageNet
+        EfficientNet-Lite0; any timm name) or a :class:`torch.nn.Module` returning ``(B, D)``
+        features (copied, never trained in place). Ignored in the frozen regime.
+    weights
+        Initial encoder weights (``"default"``, ``"imagenet"``, `None`, a path or a state dict),
+        see :func:`~histo2expr.models.build_encoder`. Ignored in the frozen regime.
     """
-    name = encoder if isinstance(encoder, str) else type(encoder).__name__
-    if weights is None or isinstance(weights, str):
-        plain = weights
-    elif isinstance(weights, Mapping):
-        plain = "state_dict"
-    else:
-        plain = str(weights)
-    return {"encoder": name, "weights": plain}
+
+    # Spelled with names every method module has: a dataclass's ``__init__`` is annotated in the
+    # module of the subclass, where the documentation resolves these hints.
+    encoder: str | torch.nn.Module = "efficientnet_lite0"
+    weights: object = "default"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.encoder, str | nn.Module):
+            msg = (
+                "`encoder` must be an encoder name (e.g. 'efficientnet_lite0', 'resnet18') or a torch.nn.Module, "
+                f"got {type(self.encoder).__name__}."
+            )
+            raise TypeError(msg)
+
+    def plain(self) -> dict[str, Any]:
+        """Plain values: an encoder module by its class name, weights given as a mapping as ``"state_dict"``.
+
+        A rebuilt method loads its trained weights from the state dict, not from these.
+        """
+        weights = self.weights
+        if weights is not None and not isinstance(weights, str):
+            weights = "state_dict" if isinstance(weights, Mapping) else str(weights)
+        encoder = self.encoder if isinstance(self.encoder, str) else type(self.encoder).__name__
+        return {**super().plain(), "encoder": encoder, "weights": weights}
 
 
 def pool_token_grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
@@ -251,7 +272,7 @@ class ImageInput(nn.Module):
         return dataclasses.replace(data, features=self.scaler.transform(data.features))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(B, dim)`` features of a batch of :func:`~histo2expr.models.training.iterate_batches`."""
+        """``(B, dim)`` features of a batch (``histo2expr.models.batches.SpotBatches``)."""
         if self.encoder is None:
             return batch["features"]
         return self.encoder(batch["image"])
@@ -316,13 +337,13 @@ class ImageInput(nn.Module):
 
 
 class TorchMethod(Method):
-    """Base of the torch methods whose network has an ``image_input`` (:class:`ImageInput`).
+    """Base of the torch methods whose network (a :class:`~histo2expr.models.training.SpotNetwork`) has an ``image_input``.
 
-    Subclasses take ``encoder`` and ``weights`` among their parameters, implement
+    Subclasses declare :attr:`settings_class` (an :class:`EncoderSettings`), implement
     :meth:`build` (the network, with random weights, for an image input and a number of
-    genes) and :meth:`fit` (starting with :meth:`start_fit`), and extend
-    :meth:`extra_state` / :meth:`load_extra_state` for what inference needs beyond the
-    weights (e.g. a retrieval gallery).
+    genes) and :meth:`fit` (starting with :meth:`start_fit`, training with :meth:`fit_network`),
+    and extend :meth:`extra_state` / :meth:`load_extra_state` for what inference needs beyond
+    the weights (e.g. a retrieval :class:`~histo2expr.models.gallery.Gallery`).
 
     Attributes
     ----------
@@ -330,36 +351,67 @@ class TorchMethod(Method):
         The fitted network (`None` before fitting).
     n_genes
         Number of genes predicted.
-    device, batch_size, num_workers
-        Where and in what batches :meth:`predict` / :meth:`embed` run: those of the fit's
-        :class:`~histo2expr.models.base.TrainConfig`; the CPU, 64 and 0 after loading a state.
+    batch_size, num_workers
+        The batches of :meth:`predict` / :meth:`embed`: those of the fit's
+        :class:`~histo2expr.models.base.TrainConfig`; 64 and 0 after loading a state.
     """
 
-    def __init__(self, **params: Any) -> None:
-        check_encoder_params(params["encoder"], params.get("dropout"))
-        super().__init__(**params)
-        self.network: nn.Module | None = None
+    settings: EncoderSettings
+    settings_class = EncoderSettings
+
+    def __init__(self, settings: EncoderSettings | None = None, /, **params: Any) -> None:
+        super().__init__(settings, **params)
+        self.network: SpotNetwork | None = None
         self.n_genes: int | None = None
-        self.device = torch.device("cpu")
         self.batch_size = 64
         self.num_workers = 0
 
-    def build(self, image_input: ImageInput, n_genes: int) -> nn.Module:
-        """The network on ``image_input`` for ``n_genes`` genes, stored as :attr:`network`."""
-        raise NotImplementedError
+    @abstractmethod
+    def build(self, image_input: ImageInput, n_genes: int) -> SpotNetwork:
+        """The network on ``image_input`` for ``n_genes`` genes (random weights)."""
 
-    def start_fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> nn.Module:
-        """Check the spots, take the device and batches of ``config``, seed, build the network."""
+    def start_fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> SpotNetwork:
+        """Check the spots, take the batches of ``config``, seed, build the network (:attr:`network`)."""
         self.check_regime(train)
         self.n_genes = check_training_spots(train, validation)
-        self.device = resolve_device(config.device)
         self.batch_size, self.num_workers = config.batch_size, config.num_workers
         seed_everything(config.seed)
-        image_input = ImageInput.fit(train, encoder=self.params["encoder"], weights=self.params["weights"])
+        image_input = ImageInput.fit(train, encoder=self.settings.encoder, weights=self.settings.weights)
         self.network = self.build(image_input, self.n_genes)
         return self.network
 
-    def fitted(self, data: SpotSet) -> tuple[nn.Module, SpotSet]:
+    def fit_network(
+        self,
+        network: SpotNetwork,
+        train_spots: SpotSet,
+        validation: SpotSet | None,
+        config: TrainConfig,
+        **options: Any,
+    ) -> FitReport:
+        """Train ``network`` on the spots, prepared for its image input, with :func:`~histo2expr.models.training.train_network`.
+
+        ``options`` are those of :func:`~histo2expr.models.training.train_network`. Inference then
+        runs on the device the network trained on.
+        """
+        prepare = self.network.image_input.prepare
+        ready_validation = None if validation is None or len(validation) == 0 else prepare(validation)
+        report, device = train_network(network, prepare(train_spots), ready_validation, config, **options)
+        self.adopt_device(device)
+        return report
+
+    def adopt_device(self, device: torch.device) -> None:
+        """Infer on ``device`` (where the network trained, already checked); the network moves there."""
+        self.device = device
+        self.network.to(device)
+
+    def to(self, device: str | torch.device) -> TorchMethod:
+        """Run inference on ``device`` (the network moves there); returns the method."""
+        super().to(device)
+        if self.network is not None:
+            self.network.to(self.device)
+        return self
+
+    def fitted(self, data: SpotSet) -> tuple[SpotNetwork, SpotSet]:
         """The network in evaluation mode and ``data`` prepared for it, or a clear error before fitting."""
         if self.network is None:
             msg = f"This {self.name!r} method is not fitted yet; call fit() first (or load a fitted state)."
@@ -382,12 +434,12 @@ class TorchMethod(Method):
         """Restore :meth:`extra_state`."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Parameters (as plain values), the image input, all weights (CPU), the fit report and :meth:`extra_state`."""
+        """Settings (as plain values), the image input, all weights (CPU), the fit report and :meth:`extra_state`."""
         if self.network is None:
             msg = f"This {self.name!r} method is not fitted yet; there is no state to save. Call fit() first."
             raise RuntimeError(msg)
         return {
-            "params": {**self.params, **plain_encoder_params(self.params["encoder"], self.params["weights"])},
+            "settings": self.settings.plain(),
             "n_genes": self.n_genes,
             "image_input": self.network.image_input.to_state(),
             "network": cpu_state(self.network),
@@ -408,7 +460,8 @@ class TorchMethod(Method):
             Only when the encoder was a custom module, which a state dict cannot rebuild: a
             module of the same architecture (copied; its weights are replaced by the saved ones).
         """
-        method = cls(**state["params"])
+        check_state_format(state, cls.name)
+        method = cls(cls.settings_class(**state["settings"]))
         image_input = ImageInput.from_state(state["image_input"], encoder=encoder)
         method.n_genes = int(state["n_genes"])
         method.network = method.build(image_input, method.n_genes)

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import non_negative_number, positive_int
+from .._validation import flag, non_negative_number, one_of, positive_int, probability
 from .base import FitReport, SpotSet, TrainConfig, register_method
+from .batches import shuffled_batches
 from .graphs import GraphConvolutions, spatial_knn
-from .layers import ImageInput, TorchMethod, pool_token_grid
+from .layers import EncoderSettings, ImageInput, TorchMethod, pool_token_grid
 from .losses import info_nce
-from .training import train_module
+from .training import LossOutput, SpotNetwork
 
 #: Graph types of the neighbour branch (paper, Table 2: hypergraph "HG." and plain graph "G.").
 GRAPHS = ("hypergraph", "graph")
@@ -102,8 +104,77 @@ class PathologyProjection(nn.Module):
         return self.linear(pool_token_grid(image_input.tokens(batch), self.grid).flatten(1))
 
 
-class _NH2STNetwork(nn.Module):
-    """All of NH2ST's trainable parts.
+@dataclass(frozen=True, kw_only=True)
+class NH2STSettings(EncoderSettings):
+    """Settings of :class:`NH2STMethod` (see its parameters)."""
+
+    embedding_dim: int = 256
+    hidden: int = 256
+    token_grid: int = 7
+    neighbour_branch: bool = True
+    cross_attention: bool = True
+    contrastive: bool = True
+    graph: str = "hypergraph"
+    n_neighbours: int = 8
+    n_layers: int = 2
+    hyperedge_size: int = 3
+    attention_tokens: int = 8
+    temperature: float = 0.05
+    query_weight: float = 1.0
+    neighbour_weight: float = 0.5
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_ = object.__setattr__
+        one_of(self.graph, GRAPHS, "graph")
+        for name in (
+            "embedding_dim",
+            "hidden",
+            "token_grid",
+            "n_neighbours",
+            "n_layers",
+            "hyperedge_size",
+            "attention_tokens",
+        ):
+            set_(self, name, positive_int(getattr(self, name), name))
+        for name in ("neighbour_branch", "cross_attention", "contrastive"):
+            flag(getattr(self, name), name)
+        set_(self, "temperature", non_negative_number(self.temperature, "temperature", positive=True))
+        for name in ("query_weight", "neighbour_weight"):
+            set_(self, name, non_negative_number(getattr(self, name), name))
+        set_(self, "dropout", probability(self.dropout, "dropout"))
+        if self.embedding_dim % self.attention_tokens:
+            msg = (
+                f"`attention_tokens={self.attention_tokens}` must divide `embedding_dim={self.embedding_dim}` (each "
+                "vector is split into that many tokens); choose e.g. 1, 4 or 8."
+            )
+            raise ValueError(msg)
+        if not 2 <= self.hyperedge_size <= self.n_neighbours + 1:
+            msg = (
+                f"`hyperedge_size={self.hyperedge_size}` must be between 2 and n_neighbours + 1 = "
+                f"{self.n_neighbours + 1}: a hyperedge joins a node with its most similar nodes among the spot and "
+                "its neighbours."
+            )
+            raise ValueError(msg)
+
+    @property
+    def with_neighbours(self) -> bool:
+        """Whether the neighbour branch trains (it needs the spot coordinates)."""
+        return self.contrastive and self.neighbour_branch
+
+
+def neighbour_batches(epoch: int, *, neighbours: np.ndarray, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Shuffled batches of ``batch_size`` spots (a smaller last one dropped), each followed by its spots' neighbours.
+
+    ``neighbours`` is ``(n, k)``: the rows of every spot's ``k`` spatial neighbours.
+    """
+    batches = shuffled_batches(epoch, n=len(neighbours), batch_size=batch_size, seed=seed, drop_last=True)
+    return [np.concatenate([spots, neighbours[spots].ravel()]) for spots in batches]
+
+
+class _NH2STNetwork(SpotNetwork):
+    """All of NH2ST's trainable parts and its objective.
 
     - ``image_input`` + ``pathology``: the pathology encoder, h_p; ``gene_encoder``: h_g.
     - ``translator``: h_p -> expression (the only part used at inference besides the encoder).
@@ -111,27 +182,24 @@ class _NH2STNetwork(nn.Module):
     - ``image_graph`` / ``gene_graph`` and ``neighbour_attention``: the neighbour branch.
     """
 
-    def __init__(self, image_input: ImageInput, n_genes: int, params: dict[str, Any]) -> None:
+    def __init__(self, image_input: ImageInput, n_genes: int, settings: NH2STSettings) -> None:
         super().__init__()
-        dim, hidden, dropout = params["embedding_dim"], params["hidden"], params["dropout"]
+        self.settings = settings
+        dim, hidden, dropout = settings.embedding_dim, settings.hidden, settings.dropout
         self.image_input = image_input
-        self.pathology = PathologyProjection(image_input, dim, params["token_grid"])
+        self.pathology = PathologyProjection(image_input, dim, settings.token_grid)
         self.translator = _two_layers(dim, hidden, n_genes, dropout)
-        if not params["contrastive"]:
+        if not settings.contrastive:
             return
         self.gene_encoder = _two_layers(n_genes, hidden, dim, dropout)
-        if params["cross_attention"]:
-            self.query_attention = CrossAttention(dim, params["attention_tokens"])
-        if params["neighbour_branch"]:
-            graph = {
-                "n_layers": params["n_layers"],
-                "size": params["hyperedge_size"],
-                "kind": params["graph"],
-            }
+        if settings.cross_attention:
+            self.query_attention = CrossAttention(dim, settings.attention_tokens)
+        if settings.neighbour_branch:
+            graph = {"n_layers": settings.n_layers, "size": settings.hyperedge_size, "kind": settings.graph}
             self.image_graph = GraphConvolutions(dim, dropout=dropout, **graph)
             self.gene_graph = GraphConvolutions(dim, dropout=dropout, **graph)
-            if params["cross_attention"]:
-                self.neighbour_attention = CrossAttention(dim, params["attention_tokens"])
+            if settings.cross_attention:
+                self.neighbour_attention = CrossAttention(dim, settings.attention_tokens)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(B, embedding_dim)`` h_p, the pathology features of a batch."""
@@ -140,6 +208,46 @@ class _NH2STNetwork(nn.Module):
     def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(B, n_genes)`` the translator's prediction, image -> encoder -> translator only."""
         return self.translator(self(batch))
+
+    def _aligned(self, attention: str, image: torch.Tensor, gene: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of a pair of modalities at the fixed temperature, after cross-attention when enabled."""
+        temperature = self.settings.temperature
+        if self.settings.cross_attention:
+            cross = getattr(self, attention)
+            image, gene = cross(image, gene), cross(gene, image)
+        return info_nce(image, gene, math.log(1 / temperature), max_scale=1 / temperature)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """``L_MSE + query_weight * L_query + neighbour_weight * L_neighbour`` (terms ``mse``, ``query``, ``neighbour``).
+
+        With the neighbour branch a batch is its own spots followed by ``n_neighbours``
+        neighbours of each (:func:`neighbour_batches`).
+        """
+        settings, targets = self.settings, batch["targets"]
+        if not settings.contrastive:
+            return LossOutput(F.mse_loss(self.predict(batch).float(), targets))
+        k = settings.n_neighbours
+        size = len(targets) // (k + 1) if settings.with_neighbours else len(targets)  # the batch's own spots
+        unique, rows = _unique_rows(batch)
+        # index_select, not `[rows]`: its backward sums the repeated rows in a fixed order on any number
+        # of threads, so that CPU fits stay bit-identical
+        image = self(unique).index_select(0, rows)
+        gene = self.gene_encoder(unique["targets"]).index_select(0, rows)
+        terms = {"mse": F.mse_loss(self.translator(image[:size]).float(), targets[:size])}
+        terms["query"] = self._aligned("query_attention", image[:size], gene[:size])
+        loss = terms["mse"] + settings.query_weight * terms["query"]
+        if settings.with_neighbours:
+            pooled = []
+            for graph, features in ((self.image_graph, image), (self.gene_graph, gene)):
+                nodes = torch.cat([features[:size, None], features[size:].view(size, k, -1)], dim=1)
+                pooled.append(graph(nodes).mean(dim=1))
+            terms["neighbour"] = self._aligned("neighbour_attention", *pooled)
+            loss = loss + settings.neighbour_weight * terms["neighbour"]
+        return LossOutput(loss, terms)
+
+    def validation_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The MSE of the translator's prediction, what inference uses."""
+        return F.mse_loss(self.predict(batch).float(), batch["targets"])
 
 
 def _unique_rows(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -150,13 +258,6 @@ def _unique_rows(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     first = torch.full((len(unique),), len(positions), device=positions.device)
     first = first.scatter_reduce(0, inverse, order, reduce="amin")
     return {key: value[first] for key, value in batch.items()}, inverse
-
-
-def _check_flag(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        msg = f"`{name}` must be True or False, got {value!r}."
-        raise TypeError(msg)
-    return value
 
 
 @register_method
@@ -262,140 +363,28 @@ class NH2STMethod(TorchMethod):
     """
 
     name = "nh2st"
-
-    def __init__(
-        self,
-        *,
-        encoder: str | nn.Module = "efficientnet_lite0",
-        weights: Any = "default",
-        embedding_dim: int = 256,
-        hidden: int = 256,
-        token_grid: int = 7,
-        neighbour_branch: bool = True,
-        cross_attention: bool = True,
-        contrastive: bool = True,
-        graph: str = "hypergraph",
-        n_neighbours: int = 8,
-        n_layers: int = 2,
-        hyperedge_size: int = 3,
-        attention_tokens: int = 8,
-        temperature: float = 0.05,
-        query_weight: float = 1.0,
-        neighbour_weight: float = 0.5,
-        dropout: float = 0.1,
-    ) -> None:
-        if graph not in GRAPHS:
-            msg = f"`graph` must be one of {list(GRAPHS)}, got {graph!r}."
-            raise ValueError(msg)
-        embedding_dim, n_neighbours = (
-            positive_int(embedding_dim, "embedding_dim"),
-            positive_int(n_neighbours, "n_neighbours"),
-        )
-        attention_tokens, hyperedge_size = (
-            positive_int(attention_tokens, "attention_tokens"),
-            positive_int(hyperedge_size, "hyperedge_size"),
-        )
-        if embedding_dim % attention_tokens:
-            msg = (
-                f"`attention_tokens={attention_tokens}` must divide `embedding_dim={embedding_dim}` (each vector "
-                "is split into that many tokens); choose e.g. 1, 4 or 8."
-            )
-            raise ValueError(msg)
-        if not 2 <= hyperedge_size <= n_neighbours + 1:
-            msg = (
-                f"`hyperedge_size={hyperedge_size}` must be between 2 and n_neighbours + 1 = {n_neighbours + 1}: a "
-                "hyperedge joins a node with its most similar nodes among the spot and its neighbours."
-            )
-            raise ValueError(msg)
-        super().__init__(
-            encoder=encoder,
-            weights=weights,
-            embedding_dim=embedding_dim,
-            hidden=positive_int(hidden, "hidden"),
-            token_grid=positive_int(token_grid, "token_grid"),
-            neighbour_branch=_check_flag(neighbour_branch, "neighbour_branch"),
-            cross_attention=_check_flag(cross_attention, "cross_attention"),
-            contrastive=_check_flag(contrastive, "contrastive"),
-            graph=graph,
-            n_neighbours=n_neighbours,
-            n_layers=positive_int(n_layers, "n_layers"),
-            hyperedge_size=hyperedge_size,
-            attention_tokens=attention_tokens,
-            temperature=non_negative_number(temperature, "temperature", positive=True),
-            query_weight=non_negative_number(query_weight, "query_weight"),
-            neighbour_weight=non_negative_number(neighbour_weight, "neighbour_weight"),
-            dropout=dropout,
-        )
+    settings_class = NH2STSettings
+    settings: NH2STSettings
 
     @property
     def uses_coordinates(self) -> bool:
-        """True with the neighbour branch (its spatial neighbours), which ``neighbour_branch=False`` turns off."""
-        return self.params["contrastive"] and self.params["neighbour_branch"]
+        """Whether training reads the coordinates (the neighbour branch)."""
+        return self.settings.with_neighbours
 
     def build(self, image_input: ImageInput, n_genes: int) -> _NH2STNetwork:
         """All trainable parts of NH2ST (random weights)."""
-        return _NH2STNetwork(image_input, n_genes, self.params)
+        return _NH2STNetwork(image_input, n_genes, self.settings)
 
     def fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> FitReport:
         """Train encoders, branches and translator on ``train``; early stopping on the validation MSE."""
-        if validation is not None and len(validation) == 0:
-            validation = None
-        params = self.params
-        with_neighbours = params["contrastive"] and params["neighbour_branch"]
-        k = params["n_neighbours"]
-        neighbours = spatial_knn(train.coords, train.groups, k=k) if with_neighbours else None
+        order = None
+        if self.settings.with_neighbours:
+            neighbours = spatial_knn(train.coords, train.groups, k=self.settings.n_neighbours)
+            order = partial(
+                neighbour_batches, neighbours=neighbours, batch_size=config.batch_size, seed=config.seed
+            )
         network = self.start_fit(train, validation, config)
-        log_scale = math.log(1 / params["temperature"])
-        query_weight, neighbour_weight = params["query_weight"], params["neighbour_weight"]
-
-        def aligned(attention: str, image: torch.Tensor, gene: torch.Tensor) -> torch.Tensor:
-            if params["cross_attention"]:
-                cross = getattr(network, attention)
-                image, gene = cross(image, gene), cross(gene, image)
-            return info_nce(image, gene, log_scale, max_scale=1 / params["temperature"])
-
-        def objective(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            targets = batch["targets"]
-            if not params["contrastive"]:
-                return F.mse_loss(network.predict(batch).float(), targets)
-            size = len(targets) // (k + 1) if with_neighbours else len(targets)  # the batch's own spots
-            unique, rows = _unique_rows(batch)
-            # index_select, not `[rows]`: its backward sums the repeated rows in a fixed order on any number
-            # of threads, so that CPU fits stay bit-identical
-            image = network(unique).index_select(0, rows)
-            gene = network.gene_encoder(unique["targets"]).index_select(0, rows)
-            loss = F.mse_loss(network.translator(image[:size]).float(), targets[:size])
-            loss = loss + query_weight * aligned("query_attention", image[:size], gene[:size])
-            if with_neighbours:
-                pooled = []
-                for graph, features in ((network.image_graph, image), (network.gene_graph, gene)):
-                    nodes = torch.cat([features[:size, None], features[size:].view(size, k, -1)], dim=1)
-                    pooled.append(graph(nodes).mean(dim=1))
-                loss = loss + neighbour_weight * aligned("neighbour_attention", *pooled)
-            return loss
-
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            if network.training:
-                return objective(batch)
-            return F.mse_loss(network.predict(batch).float(), batch["targets"])
-
-        def order(epoch: int) -> list[np.ndarray]:
-            """Shuffled batches of ``batch_size`` spots, each followed by the neighbours of its spots."""
-            rows = np.random.default_rng([config.seed, epoch]).permutation(len(train))
-            batches = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
-            if len(batches) > 1 and len(batches[-1]) < config.batch_size:
-                batches = batches[:-1]
-            return [np.concatenate([spots, neighbours[spots].ravel()]) for spots in batches]
-
-        prepare = network.image_input.prepare
-        self.report = train_module(
-            network,
-            loss_fn,
-            prepare(train),
-            None if validation is None else prepare(validation),
-            config,
-            batch_order=order if with_neighbours else None,
-        )
+        self.report = self.fit_network(network, train, validation, config, train_batches=order)
         return self.report
 
     def predict(self, data: SpotSet) -> np.ndarray:

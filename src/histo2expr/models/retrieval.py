@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .._validation import positive_int
-from ._device import resolve_device
+from .inference import resolve_device
 
 if TYPE_CHECKING:
     from collections.abc import Callable

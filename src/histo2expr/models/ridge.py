@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
-from .base import FitReport, Method, SpotSet, TrainConfig, concat_spots, register_method
+from .._validation import positive_int
+from .base import (
+    FitReport,
+    Method,
+    MethodSettings,
+    SpotSet,
+    TrainConfig,
+    check_state_format,
+    concat_spots,
+    register_method,
+)
 from .scaling import Standardizer
 
 #: Default grid of ridge penalties (relative to the number of training spots).
@@ -130,11 +144,15 @@ class RidgeRegressor:
         self.coef_ = ridge_coefficients(z - self.offset_, targets - self.target_offset_, self.alpha_ * len(z))
         return self
 
+    def check_fitted(self) -> None:
+        """Raise a clear error before :meth:`fit`."""
+        if self.alpha_ is None:
+            msg = "This ridge regression is not fitted yet; call fit() first (or load a fitted state)."
+            raise RuntimeError(msg)
+
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Predicted standardised expression ``(n_spots, n_genes)``."""
-        if self.alpha_ is None:
-            msg = "This RidgeRegressor is not fitted yet; call fit() first."
-            raise RuntimeError(msg)
+        self.check_fitted()
         z = self._project(self.scaler_.transform(features).astype(np.float64))
         return ((z - self.offset_) @ self.coef_ + self.target_offset_).astype(np.float32)
 
@@ -142,9 +160,7 @@ class RidgeRegressor:
         """The fitted regression as plain values and float64 tensors."""
         import torch
 
-        if self.alpha_ is None:
-            msg = "This RidgeRegressor is not fitted yet; call fit() first."
-            raise RuntimeError(msg)
+        self.check_fitted()
         tensors = {
             name: torch.as_tensor(getattr(self, name))
             for name in ("offset_", "target_offset_", "coef_", "validation_mse_")
@@ -171,6 +187,31 @@ class RidgeRegressor:
         return model
 
 
+def check_alphas(value: Any) -> tuple[float, ...]:
+    """``value`` as a tuple of candidate L2 penalties, or a clear error when it is not a non-empty sequence of positive numbers."""
+    try:
+        alphas = tuple(float(a) for a in value)
+    except (TypeError, ValueError):
+        alphas = ()
+    if len(alphas) == 0 or not all(np.isfinite(alphas)) or min(alphas) <= 0:
+        msg = f"`alphas` must be a non-empty sequence of positive penalties, got {value!r}."
+        raise ValueError(msg)
+    return alphas
+
+
+@dataclass(frozen=True, kw_only=True)
+class RidgeSettings(MethodSettings):
+    """Settings of :class:`RidgeMethod` (see its parameters)."""
+
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    n_components: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alphas", check_alphas(self.alphas))
+        if self.n_components is not None:
+            object.__setattr__(self, "n_components", positive_int(self.n_components, "n_components"))
+
+
 @register_method
 class RidgeMethod(Method):
     """``method="ridge"``: ridge regression on frozen embeddings (the HEST-benchmark recipe).
@@ -192,12 +233,12 @@ class RidgeMethod(Method):
 
     name = "ridge"
     regimes = ("frozen",)
+    settings_class = RidgeSettings
+    settings: RidgeSettings
 
-    def __init__(
-        self, *, alphas: tuple[float, ...] = DEFAULT_ALPHAS, n_components: int | None = None
-    ) -> None:
-        super().__init__(alphas=tuple(float(a) for a in alphas), n_components=n_components)
-        self.regressor = RidgeRegressor(alphas=alphas, n_components=n_components)
+    def __init__(self, settings: RidgeSettings | None = None, /, **params: Any) -> None:
+        super().__init__(settings, **params)
+        self.regressor = RidgeRegressor(alphas=self.settings.alphas, n_components=self.settings.n_components)
 
     def fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> FitReport:
         """Fit on the training and inner validation spots together (the penalty has its own inner CV)."""
@@ -217,15 +258,19 @@ class RidgeMethod(Method):
     def embed(self, data: SpotSet) -> np.ndarray:
         """The standardised (and PCA-projected) features the regression sees."""
         self.check_regime(data)
+        self.regressor.check_fitted()
         return self.regressor._project(self.regressor.scaler_.transform(data.features)).astype(np.float32)
 
     def state_dict(self) -> dict:
-        """Parameters and the fitted regression."""
-        return {"params": dict(self.params), "regressor": self.regressor.state_dict()}
+        """Settings, the fitted regression and the fit report."""
+        report = None if self.report is None else dataclasses.asdict(self.report)
+        return {"settings": self.settings.plain(), "regressor": self.regressor.state_dict(), "report": report}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> RidgeMethod:
         """Rebuild from :meth:`state_dict`."""
-        method = cls(**state["params"])
+        check_state_format(state, cls.name)
+        method = cls(cls.settings_class(**state["settings"]))
         method.regressor = RidgeRegressor.from_state_dict(state["regressor"])
+        method.report = None if state["report"] is None else FitReport(**state["report"])
         return method

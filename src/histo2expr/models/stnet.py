@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._validation import flag, positive_int, probability
 from ..metrics import pcc_acg
 from .base import FitReport, SpotSet, TrainConfig, register_method
-from .layers import ImageInput, RegressionHead, TorchMethod, dihedral_mean
-from .ridge import DEFAULT_ALPHAS, ridge_coefficients, ridge_predictions
-from .training import train_module
+from .layers import EncoderSettings, ImageInput, RegressionHead, TorchMethod, dihedral_mean
+from .ridge import DEFAULT_ALPHAS, check_alphas, ridge_coefficients, ridge_predictions
+from .training import LossOutput, SpotNetwork
 
 
-class _STNetNetwork(nn.Module):
-    """Image input (encoder or standardised frozen features) followed by the regression head."""
+@dataclass(frozen=True, kw_only=True)
+class STNetSettings(EncoderSettings):
+    """Settings of :class:`STNetMethod` (see its parameters)."""
+
+    hidden: int | None = None
+    dropout: float = 0.0
+    tta: bool = True
+    closed_form: bool = True
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hidden is not None:
+            object.__setattr__(self, "hidden", positive_int(self.hidden, "hidden"))
+        object.__setattr__(self, "dropout", probability(self.dropout, "dropout"))
+        flag(self.tta, "tta")
+        flag(self.closed_form, "closed_form")
+        object.__setattr__(self, "alphas", check_alphas(self.alphas))
+
+
+class _STNetNetwork(SpotNetwork):
+    """Image input (encoder or standardised frozen features) followed by the regression head; MSE."""
 
     def __init__(self, image_input: ImageInput, head: RegressionHead) -> None:
         super().__init__()
@@ -25,6 +47,10 @@ class _STNetNetwork(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.image_input(batch))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """The mean squared error of the predicted standardised expression."""
+        return LossOutput(nn.functional.mse_loss(self(batch).float(), batch["targets"]))
 
 
 @register_method
@@ -90,68 +116,33 @@ class STNetMethod(TorchMethod):
     """
 
     name = "stnet"
-
-    def __init__(
-        self,
-        *,
-        encoder: str | nn.Module = "efficientnet_lite0",
-        weights: Any = "default",
-        hidden: int | None = None,
-        dropout: float = 0.0,
-        tta: bool = True,
-        closed_form: bool = True,
-        alphas: tuple[float, ...] = DEFAULT_ALPHAS,
-    ) -> None:
-        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
-            msg = f"`hidden` must be None (a linear head) or a positive number of units, got {hidden!r}."
-            raise ValueError(msg)
-        for name, value in (("tta", tta), ("closed_form", closed_form)):
-            if not isinstance(value, bool):
-                msg = f"`{name}` must be True or False, got {value!r}."
-                raise TypeError(msg)
-        alphas = tuple(float(a) for a in alphas)
-        if not alphas or min(alphas) <= 0:
-            msg = f"`alphas` must be a non-empty sequence of positive penalties, got {alphas!r}."
-            raise ValueError(msg)
-        super().__init__(
-            encoder=encoder,
-            weights=weights,
-            hidden=hidden,
-            dropout=dropout,
-            tta=tta,
-            closed_form=closed_form,
-            alphas=list(alphas),
-        )
+    settings_class = STNetSettings
+    settings: STNetSettings
 
     def build(self, image_input: ImageInput, n_genes: int) -> _STNetNetwork:
         """The image input followed by the regression head."""
         head = RegressionHead(
-            image_input.dim, n_genes, hidden=self.params["hidden"], dropout=self.params["dropout"]
+            image_input.dim, n_genes, hidden=self.settings.hidden, dropout=self.settings.dropout
         )
         return _STNetNetwork(image_input, head)
 
     def fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> FitReport:
         """Solve the linear head on frozen features, or train the head (and the encoder) with MSE and early stopping."""
         network = self.start_fit(train, validation, config)
-        prepare = network.image_input.prepare
-        if train.regime == "frozen" and self.params["hidden"] is None and self.params["closed_form"]:
-            ready = None if validation is None or len(validation) == 0 else prepare(validation)
-            self.report = self._solve_head(network.head.layers[-1], prepare(train), ready)
-            return self.report
         last = network.head.layers[-1]
-        nn.init.zeros_(last.weight)
+        if train.regime == "frozen" and self.settings.hidden is None and self.settings.closed_form:
+            prepare = network.image_input.prepare
+            ready = None if validation is None or len(validation) == 0 else prepare(validation)
+            self.report = self._solve_head(last, prepare(train), ready)
+            return self.report
+        nn.init.zeros_(last.weight)  # the prediction starts at the training mean
         nn.init.zeros_(last.bias)
-
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return nn.functional.mse_loss(network(batch).float(), batch["targets"])
-
-        ready_validation = None if validation is None else prepare(validation)
-        self.report = train_module(network, loss_fn, prepare(train), ready_validation, config)
+        self.report = self.fit_network(network, train, validation, config)
         return self.report
 
     def _solve_head(self, head: nn.Linear, train: SpotSet, validation: SpotSet | None) -> FitReport:
         """Set ``head`` to the penalised least-squares solution; the penalty chosen on ``validation``."""
-        alphas = np.asarray(self.params["alphas"])
+        alphas = np.asarray(self.settings.alphas)
         x, y = train.features.astype(np.float64), train.targets.astype(np.float64)
         notes: dict[str, Any] = {"solver": "closed_form"}
         alpha = float(alphas[len(alphas) // 2])
@@ -177,7 +168,7 @@ class STNetMethod(TorchMethod):
     def predict(self, data: SpotSet) -> np.ndarray:
         """``(n, n_genes)`` predicted standardised expression (averaged over 8 views end to end with ``tta``)."""
         network, data = self.fitted(data)
-        if data.regime == "end2end" and self.params["tta"]:
+        if data.regime == "end2end" and self.settings.tta:
             encoder, head = network.image_input.encoder, network.head
             return self.run(lambda batch: dihedral_mean(lambda x: head(encoder(x)), batch["image"]), data)
         return self.run(network, data)
@@ -185,7 +176,7 @@ class STNetMethod(TorchMethod):
     def embed(self, data: SpotSet) -> np.ndarray:
         """``(n, d)`` what the head reads: encoder features (view-averaged with ``tta``) or standardised features."""
         network, data = self.fitted(data)
-        if data.regime == "end2end" and self.params["tta"]:
+        if data.regime == "end2end" and self.settings.tta:
             encoder = network.image_input.encoder
             return self.run(lambda batch: dihedral_mean(encoder, batch["image"]), data)
         return self.run(network.image_input, data)

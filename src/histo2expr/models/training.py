@@ -1,301 +1,394 @@
-"""The one training loop every torch method uses: mini-batches in both regimes, early stopping, AMP.
+"""The training engine of every torch method: PyTorch Lightning, with histo2expr's defaults.
 
-Methods supply a module and a function computing the loss of a batch; this module
-serves the batches (frozen features from memory, or image patches through the patch
-DataLoader), steps AdamW, evaluates the inner validation set after every epoch, keeps
-the best weights and stops when the validation loss has not improved for
-``patience`` epochs.
+The split follows scvi-tools': a **network** (:class:`SpotNetwork`, a plain
+:class:`torch.nn.Module`) computes the loss of a batch with each of its terms
+(:class:`LossOutput`) and the method's validation metric; one **training plan**
+(:class:`TrainingPlan`, a ``lightning.pytorch.LightningModule``) steps AdamW on it and
+logs the terms; a **data module** (``histo2expr.models.batches.SpotDataModule``) serves
+the spots in either regime, in the batch order the method asks for; :func:`train_network` runs a
+``lightning.pytorch.Trainer`` with early stopping
+(``lightning.pytorch.callbacks.EarlyStopping``) and keeps the weights of the best
+validation epoch (:class:`BestWeights`). Accelerator, devices, strategy, nodes and precision
+are Lightning's, so one GPU, several GPUs (DDP) and SLURM clusters need no code here.
 """
 
 from __future__ import annotations
 
-import copy
+import logging
 import math
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
-from typing import Any
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
-import numpy as np
+import lightning.pytorch as lightning
 import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ProgressBar
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from ._device import resolve_device
 from .base import FitReport, SpotSet, TrainConfig
+from .batches import Batch, Batches, SpotDataModule
+from .inference import uses_cuda
 
-Batch = dict[str, torch.Tensor]
+#: The metric early stopping and the best weights follow.
+VALIDATION_METRIC = "validation_loss"
+
+
+@dataclass
+class LossOutput:
+    """The loss of one batch, with each of its terms.
+
+    Attributes
+    ----------
+    loss
+        The scalar that is minimised (training) or compared across epochs (validation).
+    terms
+        Each term of ``loss`` by name, unweighted (e.g. ``{"mse": ..., "contrastive": ...}``),
+        logged per epoch and kept in :attr:`FitReport.train_terms`.
+    """
+
+    loss: torch.Tensor
+    terms: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SpotNetwork(nn.Module):
+    """A network the engine trains: the loss of a batch and the method's validation metric.
+
+    Subclasses implement :meth:`loss` and, when the metric that chooses the epoch differs
+    from the training loss, :meth:`validation_loss`. Batches are dictionaries of tensors on the
+    training device: ``position`` (rows of the spots), ``coords``, ``slide`` (integer slide codes),
+    ``targets``, and ``features`` (frozen regime) or ``image`` (uint8 patches, end to end).
+    """
+
+    def loss(self, batch: Batch) -> LossOutput:
+        """The training loss of ``batch`` and its terms."""
+        raise NotImplementedError
+
+    def validation_loss(self, batch: Batch) -> torch.Tensor:
+        """The validation metric of ``batch`` (evaluation mode); by default the training loss."""
+        return self.loss(batch).loss
+
+
+class TrainingPlan(lightning.LightningModule):
+    """The one training plan: AdamW on a :class:`SpotNetwork`, its loss and each term averaged per epoch.
+
+    The training loss, each of its terms and the validation metric are summed per epoch (weighted
+    by batch size) on the device and reduced over all processes once per epoch, so every process
+    records the same means and takes the same early-stopping decision. The means go into
+    :attr:`report`; the validation metric is also logged as ``validation_loss``, which early
+    stopping and the best weights follow. A subclass with a validation step of its own adds each
+    batch's metric with ``self.accumulate("validation_loss", value, n_spots)``.
+
+    Parameters
+    ----------
+    network
+        What is trained; its parameters with ``requires_grad`` are optimised.
+    lr, weight_decay
+        AdamW's.
+
+    Attributes
+    ----------
+    report
+        The :class:`~histo2expr.models.FitReport` the epochs are recorded in.
+    """
+
+    def __init__(self, network: SpotNetwork, *, lr: float, weight_decay: float) -> None:
+        super().__init__()
+        self.network = network
+        self.lr, self.weight_decay = lr, weight_decay
+        self.report = FitReport()
+        self._sums: dict[str, list] = {}
+
+    def accumulate(self, name: str, value: torch.Tensor, n_spots: int) -> None:
+        """Add the value of a batch of ``n_spots`` spots to the epoch mean of ``name``."""
+        total = value.detach().float() * n_spots
+        if name in self._sums:
+            self._sums[name][0] = self._sums[name][0] + total
+            self._sums[name][1] += n_spots
+        else:
+            self._sums[name] = [total, n_spots]
+
+    def epoch_means(self, prefix: str) -> dict[str, float]:
+        """The epoch means of the accumulated values whose name starts with ``prefix``, over all processes."""
+        means = {}
+        for name in sorted(key for key in self._sums if key.startswith(prefix)):  # one order on every process
+            total, count = self._sums.pop(name)
+            pair = torch.stack([total.to(self.device), torch.tensor(float(count), device=self.device)])
+            pair = self.trainer.strategy.reduce(pair, reduce_op="sum")
+            means[name] = float(pair[0] / pair[1])
+        return means
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """The loss of one training batch; the loss and its terms join the epoch means."""
+        output = self.network.loss(batch)
+        size = len(batch["position"])
+        self.accumulate("train_loss", output.loss, size)
+        for name, term in output.terms.items():
+            self.accumulate(f"train_{name}", term, size)
+        return output.loss
+
+    def on_train_epoch_end(self) -> None:
+        """Record the epoch's means; a loss that is not finite stops training with a clear error."""
+        means = self.epoch_means("train_")
+        loss = means.pop("train_loss")
+        if not math.isfinite(loss):
+            msg = (
+                f"The training loss became {loss} at epoch {self.current_epoch}; lower `lr` "
+                f"(now {self.lr}) or check the input features for extreme values."
+            )
+            raise FloatingPointError(msg)
+        self.report.train_loss.append(loss)
+        for name, value in means.items():
+            self.report.train_terms.setdefault(name.removeprefix("train_"), []).append(value)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """The network's validation metric of one batch."""
+        self.accumulate(VALIDATION_METRIC, self.network.validation_loss(batch), len(batch["position"]))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation metric of the pass, and record it when fitting."""
+        value = self.epoch_means(VALIDATION_METRIC)[VALIDATION_METRIC]
+        self.log(VALIDATION_METRIC, value)
+        if _fitting(self.trainer) and not self.trainer.sanity_checking:
+            self.report.validation_loss.append(value)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW on the trainable parameters."""
+        trainable = [p for p in self.network.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+
+
+def _fitting(trainer: lightning.Trainer) -> bool:
+    """Whether ``trainer`` runs ``fit`` (not a ``validate`` run before it)."""
+    return trainer.state.fn == TrainerFn.FITTING
+
+
+class BestWeights(Callback):
+    """Keep, in memory, the weights of the best validation epoch and put them back when fitting ends.
+
+    A validation run before fitting (``trainer.validate``) counts too: its weights (the
+    untrained ones) stay when no epoch beats them. Every process keeps its own copy, so no
+    file is written and multi-node runs need no shared folder. (Lightning's ``ModelCheckpoint``
+    writes checkpoint files, which the many small fits of a cross-validation do not need.)
+
+    Attributes
+    ----------
+    best
+        The best value of :data:`VALIDATION_METRIC` so far.
+    best_epoch
+        Its epoch; `None` for the run before fitting.
+    """
+
+    def __init__(self) -> None:
+        self.best = math.inf
+        self.best_epoch: int | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
+        """Copy the weights when the metric improved."""
+        value = trainer.callback_metrics.get(VALIDATION_METRIC)
+        if trainer.sanity_checking or value is None or not float(value) < self.best:
+            return
+        self.best = float(value)
+        self.best_epoch = trainer.current_epoch if _fitting(trainer) else None
+        self.weights = {k: v.detach().to("cpu", copy=True) for k, v in plan.network.state_dict().items()}
+
+    def on_fit_end(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
+        """Load the best weights."""
+        if self.weights is not None:
+            plan.network.load_state_dict(self.weights)
+
+
+class EpochBar(ProgressBar):
+    """One progress bar per fit, over the epochs, with the last losses (on the first process only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bar = None
+        self.enabled = True
+
+    def disable(self) -> None:
+        """Show nothing (Lightning calls it on every process but the first)."""
+        self.enabled = False
+
+    def enable(self) -> None:
+        """Show the bar."""
+        self.enabled = True
+
+    def on_train_start(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
+        """Open the bar."""
+        from .._progress import progress_bar
+
+        self.bar = progress_bar(
+            total=trainer.max_epochs, desc="epochs", leave=False, disable=not self.enabled
+        )
+
+    def _show(self, plan: TrainingPlan) -> None:
+        """Count the epochs the plan has recorded and show their last losses."""
+        report = plan.report
+        shown = {"train": report.train_loss, "validation": report.validation_loss}
+        self.bar.set_postfix({k: f"{v[-1]:.4f}" for k, v in shown.items() if v}, refresh=False)
+        self.bar.update(len(report.train_loss) - self.bar.n)
+
+    def on_train_epoch_start(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
+        """Show the epochs done so far."""
+        self._show(plan)
+
+    def on_train_end(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
+        """Show the last epoch and close the bar."""
+        self._show(plan)
+        self.bar.close()
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning without its banners, tips and hints that do not apply to these small, deliberate fits.
+
+    Its info messages ("GPU available", "`Trainer.fit` stopped") are raised to warnings level,
+    and its possible-user warnings (few DataLoader workers, a validation step without
+    validation data, an unused GPU) are not shown; real warnings and errors pass.
+    """
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=PossibleUserWarning)
+            warnings.filterwarnings(
+                "ignore", message=r".*(GPU available but not used|LeafSpec)", category=Warning
+            )
+            warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch's global generators (CPU and CUDA) so initialisation is reproducible."""
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+    """Seed every generator (torch's on all devices, numpy's and Python's global ones) with Lightning."""
+    lightning.seed_everything(seed, workers=False, verbose=False)
 
 
-def autocast(device: torch.device) -> Any:
-    """bfloat16 autocast on CUDA, nothing elsewhere (CPU runs stay bit-reproducible)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def check_engine_flags(config: TrainConfig) -> None:
+    """Raise a ``ValueError`` naming the flag and its choices when Lightning refuses ``config``'s engine flags.
 
-
-def check_training_spots(train: SpotSet, validation: SpotSet | None) -> int:
-    """Check that training (and validation) spots carry finite targets of one width; return the width.
-
-    Raises a clear error when ``train`` is empty or has no ``targets``, when targets are
-    not finite, or when the validation spots differ from the training spots in regime
-    or number of genes.
+    Lightning checks ``accelerator``, ``devices``, ``strategy``, ``num_nodes`` and ``precision`` when
+    it builds a Trainer; one is built here (quietly, never run) so that a command can refuse bad
+    flags before any work.
     """
-    if len(train) == 0 or train.targets is None:
-        msg = "Fitting needs training spots with `targets` (standardised expression); got none."
-        raise ValueError(msg)
-    targets = np.asarray(train.targets)
-    if targets.ndim != 2 or targets.shape[1] == 0:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        with quiet_lightning():
+            make_trainer(config, validation=False, callbacks=[])
+    except MisconfigurationException as error:  # its message names the flag and the choices
+        raise ValueError(str(error)) from error
+
+
+def make_trainer(config: TrainConfig, *, validation: bool, callbacks: list[Callback]) -> lightning.Trainer:
+    """A light ``lightning.pytorch.Trainer`` with ``config``'s engine flags.
+
+    No logger, no checkpoint files, no model summary; early stopping and the best weights when
+    there are validation spots; one epoch bar when ``config.progress``. Lightning's distributed
+    sampler is off: :class:`~histo2expr.models.batches.BatchOrder` shares the batches itself.
+    """
+    precision = config.precision or ("bf16-mixed" if uses_cuda(config.accelerator) else "32-true")
+    callbacks = list(callbacks)
+    if validation:
+        callbacks.append(EarlyStopping(monitor=VALIDATION_METRIC, mode="min", patience=config.patience))
+    if config.progress:
+        callbacks.append(EpochBar())
+    trainer = lightning.Trainer(
+        accelerator=config.accelerator,
+        devices=config.devices,
+        strategy=config.strategy,
+        num_nodes=config.num_nodes,
+        precision=precision,
+        max_epochs=config.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=config.progress,
+        num_sanity_val_steps=0,
+        limit_val_batches=None if validation else 0,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+    )
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
         msg = (
-            f"`targets` must be a 2-D (spots, genes) array with at least one gene, got shape {targets.shape}."
+            f"strategy={config.strategy!r} trains in processes spawned or forked from this one, which cannot hand "
+            "back the fit report and a method's later phases; use strategy='ddp' from a script or the "
+            "`histo2expr fit` command (every process runs it; see the docs page 'Scaling out')."
         )
         raise ValueError(msg)
-    for name, spots in (("training", train), ("validation", validation)):
-        if spots is None or len(spots) == 0:
-            continue
-        if spots.targets is None or np.shape(spots.targets)[1:] != targets.shape[1:]:
-            got = None if spots.targets is None else np.shape(spots.targets)
-            msg = f"The {name} spots need `targets` with {targets.shape[1]} genes, like the training spots; got {got}."
-            raise ValueError(msg)
-        if spots.regime != train.regime:
-            msg = f"The validation spots are {spots.regime!r} but the training spots are {train.regime!r}; use one regime."
-            raise ValueError(msg)
-        if not np.isfinite(spots.targets).all():
-            msg = f"The {name} `targets` contain NaN or infinite values; impute or drop those spots first."
-            raise ValueError(msg)
-    return int(targets.shape[1])
+    return trainer
 
 
-def _batch_tensors(data: SpotSet, positions: np.ndarray, device: torch.device) -> Batch:
-    batch: Batch = {
-        "position": torch.as_tensor(positions, dtype=torch.long, device=device),
-        "coords": torch.as_tensor(data.coords[positions], dtype=torch.float32, device=device),
-    }
-    if data.features is not None:
-        batch["features"] = torch.as_tensor(data.features[positions], dtype=torch.float32, device=device)
-    if data.targets is not None:
-        batch["targets"] = torch.as_tensor(data.targets[positions], dtype=torch.float32, device=device)
-    return batch
-
-
-def iterate_batches(
-    data: SpotSet,
-    *,
-    batch_size: int,
-    device: torch.device,
-    shuffle: bool = False,
-    augment: bool = False,
-    seed: int = 0,
-    epoch: int = 0,
-    num_workers: int = 0,
-    order: list[np.ndarray] | None = None,
-    drop_last: bool = False,
-) -> Iterator[Batch]:
-    """Mini-batches of ``data`` as tensors on ``device``.
-
-    Every batch has ``position`` (rows of ``data``), ``coords`` and, when present,
-    ``targets``; the frozen regime adds ``features`` and the end-to-end regime
-    ``image`` (uint8, ``(B, 3, H, W)``, augmented when ``augment``).
-
-    Parameters
-    ----------
-    data
-        The spots.
-    batch_size
-        Spots per batch.
-    device
-        Where the tensors go.
-    shuffle
-        Random order drawn from ``(seed, epoch)``; otherwise the rows in order.
-    augment
-        Training augmentations of the patches (end-to-end regime only).
-    seed, epoch
-        Seeds of the order and the augmentations.
-    num_workers
-        DataLoader workers reading patches (end-to-end regime).
-    order
-        Explicit batches (arrays of rows), e.g. spatially coherent ones; overrides
-        ``batch_size`` and ``shuffle``.
-    drop_last
-        Drop a last batch smaller than ``batch_size`` (useful for batch-statistics losses).
-    """
-    if order is None:
-        rows = (
-            np.random.default_rng([seed, epoch]).permutation(len(data)) if shuffle else np.arange(len(data))
-        )
-        order = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-        if drop_last and len(order) > 1 and len(order[-1]) < batch_size:
-            order = order[:-1]
-    if data.patches is None:
-        for rows in order:
-            yield _batch_tensors(data, rows, device)
-        return
-    yield from _image_batches(
-        data, order, device, augment=augment, seed=seed, epoch=epoch, num_workers=num_workers
-    )
-
-
-def _image_batches(
-    data: SpotSet,
-    order: list[np.ndarray],
-    device: torch.device,
-    *,
-    augment: bool,
-    seed: int,
-    epoch: int,
-    num_workers: int,
-) -> Iterator[Batch]:
-    from torch.utils.data import DataLoader
-
-    from ..patches import PatchDataset
-
-    dataset = PatchDataset(data.patches, indices=data.indices, augment=augment, seed=seed)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=[[(int(row), epoch) for row in rows] for rows in order],
-        num_workers=num_workers,
-    )
-    for rows, images in zip(order, loader, strict=True):
-        batch = _batch_tensors(data, rows, device)
-        batch["image"] = images["image"].to(device, non_blocking=True)
-        yield batch
-
-
-def evaluate_loss(
-    module: nn.Module,
-    loss_fn: Callable[[Batch], torch.Tensor],
-    data: SpotSet,
-    *,
-    config: TrainConfig,
-    device: torch.device,
-) -> float:
-    """Mean loss of ``data`` in evaluation mode, batches weighted by their size."""
-    module.eval()
-    total, count = 0.0, 0
-    with torch.no_grad(), autocast(device):
-        for batch in iterate_batches(
-            data, batch_size=config.batch_size, device=device, num_workers=config.num_workers
-        ):
-            size = len(batch["position"])
-            total += float(loss_fn(batch)) * size
-            count += size
-    return total / max(count, 1)
-
-
-def train_module(
-    module: nn.Module,
-    loss_fn: Callable[[Batch], torch.Tensor],
-    train: SpotSet,
+def train_network(
+    network: SpotNetwork,
+    train_spots: SpotSet,
     validation: SpotSet | None,
     config: TrainConfig,
     *,
-    batch_order: Callable[[int], list[np.ndarray]] | None = None,
-    drop_last: bool = True,
-) -> FitReport:
-    """Train ``module`` with AdamW on ``loss_fn``; keep the weights of the best validation epoch.
+    plan: TrainingPlan | None = None,
+    train_batches: Batches | None = None,
+    validate_untrained: bool = False,
+) -> tuple[FitReport, torch.device]:
+    """Train ``network`` on ``train_spots`` with Lightning; keep the weights of the best validation epoch.
 
     Parameters
     ----------
-    module
-        Everything trainable (its parameters are optimised).
-    loss_fn
-        Loss of one batch (see :func:`iterate_batches` for its keys); must be a scalar.
-    train, validation
-        Training spots and the inner validation spots (training slides only). Without
-        validation the last epoch's weights are kept.
+    network
+        What is trained.
+    train_spots, validation
+        The training spots and the inner validation spots (training slides only), ready for the
+        network. Without validation spots the last epoch's weights are kept.
     config
-        Epochs, batch size, learning rate, patience, seed, device, workers, progress.
-    batch_order
-        ``epoch -> list of row arrays`` for methods that need special batches
-        (spatially coherent ones); default: shuffled batches of ``config.batch_size``.
-    drop_last
-        Drop a last, smaller training batch (losses computed over the batch need
-        a few spots).
+        Epochs, batch size, learning rate, patience, seed, workers, progress and the engine flags.
+    plan
+        A plan of the method's own (e.g. with another validation step); by default a
+        :class:`TrainingPlan` of ``network``.
+    train_batches
+        ``train_batches(epoch=e) -> list of row arrays`` for methods that need special batches (spatially
+        coherent ones); by default shuffled batches of ``config.batch_size``.
+    validate_untrained
+        Score the untrained network on the validation spots first: when no epoch beats it, its
+        weights are kept (``report.best_epoch`` is then `None`, and
+        ``report.notes["untrained_validation_loss"]`` holds its score).
 
     Returns
     -------
-    The :class:`~histo2expr.models.base.FitReport` with losses per epoch and the best epoch.
+    report
+        The :class:`~histo2expr.models.base.FitReport`.
+    device
+        The device this process trained on. The network ends in evaluation mode, on the CPU.
     """
-    from .._progress import progress_bar
-
-    device = resolve_device(config.device)
-    module.to(device)
-    optimizer = torch.optim.AdamW(
-        [p for p in module.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    has_validation = validation is not None and len(validation) > 0
+    plan = plan or TrainingPlan(network, lr=config.lr, weight_decay=config.weight_decay)
+    data = SpotDataModule(
+        train_spots,
+        validation if has_validation else None,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        train_batches=train_batches,
     )
-    report = FitReport()
-    best_loss, best_state, stale = math.inf, None, 0
-    epochs = progress_bar(range(config.epochs), desc="epochs", disable=not config.progress, leave=False)
-    for epoch in epochs:
-        module.train()
-        total, count = 0.0, 0
-        order = batch_order(epoch) if batch_order is not None else None
-        for batch in iterate_batches(
-            train,
-            batch_size=config.batch_size,
-            device=device,
-            shuffle=True,
-            augment=train.regime == "end2end",
-            seed=config.seed,
-            epoch=epoch,
-            num_workers=config.num_workers,
-            order=order,
-            drop_last=drop_last,
-        ):
-            with autocast(device):
-                loss = loss_fn(batch)
-            if not torch.isfinite(loss):
-                msg = (
-                    f"The training loss became {float(loss)} at epoch {epoch}; lower `lr` "
-                    f"(now {config.lr}) or check the input features for extreme values."
-                )
-                raise FloatingPointError(msg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            size = len(batch["position"])
-            total += float(loss.detach()) * size
-            count += size
-        report.train_loss.append(total / max(count, 1))
-        if validation is None or len(validation) == 0:
-            report.best_epoch = epoch
-            epochs.set_postfix(train=f"{report.train_loss[-1]:.4f}")
-            continue
-        val_loss = evaluate_loss(module, loss_fn, validation, config=config, device=device)
-        report.validation_loss.append(val_loss)
-        epochs.set_postfix(train=f"{report.train_loss[-1]:.4f}", validation=f"{val_loss:.4f}")
-        if val_loss < best_loss:
-            best_loss, stale, report.best_epoch = val_loss, 0, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in module.state_dict().items()})
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    module.eval()
-    return report
-
-
-def predict_batches(
-    forward: Callable[[Batch], torch.Tensor],
-    data: SpotSet,
-    *,
-    batch_size: int,
-    device: torch.device,
-    num_workers: int = 0,
-) -> np.ndarray:
-    """Apply ``forward`` to every batch of ``data`` in order; one output row per spot (float32).
-
-    Each spot's output depends on that spot alone (evaluation mode, no batch statistics).
-    """
-    outputs = []
-    with torch.no_grad(), autocast(device):
-        for batch in iterate_batches(data, batch_size=batch_size, device=device, num_workers=num_workers):
-            outputs.append(forward(batch).float().cpu().numpy())
-    return np.concatenate(outputs, axis=0) if outputs else np.zeros((0, 0), dtype=np.float32)
+    best = BestWeights()
+    callbacks = [best] if has_validation else []
+    untrained = None
+    with quiet_lightning():
+        trainer = make_trainer(config, validation=has_validation, callbacks=callbacks)
+        if validate_untrained and has_validation:
+            untrained = trainer.validate(plan, datamodule=data, verbose=False)[0][VALIDATION_METRIC]
+        trainer.fit(plan, datamodule=data)
+    report = plan.report
+    report.best_epoch = best.best_epoch if has_validation else len(report.train_loss) - 1
+    if untrained is not None:
+        report.notes["untrained_validation_loss"] = float(untrained)
+    network.eval()
+    return report, trainer.strategy.root_device

@@ -21,6 +21,7 @@ from ._model import Histo2ExprModel
 from ._predict import predict_expression
 
 if TYPE_CHECKING:
+    import torch
     from anndata import AnnData
     from spatialdata import SpatialData
 
@@ -32,6 +33,7 @@ def evaluate_expression(
     key_added: str = PREDICT_KEY,
     slide_key: str = "slide",
     table_key: str = "table",
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """Predict every slide of ``data`` with ``model`` and score it against the measured expression.
 
@@ -53,6 +55,8 @@ def evaluate_expression(
         Column of ``obs`` with the slide of each spot (optional for one slide).
     table_key
         SpatialData only: the table to use.
+    device
+        Where to predict (see :func:`~histo2expr.tl.predict_expression`); `None`: the model's device.
 
     Returns
     -------
@@ -73,7 +77,9 @@ def evaluate_expression(
     check_unique_var_names(table)
     check_log_normalised(table)
     truth = log_expression(table, model.genes)
-    predict_expression(data, model, key_added=key_added, slide_key=slide_key, table_key=table_key)
+    predict_expression(
+        data, model, key_added=key_added, slide_key=slide_key, table_key=table_key, device=device
+    )
     predicted = table.obsm[key_added][model.genes].to_numpy()
     slides = slide_labels(table, slide_key, required=False)
     rows, pccs = score_slides(

@@ -12,7 +12,7 @@ import pandas as pd
 
 from .._predictability import gene_predictability
 from .._progress import progress_bar
-from .._records import FIT_KEY, SCALES, h5ad_safe, is_record
+from .._records import FIT_KEY, SCALES, is_record
 from .._settings import cpu_threads
 from .._validation import (
     check_log_normalised,
@@ -22,7 +22,7 @@ from .._validation import (
     log_expression,
     slide_labels,
 )
-from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method
+from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method, plain_value
 from ..models.scaling import Standardizer
 from ..pp import select_genes
 from ..splits import inner_validation_split, make_folds
@@ -118,6 +118,19 @@ def _fit_on(
         config,
     )
     return _FoldFit(model, chosen, scaler, report, how)
+
+
+def _deprecated_device(device: str) -> tuple[str, int | list[int]]:
+    """The ``accelerator`` and ``devices`` of a ``device=`` name, with a deprecation warning."""
+    from ..models.inference import lightning_device
+
+    accelerator, devices = lightning_device(device)
+    msg = (
+        f"`device=` is deprecated; pass `accelerator={accelerator!r}, devices={devices!r}` instead "
+        "(Lightning's flags, which also run on several devices)."
+    )
+    warnings.warn(msg, FutureWarning, stacklevel=3)
+    return accelerator, devices
 
 
 def _refitter(inputs: _Inputs, fit_args: dict[str, Any]) -> Any:
@@ -254,7 +267,11 @@ def fit_histo2expr(
     weight_decay: float = 1e-4,
     patience: int = 10,
     seed: int = 0,
-    device: str = "auto",
+    accelerator: str = "auto",
+    devices: int | str | list[int] = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    precision: str | None = None,
     num_workers: int = 0,
     key_added: str = FIT_KEY,
     table_key: str = "table",
@@ -263,6 +280,7 @@ def fit_histo2expr(
     intervals: bool | str = False,
     level: float = 0.9,
     calibration_folds: int = 5,
+    device: str | None = None,
     **method_params: Any,
 ) -> Histo2ExprModel | None:
     """Fit a histology-to-expression method, optionally cross-validated slide by slide.
@@ -315,8 +333,14 @@ def fit_histo2expr(
     seed
         One seed for gene-independent randomness: initialisation, batches, splits;
         CPU runs with the same seed are bit-identical.
-    device
-        ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda"``, ``"mps"``.
+    accelerator, devices, strategy, num_nodes, precision
+        Where the torch methods train, handed to ``lightning.pytorch.Trainer`` (see the docs
+        page "Scaling out"): ``accelerator="auto"`` (a GPU when there is one, else the CPU),
+        ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"mps"``; ``devices=1`` (``4`` or ``[0, 1]`` for
+        data-parallel training, ``batch_size`` spots per device and step); ``strategy="auto"``
+        (``"ddp"`` for several devices: run from a script or ``histo2expr fit``, which every
+        process runs in full); ``num_nodes`` machines (e.g. under SLURM); ``precision=None``:
+        ``"bf16-mixed"`` on CUDA, ``"32-true"`` elsewhere. Each process returns the same model.
     num_workers
         DataLoader workers reading patches (end-to-end regime).
     key_added
@@ -344,6 +368,9 @@ def fit_histo2expr(
     calibration_folds
         Inner folds of whole training slides (2 to 5) the calibration residuals come from; fewer folds
         cost less.
+    device
+        Deprecated: pass ``accelerator`` and ``devices`` (``device="cuda:1"`` is
+        ``accelerator="cuda", devices=[1]``).
     **method_params
         Parameters of the method (e.g. ``top_k=50`` for ``"bleep"``).
 
@@ -398,10 +425,10 @@ def fit_histo2expr(
     of the returned model) when it refits. The warning about shared patients is given once per
     AnnData and protocol: a fit of another method on the same folds records the note silently.
     """
-    from ..models import resolve_device
-
     table = get_table(data, table_key)
     method_class = get_method(method)
+    if device is not None:
+        accelerator, devices = _deprecated_device(device)
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -409,9 +436,13 @@ def fit_histo2expr(
         weight_decay=weight_decay,
         patience=patience,
         seed=seed,
-        device=device,
         num_workers=num_workers,
         progress=progress and cv is None,  # with cv, the one bar is the fit's over folds
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        num_nodes=num_nodes,
+        precision=precision,
     )
     if not refit and cv is None:
         msg = "`refit=False` only makes sense with cross-validation; pass `cv=` (e.g. 'leave_one_slide_out')."
@@ -421,7 +452,6 @@ def fit_histo2expr(
     genes = check_genes(table, genes)
     slides = slide_labels(table, slide_key)
     uses_coordinates = method_class(**method_params).uses_coordinates  # also checks the parameters now
-    resolve_device(device)
     check_log_normalised(table)
     settings = interval_settings(intervals, level, calibration_folds)
     coords = coordinates(table, needed_by=method if uses_coordinates else None)
@@ -443,7 +473,9 @@ def fit_histo2expr(
     encoder = patch_geometry = None
     if use_rep is not None:
         features, token_rep = frozen_inputs(table, use_rep, tokens=method_class.token_input, method=method)
-        embedded = table.uns.get(use_rep, {})
+        embedded = plain_value(
+            table.uns.get(use_rep, {})
+        )  # a read h5ad's arrays as lists, as a model file holds
         encoder, patch_geometry = embedded.get("encoder"), embedded.get("patches")
     else:
         from ..patches import PatchSource
@@ -469,7 +501,7 @@ def fit_histo2expr(
         "slide_key": slide_key,
         "config": config,
     }
-    params = h5ad_safe(
+    params = plain_value(
         {
             "method": method,
             "method_params": {k: v for k, v in method_params.items() if v is not None and not callable(v)},
@@ -573,7 +605,7 @@ def fit_histo2expr(
         use_rep=use_rep,
         encoder=encoder,
         patches=patch_geometry,
-        params=h5ad_safe(model_params),
+        params=plain_value(model_params),
         cv_gene_pcc=cv_gene_pcc,
         trust=model_trust,
     )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..models.base import Method, SpotSet, get_method
+from ..models.base import Method, SpotSet, get_method, plain_value
 from ..models.scaling import Standardizer
+
+if TYPE_CHECKING:
+    import torch
 
 _FORMAT = "histo2expr.Histo2ExprModel"
 _VERSION = 1
@@ -89,15 +92,27 @@ class Histo2ExprModel:
             f"n_genes={len(self.genes)}, use_rep={self.use_rep!r})"
         )
 
+    @property
+    def device(self) -> torch.device:
+        """The device the model predicts on (the CPU after :meth:`load`)."""
+        return self.method.device
+
+    def to(self, device: str | torch.device) -> Histo2ExprModel:
+        """Predict on ``device`` from now on: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``"auto"``.
+
+        The method's network (and encoder, end to end) moves there; a device this machine does
+        not have is an error. Returns the model, as :meth:`torch.nn.Module.to` does.
+        """
+        self.method.to(device)
+        return self
+
     def predict_log(self, data: SpotSet) -> np.ndarray:
         """``(n, n_genes)`` predicted log-normalised expression of the spots in ``data``."""
         return self.scaler.inverse_transform(self.method.predict(data))
 
     def describe(self) -> dict[str, Any]:
         """An h5ad-serialisable summary: method, regime, genes, encoder, patches, parameters."""
-        from .._records import h5ad_safe
-
-        return h5ad_safe(
+        return plain_value(
             {
                 "method": self.method.name,
                 "regime": self.regime,
@@ -118,8 +133,6 @@ class Histo2ExprModel:
         """
         import torch
 
-        from .._records import h5ad_safe
-
         records = {"encoder": self.encoder, "patches": self.patches, "params": self.params}
         state = {
             "format": _FORMAT,
@@ -129,8 +142,8 @@ class Histo2ExprModel:
             "genes": [str(g) for g in self.genes],
             "scaler": _weights_only(self.scaler.state_dict(), "scaler"),
             "use_rep": self.use_rep,
-            **{name: h5ad_safe(value) for name, value in records.items()},
-            "cv_gene_pcc": h5ad_safe(self.cv_gene_pcc),
+            **{name: plain_value(value) for name, value in records.items()},
+            "cv_gene_pcc": plain_value(self.cv_gene_pcc),
             "trust": _weights_only(self.trust, "trust"),
         }
         torch.save(state, Path(path))

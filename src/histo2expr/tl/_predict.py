@@ -22,6 +22,7 @@ from ._predictions import check_key, prediction_frame, write_results
 from ._scale import check_depth_inputs, to_scale, warn_if_unlike_training
 
 if TYPE_CHECKING:
+    import torch
     from anndata import AnnData
     from spatialdata import SpatialData
 
@@ -137,6 +138,7 @@ def predict_expression(
     scale: str = "training",
     library_size: float | None = None,
     copy: bool = False,
+    device: str | torch.device | None = None,
 ) -> AnnData | None:
     """Predict the model's genes for every spot of ``data`` from its H&E alone.
 
@@ -174,6 +176,10 @@ def predict_expression(
         counts (e.g. the typical depth of the assay that would measure them).
     copy
         Write into a copy of ``data`` (its AnnData table, for a SpatialData) and return it.
+    device
+        Where to predict: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``"auto"``; the model
+        goes back to its own device afterwards. `None`: the model's device
+        (:meth:`~histo2expr.tl.Histo2ExprModel.to`; the CPU after loading).
 
     Returns
     -------
@@ -239,9 +245,15 @@ def predict_expression(
             spots = SpotSet(
                 coords=coordinates(table), groups=slides, patches=source, indices=np.arange(table.n_obs)
             )
-        predicted = model.predict_log(spots)
-        embedding = model.method.embed(spots)
-        similarity = model.method.confidence(spots, embedding=embedding)
+        own_device = model.device
+        try:
+            if device is not None:
+                model.to(device)
+            predicted = model.predict_log(spots)
+            embedding = model.method.embed(spots)
+            similarity = model.method.confidence(spots, embedding=embedding)
+        finally:
+            model.to(own_device)
     values = to_scale(
         predicted, slides, scale=scale, adata=table, training=training, library_size=library_size
     )

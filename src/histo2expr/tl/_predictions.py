@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._records import FIT_KEY, KINDS, PREDICT_KEY, h5ad_safe, is_record, result_fields
+from .._records import FIT_KEY, KINDS, PREDICT_KEY, is_record, result_fields
+from ..models.base import plain_value
 
 
 def check_key(adata: AnnData, key: str, *, kind: str, method: str, protocol: str) -> None:
@@ -71,7 +72,7 @@ def write_results(
         adata.obsm[name] = values
     for name, values in (var or {}).items():
         adata.var[name] = values
-    adata.uns[key] = h5ad_safe(record)
+    adata.uns[key] = plain_value(record)
 
 
 def prediction_frame(values: np.ndarray, obs_names: pd.Index, genes: Sequence[str]) -> pd.DataFrame:

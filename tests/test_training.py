@@ -1,0 +1,136 @@
+"""The Lightning training engine: early stopping, best weights, loss terms, batch orders, quiet runs."""
+
+import warnings
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from histo2expr.models import LossOutput, SpotNetwork, SpotSet, TrainConfig, get_method, train_network
+from histo2expr.models.batches import BatchOrder, ordered_batches, shuffled_batches
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def config(**changes) -> TrainConfig:
+    return TrainConfig(
+        **{"epochs": 6, "batch_size": 16, "lr": 0.1, "patience": 10, "progress": False, **changes}
+    )
+
+
+def spots(n=64, d=4, seed=0) -> SpotSet:
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, d)).astype(np.float32)
+    return SpotSet(
+        coords=rng.normal(size=(n, 2)),
+        groups=np.repeat(["a", "b"], n // 2),
+        features=features,
+        targets=(features[:, :2] * 2).astype(np.float32),
+    )
+
+
+class Drifting(SpotNetwork):
+    """Training pushes ``w`` away from 0 while the validation metric is ``w^2``: no epoch beats the untrained one."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.head = nn.Linear(4, 2)
+
+    def loss(self, batch):
+        fit = nn.functional.mse_loss(self.head(batch["features"]), batch["targets"])
+        drift = -self.w
+        return LossOutput(fit + drift, {"fit": fit, "drift": drift})
+
+    def validation_loss(self, batch):
+        return self.w**2 + 0 * batch["features"].sum()
+
+
+def test_loss_terms_are_reported_per_epoch():
+    report, device = train_network(Drifting(), spots(), None, config(epochs=3))
+    assert device == torch.device("cpu")
+    assert len(report.train_loss) == 3 and report.best_epoch == 2 and report.validation_loss == []
+    assert set(report.train_terms) == {"fit", "drift"} and all(
+        len(v) == 3 for v in report.train_terms.values()
+    )
+    np.testing.assert_allclose(
+        report.train_loss, np.add(report.train_terms["fit"], report.train_terms["drift"]), rtol=1e-5
+    )
+
+
+def test_the_untrained_weights_stay_when_no_epoch_beats_them():
+    network = Drifting()
+    report, _ = train_network(network, spots(), spots(seed=1), config(patience=2), validate_untrained=True)
+    assert report.best_epoch is None and report.notes["untrained_validation_loss"] == 0.0
+    assert float(network.w.detach()) == 0.0  # the untrained weights are back
+    assert len(report.validation_loss) == 3  # early stopping after `patience` epochs without improvement
+    drifted = Drifting()
+    report, _ = train_network(drifted, spots(), spots(seed=1), config(patience=2))
+    assert (
+        report.best_epoch == 0 and float(drifted.w.detach()) > 0
+    )  # without the untrained run, epoch 0 is the best
+
+
+def test_a_loss_that_is_not_finite_is_a_clear_error():
+    class Exploding(Drifting):
+        def loss(self, batch):
+            return LossOutput(self.w * np.nan + self.head(batch["features"]).sum())
+
+    with pytest.raises(FloatingPointError, match="lower `lr`"):
+        train_network(Exploding(), spots(), None, config(epochs=2))
+
+
+def test_different_seeds_train_different_networks():
+    runs = []
+    for seed in (1, 1, 2):
+        method = get_method("stnet")(hidden=8, dropout=0.3)
+        method.fit(spots(), spots(seed=1), config(seed=seed))
+        runs.append(method.predict(spots(seed=2)))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+
+
+def test_fits_write_no_files_and_print_nothing(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_method("bleep")(top_k=5, projection_dim=8).fit(spots(), spots(seed=1), config(epochs=2))
+    assert not [str(w.message) for w in caught]
+    assert list(tmp_path.iterdir()) == []
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_one_progress_bar_over_the_epochs(capfd):
+    get_method("stnet")(closed_form=False).fit(spots(), spots(seed=1), config(epochs=3, progress=True))
+    err = capfd.readouterr().err
+    assert "epochs" in err and "Epoch 0" not in err and "Validation" not in err
+
+
+def test_batch_orders_share_the_batches_between_processes():
+    batches = partial(shuffled_batches, n=100, batch_size=16, seed=0, drop_last=True)
+    assert len(batches(epoch=0)) == 6
+    one = BatchOrder(batches)
+    one.set_epoch(3)
+    assert [e for _, e in one] == [3] * 6
+    shares = [list(BatchOrder(batches, rank=r, world_size=4)) for r in range(4)]
+    assert [len(s) for s in shares] == [1, 1, 1, 1]  # 6 batches: 4 used, each process steps once
+    served = np.concatenate([rows for share in shares for rows, _ in share])
+    assert len(np.unique(served)) == 64
+    evaluation = partial(ordered_batches, n=100, batch_size=16)  # 7 batches
+    shares = [list(BatchOrder(evaluation, rank=r, world_size=2, equal_shares=False)) for r in range(2)]
+    assert [len(s) for s in shares] == [4, 3]
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([rows for s in shares for rows, _ in s])), np.arange(100)
+    )
+    few = partial(ordered_batches, n=10, batch_size=16)
+    assert len(list(BatchOrder(few, rank=1, world_size=2, equal_shares=False))) == 1  # too few to share: all
+    with pytest.raises(ValueError, match="too few for 2 processes"):
+        list(BatchOrder(few, rank=1, world_size=2))
+
+
+def test_strategies_that_spawn_processes_are_refused_with_the_way_out():
+    with pytest.raises(ValueError, match=r"strategy='ddp_spawn'.*histo2expr fit"):
+        train_network(Drifting(), spots(), None, config(accelerator="cpu", devices=2, strategy="ddp_spawn"))
