@@ -103,7 +103,7 @@ def macenko_stains(
 
 
 def normalize_stains(
-    image: np.ndarray, source: StainVectors, target: StainVectors = REFERENCE_STAINS
+    image: np.ndarray, source: StainVectors, target: StainVectors | None = None
 ) -> np.ndarray:
     """Re-stain ``image`` from its ``source`` stains to the ``target`` stains (Macenko normalisation).
 
@@ -117,12 +117,14 @@ def normalize_stains(
     source
         The image's stains, e.g. :func:`macenko_stains` of its slide.
     target
-        The stains to give it; default the reference of Macenko's implementation.
+        The stains to give it; `None` (default): ``REFERENCE_STAINS``, the reference of Macenko's
+        implementation.
 
     Returns
     -------
     The normalised uint8 image, same shape.
     """
+    target = REFERENCE_STAINS if target is None else target
     density = optical_density(image.reshape(-1, 3))
     concentrations = np.linalg.lstsq(source.matrix, density.T, rcond=None)[0]
     scale = target.max_concentrations / source.max_concentrations
