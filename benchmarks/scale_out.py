@@ -13,10 +13,16 @@ method's fixed costs (galleries, calibration) drop out. Settings:
   per step) and ``chrep`` (its representation and correction phases), and the end-to-end regime
   (``stnet`` training a random ResNet-18 on 64 px patches of a synthetic cohort: compute-bound).
 
-Embedding throughput with 1 and 2 processes is measured by the cohort embedding command, with
-which it will be added to this report (issue 14, item 4).
+With ``--part embedding`` (or ``all``) it measures the cohort embedding of ``histo2expr embed`` as well
+and writes ``benchmarks/results/scale_out_embedding.md``: the six her2st sections, each in an
+.h5ad file of its own, embedded with ImageNet EfficientNet-Lite0 at 224 px by one process with one
+thread, one process with two threads, and two processes of one thread each (``--accelerator cpu
+--devices 2``: Lightning starts the second process, each embeds every second slide). Spots per
+second count the embedding work (from the command's last line: the first process's time from its
+start of work to the end of the last slide of either process), not the start-up; the command's whole
+wall time is given beside it.
 
-Usage: ``HISTO2EXPR_HER2ST=/path/to/her2st python benchmarks/scale_out.py``
+Usage: ``HISTO2EXPR_HER2ST=/path/to/her2st python benchmarks/scale_out.py [--part training|embedding|all]``
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
-from _her2st import HERE, embedded_her2st
+from _her2st import DATA, HERE, embedded_her2st
 
 import histo2expr as hx
 from histo2expr._benchmark import machine_description
@@ -94,14 +102,97 @@ def measure(method: str, regime: str, epochs: int, processes: int, threads: int)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=4, metavar=("METHOD", "REGIME", "EPOCHS", "PROCESSES"))
-    args = parser.parse_args()
-    if args.worker:
-        method, regime, epochs, processes = args.worker
-        worker(method, regime, int(epochs), int(processes))
-        return
+def her2st_slide_files(folder: Path) -> list[Path]:
+    """Each her2st section in an .h5ad file of its own (written once into ``folder``)."""
+    from histo2expr._cache import atomic_path
+
+    if not list(folder.glob("*.h5ad")):
+        folder.mkdir(parents=True, exist_ok=True)
+        adata = hx.io.read_legacy_st(DATA)
+        for slide in adata.obs["slide"].cat.categories:
+            part = adata[adata.obs["slide"] == slide].copy()
+            part.uns["spatial"] = {slide: adata.uns["spatial"][slide]}
+            with atomic_path(folder / f"{slide}.h5ad") as tmp:
+                part.write_h5ad(tmp)
+    return sorted(folder.glob("*.h5ad"))
+
+
+#: A per-slide line and the last line of ``histo2expr embed``.
+_SLIDE_LINE = re.compile(r"\((?:\d+/\d+)(?:, process (\d)/\d)?\): (\d+) spots in ([\d.]+) s")
+_TOTAL_LINE = re.compile(r"(\d+) slides: (\d+) written.* in ([\d.]+) s \(")
+
+
+def embed_run(files: list[Path], out: Path, processes: int, threads: int) -> dict:
+    """``histo2expr embed`` of ``files`` into ``out`` (emptied first); spots, work seconds, wall seconds, per-process busy seconds."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "histo2expr.cli", "embed", *map(str, files), "--out", str(out),
+               "--encoder", "efficientnet_lite0", "--weights", "imagenet", "--patch-size", "224",
+               "--accelerator", "cpu", "--devices", str(processes)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    tic = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - tic
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    busy: dict[int, float] = {}
+    spots = 0
+    for rank, n_spots, seconds in _SLIDE_LINE.findall(done.stdout):
+        busy[int(rank or 1)] = busy.get(int(rank or 1), 0.0) + float(seconds)
+        spots += int(n_spots)
+    total = _TOTAL_LINE.search(done.stdout)
+    return {"spots": spots, "work_seconds": float(total.group(3)), "wall_seconds": wall, "busy": busy}
+
+
+def embedding_report(machine: dict) -> str:
+    """Embed the her2st sections with each layout; the markdown report."""
+    from histo2expr._cache import cache_dir
+
+    files = her2st_slide_files(cache_dir("benchmarks") / "her2st_slides")
+    out = cache_dir("benchmarks") / "scale_out_embedding"
+    rows = []
+    for label, processes, threads in LAYOUTS:
+        run = embed_run(files, out, processes, threads)
+        busy = run["busy"]
+        rows.append(
+            {
+                "layout": label,
+                "spots / s": run["spots"] / run["work_seconds"],
+                "embedding s": run["work_seconds"],
+                "command wall s": run["wall_seconds"],
+                "busy s per process": " / ".join(f"{busy[rank]:.1f}" for rank in sorted(busy)),
+            }
+        )
+        print(label, f"{rows[-1]['spots / s']:.1f} spots/s", flush=True)
+    base = rows[0]["spots / s"]
+    for row in rows:
+        row["speed-up"] = row["spots / s"] / base
+    n_spots = run["spots"]
+    table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f")
+    return "\n".join(
+        [
+            "# Scale-out: cohort embedding throughput, 1 vs 2 processes",
+            "",
+            "Command: `python benchmarks/scale_out.py --part embedding`",
+            "",
+            f"Machine: {machine['cpu_cores']} CPU cores (shared with other jobs), torch {machine['torch']}, "
+            f"Python {machine['python']}, {machine['platform']}.",
+            "",
+            f"Data: the {len(files)} her2st sections ({n_spots} spots), one .h5ad file each; `histo2expr embed` with "
+            "ImageNet EfficientNet-Lite0, 224 px patches at the slides' native resolution, batch size 64.",
+            "",
+            "Spots per second of embedding work (start-up excluded; the speed-up is over one process with one "
+            "thread), the command's whole wall time, and the seconds each process spent on its slides:",
+            "",
+            table,
+            "",
+        ]
+    )
+
+
+def training_report(machine: dict) -> str:
+    """Seconds per training epoch with each layout; the markdown report."""
     embedded_her2st()  # embed (or read the cache) once, before the workers read it
     rows = []
     for name, method, regime, epochs in SETTINGS:
@@ -112,9 +203,8 @@ def main() -> None:
         row["2 threads / 1 thread"] = row[LAYOUTS[0][0]] / row[LAYOUTS[1][0]]
         row["2 processes / 1 thread"] = row[LAYOUTS[0][0]] / row[LAYOUTS[2][0]]
         rows.append(row)
-    machine = machine_description()
     table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f")
-    text = "\n".join(
+    return "\n".join(
         [
             "# Scale-out: seconds per training epoch, 1 vs 2 processes",
             "",
@@ -123,7 +213,7 @@ def main() -> None:
             f"Machine: {machine['cpu_cores']} CPU cores (shared with other jobs), torch {machine['torch']}, "
             f"Python {machine['python']}, {machine['platform']}.",
             "",
-            __doc__.split("\n\n", 1)[1].split("Usage:")[0].strip(),
+            __doc__.split("\n\n", 1)[1].split("With ``--part embedding``")[0].strip(),
             "",
             "Seconds per epoch (lower is better), and the speed-ups over one process with one thread:",
             "",
@@ -131,8 +221,27 @@ def main() -> None:
             "",
         ]
     )
-    (HERE / "results" / "scale_out.md").write_text(text, encoding="utf-8")
-    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs=4, metavar=("METHOD", "REGIME", "EPOCHS", "PROCESSES"))
+    parser.add_argument("--part", choices=("training", "embedding", "all"), default="all")
+    args = parser.parse_args()
+    if args.worker:
+        method, regime, epochs, processes = args.worker
+        worker(method, regime, int(epochs), int(processes))
+        return
+    machine = machine_description()
+    reports = {
+        "training": ("scale_out.md", training_report),
+        "embedding": ("scale_out_embedding.md", embedding_report),
+    }
+    for part, (name, report) in reports.items():
+        if args.part in (part, "all"):
+            text = report(machine)
+            (HERE / "results" / name).write_text(text, encoding="utf-8")
+            print(text)
 
 
 if __name__ == "__main__":

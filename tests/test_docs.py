@@ -82,7 +82,8 @@ def _options(argv: list[str], capsys: pytest.CaptureFixture[str]) -> set[str]:
 def test_cli_page_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     page = (DOCS / "cli.md").read_text(encoding="utf-8")
     options = _options(["--help"], capsys) | _options(["demo", "--help"], capsys)
-    options |= _options(["benchmark", "--help"], capsys) | _options(["fit", "--help"], capsys)
+    for command in ("benchmark", "fit", "embed", "predict"):
+        options |= _options([command, "--help"], capsys)
     assert "--seed" in options
     missing = sorted(option for option in options if not re.search(rf"(?<![\w-]){option}(?![\w-])", page))
     assert not missing, f"docs/cli.md does not describe these options of `histo2expr`: {missing}"

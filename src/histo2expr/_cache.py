@@ -38,20 +38,50 @@ def cache_dir(sub: str) -> Path:
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it to ``target`` when the block succeeds.
 
-    When the block raises, the temporary file is removed and the error propagates; ``target``
-    is never seen half-written.
+    The block may write a file or a folder (a zarr store) there. When the block raises, the
+    temporary file or folder is removed and the error propagates; ``target`` is never seen
+    half-written. A folder replaces an existing ``target`` folder in two renames.
     """
     tmp = target.with_name(f".{target.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}{_TMP_MARK}{target.suffix}")
     try:
         yield tmp
-        os.replace(tmp, target)
+        if tmp.is_dir() and target.is_dir():  # a folder cannot be renamed onto a non-empty one
+            old = tmp.with_name(f"{tmp.name}.old{_TMP_MARK}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _is_temporary(path: Path) -> bool:
     return path.name.startswith(".") and _TMP_MARK in path.name
+
+
+def remove_temporaries(folder: Path, *, older_than: float = 0.0) -> None:
+    """Remove the temporary files and folders of :func:`atomic_path` in ``folder`` untouched for ``older_than`` seconds.
+
+    Those of a process that was killed while writing; with ``older_than=0``, also those being
+    written right now by another process.
+    """
+    now = time.time()
+    for path in folder.iterdir():
+        try:
+            stale = _is_temporary(path) and now - path.stat().st_mtime >= older_than
+        except FileNotFoundError:  # removed meanwhile by another process
+            continue
+        if stale:
+            _remove(path)
 
 
 def mark_used(path: Path) -> None:
@@ -78,18 +108,14 @@ def make_room(folder: Path, needed: int, *, what: str) -> None:
             "which is read tile by tile without decoding it whole."
         )
         raise ValueError(msg)
-    now = time.time()
+    remove_temporaries(folder, older_than=_STALE_SECONDS)
     files = []
     for path in folder.iterdir():
         try:
             stat = path.stat()
         except FileNotFoundError:  # removed meanwhile by another process
             continue
-        if _is_temporary(path):
-            if now - stat.st_mtime > _STALE_SECONDS:
-                path.unlink(missing_ok=True)
-            continue
-        if path.is_file():
+        if path.is_file() and not _is_temporary(path):
             files.append((stat.st_mtime, stat.st_size, path))
     total = sum(size for _, size, _ in files)
     for _, size, path in sorted(files, key=lambda item: item[0]):

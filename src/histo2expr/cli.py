@@ -1,4 +1,4 @@
-"""The ``histo2expr`` command line: ``histo2expr demo``, ``histo2expr benchmark`` and ``histo2expr fit``."""
+"""The ``histo2expr`` command line: ``demo``, ``benchmark``, ``fit``, and ``embed`` / ``predict`` over cohorts."""
 
 from __future__ import annotations
 
@@ -780,7 +780,28 @@ def _parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="fit one method on every slide of a dataset and save the model")
     _add_fit_options(fit.add_argument)
     fit.set_defaults(func=_fit)
+    from ._cohort_cli import add_cohort_commands
+
+    add_cohort_commands(commands)
     return parser
+
+
+def add_engine_options(add: Any, *, nodes: str) -> None:
+    """Lightning's ``--accelerator``, ``--devices``, ``--strategy`` and ``--num-nodes`` (``nodes``: its help)."""
+    add(
+        "--accelerator",
+        choices=ACCELERATORS,
+        default="auto",
+        help="Lightning accelerator (default auto: a GPU when there is one)",
+    )
+    add(
+        "--devices",
+        type=_devices,
+        default=1,
+        help="devices per node: a number, -1 (all), auto or indices 0,1 (default 1)",
+    )
+    add("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default auto)")
+    add("--num-nodes", type=_int_at_least(1), default=1, help=nodes)
 
 
 def _add_fit_options(add: Any) -> None:
@@ -825,25 +846,7 @@ def _add_fit_options(add: Any) -> None:
         metavar="NAME=VALUE",
         help="a method setting, repeatable (e.g. --param top_k=20)",
     )
-    add(
-        "--accelerator",
-        choices=ACCELERATORS,
-        default="auto",
-        help="Lightning accelerator (default auto: a GPU when there is one)",
-    )
-    add(
-        "--devices",
-        type=_devices,
-        default=1,
-        help="devices per node: a number, -1 (all), auto or indices 0,1 (default 1)",
-    )
-    add("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default auto)")
-    add(
-        "--num-nodes",
-        type=_int_at_least(1),
-        default=1,
-        help="machines training together, e.g. under SLURM (default 1)",
-    )
+    add_engine_options(add, nodes="machines training together, e.g. under SLURM (default 1)")
     add(
         "--precision",
         default=None,

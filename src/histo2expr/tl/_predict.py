@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,33 +34,61 @@ _MPP_TOLERANCE = 0.02
 _EMBEDDING_OPTIONS = {"tta": 1, "context": None, "neighbours": None, "stain_normalization": None}
 
 
+def frozen_encoder_arguments(model: Histo2ExprModel) -> dict[str, Any] | None:
+    """The :func:`~histo2expr.tl.embed_patches` arguments that embed new slides as the model's training slides were.
+
+    Encoder, weights, patch geometry, embedding options (views, context, neighbours, stain
+    normalisation), token grid and ``key_added``; None when the weights cannot be
+    re-created from the model's record (a state dict or a module's own weights, or random weights
+    without their seed): only the user has them then.
+    """
+    trained = model.encoder or {}
+    weights = trained.get("weights")
+    if weights == "random" and "seed" in trained:
+        arguments: dict[str, Any] = {"weights": None, "seed": int(trained["seed"])}
+    elif weights == "imagenet" or (isinstance(weights, str) and Path(weights).suffix):
+        arguments = {"weights": weights}
+    elif weights == "none":  # an encoder without weights (colour_texture)
+        arguments = {}
+    else:
+        return None
+    geometry = model.patches or {}
+    if geometry.get("patch_size"):
+        arguments["patch_size"] = int(geometry["patch_size"])
+    if geometry.get("mpp"):
+        arguments["mpp"] = float(geometry["mpp"])
+    arguments.update({option: geometry.get(option, absent) for option, absent in _EMBEDDING_OPTIONS.items()})
+    if model.token_rep:
+        arguments["tokens"] = math.isqrt(int(model.params["n_tokens"]))
+    return {"encoder": trained.get("name"), **arguments, "key_added": model.use_rep}
+
+
 def _reembed_hint(model: Histo2ExprModel) -> str:
     """How to embed new slides with the encoder weights the model was trained on (a call that works)."""
     trained = model.encoder or {}
     weights, name = trained.get("weights"), trained.get("name")
-    if weights == "random" and "seed" not in trained:
+    arguments = frozen_encoder_arguments(model)
+    if arguments is not None:
+        from ._embed import embed_patches
+
+        defaults = inspect.signature(embed_patches).parameters
+        listed = ", ".join(
+            f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value!r}"
+            for key, value in arguments.items()
+            if key not in _EMBEDDING_OPTIONS or value != defaults[key].default  # options: those that differ
+        )
+        return f"Re-embed with `hx.tl.embed_patches(adata, {listed})`."
+    if weights == "random":
         return (
             "The model's random encoder weights carry no seed and cannot be re-created; refit the model on "
             f"features embedded with `hx.tl.embed_patches(adata, encoder={name!r}, weights=None, seed=0, "
             f"key_added={model.use_rep!r})` and embed new slides the same way."
         )
-    if weights == "random":
-        arguments = f"weights=None, seed={int(trained['seed'])}"
-    elif weights == "imagenet" or (isinstance(weights, str) and Path(weights).suffix):
-        arguments = f"weights={weights!r}"
-    else:  # a state dict or a module's own weights: only the user has them
-        return (
-            f"Re-embed with the encoder and weights the model was trained on ({name}, {weights}, weights hash "
-            f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..."
-            f"{_embedding_arguments(model.patches or {})}, key_added={model.use_rep!r})`."
-        )
-    geometry = model.patches or {}
-    if geometry.get("patch_size"):
-        arguments += f", patch_size={int(geometry['patch_size'])}"
-    if geometry.get("mpp"):
-        arguments += f", mpp={float(geometry['mpp']):.6g}"
-    arguments += _embedding_arguments(geometry)
-    return f"Re-embed with `hx.tl.embed_patches(adata, encoder={name!r}, {arguments}, key_added={model.use_rep!r})`."
+    return (  # a state dict or a module's own weights: only the user has them
+        f"Re-embed with the encoder and weights the model was trained on ({name}, {weights}, weights hash "
+        f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..."
+        f"{_embedding_arguments(model.patches or {})}, key_added={model.use_rep!r})`."
+    )
 
 
 def _embedding_arguments(geometry: dict) -> str:
