@@ -363,6 +363,8 @@ def train_network(
 
     Returns
     -------
+    Two values:
+
     report
         The :class:`~histo2expr.models.base.FitReport`.
     device
