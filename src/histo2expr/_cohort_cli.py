@@ -41,7 +41,7 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(call: Any) -> int:
     """Run ``call``; slides that failed (the others are written) give one line on stderr and exit status 1."""
-    from .tl._cohort import SlidesFailedError
+    from .tl import SlidesFailedError
 
     try:
         call()

@@ -1,6 +1,6 @@
 """Tools: embed patches, fit methods with leak-free cross-validation, predict new slides, run cohorts."""
 
-from ._cohort import embed_cohort, predict_cohort
+from ._cohort import SlidesFailedError, embed_cohort, predict_cohort
 from ._embed import embed_patches
 from ._evaluate import evaluate_expression
 from ._fit import fit_histo2expr
@@ -9,6 +9,7 @@ from ._predict import predict_expression
 
 __all__ = [
     "Histo2ExprModel",
+    "SlidesFailedError",
     "embed_cohort",
     "embed_patches",
     "evaluate_expression",

@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pandas as pd
 
@@ -208,9 +208,9 @@ def _read_table(unit: CohortSlide, job: CohortJob, model: Histo2ExprModel | None
 
 
 def _provenance(job: CohortJob, unit: CohortSlide, table: AnnData) -> dict[str, Any]:
-    from .. import __version__
+    from .._version import __version__
 
-    record = {
+    record: dict[str, Any] = {
         "step": job.step,
         "input": str(unit.path),
         "slide": unit.slide,
@@ -247,13 +247,13 @@ def _stored_parameters(target: Path) -> str | None:
         import zarr
 
         entry = zarr.open_group(target / "tables" / "table", mode="r").get(name)
-        value = None if entry is None else entry[()]
+        value = None if entry is None else cast("Any", entry)[()]
     else:
         import h5py
 
         with h5py.File(target, "r") as handle:
             entry = handle.get(name)
-            value = None if entry is None else entry[()]
+            value = None if entry is None else cast("Any", entry)[()]
     if value is None:
         return None
     value = value.item() if hasattr(value, "item") else value  # a 0-d array of zarr
@@ -306,12 +306,12 @@ def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.
     """Run in every process: take this process's share of the slides still to do; the table of all slides."""
     start = time.perf_counter()
     rank, world = fabric.global_rank, fabric.world_size
-    done = None
+    done: list[bool] | None = None
     if rank == 0:  # one process decides, before any writes, which outputs are finished
         job.out_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(job.out_dir)
         done = [not job.overwrite and job.target(unit).exists() for unit in slides]
-    done = fabric.broadcast(done, src=0)
+    done = cast("list[bool]", fabric.broadcast(done, src=0))
     rows = []
     for unit, finished in zip(slides, done, strict=True):
         if finished and rank == 0:
@@ -407,7 +407,7 @@ def _launch(job: CohortJob, slides: list[CohortSlide], engine: dict[str, Any]) -
     ) as error:  # Lightning's MisconfigurationException, ValueError or RuntimeError name the flag
         msg = f"Lightning refuses {engine}: {error}"
         raise ValueError(msg) from error
-    return fabric.launch(_run_shard, job, slides)
+    return fabric.launch(cast("Any", _run_shard), job, slides)
 
 
 def _engine(
