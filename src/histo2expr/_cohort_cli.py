@@ -7,21 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import CommandError, _check_encoder, _int_at_least, _one_line, add_engine_options
+from .cli import CommandError, _check_encoder, _int_at_least, _one_line, add_engine_options, engine_options
 
 
 def _weights(text: str) -> str | None:
     """``--weights``: ``default``, ``imagenet``, ``random`` (None: seeded random weights) or a checkpoint path."""
     return None if text == "random" else text
-
-
-def _engine(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "accelerator": args.accelerator,
-        "devices": args.devices,
-        "strategy": args.strategy,
-        "num_nodes": args.num_nodes,
-    }
 
 
 def _common(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,7 +26,7 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
         "num_workers": args.workers,
         "overwrite": args.overwrite,
         "progress": not args.quiet,
-        **_engine(args),
+        **engine_options(args),
     }
 
 

@@ -314,10 +314,7 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
         "lr": args.lr,
         "seed": args.seed,
         "num_workers": args.workers,
-        "accelerator": args.accelerator,
-        "devices": args.devices,
-        "strategy": args.strategy,
-        "num_nodes": args.num_nodes,
+        **engine_options(args),
         "precision": args.precision,
     }
 
@@ -802,6 +799,16 @@ def add_engine_options(add: Any, *, nodes: str) -> None:
     )
     add("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default auto)")
     add("--num-nodes", type=_int_at_least(1), default=1, help=nodes)
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of :func:`add_engine_options`, as the API names them."""
+    return {
+        "accelerator": args.accelerator,
+        "devices": args.devices,
+        "strategy": args.strategy,
+        "num_nodes": args.num_nodes,
+    }
 
 
 def _add_fit_options(add: Any) -> None:
