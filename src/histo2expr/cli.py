@@ -99,6 +99,7 @@ def _embed(
         mpp=mpp,
         num_workers=args.workers,
         device=args.device,
+        backend=args.backend,
         progress=not args.quiet,
     )
     return time.perf_counter() - tic
@@ -150,6 +151,7 @@ def _demo(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "genes": args.genes,
             "encoder": args.encoder,
+            "backend": args.backend,
             "patch_size": args.patch_size,
             "epochs": args.epochs,
             "embedding_seconds": embed_seconds,
@@ -370,6 +372,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             "cv": cv,
             "regime": args.regime,
             "encoder": args.encoder,
+            "backend": args.backend,
             "patch_size": args.patch_size,
             "patch_mpp": mpp,
             "genes": genes,
@@ -404,6 +407,12 @@ def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None
     add("--patch-size", type=int, default=224, help="patch side in pixels (default 224)")
     add("--workers", type=int, default=0, help="DataLoader workers reading patches (default 0)")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default auto)")
+    add(
+        "--backend",
+        default="auto",
+        help="what runs the encoder: auto (ONNX Runtime for efficientnet_lite on the CPU when installed, "
+        "else torch), torch, onnx or bf16 (default auto)",
+    )
     add("--out", type=Path, default=Path(out), help=f"folder for results and figures (default {out})")
     add("--quiet", action="store_true", help="no progress bars")
 

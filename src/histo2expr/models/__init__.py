@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .encoders import BUILTIN_ENCODERS, Encoder, build_encoder
     from .handcrafted import ColourTextureStats
     from .hest_probe import HESTProbeMethod
+    from .inference import InferenceEncoder
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
     from .nh2st import NH2STMethod
     from .presets import ENCODER_PRESETS, EncoderPreset, register_encoder_preset
@@ -32,6 +33,7 @@ _LAZY = {
     "Encoder": ".encoders",
     "build_encoder": ".encoders",
     "ColourTextureStats": ".handcrafted",
+    "InferenceEncoder": ".inference",
     "ENCODER_PRESETS": ".presets",
     "EncoderPreset": ".presets",
     "register_encoder_preset": ".presets",
@@ -71,6 +73,7 @@ __all__ = [
     "EncoderPreset",
     "FitReport",
     "HESTProbeMethod",
+    "InferenceEncoder",
     "Method",
     "NH2STMethod",
     "RidgeMethod",

@@ -24,6 +24,7 @@ def embed_patches(
     mpp: float | None = None,
     batch_size: int = 64,
     device: str = "auto",
+    backend: str = "auto",
     num_workers: int = 0,
     slide_key: str = "slide",
     table_key: str = "table",
@@ -61,6 +62,14 @@ def embed_patches(
         Patches per forward pass.
     device
         ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    backend
+        What runs the encoder (:class:`~histo2expr.models.InferenceEncoder`). ``"auto"``: ONNX Runtime
+        for the EfficientNet-Lite encoders on the CPU when it is installed (``pip install
+        "histo2expr[onnx]"``; 3-6x faster, the same features; the export, seconds, is cached),
+        else PyTorch. ``"torch"``: eager PyTorch (float32 on the CPU, bfloat16 autocast on CUDA).
+        ``"onnx"``: ONNX Runtime, CPU only. ``"bf16"``: PyTorch under bfloat16 autocast, on CPUs with
+        native bfloat16 too (AVX512-BF16 / AMX): faster for vision transformers, features within
+        about 0.99 cosine of float32 (see ``benchmarks/results/encoder_inference.md``).
     num_workers
         DataLoader processes cutting patches while the encoder runs.
     slide_key
@@ -88,15 +97,15 @@ def embed_patches(
     ``.obsm[f"{key_added}_tokens"]``
         With ``tokens``: ``(n_spots, tokens * tokens, token_dim)`` float32 tokens (row-major grid).
     ``.uns[key_added]``
-        ``{"encoder": description incl. weights hash, "patches": patch geometry}``, and with
+        ``{"encoder": description incl. weights hash, "patches": patch geometry, "backend": the backend
+        that ran}``, and with
         ``tokens`` ``"tokens": {"key": f"{key_added}_tokens", "grid": tokens, "n_tokens": tokens**2}``.
     """
     import torch
     from tqdm.auto import tqdm
 
-    from ..models import build_encoder, resolve_device
+    from ..models import InferenceEncoder, build_encoder, resolve_device
     from ..models.layers import pool_token_grid
-    from ..models.training import autocast
     from ..patches import PatchSource, patch_loader
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -114,8 +123,8 @@ def embed_patches(
     model.to(target).eval()
     # channels-last convolutions are 1.4-1.7x faster on CPUs; only for encoders built here, so that
     # a module the user passed in is not converted under their feet
-    memory_format = torch.channels_last if isinstance(encoder, str) else torch.contiguous_format
-    model.to(memory_format=memory_format)
+    channels_last = isinstance(encoder, str)
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     features = np.empty((len(source), model.feature_dim), dtype=np.float32)
     if tokens is not None:
         if model.token_dim is None or not hasattr(model.backbone, "forward_features"):
@@ -125,24 +134,20 @@ def embed_patches(
             )
             raise ValueError(msg)
         token_array = np.empty((len(source), tokens * tokens, model.token_dim), dtype=np.float32)
+    runner = InferenceEncoder(
+        model, backend=backend, device=target, channels_last=channels_last, tokens=tokens is not None
+    )
     loader = patch_loader(source, batch_size=batch_size, num_workers=num_workers)
-    with (
-        torch.inference_mode(),
-        autocast(target),
-        tqdm(total=len(source), desc="embedding", disable=not progress) as bar,
-    ):
+    with tqdm(total=len(source), desc="embedding", disable=not progress) as bar:
         for batch in loader:
-            images = batch["image"].to(target, non_blocking=True).contiguous(memory_format=memory_format)
             rows = batch["index"].numpy()
-            if tokens is None:
-                features[rows] = model(images).float().cpu().numpy()
-            else:
-                pooled, grid = model.features_and_tokens(images)
-                features[rows] = pooled.float().cpu().numpy()
+            pooled, grid = runner(batch["image"])
+            features[rows] = pooled.float().cpu().numpy()
+            if tokens is not None:
                 token_array[rows] = pool_token_grid(grid.float(), tokens).cpu().numpy()
-            bar.update(len(images))
+            bar.update(len(rows))
     table.obsm[key_added] = features
-    table.uns[key_added] = {"encoder": model.describe(), "patches": source.describe()}
+    table.uns[key_added] = {"encoder": model.describe(), "patches": source.describe(), "backend": runner.backend}
     token_key = f"{key_added}_tokens"
     if tokens is None:
         if token_key in table.obsm:
