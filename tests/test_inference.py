@@ -27,7 +27,7 @@ def patches() -> torch.Tensor:
     for i in range(n):
         images[i] = [235, 180, 215] - rng.uniform(0, 60, 3) * np.sin(xx / rng.uniform(5, 20))[..., None]
         for _ in range(12):  # nuclei
-            cy, cx, r = rng.uniform(0, side, 2).tolist() + [rng.uniform(2, 5)]
+            (cy, cx), r = rng.uniform(0, side, 2), rng.uniform(2, 5)
             images[i][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = [90, 60, 150]
     images += rng.normal(0, 6, images.shape)
     return torch.from_numpy(np.clip(images, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2).copy())
@@ -37,7 +37,9 @@ def test_auto_runs_efficientnet_lite_with_onnx_runtime_only_where_measured(tiny_
     lite = build_encoder("efficientnet_lite0", weights=None)
     onnx = "onnx" if inference_module.onnx_available() else "torch"
     assert InferenceEncoder(lite, device=CPU).backend == onnx
-    assert InferenceEncoder(lite, device=torch.device("cuda")).backend == "torch"  # no device needed to decide
+    assert (
+        InferenceEncoder(lite, device=torch.device("cuda")).backend == "torch"
+    )  # no device needed to decide
     assert InferenceEncoder(build_encoder(tiny_encoder()), device=CPU).backend == "torch"
     assert InferenceEncoder(lite, backend="torch", device=CPU).backend == "torch"
 
@@ -48,6 +50,25 @@ def test_auto_falls_back_to_torch_without_onnx_runtime(monkeypatch):
     assert InferenceEncoder(lite, device=CPU).backend == "torch"
     with pytest.raises(ImportError, match=r"histo2expr\[onnx\]"):
         InferenceEncoder(lite, backend="onnx", device=CPU)
+
+
+@pytest.mark.skipif(
+    not inference_module.onnx_available(), reason="needs the onnx extra (onnxruntime, onnx, onnxscript)"
+)
+def test_auto_falls_back_to_torch_with_a_warning_when_the_export_fails(patches, monkeypatch):
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("the exporter does not know this operator")
+
+    monkeypatch.setattr(inference_module, "export_onnx", failing_export)
+    encoder = build_encoder("efficientnet_lite0", weights=None).eval()
+    runner = InferenceEncoder(encoder, device=CPU)
+    assert runner.backend == "onnx"
+    with pytest.warns(RuntimeWarning, match="running it with PyTorch instead"):
+        features, _ = runner(patches[:2])
+    assert runner.backend == "torch"
+    torch.testing.assert_close(features, InferenceEncoder(encoder, backend="torch")(patches[:2])[0])
+    with pytest.raises(RuntimeError, match="does not know this operator"):  # asked for: no fallback
+        InferenceEncoder(encoder, backend="onnx")(patches[:2])
 
 
 def test_unusable_backends_are_clear_errors(monkeypatch):
@@ -61,7 +82,9 @@ def test_unusable_backends_are_clear_errors(monkeypatch):
         InferenceEncoder(lite, backend="bf16", device=CPU)
 
 
-@pytest.mark.skipif(not inference_module.onnx_available(), reason="needs the onnx extra (onnxruntime, onnx, onnxscript)")
+@pytest.mark.skipif(
+    not inference_module.onnx_available(), reason="needs the onnx extra (onnxruntime, onnx, onnxscript)"
+)
 def test_onnx_keeps_features_and_tokens_of_any_batch_and_caches_the_export(patches, monkeypatch):
     encoder = build_encoder("efficientnet_lite0", weights=None).eval()
     reference, reference_tokens = InferenceEncoder(encoder, backend="torch", tokens=True)(patches)
@@ -88,7 +111,9 @@ def test_onnx_keeps_features_and_tokens_of_any_batch_and_caches_the_export(patch
         onnx(patches.float() / 255)
 
 
-@pytest.mark.skipif(not inference_module.onnx_available(), reason="needs the onnx extra (onnxruntime, onnx, onnxscript)")
+@pytest.mark.skipif(
+    not inference_module.onnx_available(), reason="needs the onnx extra (onnxruntime, onnx, onnxscript)"
+)
 def test_embed_patches_with_onnx_matches_torch_for_a_custom_module(tiny_encoder):
     adata = hx.datasets.synthetic(n_slides=2, seed=0, spots_per_side=5, n_genes=10)
     encoder = tiny_encoder()
@@ -114,7 +139,9 @@ def test_bf16_autocast_stays_close_for_a_vision_transformer(patches):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not inference_module.onnx_available(), reason="needs the onnx extra (onnxruntime, onnx, onnxscript)")
+@pytest.mark.skipif(
+    not inference_module.onnx_available(), reason="needs the onnx extra (onnxruntime, onnx, onnxscript)"
+)
 def test_onnx_features_of_real_her2st_patches_match_float32(her2st_path):
     adata = hx.io.read_legacy_st(her2st_path, sections=["B4", "C3"])  # one section of each patient
     adata = adata[np.linspace(0, adata.n_obs - 1, 32).round().astype(int)].copy()

@@ -66,7 +66,9 @@ def resolve_backend(backend: str, encoder: Encoder, device: torch.device) -> str
     an error naming the fix.
     """
     if backend not in INFERENCE_BACKENDS:
-        msg = f"Unknown inference backend {backend!r}. Pass one of {', '.join(map(repr, INFERENCE_BACKENDS))}."
+        msg = (
+            f"Unknown inference backend {backend!r}. Pass one of {', '.join(map(repr, INFERENCE_BACKENDS))}."
+        )
         raise ValueError(msg)
     if backend == "auto":
         use_onnx = device.type == "cpu" and encoder.timm_name in ONNX_BY_DEFAULT and onnx_available()
@@ -99,7 +101,8 @@ class InferenceEncoder:
         The encoder, in evaluation mode, on ``device``.
     backend
         ``"auto"``: ``"onnx"`` for the encoders of :data:`ONNX_BY_DEFAULT` on the CPU when ONNX
-        Runtime is installed (``pip install "histo2expr[onnx]"``), else ``"torch"``.
+        Runtime is installed (``pip install "histo2expr[onnx]"``), else ``"torch"``; if the export
+        fails, a warning says so and ``"torch"`` runs.
         ``"torch"``: the eager PyTorch forward (float32; bfloat16 autocast on CUDA).
         ``"onnx"``: ONNX Runtime on the CPU, float32.
         ``"bf16"``: PyTorch under bfloat16 autocast, also on the CPU where it has native bfloat16
@@ -130,6 +133,7 @@ class InferenceEncoder:
         self.encoder = encoder
         self.device = torch.device("cpu") if device is None else device
         self.backend = resolve_backend(backend, encoder, self.device)
+        self._fall_back = backend == "auto"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.tokens = tokens
         self._sessions: dict[tuple[int, int], Any] = {}
@@ -167,7 +171,19 @@ class InferenceEncoder:
             raise TypeError(msg)
         shape = (int(images.shape[2]), int(images.shape[3]))
         if shape not in self._sessions:
-            self._sessions[shape] = onnx_session(self.encoder, shape, tokens=self.tokens)
+            try:
+                self._sessions[shape] = onnx_session(self.encoder, shape, tokens=self.tokens)
+            except (RuntimeError, ImportError) as err:
+                if not self._fall_back:
+                    raise
+                warnings.warn(
+                    f"ONNX Runtime could not run encoder {self.encoder.name!r} ({err}); running it with PyTorch "
+                    "instead. Pass `backend='torch'` to skip the attempt.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.backend = "torch"
+                return self(images)
         outputs = self._sessions[shape].run(None, {"images": np.ascontiguousarray(images.numpy())})
         tokens = torch.from_numpy(outputs[1]) if self.tokens else None
         return torch.from_numpy(outputs[0]), tokens
@@ -185,7 +201,9 @@ class _ExportedForward(nn.Module):
         return self.encoder.features_and_tokens(images) if self.tokens else self.encoder(images)
 
 
-def export_onnx(encoder: Encoder, path: str | os.PathLike[str], shape: tuple[int, int], *, tokens: bool) -> None:
+def export_onnx(
+    encoder: Encoder, path: str | os.PathLike[str], shape: tuple[int, int], *, tokens: bool
+) -> None:
     """Export ``encoder`` to an ONNX file taking ``(batch, 3, *shape)`` uint8 patches, any batch size.
 
     The graph includes the encoder's normalisation; its outputs are ``features`` (and ``tokens``).
@@ -235,14 +253,17 @@ def onnx_session(encoder: Encoder, shape: tuple[int, int], *, tokens: bool) -> A
     options.inter_op_num_threads = 1
     # threads that sleep between operators instead of spinning: faster on shared cores
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if encoder.timm_name is None:
-        with tempfile.TemporaryDirectory(prefix="histo2expr-onnx-", ignore_cleanup_errors=True) as folder:
+    with tempfile.TemporaryDirectory(prefix="histo2expr-onnx-", ignore_cleanup_errors=True) as folder:
+        if encoder.timm_name is None:
             path = Path(folder) / "model.onnx"
             export_onnx(encoder, path, shape, tokens=tokens)
+        else:
+            path = _cached_export(encoder, shape, tokens=tokens)
+        try:
             return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return onnxruntime.InferenceSession(
-        _cached_export(encoder, shape, tokens=tokens), options, providers=["CPUExecutionProvider"]
-    )
+        except Exception as err:  # onnxruntime's errors derive from Exception only
+            msg = f"ONNX Runtime could not load the export of encoder {encoder.name!r} ({err}). Pass `backend='torch'`."
+            raise RuntimeError(msg) from err
 
 
 def _cached_export(encoder: Encoder, shape: tuple[int, int], *, tokens: bool) -> Path:

@@ -147,7 +147,11 @@ def embed_patches(
                 token_array[rows] = pool_token_grid(grid.float(), tokens).cpu().numpy()
             bar.update(len(rows))
     table.obsm[key_added] = features
-    table.uns[key_added] = {"encoder": model.describe(), "patches": source.describe(), "backend": runner.backend}
+    table.uns[key_added] = {
+        "encoder": model.describe(),
+        "patches": source.describe(),
+        "backend": runner.backend,
+    }
     token_key = f"{key_added}_tokens"
     if tokens is None:
         if token_key in table.obsm:
