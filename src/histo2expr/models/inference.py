@@ -58,21 +58,17 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def resolve_backend(backend: str, encoder: Encoder, device: torch.device) -> str:
-    """Return the backend that runs ``encoder`` on ``device``: ``backend``, or what ``"auto"`` picks.
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raise a clear error when ``backend`` is unknown, or cannot run on ``device`` here.
 
-    ``"auto"`` picks ``"onnx"`` on the CPU for the encoders of :data:`ONNX_BY_DEFAULT` when
-    :func:`onnx_available`, and ``"torch"`` otherwise. An explicit backend that cannot run here is
-    an error naming the fix.
+    ``"onnx"`` needs the CPU and :func:`onnx_available` (else ImportError); ``"bf16"`` needs CUDA or
+    a CPU with :func:`cpu_supports_bf16`; ``"auto"`` and ``"torch"`` run anywhere.
     """
     if backend not in INFERENCE_BACKENDS:
         msg = (
             f"Unknown inference backend {backend!r}. Pass one of {', '.join(map(repr, INFERENCE_BACKENDS))}."
         )
         raise ValueError(msg)
-    if backend == "auto":
-        use_onnx = device.type == "cpu" and encoder.timm_name in ONNX_BY_DEFAULT and onnx_available()
-        return "onnx" if use_onnx else "torch"
     if backend == "onnx":
         if device.type != "cpu":
             msg = f"backend='onnx' runs on the CPU, but the device is {str(device)!r}. Pass `device='cpu'` or `backend='torch'`."
@@ -84,11 +80,22 @@ def resolve_backend(backend: str, encoder: Encoder, device: torch.device) -> str
                 "with `pip install \"histo2expr[onnx]\"`, or pass `backend='torch'`."
             )
             raise ImportError(msg)
-    if backend == "bf16":
-        if device.type == "mps" or (device.type == "cpu" and not cpu_supports_bf16()):
-            where = "Apple MPS" if device.type == "mps" else "this CPU (no AVX512-BF16 or AMX)"
-            msg = f"backend='bf16' needs native bfloat16, which {where} lacks. Pass `backend='torch'`."
-            raise ValueError(msg)
+    if backend == "bf16" and (device.type == "mps" or (device.type == "cpu" and not cpu_supports_bf16())):
+        where = "Apple MPS" if device.type == "mps" else "this CPU (no AVX512-BF16 or AMX)"
+        msg = f"backend='bf16' needs native bfloat16, which {where} lacks. Pass `backend='torch'`."
+        raise ValueError(msg)
+
+
+def resolve_backend(backend: str, encoder: Encoder, device: torch.device) -> str:
+    """Return the backend that runs ``encoder`` on ``device``: ``backend`` (checked), or what ``"auto"`` picks.
+
+    ``"auto"`` picks ``"onnx"`` on the CPU for the encoders of :data:`ONNX_BY_DEFAULT` when
+    :func:`onnx_available`, and ``"torch"`` otherwise.
+    """
+    check_backend(backend, device)
+    if backend == "auto":
+        use_onnx = device.type == "cpu" and encoder.timm_name in ONNX_BY_DEFAULT and onnx_available()
+        return "onnx" if use_onnx else "torch"
     return backend
 
 
