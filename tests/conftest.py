@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from torch import nn
 
@@ -38,15 +40,30 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared with other jobs."""
+@contextmanager
+def _torch_threads(n: int):
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and the CPU is shared with other jobs."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def two_torch_threads():
+    """Two threads: results must not depend on the order in which threads add up their parts."""
+    with _torch_threads(2):
+        yield
 
 
 class TinyEncoder(nn.Module):
@@ -115,6 +132,61 @@ def round_trip():
         return type(method).from_state_dict(torch.load(buffer, weights_only=True), **kwargs)
 
     return rebuild
+
+
+def _snapshot(adata):
+    """Everything a failed call must leave as it was."""
+    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    return {
+        "X": x.copy(),
+        "obs": adata.obs.copy(),
+        "var": adata.var.copy(),
+        "obsm": {k: np.asarray(v).copy() for k, v in adata.obsm.items()},
+        "layers": sorted(adata.layers),
+        "uns": sorted(adata.uns),
+    }
+
+
+def assert_same(adata, before):
+    """``adata`` holds what :func:`_snapshot` recorded."""
+    now = _snapshot(adata)
+    np.testing.assert_array_equal(now["X"], before["X"])
+    pd.testing.assert_frame_equal(now["obs"], before["obs"])
+    pd.testing.assert_frame_equal(now["var"], before["var"])
+    assert sorted(now["obsm"]) == sorted(before["obsm"]) and now["layers"] == before["layers"]
+    for key, value in before["obsm"].items():
+        np.testing.assert_array_equal(now["obsm"][key], value)
+    assert now["uns"] == before["uns"]
+
+
+@pytest.fixture
+def refuses():
+    """``refuses(adata, call, error, match)``: ``call(adata)`` raises a clear error and leaves ``adata`` as it was."""
+
+    def check(adata, call, error, match):
+        before = _snapshot(adata)
+        with pytest.raises(error, match=match):
+            call(adata)
+        assert_same(adata, before)
+
+    return check
+
+
+@pytest.fixture
+def unchanged_on_failure():
+    """``unchanged_on_failure(adata, call, errors)``: the result of ``call(adata)``, or None after a clear error
+    (one of ``errors``, with a message) that left ``adata`` as it was."""
+
+    def check(adata, call, errors):
+        before = _snapshot(adata)
+        try:
+            return call(adata)
+        except errors as error:
+            assert len(str(error)) > 20, f"an unclear error: {error!r}"
+            assert_same(adata, before)
+            return None
+
+    return check
 
 
 # --- HEST-1k samples in the layout of the HEST-Library (st/, wsis/, metadata/, patches/, tissue_seg/) ----

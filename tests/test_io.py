@@ -262,6 +262,92 @@ def test_16_bit_image_is_refused(tmp_path: Path, rng: np.random.Generator) -> No
         hx.io.read_legacy_st(tmp_path)
 
 
+@pytest.mark.parametrize("value", [1.5, 0.25])
+def test_non_integer_counts_are_refused(tmp_path: Path, rng: np.random.Generator, value: float) -> None:
+    counts = _counts(_grid(), ["g1", "g2"], rng).astype(float)
+    counts.iloc[2, 1] = value  # e.g. log-normalised or scaled values saved as counts
+    _stutility(tmp_path, "S1", rng, counts=counts)
+    with pytest.raises(ValueError, match=r"S1.tsv contains non-integer values.*raw counts"):
+        hx.io.read_legacy_st(tmp_path)
+
+
+def test_swapped_pixel_columns_are_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    spots = _grid()
+    spots[["pixel_x", "pixel_y"]] = spots[["pixel_y", "pixel_x"]].to_numpy()  # still inside the image
+    _stutility(tmp_path, "S1", rng, spots=spots)
+    with pytest.raises(ValueError, match=r"pixel_x and pixel_y columns look swapped.*Swap the two columns"):
+        hx.io.read_legacy_st(tmp_path)
+
+
+def test_scaled_pixel_coordinates_of_one_section_are_refused(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    for slide in ("S1", "S2", "S3"):
+        _stutility(tmp_path, slide, rng)
+    scaled = _grid()
+    scaled[["pixel_x", "pixel_y"]] *= 0.6  # e.g. coordinates of a smaller copy of the image
+    _stutility(tmp_path, "S4", rng, spots=scaled)
+    with pytest.raises(ValueError, match=r"sections \['S4 \(1.67x\)'\].*resized image.*microns_per_pixel="):
+        hx.io.read_legacy_st(tmp_path)
+    with pytest.warns(UserWarning, match="differs by more than 10 %"):  # the way out, with a warning
+        assert hx.io.read_legacy_st(tmp_path, sections=["S4"], microns_per_pixel=10.0).n_obs == 12
+    finer = _grid()  # a section scanned at twice the resolution: twice the pixels, same tissue
+    finer[["pixel_x", "pixel_y"]] *= 2
+    other = tmp_path / "other"
+    for slide in ("S1", "S2"):
+        _stutility(other, slide, rng)
+    _stutility(other, "S3", rng, spots=finer)
+    _write_image(other / "S3.jpg", size=(IMAGE_SIZE[0] * 2, IMAGE_SIZE[1] * 2))
+    assert hx.io.read_legacy_st(other).n_obs == 36
+
+
+@pytest.mark.parametrize("mpp", [float("inf"), float("nan"), 1e-6, 1e6, 0.0, -1.0, "half", [0.5]])
+def test_implausible_microns_per_pixel_is_refused(tmp_path: Path, rng: np.random.Generator, mpp) -> None:
+    _stutility(tmp_path, "S1", rng)
+    with pytest.raises(ValueError, match="microns_per_pixel"):
+        hx.io.read_legacy_st(tmp_path, microns_per_pixel=mpp)
+
+
+def _truncated(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("spoil", "image", "match"),
+    [
+        (_truncated, ".jpg", "is cut off.*Copy the image again"),
+        (_truncated, ".png", "is cut off.*Copy the image again"),
+        (lambda path: path.write_bytes(b""), ".jpg", r"is empty \(0 bytes\)"),
+        (lambda path: path.write_text("not an image"), ".jpg", "is not an image"),
+        (
+            lambda path: path.rename(path.with_suffix(".tif")),
+            ".jpg",
+            r"is a JPEG file named \.tif.*Rename it to S1\.jpg",
+        ),
+    ],
+)
+def test_damaged_images_are_refused_at_read_time(
+    tmp_path: Path, rng: np.random.Generator, spoil, image: str, match: str
+) -> None:
+    _stutility(tmp_path, "S1", rng, image=image)
+    spoil(tmp_path / f"S1{image}")
+    with pytest.raises(ValueError, match=match):
+        hx.io.read_legacy_st(tmp_path)
+
+
+def test_cut_off_tiff_is_refused(tmp_path: Path) -> None:
+    import tifffile
+
+    from histo2expr.io._image import read_image_size
+
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, np.zeros((64, 64, 3), dtype=np.uint8))
+    _truncated(path)
+    with pytest.raises(ValueError, match="cut off: its pixel data run past the end"):
+        read_image_size(path)
+
+
 # --- Visium ---------------------------------------------------------------------------------
 
 
@@ -290,7 +376,7 @@ def visium_outs(tmp_path: Path, rng: np.random.Generator, write_10x_h5) -> Path:
     )
     positions.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
     factors = {
-        "spot_diameter_fullres": 110.0,
+        "spot_diameter_fullres": 55.0,  # 1 µm per px: spots 100 px apart, as placed above
         "tissue_hires_scalef": 0.5,
         "tissue_lowres_scalef": 0.1,
         "fiducial_diameter_fullres": 170.0,
@@ -313,9 +399,9 @@ def test_read_visium_data_model(visium_outs: Path) -> None:
     assert entry["images"]["hires"].shape == (75, 100, 3)
     factors = entry["scalefactors"]
     assert factors["tissue_hires_scalef"] == pytest.approx(0.25)
-    assert factors["microns_per_pixel"] == pytest.approx(0.5) and factors[
+    assert factors["microns_per_pixel"] == pytest.approx(1.0) and factors[
         "spot_spacing_fullres"
-    ] == pytest.approx(200)
+    ] == pytest.approx(100)
     assert factors["fiducial_diameter_fullres"] == 170.0
     assert entry["metadata"]["microns_per_pixel_source"] == "estimated from spot diameter"
     assert "source_image_path" not in entry["metadata"]
@@ -323,7 +409,7 @@ def test_read_visium_data_model(visium_outs: Path) -> None:
 
 def test_read_visium_source_image_found_given_or_refused(visium_outs: Path, tmp_path: Path) -> None:
     _write_image(visium_outs / "fullres.tif", size=(400, 300))
-    adata = hx.io.read_visium(visium_outs, library_id="slideX", patient="P9", microns_per_pixel=0.6)
+    adata = hx.io.read_visium(visium_outs, library_id="slideX", patient="P9", microns_per_pixel=1.05)
     entry = adata.uns["spatial"]["slideX"]
     assert entry["metadata"]["source_image_path"] == str((visium_outs / "fullres.tif").resolve())
     assert entry["metadata"]["microns_per_pixel_source"] == "argument"
@@ -334,6 +420,21 @@ def test_read_visium_source_image_found_given_or_refused(visium_outs: Path, tmp_
     _write_image(wrong, size=(800, 600))
     with pytest.raises(ValueError, match=r"800 x 600 px, but .* about 400 x 300 px"):
         hx.io.read_visium(visium_outs, source_image_path=wrong)
+
+
+def test_read_visium_refuses_bad_ids_pixel_sizes_and_scaled_positions(visium_outs: Path) -> None:
+    with pytest.raises(ValueError, match="cannot be stored"):
+        hx.io.read_visium(visium_outs, library_id="run1/lib1")
+    with pytest.raises(ValueError, match="not a positive number of micrometres"):
+        hx.io.read_visium(visium_outs, microns_per_pixel=float("inf"))
+    with pytest.warns(UserWarning, match="differs by more than 10 %"):
+        hx.io.read_visium(visium_outs, microns_per_pixel=0.6)
+    positions = visium_outs / "spatial" / "tissue_positions.csv"
+    table = pd.read_csv(positions)
+    table[["pxl_row_in_fullres", "pxl_col_in_fullres"]] //= 2  # e.g. positions in hires pixels
+    table.to_csv(positions, index=False)
+    with pytest.raises(ValueError, match=r"'lib1' are 50 px apart.*spacing of 100 px.*look scaled"):
+        hx.io.read_visium(visium_outs)
 
 
 def test_read_visium_names_missing_files(visium_outs: Path) -> None:

@@ -75,10 +75,22 @@ def test_summarize_leaves_out_counts_and_nan_slides():
     folds = pd.DataFrame(
         {
             "slide": ["a", "b", "c"],
-            "n_spots": [10, 20, 30],
+            "n_spots": [30, 40, 50],
             "pcc_acg": [0.2, np.nan, 0.4],
             "n_nan_genes": [0, 5, 1],
         }
     )
     summary = metrics.summarize(folds)
     assert list(summary.index) == ["pcc_acg"] and summary["pcc_acg"] == pytest.approx(0.3)
+
+
+def test_summarize_leaves_out_small_slides_unless_all_are_small():
+    folds = pd.DataFrame({"slide": ["a", "b", "c"], "n_spots": [2, 94, 19], "pcc_acg": [0.9, 0.3, -0.5]})
+    assert list(metrics.counted_slides(folds)) == [False, True, False]
+    assert metrics.summarize(folds)["pcc_acg"] == pytest.approx(0.3)  # the 2- and 19-spot slides do not count
+    assert metrics.summarize(folds, min_spots=0)["pcc_acg"] == pytest.approx(np.mean([0.9, 0.3, -0.5]))
+    tiny = folds.assign(n_spots=[2, 3, 4])
+    assert metrics.summarize(tiny)["pcc_acg"] == pytest.approx(np.mean([0.9, 0.3, -0.5]))
+    assert metrics.counted_slides(tiny).all()
+    with pytest.raises(KeyError, match="n_spots"):
+        metrics.counted_slides(folds.drop(columns="n_spots"))

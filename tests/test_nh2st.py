@@ -154,8 +154,10 @@ def test_spatial_neighbours_never_cross_slides():
     distance = np.linalg.norm(coords[neighbours] - coords[:, None], axis=2)
     assert (np.diff(distance, axis=1) >= 0).all()  # nearest first
     np.testing.assert_allclose(distance[5], 1.0)  # an inner spot of the grid: its four direct neighbours
-    same_place = spatial_knn(np.zeros((5, 2)), np.zeros(5), k=3)  # duplicates: still never itself
-    assert (same_place != np.arange(5)[:, None]).all()
+    same_place = spatial_knn(np.array([[0.0, 0.0]] * 4 + [[1.0, 0.0]]), np.zeros(5), k=3)  # duplicates
+    assert (same_place != np.arange(5)[:, None]).all()  # still never itself
+    with pytest.raises(ValueError, match="same coordinates"):  # no positions at all: refused, not arbitrary
+        spatial_knn(np.zeros((5, 2)), np.zeros(5), k=3)
     with pytest.raises(ValueError, match=r"Slide 'b' has 3 spots.*lower the number of neighbours"):
         spatial_knn(coords[:19], groups[:19], k=3)
 

@@ -257,9 +257,10 @@ def test_partly_unknown_pixel_sizes_are_an_error(tmp_path):
         ({"patch_size": 0}, ValueError, "out of range"),
         ({"patch_size": 10_000}, ValueError, "out of range"),
         ({"patch_size": 22.5}, TypeError, "integer"),
-        ({"mpp": -1.0}, ValueError, "positive number"),
-        ({"mpp": float("nan")}, ValueError, "positive number"),
-        ({"mpp": 500.0}, ValueError, "resample slide 'A'"),
+        ({"mpp": -1.0}, ValueError, "not a positive number"),
+        ({"mpp": float("nan")}, ValueError, "not a positive number"),
+        ({"mpp": 500.0}, ValueError, "outside the 0.02-20 µm"),
+        ({"mpp": 0.05}, ValueError, "resample slide 'A'"),
         ({"slide_key": "sample"}, KeyError, "slide_key='sample'"),
     ],
 )

@@ -59,7 +59,8 @@ def visium_sr1(tmp_path: Path) -> dict:
     rows.append("TTTT9-1,0,5,5,10,10\n")  # a spot off tissue, in the positions file only
     (outs / "spatial").mkdir(parents=True)
     (outs / "spatial" / "tissue_positions_list.csv").write_text("".join(rows))
-    factors = {"spot_diameter_fullres": 110.0, "tissue_hires_scalef": 0.5, "tissue_lowres_scalef": 0.1}
+    # 1 µm per px: 55 µm spots 100 px apart, as placed above
+    factors = {"spot_diameter_fullres": 55.0, "tissue_hires_scalef": 0.5, "tissue_lowres_scalef": 0.1}
     (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(factors))
     _png(outs / "spatial" / "tissue_hires_image.png", (200, 150))
     _png(outs / "spatial" / "tissue_lowres_image.png", (40, 30))

@@ -90,9 +90,10 @@ def test_held_out_slide_cannot_influence_its_own_predictions(cohort):
     hx.tl.fit_histo2expr(clean, method="ridge", genes=20, cv="leave_one_slide_out", progress=False)
     poisoned = cohort.copy()
     on_s3 = (poisoned.obs["slide"] == "S3").to_numpy()
-    dense = poisoned.X.toarray()
-    dense[on_s3] = np.random.default_rng(1).permutation(dense[on_s3].T).T * 3.0
-    poisoned.X = dense
+    counts = poisoned.layers["counts"].toarray()  # valid data (log-normalised) of other genes and depth
+    counts[on_s3] = np.random.default_rng(1).permutation(counts[on_s3].T).T * 3.0
+    poisoned.layers["counts"] = counts
+    hx.pp.normalize(poisoned)
     hx.tl.fit_histo2expr(poisoned, method="ridge", genes=20, cv="leave_one_slide_out", progress=False)
     np.testing.assert_array_equal(
         clean.layers["histo2expr_pred"][on_s3], poisoned.layers["histo2expr_pred"][on_s3]

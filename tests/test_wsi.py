@@ -106,7 +106,7 @@ def test_read_wsi_bad_input(tmp_path, pixels):
         hx.io.read_wsi(plain)
     with pytest.raises(ValueError, match=r"level=5.*2 level"):
         hx.io.read_wsi(plain, mpp=0.5, level=5)
-    with pytest.raises(ValueError, match="positive number"):
+    with pytest.raises(ValueError, match="not a positive number of micrometres"):
         hx.io.read_wsi(plain, mpp=-1)
     tifffile.imwrite(
         tmp_path / "deep.tif", np.zeros((64, 64, 3), np.uint16), tile=(32, 32), photometric="rgb"

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from . import metrics
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -157,8 +159,9 @@ def compare_methods(
         run = MethodRun(method, adata.uns[method]["folds"], time.perf_counter() - tic, memory.peak_mib)
         runs.append(run)
         if progress:
+            n_counted = int(metrics.counted_slides(run.folds).sum())
             bar.write(
-                f"{method}: PCC(ACG) {run.folds['pcc_acg'].mean():.3f} over {len(run.folds)} held-out "
+                f"{method}: PCC(ACG) {metrics.summarize(run.folds)['pcc_acg']:.3f} over {n_counted} held-out "
                 f"slides in {run.seconds:.1f} s"
             )
     return runs
@@ -187,15 +190,35 @@ def _mean_and_spread(values: pd.Series) -> str:
     return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
 
 
+def _small_slides_note(runs: Sequence[MethodRun]) -> list[str]:
+    """A paragraph naming the held-out slides left out of the means, with PCC(ACG) over all slides."""
+    folds = runs[0].folds
+    left_out = folds[~metrics.counted_slides(folds).to_numpy()]
+    if left_out.empty:
+        return []
+    slides = ", ".join(f"{row.slide} ({row.n_spots} spots)" for row in left_out.itertuples())
+    all_slides = ", ".join(f"{run.method} {run.folds['pcc_acg'].mean():.3f}" for run in runs)
+    return [
+        f"Held-out slides with fewer than {metrics.MIN_SPOTS} spots are flagged and left out of these means "
+        f"(their per-gene PCCs are mostly noise): {slides}. PCC(ACG) over all held-out slides: {all_slides}.",
+        "",
+    ]
+
+
 def results_markdown(runs: Sequence[MethodRun], *, title: str, preamble: Sequence[str] = ()) -> str:
-    """The report: means over held-out slides (± their standard deviation), time, memory, per-slide PCC."""
+    """The report: means over held-out slides (± their standard deviation), time, memory, per-slide PCC.
+
+    Small held-out slides are left out of the means (:func:`histo2expr.metrics.counted_slides`); a
+    paragraph names them and gives PCC(ACG) over all slides as well.
+    """
     rows = []
     for run in runs:
         memory = "n/a" if run.peak_memory_mib is None else f"{run.peak_memory_mib:.0f}"
+        counted = run.folds[metrics.counted_slides(run.folds).to_numpy()]
         rows.append(
             {
                 "method": run.method,
-                **{metric: _mean_and_spread(run.folds[metric]) for metric in METRICS},
+                **{metric: _mean_and_spread(counted[metric]) for metric in METRICS},
                 "seconds": f"{run.seconds:.1f}",
                 "peak MiB": memory,
             }
@@ -208,6 +231,7 @@ def results_markdown(runs: Sequence[MethodRun], *, title: str, preamble: Sequenc
         "",
         pd.DataFrame(rows).to_markdown(index=False),
         "",
+        *_small_slides_note(runs),
         "## PCC(ACG) per held-out slide",
         "",
         per_slide.map(lambda v: f"{v:.3f}").to_markdown(),
@@ -224,7 +248,11 @@ def results_markdown(runs: Sequence[MethodRun], *, title: str, preamble: Sequenc
 def results_json(
     runs: Sequence[MethodRun], *, settings: Mapping[str, Any], extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Every metric per held-out slide and method, with times, memory, settings, the machine and ``extra``."""
+    """Every metric per held-out slide and method, with times, memory, settings, the machine and ``extra``.
+
+    ``mean`` leaves small held-out slides out (:func:`histo2expr.metrics.summarize`),
+    ``mean_all_slides`` averages every slide.
+    """
     from . import __version__
 
     methods = {}
@@ -233,7 +261,8 @@ def results_json(
         methods[run.method] = {
             "seconds": run.seconds,
             "peak_memory_mib": run.peak_memory_mib,
-            "mean": {metric: float(run.folds[metric].mean()) for metric in METRICS},
+            "mean": {metric: float(metrics.summarize(run.folds)[metric]) for metric in METRICS},
+            "mean_all_slides": {metric: float(run.folds[metric].mean()) for metric in METRICS},
             "per_slide": folds.to_dict(orient="records"),
         }
     return {

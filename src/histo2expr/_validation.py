@@ -38,7 +38,10 @@ def get_table(data: AnnData | SpatialData, table_key: str = "table") -> AnnData:
 
 
 def check_obs_key(adata: AnnData, key: str, *, what: str = "slide") -> pd.Series:
-    """Return ``adata.obs[key]`` as a categorical, or raise naming the available columns."""
+    """Return ``adata.obs[key]`` as a categorical, or raise naming the available columns.
+
+    Slide ids (``what="slide"``) must also be storable keys (:func:`check_slide_id`).
+    """
     if key not in adata.obs.columns:
         msg = (
             f"`{what}_key={key!r}` is not a column of `adata.obs`; the columns are "
@@ -50,7 +53,11 @@ def check_obs_key(adata: AnnData, key: str, *, what: str = "slide") -> pd.Series
         n = int(values.isna().sum())
         msg = f"`adata.obs[{key!r}]` has {n} missing values; every spot needs a {what}."
         raise ValueError(msg)
-    return values.astype(str).astype("category")
+    values = values.astype(str).astype("category")
+    if what == "slide":
+        for slide in values.cat.categories:
+            check_slide_id(slide)
+    return values
 
 
 def spatial_coordinates(adata: AnnData, key: str = "spatial") -> np.ndarray:
@@ -74,7 +81,7 @@ def spatial_coordinates(adata: AnnData, key: str = "spatial") -> np.ndarray:
 
 
 def check_counts(matrix: Any, *, where: str) -> None:
-    """Raise if a count matrix holds NaN, infinite or negative values."""
+    """Raise if a count matrix holds NaN, infinite, negative or non-integer values."""
     values = (
         matrix.data if hasattr(matrix, "data") and not isinstance(matrix, np.ndarray) else np.asarray(matrix)
     )
@@ -83,6 +90,14 @@ def check_counts(matrix: Any, *, where: str) -> None:
         raise ValueError(msg)
     if values.size and (values < 0).any():
         msg = f"{where} contains negative values; histo2expr needs raw counts (did you pass log or scaled data?)."
+        raise ValueError(msg)
+    fractional = values[values != np.round(values)] if values.size else values
+    if fractional.size:
+        msg = (
+            f"{where} contains non-integer values (e.g. {fractional.flat[0]:.4g}), so it does not hold raw counts "
+            "(log-normalised or scaled data, or counts divided by something). Pass the raw counts; if these are "
+            "corrected counts, round them first (`np.rint`)."
+        )
         raise ValueError(msg)
 
 
@@ -103,3 +118,233 @@ def non_negative_number(value: Any, name: str, *, positive: bool = False) -> flo
         msg = f"`{name}` must be a {'positive' if positive else 'non-negative'} number, got {value!r}."
         raise ValueError(msg)
     return float(value)
+
+
+def seed_value(value: Any, name: str = "seed") -> int:
+    """Return ``value`` as an int, or raise naming the parameter when it is not an integer in ``[0, 2**32)``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value < 2**32:
+        msg = f"`{name}` must be an integer between 0 and 2**32 - 1, got {value!r}."
+        raise ValueError(msg)
+    return int(value)
+
+
+#: Pixel sizes (µm) outside this range are not a microscope's: e.g. the 72 or 300 dpi software defaults.
+PLAUSIBLE_MPP = (0.02, 20.0)
+#: The fix of an implausible ``microns_per_pixel`` argument of a reader.
+MPP_FIX = (
+    "Pass the pixel size of the full-resolution image in micrometres (about 0.25 at 40x, 0.5 at 20x), or None "
+    "to estimate it from the spots."
+)
+
+
+def check_microns_per_pixel(value: Any, *, where: str, fix: str) -> float:
+    """``value`` as a pixel size in µm, or raise when it is missing, not positive or no microscope's.
+
+    Parameters
+    ----------
+    value
+        The pixel size read from a file or given by the user.
+    where
+        Where it comes from (e.g. ``"metadata/TENX95.json field 'pixel_size_um_estimated'"``).
+    fix
+        How the user corrects it, appended to the message.
+    """
+    number = None
+    if not isinstance(value, bool) and isinstance(value, int | float | np.number | str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not np.isfinite(number) or number <= 0:
+        msg = f"The pixel size in {where} is {value!r}, not a positive number of micrometres per pixel. {fix}"
+        raise ValueError(msg)
+    if not PLAUSIBLE_MPP[0] <= number <= PLAUSIBLE_MPP[1]:
+        msg = (
+            f"The pixel size in {where} is {number:g} µm, outside the {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm "
+            f"of a microscope image (about 0.25 at 40x, 0.5 at 20x). {fix}"
+        )
+        raise ValueError(msg)
+    return number
+
+
+def check_not_empty(adata: AnnData, *, what: str, genes: bool = True) -> None:
+    """Raise when ``adata`` has no spots (or, with ``genes``, no genes); ``what`` names the step that needs them."""
+    if adata.n_obs == 0 or (genes and adata.n_vars == 0):
+        msg = (
+            f"The AnnData has {adata.n_obs} spots and {adata.n_vars} genes; {what} needs at least one of each. "
+            "Check the filtering that emptied it (e.g. a slide or gene subset that matched nothing)."
+        )
+        raise ValueError(msg)
+
+
+def check_unique_var_names(adata: AnnData) -> None:
+    """Raise when ``adata.var_names`` repeat a gene (genes are looked up by name)."""
+    if adata.var_names.has_duplicates:
+        repeated = list(adata.var_names[adata.var_names.duplicated()].unique()[:5])
+        msg = (
+            f"`adata.var_names` lists genes more than once (e.g. {repeated}), so genes cannot be looked up by "
+            "name. Run `adata.var_names_make_unique()` first."
+        )
+        raise ValueError(msg)
+
+
+def check_slide_id(slide: Any) -> str:
+    """Return ``slide`` as a string, or raise when it cannot be a key of ``uns["spatial"]`` in an h5ad file.
+
+    HDF5 reads ``"/"`` as a path separator and ``""``, ``"."`` and ``".."`` as the group itself or its
+    parent, so such a slide id would be silently split or merged when the AnnData is written.
+    """
+    text = str(slide)
+    if text in ("", ".", "..") or "/" in text:
+        msg = (
+            f"Slide id {text!r} cannot be stored: written to .h5ad or zarr, an empty id, '.', '..' or an id "
+            "with '/' becomes a path and is silently mangled. Rename the slide (e.g. replace '/' with '_') in "
+            "`obs[slide_key]` and in the keys of `uns['spatial']`, or pass another id to the reader."
+        )
+        raise ValueError(msg)
+    return text
+
+
+def check_element_name(slide: str) -> None:
+    """Raise when ``slide`` cannot name SpatialData elements (letters, digits, ``_``, ``-``, ``.`` only)."""
+    if slide.startswith("__") or not all(c.isalnum() or c in "_-." for c in slide):
+        msg = (
+            f"Slide id {slide!r} cannot name a SpatialData element: names may only hold letters, digits, '_', "
+            "'-' and '.', and may not start with '__'. Rename the slide (e.g. spaces to '_') in `obs[slide_key]` "
+            "and in the keys of `uns['spatial']` first."
+        )
+        raise ValueError(msg)
+
+
+def _sample_rows(n: int, size: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, min(n, size)).round().astype(np.int64))
+
+
+def _dense(matrix: Any) -> np.ndarray:
+    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float64)
+
+
+#: Most counts per spot a library-size normalisation targets (CPM): log1p of normalised counts stays below
+#: ``log1p(MAX_NORMALISED_TOTAL)``, whatever the cohort's depth.
+MAX_NORMALISED_TOTAL = 1e6
+#: Matrix entries (spots x genes) read by :func:`check_log_normalised`, from evenly spaced spots (at least
+#: 10, at most 1000): this bounds its cost on large data.
+_CHECKED_ENTRIES = 2_000_000
+#: Relative spread of ``expm1(X) / counts`` within a spot that float32 (or float16) storage can cause.
+_RATIO_TOLERANCE = 0.01
+
+
+def check_log_normalised(adata: AnnData, *, counts_layer: str = "counts") -> None:
+    """Raise unless ``adata.X`` holds log1p of counts normalised per spot (:func:`histo2expr.pp.normalize`).
+
+    Checked on evenly spaced spots (up to 1000, fewer with many genes), by properties that hold for any cohort, depth
+    and target sum: ``uns["log1p"]`` is set (its ``"base"`` is honoured); no value is negative
+    (log1p of counts never is: negative values mean scaled or centred data); the non-zero values
+    are not all integers (raw counts); none exceeds ``log1p(1e6)`` (no per-spot normalisation
+    targets more than a million counts: larger values are counts or normalised values that were
+    never logged); and, when ``layers[counts_layer]`` holds the raw counts, ``expm1(X)`` is the
+    counts times one factor per spot, with zeros in the same places (a second log, or any
+    transformation after normalising, breaks that).
+    """
+    fix = "Run `hx.pp.normalize(adata)` (it rebuilds X from `layers['counts']` when they are there)."
+    log1p = adata.uns.get("log1p")
+    if log1p is None:
+        msg = (
+            "`adata.X` does not look log-normalised (no `adata.uns['log1p']`); histo2expr predicts "
+            f"log-normalised expression. {fix}"
+        )
+        raise ValueError(msg)
+    base = log1p.get("base") if isinstance(log1p, dict) else None
+    base = None if base is None or not np.isfinite(float(base)) else float(base)
+    rows = _sample_rows(adata.n_obs, min(1000, max(10, _CHECKED_ENTRIES // max(adata.n_vars, 1))))
+    values = _dense(adata.X[rows]) if adata.n_obs else np.zeros((0, adata.n_vars))
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() < 0:
+        msg = (
+            f"`adata.X` has negative values (down to {finite.min():.3g}), which log1p of counts never has: it "
+            "looks scaled or centred (e.g. `sc.pp.scale`). Keep the log-normalised values in X (scale a copy "
+            f"if you need to). {fix}"
+        )
+        raise ValueError(msg)
+    nonzero = finite[finite != 0]
+    if nonzero.size and np.array_equal(nonzero, np.round(nonzero)):
+        msg = f"`adata.X` holds whole numbers only, i.e. raw counts, although `uns['log1p']` is set. {fix}"
+        raise ValueError(msg)
+    ceiling = np.log1p(MAX_NORMALISED_TOTAL) / (np.log(base) if base else 1.0)
+    if nonzero.size and nonzero.max() > ceiling:
+        msg = (
+            f"`adata.X` has values up to {nonzero.max():.4g}, more than log1p of a million counts per spot "
+            f"({ceiling:.3g}), the most a log-normalised matrix holds: X looks like counts or normalised values "
+            f"that were never logged. {fix}"
+        )
+        raise ValueError(msg)
+    if counts_layer in adata.layers and adata.n_obs:
+        _check_matches_counts(adata, values, rows, counts_layer, base, fix)
+
+
+def _check_matches_counts(
+    adata: AnnData, values: np.ndarray, rows: np.ndarray, counts_layer: str, base: float | None, fix: str
+) -> None:
+    """Raise unless ``expm1(values)`` is ``layers[counts_layer]`` scaled by one factor per spot."""
+    counts = _dense(adata.layers[counts_layer][rows])
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        unlogged = np.expm1(values * np.log(base)) if base else np.expm1(values)
+        ratios = np.where(counts > 0, unlogged / np.where(counts > 0, counts, 1.0), np.nan)
+    zeros_differ = np.isfinite(values) & ((values != 0) != (counts > 0))
+    low, high = np.nanmin(ratios, axis=1, initial=np.inf), np.nanmax(ratios, axis=1, initial=-np.inf)
+    spread = np.where(np.isfinite(low) & (low > 0), high / np.where(low > 0, low, 1.0), 1.0)
+    bad = zeros_differ.any(axis=1) | (spread > 1 + _RATIO_TOLERANCE)
+    if bad.any():
+        spot = adata.obs_names[rows[np.flatnonzero(bad)[0]]]
+        msg = (
+            f"`adata.X` is not log1p of `adata.layers[{counts_layer!r}]` normalised per spot (e.g. spot {spot!r}: "
+            "expm1(X) is not the counts times one factor): X was transformed again after normalising, e.g. "
+            f"logged twice. {fix}"
+        )
+        raise ValueError(msg)
+
+
+#: Spot centres closer (median distance to the nearest spot) than this fraction of the recorded
+#: centre-to-centre spacing are not on the scale of the full-resolution image (grid spots never are).
+MIN_SPACING_RATIO = 0.75
+#: Spots whose nearest neighbour is looked up by :func:`check_spot_spacing` (a seeded sample).
+_SPACING_SAMPLE = 5000
+
+
+def check_spot_spacing(coords: np.ndarray, spacing_px: float | None, *, slide: str, where: str) -> None:
+    """Raise when the spots of a slide sit much closer together than the spacing the slide records.
+
+    Spots lie on a grid of centre-to-centre distance ``spacing_px`` (or sparser, where spots are
+    missing), so the median distance of a spot to its nearest spot is never much below it: when it
+    is below :data:`MIN_SPACING_RATIO` of it, the coordinates are on another scale (e.g. pixels of a
+    downscaled image) and patches would be cut at the wrong places and scale.
+
+    Parameters
+    ----------
+    coords
+        ``(n, 2)`` spot centres (x, y) of one slide, in full-resolution pixels.
+    spacing_px
+        The slide's recorded centre-to-centre spacing in the same pixels (None: nothing to check).
+    slide
+        The slide id, for the message.
+    where
+        Where the coordinates come from, for the message (e.g. ``"`obsm['spatial']`"``).
+    """
+    if spacing_px is None or not np.isfinite(spacing_px) or spacing_px <= 0 or len(coords) < 2:
+        return
+    from scipy.spatial import cKDTree
+
+    sample = coords
+    if len(coords) > _SPACING_SAMPLE:
+        sample = coords[np.random.default_rng(0).choice(len(coords), _SPACING_SAMPLE, replace=False)]
+    distances = cKDTree(coords).query(sample, k=2)[0][:, 1]
+    distances = distances[distances > 0]  # spots at the very same place say nothing about the scale
+    if distances.size and np.median(distances) < MIN_SPACING_RATIO * spacing_px:
+        msg = (
+            f"The spots of slide {slide!r} are {np.median(distances):.4g} px apart (median distance to the nearest "
+            f"spot in {where}), but the slide records a centre-to-centre spacing of {spacing_px:.4g} px "
+            "(`scalefactors['spot_spacing_fullres']`), and spots on a grid are never closer than that. The "
+            "coordinates look scaled (e.g. pixels of a downscaled image): store the spot centres in full-resolution "
+            "pixels, or correct the slide's scale factors."
+        )
+        raise ValueError(msg)

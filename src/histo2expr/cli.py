@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._hest_benchmark import PROTOCOLS
 
@@ -27,8 +28,78 @@ class CommandError(Exception):
     """Bad command-line input: printed as one line on stderr, exit status 2."""
 
 
+#: What histo2expr raises for bad input; the command prints its message as one line (exit status 2).
+BAD_INPUT = (CommandError, ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (a :class:`CommandError`), not usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandError(f"{message} (see `{self.prog} --help`)")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer of at least {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _method_list(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _check_encoder(name: str) -> None:
+    """Raise the encoder's clear error now when ``name`` is no encoder, without building a known one."""
+    import timm
+    from timm.models import split_model_name_tag
+
+    from .models import BUILTIN_ENCODERS, ENCODER_PRESETS, build_encoder
+
+    timm_name = split_model_name_tag(BUILTIN_ENCODERS.get(name, name))[0]
+    if name != "colour_texture" and name not in ENCODER_PRESETS and not timm.is_model(timm_name):
+        build_encoder(name, weights=None)  # fails with the names there are
+
+
+def _check_common(args: argparse.Namespace) -> list[str] | None:
+    """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
+    from .models import get_method, resolve_device
+    from .patches._source import check_patch_size
+
+    check_patch_size(args.patch_size)
+    methods = None if args.methods is None else _method_list(args.methods)
+    if methods is not None:
+        if not methods:
+            raise CommandError("--methods names no method; give e.g. --methods ridge,stnet.")
+        for method in methods:
+            get_method(method)
+        if len(set(methods)) != len(methods):
+            raise CommandError(f"--methods lists a method twice ({args.methods}); give each once.")
+    _check_encoder(args.encoder)
+    try:
+        resolve_device(args.device)
+    except RuntimeError as error:
+        raise CommandError(f"--device {args.device}: {error}") from error
+    if args.out.exists() and not args.out.is_dir():
+        raise CommandError(
+            f"--out {args.out} is a file; give a folder for the results (it is made if missing)."
+        )
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(
+            f"--out {args.out} cannot be made ({error.strerror}); give a writable folder."
+        ) from error
+    if not os.access(args.out, os.W_OK):
+        raise CommandError(f"--out {args.out} is not writable; give a folder you can write to.")
+    return methods
 
 
 def _report(
@@ -112,7 +183,7 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.n_slides < 2:
         raise CommandError("cross-validation needs at least two slides; use --n-slides 2 or more.")
-    methods = _method_list(args.methods)
+    methods = _check_common(args)
     print(
         f"histo2expr demo: synthetic cohort of {args.n_slides} slides (seed {args.seed}), frozen {args.encoder} "
         f"features of {args.patch_size} px patches; leave-one-slide-out for {', '.join(methods)} on "
@@ -198,6 +269,23 @@ def _read_visium_folder(path: Path) -> AnnData:
     return ad.concat(slides, join="inner", merge="same", uns_merge="unique")
 
 
+def _check_data(path: Path, reader: str) -> str:
+    """The reader of ``--data``, after checking that the path can be what it reads."""
+    if not path.exists():
+        raise CommandError(f"--data {path} does not exist; give the dataset folder (or .h5ad file).")
+    reader = _detect_reader(path) if reader == "auto" else reader
+    if reader == "h5ad" and not path.is_file():
+        raise CommandError(
+            f"--data {path} is a folder, not an .h5ad file; give the file, or --reader for the folder."
+        )
+    if reader != "h5ad" and not path.is_dir():
+        raise CommandError(
+            f"--data {path} is a file, but the {reader} reader reads a folder; give the dataset folder (legacy ST, "
+            "or a folder of Space Ranger outputs) or an .h5ad file."
+        )
+    return reader
+
+
 def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | None = None) -> AnnData:
     """The spots of ``path`` in the histo2expr data model, restricted to ``slides`` when given.
 
@@ -216,9 +304,7 @@ def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | Non
 
     from . import io
 
-    if not path.exists():
-        raise CommandError(f"--data {path} does not exist; give the dataset folder (or .h5ad file).")
-    reader = _detect_reader(path) if reader == "auto" else reader
+    reader = _check_data(path, reader)
     if reader == "legacy_st":
         adata = io.read_legacy_st(path, sections=slides)
     elif reader == "hest":
@@ -288,12 +374,12 @@ def _benchmark(args: argparse.Namespace) -> int:
     from .models import available_methods, get_method
 
     start = time.perf_counter()
+    methods = _check_common(args)
     cv, n_genes, mpp = _protocol(args)
     hest = args.protocol == "hest"
-    if args.methods is None:
+    if methods is None:
         methods = [m for m in available_methods() if args.regime in get_method(m).regimes]
-    else:
-        methods = _method_list(args.methods)
+    _check_data(args.data, args.reader)
     for method in methods:
         if args.regime not in get_method(method).regimes:
             raise CommandError(
@@ -305,6 +391,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     n_slides = adata.obs["slide"].nunique()
     if n_slides < 2:
         raise CommandError(f"{args.data} has {n_slides} slide; cross-validation needs at least two.")
+    if n_genes > adata.n_vars:
+        raise CommandError(f"--genes {n_genes} exceeds the {adata.n_vars} genes of {args.data}; lower it.")
     if cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
         raise CommandError("leave_one_patient_out needs obs['patient'] with at least two patients.")
     if hest:
@@ -387,9 +475,19 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None, out: str) -> None:
-    add("--seed", type=int, default=0, help="seed of the training (and the synthetic cohort) (default 0)")
+    add(
+        "--seed",
+        type=_int_at_least(0),
+        default=0,
+        help="seed of the training (and the synthetic cohort) (default 0)",
+    )
     shown_genes = genes or "250; 50 with --protocol hest"
-    add("--genes", type=int, default=genes, help=f"number of genes to predict (default {shown_genes})")
+    add(
+        "--genes",
+        type=_int_at_least(1),
+        default=genes,
+        help=f"number of genes to predict (default {shown_genes})",
+    )
     shown = methods or "every registered method of the regime"
     add("--methods", default=methods, help=f"comma-separated methods (default: {shown})")
     add(
@@ -400,12 +498,12 @@ def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None
     )
     add(
         "--epochs",
-        type=int,
+        type=_int_at_least(1),
         default=epochs,
         help=f"maximum training epochs of the torch methods (default {epochs})",
     )
-    add("--patch-size", type=int, default=224, help="patch side in pixels (default 224)")
-    add("--workers", type=int, default=0, help="DataLoader workers reading patches (default 0)")
+    add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
+    add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers reading patches (default 0)")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default auto)")
     add(
         "--backend",
@@ -420,9 +518,7 @@ def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="histo2expr", description="Predict spatial gene expression from H&E images."
-    )
+    parser = _Parser(prog="histo2expr", description="Predict spatial gene expression from H&E images.")
     parser.add_argument("--version", action="version", version=f"histo2expr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -467,14 +563,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: Exception) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``histo2expr`` command."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``histo2expr`` command.
+
+    Every argument is checked before any work starts; bad input (a bad argument, or data histo2expr
+    refuses) prints one line on stderr naming the problem and the fix, and returns exit status 2.
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except CommandError as error:
+        print(f"histo2expr: {_one_line(error)}", file=sys.stderr)
+        return 2
     args.argv = None if argv is None else list(argv)
     try:
         return args.func(args)
-    except (CommandError, ValueError) as error:  # bad input: the message names the problem and the fix
-        print(f"histo2expr {args.command}: {error}", file=sys.stderr)
+    except BAD_INPUT as error:  # the message names the problem and the fix
+        print(f"histo2expr {args.command}: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

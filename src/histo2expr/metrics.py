@@ -6,6 +6,13 @@ the prediction on the same (log-normalised) scale.
 NaN policy (DESIGN.md): the Pearson correlation of a gene that is constant on the
 slide — in the truth or in the prediction — is undefined. It is returned as NaN,
 left out of every mean, and counted (``n_nan_genes``); it is never set to 0.
+
+Small slides: a held-out slide with fewer than ``MIN_SPOTS`` (20) spots is flagged
+(``small_slide`` in the tables of :func:`histo2expr.tl.fit_histo2expr`). Its per-gene PCC
+rests on so few spots that it is mostly noise (the standard error of a correlation over n
+spots is about ``1 / sqrt(n - 3)``: 0.24 at 20 spots), so :func:`summarize` leaves it out of
+the means over slides (:func:`counted_slides`) — unless every slide is that small — while the
+per-slide rows keep every slide.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "counted_slides",
     "evaluate_slide",
     "gene_corr_agreement",
     "gene_pcc",
@@ -29,6 +37,8 @@ __all__ = [
 
 #: Relative tolerance under which a gene's values count as constant.
 _CONSTANT_RTOL = 1e-12
+#: Held-out slides with fewer spots are flagged as small and left out of the means over slides.
+MIN_SPOTS = 20
 
 
 def _as_pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +204,35 @@ def evaluate_slide(
     return out
 
 
-def summarize(folds: pd.DataFrame) -> pd.Series:
-    """Mean of every numeric metric column over held-out slides (NaN slides left out)."""
-    numeric = folds.select_dtypes("number").drop(columns=["n_spots", "n_nan_genes"], errors="ignore")
+def counted_slides(folds: pd.DataFrame, *, min_spots: int = MIN_SPOTS) -> pd.Series:
+    """Which rows of a per-slide metrics table the means over slides count.
+
+    The slides with at least ``min_spots`` spots; every slide when all are smaller (then there is
+    nothing better to average). The others are small slides, left out of the means.
+
+    Parameters
+    ----------
+    folds
+        One row per held-out slide with an ``n_spots`` column (e.g. ``uns[key]["folds"]`` of
+        :func:`histo2expr.tl.fit_histo2expr`).
+    min_spots
+        The smallest number of spots a slide needs to count (``0``: every slide counts).
+    """
+    if "n_spots" not in folds.columns:
+        msg = (
+            f"The metrics table needs an `n_spots` column (one row per slide); it has {list(folds.columns)}."
+        )
+        raise KeyError(msg)
+    large = folds["n_spots"] >= min_spots
+    return large if large.any() else pd.Series(True, index=folds.index)
+
+
+def summarize(folds: pd.DataFrame, *, min_spots: int = MIN_SPOTS) -> pd.Series:
+    """Mean of every numeric metric column over held-out slides (NaN slides left out).
+
+    Only the slides :func:`counted_slides` counts: small slides (fewer than ``min_spots`` spots)
+    are left out unless every slide is that small; ``min_spots=0`` averages every slide.
+    """
+    counted = folds[counted_slides(folds, min_spots=min_spots).to_numpy()]
+    numeric = counted.select_dtypes("number").drop(columns=["n_spots", "n_nan_genes"], errors="ignore")
     return numeric.mean(axis=0, skipna=True)

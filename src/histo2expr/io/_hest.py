@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._slides import check_microns_per_pixel, check_spots_inside, downscale_pixels, spatial_entry, spot_table
+from .._validation import check_microns_per_pixel
+from ._slides import check_spots_inside, downscale_pixels, spatial_entry, spot_table
 from ._wsi import slide_thumbnail
 from ._wsi_image import open_slide_image
 

@@ -99,20 +99,97 @@ def no_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
+#: First bytes of the image formats histo2expr reads with Pillow or tifffile, and the suffixes they go by.
+_SIGNATURES = {
+    b"\xff\xd8\xff": ("JPEG", ".jpg"),
+    b"\x89PNG\r\n\x1a\n": ("PNG", ".png"),
+    b"II*\x00": ("TIFF", ".tif"),
+    b"MM\x00*": ("TIFF", ".tif"),
+    b"II+\x00": ("TIFF", ".tif"),
+    b"MM\x00+": ("TIFF", ".tif"),
+}
+_FORMAT_OF_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF"}
+#: How a complete JPEG or PNG file ends, looked for in its last bytes.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+_TAIL_BYTES = 65536
+
+
+def check_image_file(path: Path) -> None:
+    """Raise a clear ValueError when an image file is empty, not an image, misnamed or cut off.
+
+    Reads only the first and last bytes (and, for a TIFF, its directory): a JPEG, PNG or TIFF file
+    must start with its format's signature, match its suffix, and a JPEG or PNG must end with its
+    end marker, a TIFF hold all the bytes its directory points to.
+    """
+    expected = _FORMAT_OF_SUFFIX.get(path.suffix.lower())
+    if expected is None:  # whole-slide formats are checked by their readers
+        return
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        handle.seek(max(0, size - _TAIL_BYTES))
+        tail = handle.read()
+    found = next((kind for magic, kind in _SIGNATURES.items() if head.startswith(magic)), None)
+    if found is None:
+        what = "empty (0 bytes)" if size == 0 else f"not an image (it starts with {head!r})"
+        msg = f"Image {path} is {what}. Copy or export the {expected} image again."
+        raise ValueError(msg)
+    name, suffix = found
+    if name != expected:
+        msg = f"Image {path} is a {name} file named {path.suffix}. Rename it to {path.with_suffix(suffix).name}."
+        raise ValueError(msg)
+    if name in _END_MARKERS and _END_MARKERS[name] not in tail:
+        msg = (
+            f"Image {path} is cut off: it lacks the end marker every complete {name} file has (an interrupted "
+            "copy or download?). Copy the image again."
+        )
+        raise ValueError(msg)
+
+
+def unreadable_image(path: Path, error: Exception) -> ValueError:
+    """The clear error of an image file its decoder cannot read."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    msg = f"Image {path} cannot be read ({reason}); it is damaged or not an image. Copy or export it again."
+    return ValueError(msg)
+
+
 def read_image_size(path: str | Path) -> tuple[int, int]:
-    """Return ``(height, width)`` of an image file without decoding its pixels."""
+    """Return ``(height, width)`` of an image file without decoding its pixels.
+
+    Damaged files raise a ValueError naming the problem (:func:`check_image_file`).
+    """
     path = Path(path)
+    if not path.is_file():
+        msg = f"Image file {path} does not exist; check the path recorded for this slide."
+        raise FileNotFoundError(msg)
+    check_image_file(path)
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
-            shape = tif.series[0].levels[0].shape
-            axes = tif.series[0].levels[0].axes
+        try:
+            with tifffile.TiffFile(path) as tif:
+                level = tif.series[0].levels[0]
+                shape, axes = level.shape, level.axes
+                ends = [
+                    o + c
+                    for page in level.pages
+                    for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)
+                ]
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError) as error:
+            raise unreadable_image(path, error) from error
+        if ends and max(ends) > path.stat().st_size:
+            msg = (
+                f"Image {path} is cut off: its pixel data run past the end of the file. Copy the image again."
+            )
+            raise ValueError(msg)
         return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with no_pixel_limit(), Image.open(path) as image:
-        width, height = image.size
+    try:
+        with no_pixel_limit(), Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise unreadable_image(path, error) from error
     return int(height), int(width)
 
 

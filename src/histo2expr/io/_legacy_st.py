@@ -16,7 +16,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from histo2expr._validation import check_counts
+from histo2expr._validation import MPP_FIX, check_counts, check_microns_per_pixel, check_slide_id
 from histo2expr.io._image import read_image_size
 from histo2expr.io._slides import check_spots_inside, downscale_image, spatial_entry
 
@@ -244,6 +244,14 @@ def _pitch_px(table: pd.DataFrame, path: Path) -> float | None:
     if np.linalg.matrix_rank(design) < 3:
         return None
     coef = np.linalg.lstsq(design, table[["pixel_x", "pixel_y"]].to_numpy(float), rcond=None)[0]
+    if abs(coef[0, 1]) > abs(coef[0, 0]) and abs(coef[1, 0]) > abs(coef[1, 1]):
+        msg = (
+            f"Spot file {path}: the array x coordinate runs along pixel_y and the array y along pixel_x (fitted "
+            f"pixels per array unit: x -> ({coef[0, 0]:.1f}, {coef[0, 1]:.1f}), y -> ({coef[1, 0]:.1f}, "
+            f"{coef[1, 1]:.1f})), so the pixel_x and pixel_y columns look swapped; spots would be cut from the "
+            "wrong places. Swap the two columns in the spot file (or rotate the image back if it was rotated)."
+        )
+        raise ValueError(msg)
     pitch_x, pitch_y = np.linalg.norm(coef[0]), np.linalg.norm(coef[1])
     if abs(pitch_x - pitch_y) > 0.05 * max(pitch_x, pitch_y):
         warnings.warn(
@@ -264,6 +272,42 @@ class _SectionData:
     genes: pd.Index
     counts: sparse.csr_matrix
     uns: dict
+    image_size: tuple[int, int]
+
+
+#: Sections read together whose estimated pixel size and image extent both differ from the others' by
+#: more than this factor have scaled pixel coordinates.
+_SCALE_TOLERANCE = 1.25
+
+
+def _check_scales_agree(parts: list[_SectionData]) -> None:
+    """Raise when a section's coordinates look scaled against its sister sections.
+
+    Scaling the pixel coordinates of a section (e.g. taking them from a downscaled image) scales its
+    estimated pixel size and, with it, the physical extent of its image by the same factor. A section
+    scanned at another resolution differs in pixel size only (its image has more or fewer pixels), and
+    a cropped image in extent only; both together single out scaled coordinates.
+    """
+    estimated = [
+        p for p in parts if p.uns["metadata"]["microns_per_pixel_source"] == "estimated from spot pitch"
+    ]
+    if len(estimated) < 2:
+        return
+    mpp = np.array([p.uns["scalefactors"]["microns_per_pixel"] for p in estimated])
+    extent = np.array([np.sqrt(np.prod(p.image_size)) for p in estimated]) * mpp
+    mpp_ratio, extent_ratio = mpp / np.median(mpp), extent / np.median(extent)
+    limit = np.log(_SCALE_TOLERANCE)
+    off = (np.abs(np.log(mpp_ratio)) > limit) & (np.abs(np.log(extent_ratio)) > limit)
+    off &= np.sign(np.log(mpp_ratio)) == np.sign(np.log(extent_ratio))
+    if off.any():
+        which = [f"{p.slide} ({r:.2f}x)" for p, r, o in zip(estimated, mpp_ratio, off, strict=True) if o]
+        msg = (
+            f"The spot coordinates of sections {which} imply pixel sizes (and images of a physical size) that many "
+            f"times those of the other sections (median {np.median(mpp):.4g} µm/px), as when pixel_x / pixel_y "
+            "are taken from a resized image. Check their spot files against their full-resolution images; if the "
+            "images really differ, read those sections on their own with `microns_per_pixel=`."
+        )
+        raise ValueError(msg)
 
 
 def _read_section(section: _Section, *, microns_per_pixel: float | None, hires_max_px: int) -> _SectionData:
@@ -292,9 +336,11 @@ def _read_section(section: _Section, *, microns_per_pixel: float | None, hires_m
     spot_ids, counts = spot_ids[keep], counts[np.flatnonzero(keep)]
     spots = selected.loc[spot_ids]
     spatial = spots[["pixel_x", "pixel_y"]].to_numpy(np.float64)
-    check_spots_inside(
-        spatial, spot_ids, slide=section.slide, size=read_image_size(section.image), image=section.image
-    )
+    if not np.isfinite(spatial).all():
+        msg = f"Spot file {section.spots} has missing or infinite pixel_x / pixel_y values; fix or drop those spots."
+        raise ValueError(msg)
+    image_size = read_image_size(section.image)
+    check_spots_inside(spatial, spot_ids, slide=section.slide, size=image_size, image=section.image)
 
     pitch = _pitch_px(table, section.spots)
     if microns_per_pixel is None:
@@ -305,6 +351,12 @@ def _read_section(section: _Section, *, microns_per_pixel: float | None, hires_m
             )
             raise ValueError(msg)
         mpp, source = SPOT_PITCH_UM / pitch, "estimated from spot pitch"
+        check_microns_per_pixel(
+            mpp,
+            where=f"section {section.slide!r} (estimated from its spot pitch of {pitch:.4g} px)",
+            fix="Check that pixel_x / pixel_y of the spot file are full-resolution image pixels, or pass "
+            "`microns_per_pixel=`.",
+        )
     else:
         mpp, source = float(microns_per_pixel), "argument"
         if pitch is not None and abs(SPOT_PITCH_UM / pitch - mpp) > 0.1 * mpp:
@@ -331,7 +383,7 @@ def _read_section(section: _Section, *, microns_per_pixel: float | None, hires_m
         },
         index=section.slide + "_" + spot_ids,
     )
-    return _SectionData(section.slide, section.patient, obs, spatial, genes, counts, uns)
+    return _SectionData(section.slide, section.patient, obs, spatial, genes, counts, uns, image_size)
 
 
 def _combine_genes(parts: list[_SectionData], how: str) -> tuple[pd.Index, sparse.csr_matrix]:
@@ -435,14 +487,15 @@ def read_legacy_st(
     if genes not in ("intersection", "union"):
         msg = f"`genes` must be 'intersection' or 'union', got {genes!r}."
         raise ValueError(msg)
-    if microns_per_pixel is not None and not microns_per_pixel > 0:
-        msg = f"`microns_per_pixel` must be a positive number, got {microns_per_pixel}."
-        raise ValueError(msg)
+    if microns_per_pixel is not None:
+        check_microns_per_pixel(microns_per_pixel, where="`microns_per_pixel`", fix=MPP_FIX)
     path = Path(path)
     layout, found = _find_sections(path)
     parts = []
     for section in _select_sections(found, sections, layout):  # one image decoded at a time
+        check_slide_id(section.slide)
         parts.append(_read_section(section, microns_per_pixel=microns_per_pixel, hires_max_px=hires_max_px))
+    _check_scales_agree(parts)
     var_names, counts = _combine_genes(parts, genes)
     patient_of = {part.slide: part.patient for part in parts} | dict(patients or {})
     obs = pd.concat([part.obs for part in parts])

@@ -23,16 +23,15 @@ from histo2expr.io._image import (
     ArrayImage,
     _pil_to_rgb,
     no_pixel_limit,
+    read_image_size,
     to_rgb_uint8,
+    unreadable_image,
 )
 from histo2expr.io._wsi_image import open_slide_image
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
     from xarray import DataArray
-
-#: Pixel sizes (µm) outside this range are not a microscope's: e.g. the 72 or 300 dpi software defaults.
-PLAUSIBLE_MPP = (0.02, 20.0)
 
 
 @dataclass(frozen=True)
@@ -112,12 +111,16 @@ def downscale_image(path: str | Path, *, max_px: int = 2000) -> tuple[np.ndarray
     from PIL import Image
 
     path = Path(path)
-    with no_pixel_limit(), Image.open(path) as image:
-        size, scale = _target_size(*image.size, max_px)
-        image.draft(None, size)
-        if image.mode != "RGB":
-            image = Image.fromarray(_pil_to_rgb(image, path))
-        return _shrink(image, size), scale
+    read_image_size(path)  # a clear error for a damaged or misnamed file
+    try:
+        with no_pixel_limit(), Image.open(path) as image:
+            size, scale = _target_size(*image.size, max_px)
+            image.draft(None, size)
+            if image.mode != "RGB":
+                image = Image.fromarray(_pil_to_rgb(image, path))
+            return _shrink(image, size), scale
+    except OSError as error:  # e.g. damaged compressed data inside a complete-looking file
+        raise unreadable_image(path, error) from error
 
 
 def downscale_pixels(pixels: np.ndarray, *, max_px: int = 2000) -> tuple[np.ndarray, float]:
@@ -146,36 +149,6 @@ def check_spots_inside(
             "same section and that the image was not resized."
         )
         raise ValueError(msg)
-
-
-def check_microns_per_pixel(value: Any, *, where: str, fix: str) -> float:
-    """``value`` as a pixel size in µm, or raise when it is missing, not positive or no microscope's.
-
-    Parameters
-    ----------
-    value
-        The pixel size read from a file or given by the user.
-    where
-        Where it comes from (e.g. ``"metadata/TENX95.json field 'pixel_size_um_estimated'"``).
-    fix
-        How the user corrects it, appended to the message.
-    """
-    number = None
-    if not isinstance(value, bool) and isinstance(value, int | float | np.number | str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if number is None or not np.isfinite(number) or number <= 0:
-        msg = f"The pixel size in {where} is {value!r}, not a positive number of micrometres per pixel. {fix}"
-        raise ValueError(msg)
-    if not PLAUSIBLE_MPP[0] <= number <= PLAUSIBLE_MPP[1]:
-        msg = (
-            f"The pixel size in {where} is {number:g} µm, outside the {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} µm "
-            f"of a microscope image (about 0.25 at 40x, 0.5 at 20x). {fix}"
-        )
-        raise ValueError(msg)
-    return number
 
 
 def spatial_entry(
@@ -224,12 +197,14 @@ def spot_table(
     ``X`` raw counts (float32 CSR, checked), ``obs_names`` ``"{slide}_{barcode}"``, categorical
     ``obs['slide']`` and ``obs['patient']`` before the columns of ``obs`` (indexed by barcode),
     ``obsm['spatial']`` = ``coords`` and ``uns['spatial'][slide]`` = ``entry``. Duplicated gene names are
-    made unique with a warning naming ``source``, the file the counts came from.
+    made unique with a warning naming ``source``, the file the counts came from. A slide id that writing
+    would mangle is refused (``_validation.check_slide_id``).
     """
     from scipy import sparse
 
-    from histo2expr._validation import check_counts
+    from histo2expr._validation import check_counts, check_slide_id
 
+    slide = check_slide_id(slide)
     matrix = sparse.csr_matrix(counts, dtype=np.float32)
     check_counts(matrix, where=f"Count matrix {source}")
     obs = obs.copy()

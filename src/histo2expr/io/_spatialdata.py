@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._validation import check_obs_key, spatial_coordinates
+from .._validation import check_element_name, check_obs_key, check_slide_id, spatial_coordinates
 from ._slides import SlideImage, slide_images
 from ._wsi_image import PyramidImage, open_slide_image
 
@@ -81,7 +81,8 @@ def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
     ----------
     adata
         AnnData following the histo2expr data model (``uns["spatial"][slide]`` with the image of each
-        slide, ``obsm["spatial"]``, ``spot_diameter_fullres``).
+        slide, ``obsm["spatial"]``, ``spot_diameter_fullres``). Slide ids name the elements, so they
+        may only hold letters, digits, ``_``, ``-`` and ``.``.
     slide_key
         Column of ``obs`` with the slide of each spot.
 
@@ -128,6 +129,8 @@ def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
             for name, meta in ((n, e.get("metadata", {})) for n, e in adata.uns.get("spatial", {}).items())
             if "source_image_path" in meta
         }
+    for name in images:
+        check_element_name(check_slide_id(name))
     elements_images, elements_shapes = {}, {}
     column = slides.to_numpy()
     coords = spatial_coordinates(adata) if adata.n_obs else np.zeros((0, 2))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from anndata import AnnData
 
+from histo2expr._validation import MPP_FIX, check_microns_per_pixel, check_slide_id, check_spot_spacing
 from histo2expr.io._image import read_image_size, to_rgb_uint8
 from histo2expr.io._slides import check_spots_inside, downscale_pixels, spatial_entry, spot_table
 from histo2expr.io._spaceranger import counts_present, library_id_of, positions_file, read_space_ranger
@@ -162,12 +163,11 @@ def read_visium(
     """
     path = Path(path)
     counts, positions = _check_files(path, counts_file)
-    if microns_per_pixel is not None and not microns_per_pixel > 0:
-        msg = f"`microns_per_pixel` must be a positive number, got {microns_per_pixel}."
-        raise ValueError(msg)
+    if microns_per_pixel is not None:
+        check_microns_per_pixel(microns_per_pixel, where="`microns_per_pixel`", fix=MPP_FIX)
     if library_id is None:
         library_id = library_id_of(counts) or (path.parent.name if path.name == "outs" else path.name)
-    library_id = str(library_id)
+    library_id = check_slide_id(library_id)
     adata = read_space_ranger(path, counts, positions, library_id=library_id)
     entry = adata.uns["spatial"][library_id]
     scalefactors = dict(entry["scalefactors"])
@@ -198,21 +198,34 @@ def read_visium(
         coords[in_tissue], adata.obs_names[in_tissue], slide=library_id, size=size, image=source or hires_file
     )
 
+    spacing = SPOT_PITCH_UM / SPOT_DIAMETER_UM * float(scalefactors["spot_diameter_fullres"])
+    check_spot_spacing(coords[in_tissue], spacing, slide=library_id, where=str(positions))
     hires, shrink = downscale_pixels(hires, max_px=hires_max_px)
+    diameter = float(scalefactors["spot_diameter_fullres"])
+    estimate = SPOT_DIAMETER_UM / diameter
     if microns_per_pixel is None:
-        mpp, mpp_source = (
-            SPOT_DIAMETER_UM / float(scalefactors["spot_diameter_fullres"]),
-            "estimated from spot diameter",
+        mpp, mpp_source = estimate, "estimated from spot diameter"
+        check_microns_per_pixel(
+            mpp,
+            where=f"the scale factors (estimated from spot_diameter_fullres = {diameter:g} px)",
+            fix=f"Check {path / 'spatial' / 'scalefactors_json.json'}, or pass `microns_per_pixel=`.",
         )
     else:
         mpp, mpp_source = float(microns_per_pixel), "argument"
+        if abs(estimate / mpp - 1) > 0.1:
+            warnings.warn(
+                f"`microns_per_pixel={mpp}` differs by more than 10 % from {estimate:.4g}, the value implied by "
+                f"the spot diameter of {diameter:.4g} px in the Space Ranger scale factors.",
+                UserWarning,
+                stacklevel=2,
+            )
     new_entry = spatial_entry(
         hires,
         hires_scalef=hires_scalef * shrink,
         microns_per_pixel=mpp,
         microns_per_pixel_source=mpp_source,
         spot_diameter_fullres=float(scalefactors["spot_diameter_fullres"]),
-        spot_spacing_fullres=SPOT_PITCH_UM / mpp,
+        spot_spacing_fullres=spacing,
         source_image_path=source,
     )
     new_entry["images"]["lowres"] = lowres

@@ -18,8 +18,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._validation import PLAUSIBLE_MPP, check_microns_per_pixel, check_slide_id
 from ._image import LazyImage, no_pixel_limit
-from ._slides import PLAUSIBLE_MPP, downscale_image, downscale_pixels, spatial_entry
+from ._slides import downscale_image, downscale_pixels, spatial_entry
 from ._wsi_image import (
     OPENSLIDE_SUFFIXES,
     PLAIN_SUFFIXES,
@@ -131,13 +132,9 @@ def _resolve_mpp(path: Path, mpp: float | None, downsample: float) -> tuple[floa
             )
     file_mpp = None if found is None else float(np.mean(found))
     if mpp is not None:
-        if (
-            isinstance(mpp, bool)
-            or not isinstance(mpp, int | float | np.number)
-            or not (np.isfinite(mpp) and mpp > 0)
-        ):
-            msg = f"`mpp` must be a positive number of micrometres per full-resolution pixel, got {mpp!r}."
-            raise ValueError(msg)
+        check_microns_per_pixel(
+            mpp, where="`mpp`", fix="Pass the scanner's micrometres per full-resolution pixel."
+        )
         if file_mpp is not None and abs(mpp / file_mpp - 1) > _MPP_TOLERANCE:
             warnings.warn(
                 f"`mpp={mpp}` overrides the pixel size {file_mpp:.4g} µm recorded in {path.name} ({fields}).",
@@ -272,6 +269,7 @@ def read_wsi(
             "(e.g. with bfconvert or vips) if it is in another format."
         )
         raise ValueError(msg)
+    slide = check_slide_id(slide if slide is not None else path.name.split(".")[0])
     level = 0 if level is None else level
     try:
         image = open_slide_image(path, level=level)
@@ -285,7 +283,6 @@ def read_wsi(
     downsample = image.downsamples[level] if isinstance(image, PyramidImage) else 1.0
     microns_per_pixel, source = _resolve_mpp(path, mpp, downsample)
     hires, scale = slide_thumbnail(image, max_px=hires_max_px)
-    slide = str(slide) if slide is not None else path.name.split(".")[0]
     entry = spatial_entry(
         hires,
         hires_scalef=scale,

@@ -18,8 +18,8 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from .._validation import non_negative_number
-from ._slides import check_microns_per_pixel, spatial_entry, spot_table
+from .._validation import check_microns_per_pixel, non_negative_number
+from ._slides import spatial_entry, spot_table
 from ._wsi import slide_thumbnail
 from ._wsi_image import open_slide_image
 

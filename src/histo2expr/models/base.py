@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from .._validation import non_negative_number, seed_value
+
 if TYPE_CHECKING:
     from ..patches import PatchSource
 
@@ -155,12 +157,11 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or not low <= value <= high:
                 msg = f"`{name}` must be an integer between {low} and {high}, got {value!r}."
                 raise ValueError(msg)
-        if not 0 < self.lr <= 1:
+        if non_negative_number(self.lr, "lr", positive=True) > 1:
             msg = f"`lr` must be in (0, 1], got {self.lr!r}."
             raise ValueError(msg)
-        if self.weight_decay < 0:
-            msg = f"`weight_decay` must be >= 0, got {self.weight_decay!r}."
-            raise ValueError(msg)
+        non_negative_number(self.weight_decay, "weight_decay")
+        seed_value(self.seed)
 
 
 @dataclass
@@ -192,6 +193,14 @@ class Method:
     def __init__(self, **params: Any) -> None:
         self.params = params
         self.report: FitReport | None = None
+
+    @property
+    def uses_coordinates(self) -> bool:
+        """Whether fitting, as configured, learns from the spot centres (``SpotSet.coords``).
+
+        False by default; the ``tl`` layer refuses data without spot centres for a method that says True.
+        """
+        return False
 
     def check_regime(self, data: SpotSet) -> None:
         """Raise when the method does not support ``data``'s regime, or its token features."""

@@ -488,6 +488,11 @@ class CHRepMethod(TorchMethod):
         #: ``(n_gallery, n_genes)`` their standardised expression (CPU, float32).
         self.gallery_expression: torch.Tensor | None = None
 
+    @property
+    def uses_coordinates(self) -> bool:
+        """True with the contrastive or topology loss (both read the spot centres); ``losses=("regression",)`` is not."""
+        return bool({"contrastive", "topology"} & set(self.params["losses"]))
+
     def build(self, image_input: ImageInput, n_genes: int) -> _CHRepNetwork:
         """All trainable parts of CHRep (random weights, correction at zero)."""
         return _CHRepNetwork(image_input, n_genes, self.params)

@@ -57,6 +57,12 @@ def spatial_knn(coords: np.ndarray, groups: np.ndarray, *, k: int) -> np.ndarray
                 f"lower the number of neighbours below {len(members)} or leave out that slide."
             )
             raise ValueError(msg)
+        if np.ptp(coords[members], axis=0).max() == 0:
+            msg = (
+                f"All {len(members)} spots of slide {group!r} have the same coordinates, so their spatial "
+                "neighbours would be arbitrary; pass the spot centres (obsm['spatial'], full-resolution pixels)."
+            )
+            raise ValueError(msg)
         _, found = cKDTree(coords[members]).query(coords[members], k=k + 1)
         found = np.asarray(found).reshape(len(members), k + 1)
         own = found == np.arange(len(members))[:, None]

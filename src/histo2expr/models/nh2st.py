@@ -327,6 +327,11 @@ class NH2STMethod(TorchMethod):
             dropout=dropout,
         )
 
+    @property
+    def uses_coordinates(self) -> bool:
+        """True with the neighbour branch (its spatial neighbours), which ``neighbour_branch=False`` turns off."""
+        return self.params["contrastive"] and self.params["neighbour_branch"]
+
     def build(self, image_input: ImageInput, n_genes: int) -> _NH2STNetwork:
         """All trainable parts of NH2ST (random weights)."""
         return _NH2STNetwork(image_input, n_genes, self.params)
@@ -355,7 +360,10 @@ class NH2STMethod(TorchMethod):
                 return F.mse_loss(network.predict(batch).float(), targets)
             size = len(targets) // (k + 1) if with_neighbours else len(targets)  # the batch's own spots
             unique, rows = _unique_rows(batch)
-            image, gene = network(unique)[rows], network.gene_encoder(unique["targets"])[rows]
+            # index_select, not `[rows]`: its backward sums the repeated rows in a fixed order on any number
+            # of threads, so that CPU fits stay bit-identical
+            image = network(unique).index_select(0, rows)
+            gene = network.gene_encoder(unique["targets"]).index_select(0, rows)
             loss = F.mse_loss(network.translator(image[:size]).float(), targets[:size])
             loss = loss + query_weight * aligned("query_attention", image[:size], gene[:size])
             if with_neighbours:

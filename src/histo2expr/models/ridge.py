@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..splits import leave_one_slide_out
 from .base import FitReport, Method, SpotSet, TrainConfig, concat_spots, register_method
 from .scaling import Standardizer
 
 #: Default grid of ridge penalties (relative to the number of training spots).
 DEFAULT_ALPHAS = tuple(np.logspace(-3, 3, 13))
+#: Most inner folds the penalty is chosen on: the cost stays linear in the number of slides.
+MAX_INNER_FOLDS = 5
+
+
+def inner_splits(groups: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(fit, validation)`` positions of the inner folds that choose the penalty.
+
+    Whole slides (groups) on each side: at most ``MAX_INNER_FOLDS`` folds of slides balanced by
+    spot count (scikit-learn's ``GroupKFold``), i.e. leave-one-slide-out with five
+    slides or fewer. With a single slide, a seeded 5-fold split of its spots.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    n_groups = len(np.unique(groups))
+    if n_groups >= 2:
+        folds = GroupKFold(n_splits=min(MAX_INNER_FOLDS, n_groups))
+        return list(folds.split(np.zeros(len(groups)), groups=groups))
+    order = np.random.default_rng(0).permutation(len(groups))
+    return [(np.setdiff1d(order, part), part) for part in np.array_split(order, MAX_INNER_FOLDS)]
 
 
 def _spectrum(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -44,9 +62,10 @@ def _ridge_coefficients(features: np.ndarray, targets: np.ndarray, alpha: float)
 class RidgeRegressor:
     """Standardise features, optionally reduce them with PCA, and fit a ridge regression.
 
-    The penalty is chosen by leave-one-slide-out over the *training* slides (or a
-    5-fold split of spots when there is only one), scoring the mean squared error of
-    the standardised targets — the held-out slide of the outer fold plays no part.
+    The penalty is chosen by grouped cross-validation over the *training* slides
+    (``inner_splits``: at most five folds of whole slides, or a 5-fold split of spots
+    when there is only one), scoring the mean squared error of the standardised targets —
+    the held-out slide of the outer fold plays no part.
 
     Parameters
     ----------
@@ -97,12 +116,7 @@ class RidgeRegressor:
                 raise ValueError(msg)
             self.components_ = np.linalg.svd(z - z.mean(0), full_matrices=False)[2][: self.n_components]
         z = self._project(z)
-        groups = np.asarray(groups).astype(str)
-        if len(np.unique(groups)) >= 2:
-            splits = [(f.train, f.test) for f in leave_one_slide_out(groups)]
-        else:
-            order = np.random.default_rng(0).permutation(len(z))
-            splits = [(np.setdiff1d(order, part), part) for part in np.array_split(order, 5)]
+        splits = inner_splits(np.asarray(groups).astype(str))
         errors = np.zeros(len(self.alphas))
         for train, valid in splits:
             offset, target_offset = z[train].mean(0), targets[train].mean(0)
@@ -165,8 +179,9 @@ class RidgeMethod(Method):
 
     Features are standardised with statistics of the spots fitted on (scale floored at a tenth of
     the median feature scale, values clipped to ±10), optionally reduced with PCA, and regressed
-    on the standardised expression; the penalty is chosen by leave-one-slide-out over the
-    training slides. Frozen regime only: with an encoder trained end to end it would be ST-Net
+    on the standardised expression; the penalty is chosen by grouped cross-validation over the
+    training slides (at most five folds of whole slides: leave-one-slide-out with five or fewer).
+    Frozen regime only: with an encoder trained end to end it would be ST-Net
     (``method="stnet"``).
 
     Parameters

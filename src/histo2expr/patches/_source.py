@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anndata import AnnData
 
-from histo2expr._validation import check_obs_key, get_table, spatial_coordinates
+from histo2expr._validation import (
+    check_microns_per_pixel,
+    check_obs_key,
+    check_spot_spacing,
+    get_table,
+    spatial_coordinates,
+)
 from histo2expr.io._image import PAD_VALUE, LazyImage
 from histo2expr.io._slides import slide_images
 
@@ -47,7 +53,8 @@ def check_indices(indices: Any, n: int, *, what: str = "indices") -> np.ndarray:
     return array
 
 
-def _check_patch_size(patch_size: Any) -> int:
+def check_patch_size(patch_size: Any) -> int:
+    """Return ``patch_size`` as an int, or raise when it is not a whole number of pixels from 2 to 4096."""
     if isinstance(patch_size, bool) or not isinstance(patch_size, int | np.integer):
         msg = f"`patch_size` must be an integer number of pixels, got {patch_size!r}."
         raise TypeError(msg)
@@ -68,18 +75,15 @@ def _resolve_mpp(mpp: float | None, slides: Sequence[SlideImage]) -> float | Non
         "Set `adata.uns['spatial'][slide]['scalefactors']['microns_per_pixel']` for those slides "
         "(the scanner's pixel size in micrometres)"
     )
-    for slide, value in known.items():
-        if not (np.isfinite(value) and value > 0):
-            msg = f"Slide {slide!r} has `microns_per_pixel={value}`; it must be a positive number. {fix}."
-            raise ValueError(msg)
+    for slide in slides:  # the recorded full-resolution pixel size (a downscaled image's is larger)
+        if slide.microns_per_pixel is not None:
+            where = f"`uns['spatial'][{slide.slide!r}]['scalefactors']['microns_per_pixel']`"
+            check_microns_per_pixel(slide.microns_per_pixel * slide.coord_scale, where=where, fix=f"{fix}.")
     if mpp is not None:
-        if (
-            isinstance(mpp, bool)
-            or not isinstance(mpp, int | float | np.number)
-            or not (np.isfinite(mpp) and mpp > 0)
-        ):
-            msg = f"`mpp` must be a positive number of micrometres per patch pixel, got {mpp!r}."
-            raise ValueError(msg)
+        check_microns_per_pixel(
+            mpp, where="`mpp`", fix="Give `mpp` in micrometres per patch pixel (e.g. 0.5)."
+        )
+        mpp = float(mpp)
         if missing:
             msg = (
                 f"`mpp={mpp}` asks for patches at a physical scale, but slides {missing} have no "
@@ -108,6 +112,16 @@ def _resolve_mpp(mpp: float | None, slides: Sequence[SlideImage]) -> float | Non
             stacklevel=3,
         )
     return target
+
+
+def _check_spacing(adata: AnnData, coords: np.ndarray, codes: np.ndarray, slides: list[str]) -> None:
+    """The spots of every slide against the spacing recorded in ``uns["spatial"]`` (see ``check_spot_spacing``)."""
+    spatial = adata.uns.get("spatial") or {}
+    for code, slide in enumerate(slides):
+        factors = (spatial.get(slide) or {}).get("scalefactors") or {}
+        spacing = factors.get("spot_spacing_fullres")
+        if spacing is not None:
+            check_spot_spacing(coords[codes == code], float(spacing), slide=slide, where="`obsm['spatial']`")
 
 
 class PatchSource:
@@ -176,7 +190,7 @@ class PatchSource:
         table_key: str = "table",
         image_key: str | Mapping[str, str] | None = None,
     ) -> None:
-        self.patch_size = _check_patch_size(patch_size)
+        self.patch_size = check_patch_size(patch_size)
         table = get_table(data, table_key)
         slide_column = check_obs_key(table, slide_key)
         if table.n_obs == 0:
@@ -195,6 +209,7 @@ class PatchSource:
         self._images: list[SlideImage] = [images[s] for s in self.slides]
         self._codes = slide_column.cat.codes.to_numpy().astype(np.int32)
         if isinstance(data, AnnData):
+            _check_spacing(table, coords, self._codes, self.slides)
             scales = np.array([s.coord_scale for s in self._images])
             self._centres = coords * scales[self._codes, None]
         else:  # the SpatialData transformations (scale and translation) placed the spots on each image

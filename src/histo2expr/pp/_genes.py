@@ -9,7 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._validation import check_obs_key
+from .._validation import check_log_normalised, check_obs_key, positive_int
 
 _FLAVORS = ("heg", "hvg")
 
@@ -20,12 +20,7 @@ def _log_expression(adata: AnnData, layer: str | None) -> np.ndarray | sp.spmatr
             msg = f"Layer {layer!r} is not in `adata.layers` ({list(adata.layers)})."
             raise KeyError(msg)
         return adata.layers[layer]
-    if "log1p" not in adata.uns:
-        msg = (
-            "`adata.X` does not look log-normalised (no `adata.uns['log1p']`). Run `hx.pp.normalize(adata)` "
-            "first, or pass `layer=` with log-normalised values."
-        )
-        raise ValueError(msg)
+    check_log_normalised(adata)
     return adata.X
 
 
@@ -92,7 +87,8 @@ def select_genes(
     if flavor not in _FLAVORS:
         msg = f"`flavor` must be one of {_FLAVORS}, got {flavor!r}."
         raise ValueError(msg)
-    if not 1 <= n_top <= adata.n_vars:
+    n_top = positive_int(n_top, "n_top")
+    if not n_top <= adata.n_vars:
         msg = f"`n_top={n_top}` must be between 1 and the number of genes ({adata.n_vars}); lower it."
         raise ValueError(msg)
     labels = check_obs_key(adata, slide_key)

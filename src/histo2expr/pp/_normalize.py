@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._validation import check_counts
+from .._validation import check_counts, check_not_empty, non_negative_number
 
 
 def normalize(
@@ -25,7 +25,9 @@ def normalize(
     Parameters
     ----------
     adata
-        Spots x genes with raw counts in ``X`` (or already in ``layers[counts_layer]``).
+        Spots x genes with raw counts (whole numbers) in ``X`` (or already in ``layers[counts_layer]``);
+        anything else — log-normalised or scaled values, counts with fractions — is refused, so that
+        data are never logged twice.
     target_sum
         Counts per spot after scaling (10,000 by default, as in scanpy tutorials).
     counts_layer
@@ -46,10 +48,16 @@ def normalize(
     ``.obs["total_counts"]``
         Counts per spot.
     """
-    if target_sum <= 0:
-        msg = f"`target_sum` must be positive, got {target_sum}."
-        raise ValueError(msg)
+    target_sum = non_negative_number(target_sum, "target_sum", positive=True)
+    check_not_empty(adata, what="normalisation")
     adata = adata.copy() if copy else adata
+    if counts_layer not in adata.layers and "log1p" in adata.uns:
+        msg = (
+            f"`adata.X` is already log-normalised (`uns['log1p']` is set) and `layers[{counts_layer!r}]` with the "
+            "raw counts is gone, so normalising again would log it twice. Use the data as they are, or put the "
+            f"raw counts back into `layers[{counts_layer!r}]` (or pass `counts_layer=` naming the layer with them)."
+        )
+        raise ValueError(msg)
     counts = adata.layers[counts_layer] if counts_layer in adata.layers else adata.X
     where = f"`adata.layers[{counts_layer!r}]`" if counts_layer in adata.layers else "`adata.X`"
     check_counts(counts, where=where)

@@ -16,13 +16,10 @@ from .._validation import check_obs_key, spatial_coordinates
 
 
 def log_expression(adata: AnnData, genes: Sequence[str]) -> np.ndarray:
-    """Dense ``(n_spots, len(genes))`` float32 log-normalised expression of ``genes`` from ``X``."""
-    if "log1p" not in adata.uns:
-        msg = (
-            "`adata.X` does not look log-normalised (no `adata.uns['log1p']`); histo2expr predicts "
-            "log-normalised expression. Run `hx.pp.normalize(adata)` first."
-        )
-        raise ValueError(msg)
+    """Dense ``(n_spots, len(genes))`` float32 log-normalised expression of ``genes`` from ``X``.
+
+    The callers check once that ``X`` is log-normalised (:func:`~histo2expr._validation.check_log_normalised`).
+    """
     columns = adata.var_names.get_indexer(list(genes))
     if (columns < 0).any():
         missing = [g for g, c in zip(genes, columns, strict=True) if c < 0]
@@ -39,8 +36,24 @@ def log_expression(adata: AnnData, genes: Sequence[str]) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def check_genes(adata: AnnData, genes: Sequence[str]) -> list[str]:
-    """Validate a user-given gene list against ``var_names``."""
+def check_genes(adata: AnnData, genes: Any) -> int | list[str]:
+    """A number of genes to choose, or a user-given gene list validated against ``var_names``.
+
+    Lists, tuples, numpy arrays and pandas Index / Series of names are accepted.
+    """
+    if isinstance(genes, int | np.integer) and not isinstance(genes, bool):
+        if not 1 <= genes <= adata.n_vars:
+            msg = f"`genes={genes}` must be between 1 and the number of genes ({adata.n_vars})."
+            raise ValueError(msg)
+        return int(genes)
+    if isinstance(genes, str | bytes | bool) or not isinstance(
+        genes, Sequence | np.ndarray | pd.Index | pd.Series
+    ):
+        msg = f"`genes` must be a number of genes or a list of gene names, got {genes!r}."
+        raise TypeError(msg)
+    if np.ndim(genes) != 1:
+        msg = f"`genes` must be a flat list of gene names, got an array of shape {np.shape(genes)}."
+        raise TypeError(msg)
     genes = [str(g) for g in genes]
     if len(genes) == 0:
         msg = "`genes` is an empty list; give gene names or a number of genes to choose."
@@ -116,19 +129,41 @@ def slide_labels(adata: AnnData, slide_key: str, *, required: bool = True) -> np
     return check_obs_key(adata, slide_key).astype(str).to_numpy()
 
 
-def coordinates(adata: AnnData) -> np.ndarray:
-    """Spot centres, or zeros when the data has none (methods that need them check)."""
-    if "spatial" not in adata.obsm:
-        return np.zeros((adata.n_obs, 2))
-    return spatial_coordinates(adata)
+def coordinates(adata: AnnData, *, needed_by: str | None = None) -> np.ndarray:
+    """Spot centres ``obsm["spatial"]``; NaN when the data has none and no method reads them.
+
+    Parameters
+    ----------
+    adata
+        The spots.
+    needed_by
+        Name of a method that reads the coordinates (:attr:`~histo2expr.models.Method.uses_coordinates`):
+        without ``obsm["spatial"]`` that is a clear error instead of unknown coordinates.
+    """
+    if "spatial" in adata.obsm:
+        return spatial_coordinates(adata)
+    if needed_by is not None:
+        msg = (
+            f"Method {needed_by!r}, as configured, learns from the spot positions, but `adata.obsm['spatial']` "
+            "is missing. Store the spot centres (x, y) in full-resolution pixels there (the histo2expr readers "
+            "do), or turn off the parts of the method that use them (see its documentation)."
+        )
+        raise KeyError(msg)
+    return np.full((adata.n_obs, 2), np.nan)
 
 
 def h5ad_safe(value: Any) -> Any:
-    """Convert tuples to lists (recursively) so the value can be written to h5ad ``uns``."""
+    """Plain Python values (recursively): dicts with string keys, lists for tuples and arrays, numbers.
+
+    Such a value can be written to h5ad ``uns`` and saved in a weights-only torch file; a record read
+    back from h5ad (where lists became numpy arrays) turns plain again.
+    """
     if isinstance(value, dict):
         return {str(k): h5ad_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [h5ad_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return h5ad_safe(value.tolist())
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -143,13 +178,25 @@ def score_slides(
     mean: np.ndarray,
     std: np.ndarray,
 ) -> tuple[list[dict[str, Any]], dict[str, pd.Series]]:
-    """Metrics of every slide on its own (one row each) and the per-gene PCC of every slide."""
+    """Metrics of every slide on its own (one row each) and the per-gene PCC of every slide.
+
+    A slide with fewer than ``metrics.MIN_SPOTS`` spots is flagged (``small_slide``, with a warning):
+    :func:`histo2expr.metrics.summarize` leaves it out of the means over slides.
+    """
     rows, pccs = [], {}
     for slide in dict.fromkeys(slides):
         on_slide = slides == slide
         result = metrics.evaluate_slide(truth[on_slide], predicted[on_slide], mean=mean, std=std, ks=(50,))
-        rows.append({"slide": slide, **result, "n_genes": len(genes)})
+        small = result["n_spots"] < metrics.MIN_SPOTS
+        rows.append({"slide": slide, **result, "n_genes": len(genes), "small_slide": small})
         pccs[slide] = pd.Series(metrics.gene_pcc(truth[on_slide], predicted[on_slide]), index=list(genes))
+        if small:
+            msg = (
+                f"Slide {slide!r} has only {result['n_spots']} spots, fewer than {metrics.MIN_SPOTS}: its "
+                "per-gene PCCs are mostly noise, so it is flagged (`small_slide`) and left out of the means over "
+                "slides (`hx.metrics.summarize`). Merge it with a sister section or leave it out."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)
     return rows, pccs
 
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .._validation import get_table
+from .._validation import check_log_normalised, check_not_empty, check_unique_var_names, get_table
 from ._data import gene_pcc_table, log_expression, score_slides, slide_labels
 from ._model import Histo2ExprModel
 from ._predict import predict_expression
@@ -55,6 +55,9 @@ def evaluate_expression(
         PCC of every model gene (rows) on every slide (columns).
     """
     table = get_table(data, table_key)
+    check_not_empty(table, what="evaluation")
+    check_unique_var_names(table)
+    check_log_normalised(table)
     truth = log_expression(table, model.genes)
     predict_expression(data, model, key_added=key_added, slide_key=slide_key, table_key=table_key)
     predicted = table.layers[f"{key_added}_pred"][:, table.var_names.get_indexer(model.genes)]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._validation import get_table
+from .._validation import check_log_normalised, check_not_empty, check_unique_var_names, get_table
 from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method
 from ..models.scaling import Standardizer
 from ..pp import select_genes
@@ -143,7 +143,7 @@ def fit_histo2expr(
         :func:`histo2expr.models.available_methods`).
     genes
         Number of genes to choose on the training slides of each fold (``gene_flavor``),
-        or an explicit list of genes.
+        or the genes themselves (a list, array or Index of names).
     gene_flavor
         ``"heg"`` (highly expressed) or ``"hvg"`` (highly variable), see
         :func:`histo2expr.pp.select_genes`.
@@ -199,7 +199,8 @@ def fit_histo2expr(
     ``.uns[key_added]["folds"]``
         One row per held-out slide: ``slide, fold, n_spots, pcc_acg, pcc_heg50,
         pcc_hvg50, mse, mae`` (standardised), ``mse_log, mae_log, gene_corr_agreement,
-        n_nan_genes, n_genes``.
+        n_nan_genes, n_genes, small_slide`` (fewer than 20 spots: left out of the means of
+        :func:`histo2expr.metrics.summarize`, with a warning).
     ``.uns[key_added]["gene_pcc"]``
         PCC of every predicted gene (rows) on every held-out slide (columns).
 
@@ -208,6 +209,8 @@ def fit_histo2expr(
     genes of the returned model) when it refits.
     """
     from tqdm.auto import tqdm
+
+    from ..models import resolve_device
 
     table = get_table(data, table_key)
     method_class = get_method(method)
@@ -222,21 +225,17 @@ def fit_histo2expr(
         num_workers=num_workers,
         progress=progress,
     )
-    if (
-        isinstance(genes, bool)
-        or not isinstance(genes, int | np.integer | Sequence)
-        or isinstance(genes, str)
-    ):
-        msg = f"`genes` must be a number of genes or a list of gene names, got {genes!r}."
-        raise TypeError(msg)
     if not refit and cv is None:
         msg = "`refit=False` only makes sense with cross-validation; pass `cv=` (e.g. 'leave_one_slide_out')."
         raise ValueError(msg)
-    genes = int(genes) if isinstance(genes, int | np.integer) else check_genes(table, genes)
-    if isinstance(genes, int) and not 1 <= genes <= table.n_vars:
-        msg = f"`genes={genes}` must be between 1 and the number of genes ({table.n_vars})."
-        raise ValueError(msg)
+    check_not_empty(table, what="fitting")
+    check_unique_var_names(table)
+    genes = check_genes(table, genes)
     slides = slide_labels(table, slide_key)
+    uses_coordinates = method_class(**method_params).uses_coordinates  # also checks the parameters now
+    resolve_device(device)
+    check_log_normalised(table)
+    coords = coordinates(table, needed_by=method if uses_coordinates else None)
     regime = "frozen" if use_rep is not None else "end2end"
     if regime not in method_class.regimes:
         msg = f"Method {method!r} supports the {method_class.regimes} regime(s); " + (
@@ -257,8 +256,7 @@ def fit_histo2expr(
         patches = PatchSource(data, patch_size=patch_size, mpp=mpp, slide_key=slide_key, table_key=table_key)
         patch_geometry = {"patch_size": patches.patch_size, "mpp": patches.mpp}
     patch_geometry = {**(patch_geometry or {}), **spot_geometry_um(table)}
-    log_expression(table[:1], table.var_names[:1])  # fail early when X is not log-normalised
-    inputs = _Inputs(table, slides, coordinates(table), features, patches)
+    inputs = _Inputs(table, slides, coords, features, patches)
     fit_args = {
         "method": method,
         "method_params": method_params,

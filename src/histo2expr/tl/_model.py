@@ -109,18 +109,19 @@ class Histo2ExprModel:
         """
         import torch
 
+        from ._data import h5ad_safe
+
+        records = {"encoder": self.encoder, "patches": self.patches, "params": self.params}
         state = {
             "format": _FORMAT,
             "version": _VERSION,
             "method": self.method.name,
-            "method_state": self.method.state_dict(),
-            "genes": self.genes,
-            "scaler": self.scaler.state_dict(),
+            "method_state": _weights_only(self.method.state_dict(), "method_state"),
+            "genes": [str(g) for g in self.genes],
+            "scaler": _weights_only(self.scaler.state_dict(), "scaler"),
             "use_rep": self.use_rep,
-            "encoder": self.encoder,
-            "patches": self.patches,
-            "params": self.params,
-            "cv_gene_pcc": self.cv_gene_pcc,
+            **{name: h5ad_safe(value) for name, value in records.items()},
+            "cv_gene_pcc": h5ad_safe(self.cv_gene_pcc),
         }
         torch.save(state, Path(path))
 
@@ -136,22 +137,60 @@ class Histo2ExprModel:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            msg = f"{path} is not a histo2expr model file ({error})."
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            msg = (
+                f"{path} is not a histo2expr model file: it cannot be read as one ({reason}); the file may be "
+                "truncated or not written by `Histo2ExprModel.save`. Save the model again."
+            )
             raise ValueError(msg) from error
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            msg = f"{path} is not a histo2expr model file (saved with `Histo2ExprModel.save`)."
+            msg = f"{path} is not a histo2expr model file (saved with `Histo2ExprModel.save`); save the model again."
             raise ValueError(msg)
-        if state["version"] > _VERSION:
-            msg = f"{path} was written by a newer histo2expr (format {state['version']}); upgrade histo2expr."
+        if not isinstance(state.get("version"), int) or state["version"] > _VERSION:
+            msg = f"{path} was written by a newer histo2expr (format {state.get('version')!r}); upgrade histo2expr."
             raise ValueError(msg)
-        method = get_method(state["method"]).from_state_dict(state["method_state"])
-        return cls(
-            method=method,
-            genes=state["genes"],
-            scaler=Standardizer.from_state_dict(state["scaler"]),
-            use_rep=state["use_rep"],
-            encoder=state["encoder"],
-            patches=state["patches"],
-            params=state["params"],
-            cv_gene_pcc=state["cv_gene_pcc"],
-        )
+        try:
+            method = get_method(state["method"]).from_state_dict(state["method_state"])
+            return cls(
+                method=method,
+                genes=list(state["genes"]),
+                scaler=Standardizer.from_state_dict(state["scaler"]),
+                use_rep=state["use_rep"],
+                encoder=state["encoder"],
+                patches=state["patches"],
+                params=dict(state["params"]),
+                cv_gene_pcc=state["cv_gene_pcc"],
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+            msg = (
+                f"{path} is a damaged histo2expr model file: rebuilding the model failed "
+                f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}). "
+                "Save the model again from the fitted model, or fit it again."
+            )
+            raise ValueError(msg) from error
+
+
+def _weights_only(value: Any, where: str) -> Any:
+    """``value`` with numpy arrays as tensors and numpy scalars as numbers, loadable with ``weights_only``.
+
+    Raises a TypeError naming the entry when something else (an object torch would have to unpickle) is in it.
+    """
+    import torch
+
+    if isinstance(value, dict):
+        return {key: _weights_only(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_weights_only(item, f"{where}[{i}]") for i, item in enumerate(value))
+    if isinstance(value, np.ndarray):
+        numeric = value.dtype.kind in "biufc"
+        return torch.from_numpy(value.copy()) if numeric else _weights_only(value.tolist(), where)
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, str | int | float | bool | torch.Tensor | torch.dtype):
+        return value
+    msg = (
+        f"The model cannot be saved: {where} is a {type(value).__name__}, which a weights-only model file cannot "
+        "hold (plain values, arrays and tensors only). Give the method plain parameters (e.g. a timm encoder name "
+        "instead of an object)."
+    )
+    raise TypeError(msg)

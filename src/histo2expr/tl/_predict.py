@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._validation import get_table
+from .._validation import check_not_empty, check_unique_var_names, get_table
 from ..models.base import SpotSet
 from ._data import coordinates, features_of, slide_labels, tokens_of
 from ._model import Histo2ExprModel
@@ -125,6 +125,8 @@ def predict_expression(
     if not isinstance(model, Histo2ExprModel):
         msg = f"`model` must be a Histo2ExprModel (from `hx.tl.fit_histo2expr` or `.load`), got {type(model).__name__}."
         raise TypeError(msg)
+    check_not_empty(table, what="prediction", genes=False)
+    check_unique_var_names(table)
     slides = slide_labels(table, slide_key, required=False)
     if model.use_rep is not None:
         spots = SpotSet(
