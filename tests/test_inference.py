@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +72,38 @@ def test_auto_falls_back_to_torch_with_a_warning_when_the_export_fails(patches, 
     torch.testing.assert_close(features, InferenceEncoder(encoder, backend="torch")(patches[:2])[0])
     with pytest.raises(RuntimeError, match="does not know this operator"):  # asked for: no fallback
         InferenceEncoder(encoder, backend="onnx")(patches[:2])
+
+
+@pytest.mark.skipif(
+    not inference_module.onnx_available(), reason="needs the onnx extra (onnxruntime, onnx, onnxscript)"
+)
+def test_auto_falls_back_to_torch_with_a_warning_when_the_onnx_features_differ(
+    patches, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("HISTO2EXPR_CACHE_DIR", str(tmp_path))  # the wrong export below stays out of the cache
+    encoder = build_encoder("efficientnet_lite0", weights=None).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same features: no fallback, no warning
+        runner = InferenceEncoder(encoder, device=CPU)
+        runner(patches)
+    assert runner.backend == "onnx"
+
+    export = inference_module.export_onnx
+
+    def export_of_other_weights(encoder, path, shape, *, tokens):
+        other = copy.deepcopy(encoder)
+        with torch.no_grad():
+            for parameter in other.parameters():
+                parameter.add_(torch.randn_like(parameter), alpha=0.1)
+        export(other, path, shape, tokens=tokens)
+
+    monkeypatch.setattr(inference_module, "export_onnx", export_of_other_weights)
+    shifted = torch.nn.functional.pad(patches, (0, 8, 0, 8))  # another patch shape: another export
+    runner = InferenceEncoder(encoder, device=CPU)
+    with pytest.warns(RuntimeWarning, match=r"differ from PyTorch's \(cosine 0\.\d+ < 0\.999\)"):
+        features, _ = runner(shifted)
+    assert runner.backend == "torch"
+    torch.testing.assert_close(features, InferenceEncoder(encoder, backend="torch")(shifted)[0])
 
 
 def test_unusable_backends_are_clear_errors(monkeypatch):

@@ -71,6 +71,7 @@ def _check_encoder(name: str) -> None:
 def _check_common(args: argparse.Namespace) -> list[str] | None:
     """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
     from .models import get_method, resolve_device
+    from .models.inference import check_backend
     from .patches._source import check_patch_size
 
     check_patch_size(args.patch_size)
@@ -84,9 +85,13 @@ def _check_common(args: argparse.Namespace) -> list[str] | None:
             raise CommandError(f"--methods lists a method twice ({args.methods}); give each once.")
     _check_encoder(args.encoder)
     try:
-        resolve_device(args.device)
+        device = resolve_device(args.device)
     except RuntimeError as error:
         raise CommandError(f"--device {args.device}: {error}") from error
+    try:
+        check_backend(args.backend, device)
+    except (ValueError, ImportError) as error:
+        raise CommandError(f"--backend {args.backend}: {error}") from error
     if args.out.exists() and not args.out.is_dir():
         raise CommandError(
             f"--out {args.out} is a file; give a folder for the results (it is made if missing)."
@@ -150,8 +155,10 @@ def _token_grid(encoder: Any, patch_size: int) -> int | None:
 
 def _embed(
     adata: AnnData, args: argparse.Namespace, methods: Sequence[str], *, mpp: float | None = None
-) -> float:
-    """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them); seconds taken.
+) -> tuple[float, str]:
+    """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them).
+
+    Returns the seconds taken and the inference backend that ran the encoder.
 
     ``mpp``: pixel size of the patches (None: the slides' native resolution).
     """
@@ -173,7 +180,7 @@ def _embed(
         backend=args.backend,
         progress=not args.quiet,
     )
-    return time.perf_counter() - tic
+    return time.perf_counter() - tic, adata.uns["X_histo"]["backend"]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -191,7 +198,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     adata = datasets.synthetic(n_slides=args.n_slides, seed=args.seed)
     pp.normalize(adata)
-    embed_seconds = _embed(adata, args, methods)
+    embed_seconds, backend = _embed(adata, args, methods)
     runs = compare_methods(
         adata,
         methods,
@@ -211,7 +218,8 @@ def _demo(args: argparse.Namespace) -> int:
         preamble=[
             f"Command: `{command}`",
             "",
-            f"Frozen {args.encoder} features of {args.patch_size} px patches (embedding: {embed_seconds:.1f} s); "
+            f"Frozen {args.encoder} features of {args.patch_size} px patches (embedding: {embed_seconds:.1f} s, "
+            f"backend {backend}); "
             f"{args.genes} highly expressed genes chosen on the training slides of each fold; "
             f"at most {args.epochs} epochs. Whole run: {total:.1f} s.",
             "",
@@ -222,7 +230,7 @@ def _demo(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "genes": args.genes,
             "encoder": args.encoder,
-            "backend": args.backend,
+            "backend": backend,
             "patch_size": args.patch_size,
             "epochs": args.epochs,
             "embedding_seconds": embed_seconds,
@@ -408,9 +416,9 @@ def _benchmark(args: argparse.Namespace) -> int:
         f"{cv}, {args.regime} regime ({args.encoder}), {n_genes} genes, methods {', '.join(methods)}."
     )
     fit_kwargs: dict[str, Any] = {"epochs": args.epochs, "device": args.device, "num_workers": args.workers}
-    embed_seconds = None
+    embed_seconds = backend = None
     if args.regime == "frozen":
-        embed_seconds = _embed(adata, args, methods, mpp=mpp)
+        embed_seconds, backend = _embed(adata, args, methods, mpp=mpp)
     else:
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
     if cv == "leave_one_patient_out":
@@ -431,7 +439,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     machine = machine_description()
     command = "histo2expr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     gpu = machine["gpu"] or "no GPU"
-    embedded = "" if embed_seconds is None else f" Embedding: {embed_seconds:.1f} s."
+    embedded = "" if embed_seconds is None else f" Embedding: {embed_seconds:.1f} s (backend {backend})."
     _report(
         adata,
         runs,
@@ -460,7 +468,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             "cv": cv,
             "regime": args.regime,
             "encoder": args.encoder,
-            "backend": args.backend,
+            "backend": backend,
             "patch_size": args.patch_size,
             "patch_mpp": mpp,
             "genes": genes,

@@ -39,6 +39,11 @@ INFERENCE_BACKENDS = ("auto", "torch", "onnx", "bf16")
 #: ``benchmarks/results/encoder_inference.md``. Others (vision transformers) gained nothing.
 ONNX_BY_DEFAULT = frozenset(BUILTIN_ENCODERS[f"efficientnet_lite{n}"] for n in (0, 1, 2))
 
+#: ``backend="auto"`` checks the ONNX Runtime features of the first patches of each patch shape
+#: against PyTorch's float32 features, and falls back to PyTorch when any cosine is below MIN_COSINE.
+CHECKED_PATCHES = 4
+MIN_COSINE = 0.999
+
 # What the ONNX backend imports: the runtime, and the packages of torch's ONNX exporter.
 _ONNX_PACKAGES = ("onnxruntime", "onnx", "onnxscript")
 # Bumped when the exported graph changes for the same encoder (e.g. other inputs or outputs).
@@ -108,12 +113,17 @@ class InferenceEncoder:
         The encoder, in evaluation mode, on ``device``.
     backend
         ``"auto"``: ``"onnx"`` for the encoders of :data:`ONNX_BY_DEFAULT` on the CPU when ONNX
-        Runtime is installed (``pip install "histo2expr[onnx]"``), else ``"torch"``; if the export
-        fails, a warning says so and ``"torch"`` runs.
+        Runtime is installed (``pip install "histo2expr[onnx]"``), else ``"torch"``. It keeps the
+        float32 features: the ONNX Runtime features of the first :data:`CHECKED_PATCHES` patches
+        of each patch shape are compared with PyTorch's, and if any cosine similarity is below
+        :data:`MIN_COSINE`, or the export fails, a warning says so and ``"torch"`` runs.
         ``"torch"``: the eager PyTorch forward (float32; bfloat16 autocast on CUDA).
-        ``"onnx"``: ONNX Runtime on the CPU, float32.
+        ``"onnx"``: ONNX Runtime on the CPU, float32, unchecked.
         ``"bf16"``: PyTorch under bfloat16 autocast, also on the CPU where it has native bfloat16
-        (AVX512-BF16 or AMX): faster for vision transformers, slightly different features.
+        (AVX512-BF16 or AMX). **Not float32 features**: on real H&E patches their cosine similarity
+        to float32 went down to 0.997 (EfficientNet-Lite0), below the 0.999 the other backends
+        keep, see ``benchmarks/results/encoder_inference.md``. Never chosen by ``"auto"``; for
+        when speed matters more (about 2x for vision transformers on such CPUs).
     device
         Where ``encoder`` is.
     channels_last
@@ -159,8 +169,52 @@ class InferenceEncoder:
         float32 for ``"onnx"`` and ``"torch"`` on the CPU (on the device and possibly in bfloat16
         otherwise).
         """
-        if self.backend == "onnx":
-            return self._run_onnx(images)
+        if self.backend != "onnx":
+            return self._run_torch(images)
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            msg = f"backend='onnx' takes (batch, 3, H, W) uint8 patches, got {images.dtype} of shape {tuple(images.shape)}."
+            raise TypeError(msg)
+        shape = (int(images.shape[2]), int(images.shape[3]))
+        if shape in self._sessions:
+            return self._run_onnx(images, shape)
+        try:
+            self._sessions[shape] = onnx_session(self.encoder, shape, tokens=self.tokens)
+            outputs = self._run_onnx(images, shape)
+        except (RuntimeError, ImportError) as err:
+            if not self._fall_back:
+                raise
+            return self._torch_instead(
+                images, f"ONNX Runtime could not run encoder {self.encoder.name!r} ({err})"
+            )
+        similarity = self._similarity_to_torch(images[:CHECKED_PATCHES], outputs) if self._fall_back else 1.0
+        if similarity < MIN_COSINE:  # "auto" promises the float32 features: checked on the first patches
+            del self._sessions[shape]
+            return self._torch_instead(
+                images,
+                f"the ONNX Runtime features of encoder {self.encoder.name!r} differ from PyTorch's "
+                f"(cosine {similarity:.4f} < {MIN_COSINE})",
+            )
+        return outputs
+
+    def _similarity_to_torch(
+        self, images: torch.Tensor, outputs: tuple[torch.Tensor, torch.Tensor | None]
+    ) -> float:
+        """The lowest cosine similarity of ``outputs`` (of a batch starting with ``images``) to PyTorch's, per patch."""
+        n = len(images)
+        pairs = zip(self._run_torch(images), outputs, strict=True)
+        return min(float(_cosine(ours, theirs[:n]).min()) for ours, theirs in pairs if ours is not None)
+
+    def _torch_instead(self, images: torch.Tensor, reason: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Warn that ``backend="auto"`` falls back to PyTorch, and run it from now on."""
+        warnings.warn(
+            f"{reason}; running it with PyTorch instead. Pass `backend='torch'` to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.backend = "torch"
+        return self._run_torch(images)
+
+    def _run_torch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.inference_mode(), self._autocast():
             batch = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             if self.tokens:
@@ -172,28 +226,17 @@ class InferenceEncoder:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return autocast(self.device)
 
-    def _run_onnx(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            msg = f"backend='onnx' takes (batch, 3, H, W) uint8 patches, got {images.dtype} of shape {tuple(images.shape)}."
-            raise TypeError(msg)
-        shape = (int(images.shape[2]), int(images.shape[3]))
-        if shape not in self._sessions:
-            try:
-                self._sessions[shape] = onnx_session(self.encoder, shape, tokens=self.tokens)
-            except (RuntimeError, ImportError) as err:
-                if not self._fall_back:
-                    raise
-                warnings.warn(
-                    f"ONNX Runtime could not run encoder {self.encoder.name!r} ({err}); running it with PyTorch "
-                    "instead. Pass `backend='torch'` to skip the attempt.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self.backend = "torch"
-                return self(images)
+    def _run_onnx(
+        self, images: torch.Tensor, shape: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         outputs = self._sessions[shape].run(None, {"images": np.ascontiguousarray(images.numpy())})
         tokens = torch.from_numpy(outputs[1]) if self.tokens else None
         return torch.from_numpy(outputs[0]), tokens
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each patch's outputs (features, or all its tokens flattened)."""
+    return torch.nn.functional.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1)
 
 
 class _ExportedForward(nn.Module):
