@@ -32,7 +32,7 @@ def embedded_her2st(tokens: int | None = None) -> tuple[Any, float]:
     """
     import anndata as ad
 
-    from histo2expr._settings import cache_dir
+    from histo2expr._cache import cache_dir
 
     name = "her2st_lite0.h5ad" if tokens is None else f"her2st_lite0_tokens{tokens}.h5ad"
     cached = cache_dir("benchmarks") / name
@@ -62,9 +62,10 @@ def ablation_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def parse_ablation_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse the command line and give torch its ``--threads``."""
+    """Parse the command line and give histo2expr's computations their ``--threads`` (``hx.settings.n_threads``)."""
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    hx.settings.n_threads = args.threads
     return args
 
 

@@ -125,6 +125,7 @@ def pipeline(args: argparse.Namespace) -> None:
     import histo2expr as hx
 
     torch.set_num_threads(args.threads)
+    hx.settings.n_threads = args.threads
     model = hx.tl.Histo2ExprModel.load(args.model)
     seconds = {}
     with MemorySampler() as memory:
@@ -150,7 +151,7 @@ def pipeline(args: argparse.Namespace) -> None:
         )
         seconds["embed_patches"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        virtual = hx.tl.predict_expression(tiles, model)
+        hx.tl.predict_expression(tiles, model)
         seconds["predict_expression"] = time.perf_counter() - mark
         seconds["total"] = time.perf_counter() - start
         # the reading share: every patch cut again (its own PatchSource: a cold tile cache), not encoded
@@ -166,7 +167,7 @@ def pipeline(args: argparse.Namespace) -> None:
     result = {
         "seconds": seconds,
         "n_tiles": int(tiles.n_obs),
-        "n_genes": int(virtual.n_vars),
+        "n_genes": int(tiles.obsm["histo2expr_pred"].shape[1]),
         "tissue_threshold": float(tiles.uns["tile_slide"]["params"]["saturation_threshold"]),
         "tissue_share": float(tiles.n_obs / tiles.uns["tile_slide"]["params"]["n_candidates"]),
         "peak": memory.mib(),

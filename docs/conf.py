@@ -44,7 +44,7 @@ default_role = "literal"
 # Tutorials are stored with their outputs; the docs build never executes them.
 nb_execution_mode = "off"
 nb_merge_streams = True
-nb_output_stderr = "remove"
+nb_output_stderr = "show"  # warnings and progress bars, as a reader running the notebook sees them
 myst_enable_extensions = ["colon_fence", "deflist", "dollarmath"]
 myst_heading_anchors = 3
 

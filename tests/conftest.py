@@ -24,6 +24,14 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["HISTO2EXPR_CACHE_DIR"] = str(tmp_path_factory.mktemp("histo2expr-cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_compute_thread() -> None:
+    """Tiny test models run fastest on one thread; tests of the thread policy set their own."""
+    import histo2expr as hx
+
+    hx.settings.n_threads = 1
+
+
 @pytest.fixture(scope="session")
 def her2st_path() -> Path:
     """Path of the real her2st cohort; the test is skipped when it is absent."""

@@ -10,8 +10,12 @@ from histo2expr._benchmark import PeakMemory
 FAST = ["--encoder", "colour_texture", "--patch-size", "64", "--epochs", "2", "--quiet"]
 
 
-def read_results(folder):
-    return json.loads((folder / "results.json").read_text()), (folder / "results.md").read_text()
+def read_results(folder, protocol="leave_one_slide_out"):
+    """The methods of one protocol in results.json, and results.md."""
+    results = json.loads((folder / "results.json").read_text())
+    return {**results, "methods": results["cross_validation"][protocol]["methods"]}, (
+        folder / "results.md"
+    ).read_text()
 
 
 def test_demo_compares_methods_and_writes_report_and_figures(tmp_path, capsys):
@@ -82,11 +86,29 @@ def test_benchmark_reads_h5ad_keeps_chosen_slides_and_writes_results(cohort_h5ad
 def test_benchmark_leave_one_patient_out_holds_out_whole_patients(cohort_h5ad, tmp_path):
     argv = ["benchmark", "--data", str(cohort_h5ad), "--cv", "leave_one_patient_out", "--methods", "ridge"]
     assert cli.main([*argv, "--genes", "30", *FAST, "--out", str(tmp_path)]) == 0
-    results, _ = read_results(tmp_path)
+    results, _ = read_results(tmp_path, "leave_one_patient_out")
+    assert list(results["cross_validation"]) == ["leave_one_patient_out"]
     rows = results["methods"]["ridge"]["per_slide"]
     assert {row["slide"] for row in rows} == {"S1", "S2", "S3"}
     folds = {row["slide"]: row["fold"] for row in rows}
     assert folds["S1"] == folds["S2"] != folds["S3"]  # the synthetic cohort pairs S1 and S2 in one patient
+
+
+def test_benchmark_reports_both_protocols_when_patients_repeat(cohort_h5ad, tmp_path, capsys):
+    argv = ["benchmark", "--data", str(cohort_h5ad), "--methods", "ridge", "--genes", "30", *FAST]
+    with pytest.warns(UserWarning, match=r"share their patient.*leave_one_patient_out"):
+        assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    results, markdown = read_results(tmp_path)
+    assert list(results["cross_validation"]) == ["leave_one_slide_out", "leave_one_patient_out"]
+    assert results["settings"]["cv"] == "auto"
+    assert results["settings"]["cv_schemes"] == list(results["cross_validation"])
+    lopo = results["cross_validation"]["leave_one_patient_out"]["methods"]["ridge"]["per_slide"]
+    assert len({row["fold"] for row in lopo}) == 2  # patients P1 (S1, S2) and P2 (S3)
+    assert "Patients repeat: P1 (2 slides)" in markdown
+    assert "## leave-one-slide-out: mean over held-out slides" in markdown
+    assert "## leave-one-patient-out: mean over held-out slides" in markdown
+    for protocol in results["cross_validation"]:
+        assert (tmp_path / protocol / "heg_curve.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize(

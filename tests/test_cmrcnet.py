@@ -314,11 +314,11 @@ def test_fit_and_predict_use_the_tokens(token_adata, tmp_path):
     model.save(tmp_path / "model.pt")
     loaded = hx.tl.Histo2ExprModel.load(tmp_path / "model.pt")
     hx.tl.predict_expression(adata, loaded, key_added="loaded")
-    np.testing.assert_array_equal(adata.layers["loaded_pred"], adata.layers["new_pred"])
+    np.testing.assert_array_equal(adata.obsm["loaded"], adata.obsm["new"])
     # the tokens matter: other tokens give other predictions
     adata.obsm["X_histo_tokens"] = adata.obsm["X_histo_tokens"][:, ::-1].copy() * 0.5
     hx.tl.predict_expression(adata, loaded, key_added="other")
-    assert not np.array_equal(adata.layers["other_pred"], adata.layers["new_pred"])
+    assert not np.array_equal(adata.obsm["other"], adata.obsm["new"])
     adata.obsm["X_histo_tokens"] = adata.obsm["X_histo_tokens"][:, :1]
     with pytest.raises(ValueError, match=r"tokens=2, key_added='X_histo'"):
         hx.tl.predict_expression(adata, loaded)
@@ -336,7 +336,7 @@ def test_without_tokens_the_pooled_features_are_one_token_with_a_warning(token_a
         model = hx.tl.fit_histo2expr(adata, method="cmrcnet", genes=10, epochs=1, progress=False, **SMALL)
     assert model.token_rep is None and adata.uns["histo2expr"]["params"]["n_tokens"] == 0
     hx.tl.predict_expression(adata, model)
-    assert np.isfinite(adata.layers["histo2expr_pred"][:, adata.var_names.get_indexer(model.genes)]).all()
+    assert np.isfinite(hx.get.predictions(adata, "histo2expr_pred")[model.genes].to_numpy()).all()
 
 
 def test_other_methods_ignore_tokens_and_refuse_them_directly(token_adata, cohort):

@@ -102,7 +102,10 @@ def test_hest_fold_pearson_pools_the_spots_of_a_fold(rng):
     truth = rng.normal(size=(40, 3))
     predicted = truth + rng.normal(scale=1.0, size=truth.shape)
     adata = AnnData(truth.astype(np.float32), var=pd.DataFrame(index=["a", "b", "c"]))
-    adata.layers["m_pred"] = predicted.astype(np.float32)
+    adata.obsm["m"] = pd.DataFrame(
+        predicted.astype(np.float32), index=adata.obs_names, columns=["a", "b", "c"]
+    )
+    adata.uns["m"] = {"kind": "cross_validation", "params": {}, "genes": ["a", "b", "c"]}
     adata.obs["m_fold"] = pd.Categorical(["P1"] * 25 + ["P2"] * 15)
     scores = hest_fold_pearson(adata, "m", ["c", "a"])
     assert scores["fold"].tolist() == ["P1", "P2"] and scores["n_spots"].tolist() == [25, 15]

@@ -10,6 +10,7 @@ describes:
 from __future__ import annotations
 
 import base64
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -44,17 +45,53 @@ def execute(notebook, *, workdir: Path):
     return notebook
 
 
-def strip_noise(notebook) -> None:
-    """Drop what changes on every run without telling the reader anything.
+#: A warning as Python prints it: ``path:line: Category: message``, then the source line, indented.
+_WARNING_LINE = re.compile(r"^\S.*?:\d+: (\w*Warning: .*)$")
 
-    Execution metadata, widget state, and stderr (progress bars and warnings, which name files of
-    the machine that ran the notebook; the documentation hides stderr anyway).
+
+def readable_stderr(text: str) -> str:
+    """stderr as a reader of the notebook saw it, without what names files of the machine that ran it.
+
+    Carriage returns overwrite a line, as a terminal or Jupyter shows them (a progress bar keeps its
+    last state); a warning keeps its category and message, without the file and line it was raised
+    from and the source line below it.
+    """
+    lines = []
+    skip_source = False
+    for line in text.split("\n"):
+        line = line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r")
+        if skip_source and line.startswith("  "):
+            skip_source = False
+            continue
+        skip_source = False
+        if match := _WARNING_LINE.match(line):
+            line, skip_source = match.group(1), True
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def strip_noise(notebook) -> None:
+    """Drop what changes on every run without telling the reader anything: execution metadata, widget state.
+
+    stderr stays (progress bars and warnings are what a reader of the notebook sees), made readable
+    by :func:`readable_stderr`; consecutive stderr outputs of a cell are merged into one.
     """
     notebook.metadata.pop("widgets", None)
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)
-        if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
+        if cell.cell_type != "code":
+            continue
+        outputs = []
+        for output in cell.outputs:
+            if output.output_type == "stream" and output.name == "stderr":
+                if outputs and outputs[-1].output_type == "stream" and outputs[-1].name == "stderr":
+                    outputs[-1].text += output.text
+                    continue
+            outputs.append(output)
+        for output in outputs:
+            if output.output_type == "stream" and output.name == "stderr":
+                output.text = readable_stderr(output.text)
+        cell.outputs = outputs
 
 
 def shrink_images(notebook) -> None:
@@ -137,6 +174,24 @@ def test_stored_notebooks_have_outputs_and_no_local_paths(path):
         assert local not in text, (
             f"{path.name} shows the local path {local}; re-execute it without printing it"
         )
+
+
+def test_readable_stderr_keeps_what_a_reader_sees():
+    raw = (
+        "fit ridge:   0%|          | 0/5 [00:00<?, ?it/s]\rfit ridge: 100%|##########| 5/5 [00:01<00:00]\n"
+        "/tmp/ipykernel_123/456.py:1: UserWarning: 2 of 4 folds hold out slides that share their patient\n"
+        "  model = hx.tl.fit_histo2expr(adata)\n"
+    )
+    assert readable_stderr(raw) == (
+        "fit ridge: 100%|##########| 5/5 [00:01<00:00]\nUserWarning: 2 of 4 folds hold out slides that share their patient\n"
+    )
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_stored_notebooks_show_no_progress_warning(path):
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(path, as_version=4)
+    assert "TqdmWarning" not in _output_text(notebook) and "IProgress" not in _output_text(notebook)
 
 
 def test_quickstart_runs_on_the_cpu(tmp_path):

@@ -63,9 +63,8 @@ def _close_figures():
 def slide_arrays(adata, key, slide):
     """Measured and predicted expression of the genes the fold of ``slide`` predicted."""
     spots = (adata.obs["slide"] == slide).to_numpy()
-    predicted = adata.layers[f"{key}_pred"][spots]
-    columns = np.flatnonzero(np.isfinite(predicted).all(axis=0))
-    return adata.X[spots][:, columns].toarray(), predicted[:, columns], adata.var_names[columns]
+    predicted = hx.get.predictions(adata, key)[spots].dropna(axis=1)
+    return adata[spots, predicted.columns].X.toarray(), predicted.to_numpy(), predicted.columns
 
 
 def spot_panels(fig):
@@ -134,7 +133,7 @@ def test_boxplot_puts_methods_side_by_side(fitted):
 
 def test_heg_curve_lines_are_pcc_heg_at_k(fitted):
     adata, _ = fitted
-    ks = (2, 5, 50)
+    ks = (2, 5, 10)
     ax = hx.pl.heg_curve(adata, key=KEYS, ks=ks, show=False)
     assert [line.get_label() for line in ax.lines] == KEYS
     for line, key in zip(ax.lines, KEYS, strict=True):
@@ -144,8 +143,18 @@ def test_heg_curve_lines_are_pcc_heg_at_k(fitted):
         ]
         np.testing.assert_array_equal(line.get_xdata(), ks)
         np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-5)
-        # with fewer genes than K, HEG@K uses all genes: the stored PCC(HEG@50)
+        # K = all 10 genes: the stored PCC(HEG@50), which uses all genes when there are fewer than 50
         assert line.get_ydata()[-1] == pytest.approx(adata.uns[key]["folds"]["pcc_heg50"].mean())
+
+
+def test_heg_curve_caps_k_at_the_number_of_genes_predicted(fitted):
+    adata, _ = fitted
+    with pytest.warns(UserWarning, match=r"K = \[50, 100\] exceed the 10 genes"):
+        ax = hx.pl.heg_curve(adata, ks=(5, 50, 100), show=False)
+    np.testing.assert_array_equal(ax.lines[0].get_xdata(), [5])
+    default = hx.pl.heg_curve(adata, show=False)  # 50, 100, 150, 200 all exceed 10 genes: K = 10 alone
+    np.testing.assert_array_equal(default.lines[0].get_xdata(), [10])
+    assert "leave-one-slide-out" in default.get_title()
 
 
 def test_spatial_expression_shares_the_colour_scale_and_titles_the_pcc(fitted):
@@ -164,7 +173,9 @@ def test_spatial_expression_shares_the_colour_scale_and_titles_the_pcc(fitted):
         np.testing.assert_allclose(measured.get_array(), truth[:, column], rtol=1e-6)
         np.testing.assert_allclose(prediction.get_array(), predicted[:, column], rtol=1e-6)
         both = np.concatenate([truth[:, column], predicted[:, column]])
-        assert measured.get_clim() == prediction.get_clim() == pytest.approx((both.min(), both.max()))
+        assert (
+            measured.get_clim() == prediction.get_clim() == pytest.approx(tuple(np.percentile(both, [1, 99])))
+        )
         np.testing.assert_allclose(measured.get_offsets(), adata.obsm["spatial"][spots] * scale)
         pcc = adata.uns["histo2expr"]["gene_pcc"].loc[gene, "S2"]
         assert f"PCC = {pcc:.3f}" in panels[2 * row + 1].get_title()
@@ -177,17 +188,32 @@ def test_spatial_expression_shares_the_colour_scale_and_titles_the_pcc(fitted):
 def test_spatial_expression_of_an_he_only_slide_shows_the_prediction(fitted):
     adata, model = fitted
     one_slide = adata[adata.obs["slide"] == "S1"]
-    new = hx.tl.predict_expression(
-        one_slide[:, [g for g in adata.var_names if g != model.genes[0]]].copy(), model
-    )
-    assert "log1p" not in new.uns
+    new = one_slide[:, :0].copy()
+    del new.uns["log1p"]
+    hx.tl.predict_expression(new, model)
     gene = model.genes[0]
-    fig = hx.pl.spatial_expression(new, gene, show=False)
+    fig = hx.pl.spatial_expression(new, gene, key="histo2expr_pred", show=False)
     (panel,) = spot_panels(fig)
-    np.testing.assert_allclose(panel.collections[0].get_array(), new[:, gene].layers["histo2expr_pred"][:, 0])
+    np.testing.assert_allclose(panel.collections[0].get_array(), new.obsm["histo2expr_pred"][gene])
     assert "predicted" in panel.get_title() and "PCC" not in panel.get_title()
     with pytest.raises(ValueError, match="measured expression"):
-        hx.pl.gene_corr_heatmap(new, show=False)
+        hx.pl.gene_corr_heatmap(new, key="histo2expr_pred", show=False)
+
+
+def test_spatial_expression_takes_colour_limits_and_axes(fitted):
+    adata, _ = fitted
+    genes = list(adata.uns["histo2expr"]["gene_pcc"].index[:2])
+    _, grid = plt.subplots(2, 2)
+    fig = hx.pl.spatial_expression(adata, genes, slide="S1", vmin=0.5, vmax="p90", ax=grid)
+    assert fig is grid[0, 0].figure  # drawn into the given axes: returned, not shown
+    truth, predicted, names = slide_arrays(adata, "histo2expr", "S1")
+    column = list(names).index(genes[0])
+    both = np.concatenate([truth[:, column], predicted[:, column]])
+    assert grid[0, 0].collections[0].get_clim() == pytest.approx((0.5, np.percentile(both, 90)))
+    with pytest.raises(ValueError, match="4 panels"):
+        hx.pl.spatial_expression(adata, genes, slide="S1", ax=grid[0])
+    with pytest.raises(ValueError, match="percentile such as 'p1'"):
+        hx.pl.spatial_expression(adata, genes, slide="S1", vmax="q99", show=False)
 
 
 def test_spatial_expression_needs_a_slide_and_a_predicted_gene(fitted):
@@ -226,10 +252,8 @@ def test_gene_corr_heatmap_takes_the_most_expressed_genes(fitted):
     adata, _ = fitted
     fig = hx.pl.gene_corr_heatmap(adata, n_top=4, show=False)
     shown = {t.get_text() for t in fig.axes[0].get_xticklabels()}
-    everywhere = np.flatnonzero(np.isfinite(adata.layers["histo2expr_pred"]).all(axis=0))
-    expected = {
-        adata.var_names[everywhere[i]] for i in metrics.top_genes(adata.X[:, everywhere].toarray(), 4)
-    }
+    everywhere = hx.get.predictions(adata, "histo2expr").dropna(axis=1).columns
+    expected = {everywhere[i] for i in metrics.top_genes(adata[:, everywhere].X.toarray(), 4)}
     assert shown == expected
     assert "all spots" in fig.get_suptitle()
 
@@ -262,6 +286,8 @@ def test_unfitted_keys_and_fits_without_metrics_are_refused(fitted):
             plot(no_cv, key="final", show=False)
     with pytest.raises(KeyError, match=r"no 'folds'"):
         hx.pl.compare_methods(no_cv, keys=["histo2expr", "final"], show=False)
+    with pytest.raises(KeyError, match=r"no predictions"):
+        hx.pl.spatial_expression(no_cv, no_cv.uns["final"]["genes"][0], key="final", slide="S1", show=False)
 
 
 def test_show_and_ax_follow_scanpy(fitted):
@@ -270,6 +296,9 @@ def test_show_and_ax_follow_scanpy(fitted):
     assert hx.pl.heg_curve(adata, ks=(2, 4), ax=left) is left  # drawing into given axes: not shown
     assert hx.pl.compare_methods(adata, keys=KEYS, ax=right, show=True) is None
     assert hx.pl.gene_corr_heatmap(adata, n_top=5, show=True) is None
+    _, pair = plt.subplots(1, 2)
+    assert hx.pl.gene_corr_heatmap(adata, n_top=5, ax=pair) is pair[0].figure
+    assert "leave-one-slide-out" in right.get_title()
 
 
 def test_save_run_figures_writes_pngs_and_closes_them(fitted, tmp_path):

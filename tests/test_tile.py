@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+import warnings
 import zlib
 
 import numpy as np
@@ -125,12 +126,19 @@ def test_virtual_spatial_transcriptomics_end_to_end(model, new_slide, tmp_path):
     slide = hx.io.read_wsi(write_slide(tmp_path / "he.ome.tif", pixels, mpp=1.0))
     tiles = hx.pp.tile_slide(slide, spot_diameter_um=55, spacing_um=55, model=model)
     hx.tl.embed_patches(tiles, mpp=model.patches["mpp"], **PATCH)
-    virtual = hx.tl.predict_expression(tiles, model)
+    hx.tl.predict_expression(tiles, model)
+    virtual = hx.get.predicted_adata(tiles)
     assert list(virtual.var_names) == model.genes and virtual.n_obs == tiles.n_obs
-    np.testing.assert_array_equal(virtual.X, virtual.layers["histo2expr_pred"])
-    assert np.isfinite(virtual.X).all() and "X_histo2expr" in virtual.obsm and "spatial" in virtual.uns
-    np.testing.assert_allclose(virtual.var["histo2expr_cv_pcc"], [model.cv_gene_pcc[g] for g in model.genes])
-    assert "histo2expr_similarity" not in virtual.obs  # ridge retrieves nothing
+    np.testing.assert_array_equal(virtual.X, tiles.obsm["histo2expr_pred"].to_numpy())
+    assert np.isfinite(virtual.X).all() and "X_histo2expr_pred" in virtual.obsm and "spatial" in virtual.uns
+    np.testing.assert_allclose(virtual.var["cv_pcc"], [model.cv_gene_pcc[g] for g in model.genes])
+    marker = virtual.uns["predicted_expression"]
+    assert marker["predicted"] and marker["method"] == "ridge" and marker["source_key"] == "histo2expr_pred"
+    assert (
+        marker["cv_protocol"] == "leave_one_slide_out"
+        and "training slides' sequencing depth" in marker["scale"]
+    )
+    assert "histo2expr_pred_similarity" not in virtual.obs  # ridge retrieves nothing
     # the virtual map agrees with the measured counts: nearest pseudo-spot of every real spot
     nearest = np.argmin(
         np.linalg.norm(new_slide.obsm["spatial"][:, None] - virtual.obsm["spatial"][None], axis=2), axis=1
@@ -144,9 +152,13 @@ def test_virtual_spatial_transcriptomics_end_to_end(model, new_slide, tmp_path):
     sdata = hx.io.to_spatialdata(virtual)
     assert sdata.tables["table"].n_vars == len(model.genes) and len(sdata.shapes["he_spots"]) == virtual.n_obs
     sc.pp.neighbors(virtual, n_neighbors=6, use_rep="X", method="gauss", transformer="sklearn")
-    pytest.importorskip("igraph", reason="sc.tl.leiden(flavor='igraph') needs the igraph package")
+    # leiden installs with histo2expr: scanpy's igraph flavour, and its default (leidenalg)
     sc.tl.leiden(virtual, resolution=0.5, flavor="igraph", n_iterations=2, random_state=0)
     assert virtual.obs["leiden"].nunique() >= 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scanpy announces igraph as its future default
+        sc.tl.leiden(virtual, resolution=0.5, key_added="leidenalg")
+    assert virtual.obs["leidenalg"].nunique() >= 2
 
 
 def test_retrieval_confidence_and_a_model_of_another_scale(cohort, new_slide, tmp_path, one_torch_thread):
@@ -166,13 +178,14 @@ def test_retrieval_confidence_and_a_model_of_another_scale(cohort, new_slide, tm
     with pytest.raises(ValueError, match=r"Re-embed with .*mpp=1"):
         hx.tl.predict_expression(native, bleep)
     hx.tl.embed_patches(tiles, mpp=1.0, **PATCH)
-    virtual = hx.tl.predict_expression(tiles, bleep)
-    similarity = virtual.obs["histo2expr_similarity"].to_numpy()
+    hx.tl.predict_expression(tiles, bleep)
+    virtual = hx.get.predicted_adata(tiles)
+    similarity = virtual.obs["histo2expr_pred_similarity"].to_numpy()
     assert similarity.shape == (tiles.n_obs,) and np.all((similarity > -1) & (similarity <= 1 + 1e-6))
     np.testing.assert_allclose(
-        similarity, bleep.method.confidence(None, embedding=virtual.obsm["X_histo2expr"])
+        similarity, bleep.method.confidence(None, embedding=virtual.obsm["X_histo2expr_pred"])
     )
-    assert virtual.var["histo2expr_cv_pcc"].isna().all()  # fitted without cv
+    assert virtual.var["cv_pcc"].isna().all()  # fitted without cv
     # the model records its training spots' size and spacing, and tile_slide lays spots out with them
     assert bleep.patches["spot_diameter_um"] == pytest.approx(SPOT_DIAMETER_UM)
     assert bleep.patches["spot_spacing_um"] > bleep.patches["spot_diameter_um"]

@@ -60,10 +60,11 @@ def test_cross_validated_fit_writes_out_of_fold_fields(cohort):
     assert (
         folds["pcc_acg"] > 0.1
     ).all()  # random CNN features still carry the programmes (mean predictor: NaN)
-    predictions = adata.layers["histo2expr_pred"]
-    assert predictions.shape == adata.shape
-    predicted_genes = ~np.isnan(predictions).all(axis=0)
-    assert 20 <= predicted_genes.sum() <= 40
+    predictions = adata.obsm["histo2expr"]
+    assert list(predictions.index) == list(adata.obs_names) and predictions.dtypes.eq(np.float32).all()
+    assert 20 <= predictions.shape[1] <= 40 and not predictions.isna().all(axis=0).any()
+    assert not adata.layers.keys() - {"counts"}, "no dense prediction layer over all genes"
+    assert record["kind"] == "cross_validation" and record["protocol"] == "leave_one_slide_out"
     assert list(adata.obs["histo2expr_fold"].cat.categories) == ["S1", "S2", "S3"]
     assert (adata.obs["histo2expr_fold"].astype(str) == adata.obs["slide"].astype(str)).all()
     assert set(record["gene_pcc"].columns) == {"S1", "S2", "S3"}
@@ -79,7 +80,7 @@ def test_cross_validation_without_refit_scores_the_same_and_returns_none(cohort)
     )
     assert returned is None and "genes" not in scores_only.uns["histo2expr"]
     pd.testing.assert_frame_equal(scores_only.uns["histo2expr"]["folds"], full.uns["histo2expr"]["folds"])
-    np.testing.assert_array_equal(scores_only.layers["histo2expr_pred"], full.layers["histo2expr_pred"])
+    pd.testing.assert_frame_equal(scores_only.obsm["histo2expr"], full.obsm["histo2expr"])
     with pytest.raises(ValueError, match="only makes sense with cross-validation"):
         hx.tl.fit_histo2expr(cohort.copy(), method="ridge", genes=20, refit=False, progress=False)
 
@@ -95,11 +96,11 @@ def test_held_out_slide_cannot_influence_its_own_predictions(cohort):
     poisoned.layers["counts"] = counts
     hx.pp.normalize(poisoned)
     hx.tl.fit_histo2expr(poisoned, method="ridge", genes=20, cv="leave_one_slide_out", progress=False)
-    np.testing.assert_array_equal(
-        clean.layers["histo2expr_pred"][on_s3], poisoned.layers["histo2expr_pred"][on_s3]
-    )
+    clean_s3, poisoned_s3 = (hx.get.predictions(a)[on_s3].dropna(axis=1) for a in (clean, poisoned))
+    assert set(clean_s3.columns) == set(poisoned_s3.columns)
+    pd.testing.assert_frame_equal(clean_s3, poisoned_s3[clean_s3.columns])
     assert not np.array_equal(
-        clean.layers["histo2expr_pred"][~on_s3], poisoned.layers["histo2expr_pred"][~on_s3]
+        clean.obsm["histo2expr"][~on_s3].to_numpy(), poisoned.obsm["histo2expr"][~on_s3].to_numpy()
     )
 
 
@@ -121,18 +122,21 @@ def test_save_load_and_predict_on_new_slides(cohort, tmp_path):
     loaded = hx.tl.Histo2ExprModel.load(tmp_path / "model.pt")
     assert loaded.genes == model.genes and repr(loaded) == repr(model)
     with_genes = cohort.copy()
-    hx.tl.predict_expression(with_genes, loaded)
-    layer = with_genes.layers["histo2expr_pred"]
-    columns = with_genes.var_names.get_indexer(model.genes)
-    assert np.isfinite(layer[:, columns]).all() and np.isnan(np.delete(layer, columns, axis=1)).all()
-    # H&E-only slides: no measured genes, a new AnnData with the model's genes
+    assert hx.tl.predict_expression(with_genes, loaded) is None
+    predicted = with_genes.obsm["histo2expr_pred"]
+    assert list(predicted.columns) == model.genes and np.isfinite(predicted.to_numpy()).all()
+    assert with_genes.uns["histo2expr_pred"]["kind"] == "prediction"
+    # H&E-only slides: the same return rule and the same fields, whichever genes were measured
     h_and_e_only = cohort[:, :0].copy()
-    out = hx.tl.predict_expression(h_and_e_only, model)
-    assert list(out.var_names) == model.genes
-    np.testing.assert_allclose(out.X, layer[:, columns], rtol=1e-5)
-    assert "X_histo2expr" in out.obsm and "spatial" in out.uns and out.uns["histo2expr"]["method"] == "ridge"
+    assert hx.tl.predict_expression(h_and_e_only, model) is None
+    pd.testing.assert_frame_equal(h_and_e_only.obsm["histo2expr_pred"], predicted, rtol=1e-5)
+    assert (
+        "X_histo2expr_pred" in h_and_e_only.obsm and h_and_e_only.uns["histo2expr_pred"]["method"] == "ridge"
+    )
     copy = hx.tl.predict_expression(cohort, model, copy=True)
-    assert "histo2expr_pred" in copy.layers and "histo2expr_pred" not in cohort.layers
+    assert "histo2expr_pred" in copy.obsm and "histo2expr_pred" not in cohort.obsm
+    copy_of_he = hx.tl.predict_expression(h_and_e_only, model, copy=True, key_added="again")
+    assert type(copy_of_he) is type(copy) and "again" not in h_and_e_only.obsm
 
 
 def test_predict_refuses_another_encoder_or_scale(cohort):
@@ -142,7 +146,7 @@ def test_predict_refuses_another_encoder_or_scale(cohort):
         **other.uns["X_histo"],
         "encoder": {**other.uns["X_histo"]["encoder"], "weights_sha1": "x"},
     }
-    with pytest.raises(ValueError, match="another encoder"):
+    with pytest.raises(ValueError, match="other encoder weights"):
         hx.tl.predict_expression(other, model)
     rescaled = cohort.copy()
     rescaled.uns["X_histo"] = {**rescaled.uns["X_histo"], "patches": {"patch_size": 64, "mpp": 2.0}}
@@ -191,8 +195,8 @@ def test_evaluate_expression_on_another_cohort(cohort):
     hx.tl.embed_patches(external, encoder=TinyEncoder(), patch_size=64, progress=False)
     folds = hx.tl.evaluate_expression(external, model)
     assert list(folds["slide"]) == ["S1", "S2"] and (folds["pcc_acg"] > 0.05).all()
-    assert set(external.uns["histo2expr"]["gene_pcc"].columns) == {"S1", "S2"}
-    assert "histo2expr_pred" in external.layers
+    assert set(external.uns["histo2expr_pred"]["gene_pcc"].columns) == {"S1", "S2"}
+    assert list(external.obsm["histo2expr_pred"].columns) == model.genes
     fewer_genes = external[:, [g for g in external.var_names if g != model.genes[0]]].copy()
     with pytest.raises(KeyError, match="not in `adata"):
         hx.tl.evaluate_expression(fewer_genes, model)
@@ -223,9 +227,11 @@ def test_end_to_end_regime_fit_predict_save_load(tmp_path):
     assert np.isfinite(adata.uns["histo2expr"]["folds"]["mse"]).all()
     model.save(tmp_path / "e2e.pt")
     loaded = hx.tl.Histo2ExprModel.load(tmp_path / "e2e.pt")
-    out = hx.tl.predict_expression(adata[:, :0].copy(), loaded)
-    direct = hx.tl.predict_expression(adata[:, :0].copy(), model)
-    np.testing.assert_allclose(out.X, direct.X, rtol=1e-5, atol=1e-6)
+    out = hx.tl.predict_expression(adata[:, :0].copy(), loaded, copy=True)
+    direct = hx.tl.predict_expression(adata[:, :0].copy(), model, copy=True)
+    pd.testing.assert_frame_equal(
+        out.obsm["histo2expr_pred"], direct.obsm["histo2expr_pred"], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_embed_patches_on_spatialdata_writes_its_table(cohort):
@@ -252,12 +258,10 @@ def test_embed_patches_on_spatialdata_writes_its_table(cohort):
 def test_embed_by_name_matches_a_prebuilt_encoder(cohort):
     """Encoders built from a name run channels-last; the features must not change."""
     small = cohort[:40].copy()
-    torch.manual_seed(3)
     hx.tl.embed_patches(
-        small, encoder="resnet18", weights=None, patch_size=64, progress=False, key_added="by_name"
+        small, encoder="resnet18", weights=None, seed=3, patch_size=64, progress=False, key_added="by_name"
     )
-    torch.manual_seed(3)
-    prebuilt = hx.models.build_encoder("resnet18", weights=None)
+    prebuilt = hx.models.build_encoder("resnet18", weights=None, seed=3)
     hx.tl.embed_patches(small, encoder=prebuilt, patch_size=64, progress=False, key_added="prebuilt")
     np.testing.assert_allclose(small.obsm["by_name"], small.obsm["prebuilt"], rtol=1e-4, atol=1e-4)
     assert small.uns["by_name"]["encoder"]["weights_sha1"] == small.uns["prebuilt"]["encoder"]["weights_sha1"]

@@ -34,12 +34,14 @@ _SAMPLE_SECONDS = 0.02
 
 @dataclass
 class MethodRun:
-    """One method's cross-validation: its fold table, wall time and peak resident memory."""
+    """One method's cross-validation: its protocol and key, fold table, wall time and peak resident memory."""
 
     method: str
     folds: pd.DataFrame
     seconds: float
     peak_memory_mib: float | None
+    protocol: str = "leave_one_slide_out"
+    key: str = ""
 
 
 class PeakMemory:
@@ -98,6 +100,7 @@ def compare_methods(
     seed: int = 0,
     progress: bool = True,
     method_params: Mapping[str, Mapping[str, Any]] | None = None,
+    key_suffix: str = "",
     **fit_kwargs: Any,
 ) -> list[MethodRun]:
     """Cross-validate every method on identical folds and genes, one after the other.
@@ -107,13 +110,16 @@ def compare_methods(
     adata
         Log-normalised AnnData (with frozen features for the frozen regime).
     methods
-        Registered method names; each one's results go to ``uns[method]``.
+        Registered method names; each one's results go to ``uns[method + key_suffix]``.
     cv, genes, seed
         Passed to :func:`~histo2expr.tl.fit_histo2expr` for every method alike.
     progress
         Show one progress bar over the methods and print each one's result.
     method_params
         Extra parameters of single methods, by method name.
+    key_suffix
+        Appended to the method name to make the ``key_added`` of its fit (to keep the runs of
+        several protocols apart).
     **fit_kwargs
         Further arguments of :func:`~histo2expr.tl.fit_histo2expr` for every method
         (e.g. ``use_rep``, ``epochs``, ``device``).
@@ -121,12 +127,11 @@ def compare_methods(
     Returns
     -------
     One :class:`MethodRun` per method. Sets, per method, the fields of
-    :func:`~histo2expr.tl.fit_histo2expr` with ``key_added=method``:
-    ``.layers[f"{method}_pred"]``, ``.obs[f"{method}_fold"]`` and ``.uns[method]``.
+    :func:`~histo2expr.tl.fit_histo2expr` with ``key = method + key_suffix``:
+    ``.obsm[key]``, ``.obs[f"{key}_fold"]`` and ``.uns[key]``.
     """
-    from tqdm.auto import tqdm
-
     from . import tl
+    from ._progress import progress_bar
     from .models import get_method
 
     methods = list(methods)
@@ -139,9 +144,10 @@ def compare_methods(
         msg = f"Methods are listed twice in {methods}; each method is run once."
         raise ValueError(msg)
     runs = []
-    bar = tqdm(methods, desc="methods", disable=not progress)
+    bar = progress_bar(methods, desc=f"methods ({cv})", disable=not progress)
     for method in bar:
         bar.set_postfix_str(method)
+        key = method + key_suffix
         tic = time.perf_counter()
         with PeakMemory() as memory:
             tl.fit_histo2expr(
@@ -150,19 +156,22 @@ def compare_methods(
                 cv=cv,
                 genes=genes,
                 seed=seed,
-                key_added=method,
+                key_added=key,
                 progress=False,
                 refit=False,
                 **fit_kwargs,
                 **(method_params or {}).get(method, {}),
             )
-        run = MethodRun(method, adata.uns[method]["folds"], time.perf_counter() - tic, memory.peak_mib)
+        record = adata.uns[key]
+        run = MethodRun(
+            method, record["folds"], time.perf_counter() - tic, memory.peak_mib, record["protocol"], key
+        )
         runs.append(run)
         if progress:
             n_counted = int(metrics.counted_slides(run.folds).sum())
             bar.write(
                 f"{method}: PCC(ACG) {metrics.summarize(run.folds)['pcc_acg']:.3f} over {n_counted} held-out "
-                f"slides in {run.seconds:.1f} s"
+                f"slides ({run.protocol}) in {run.seconds:.1f} s"
             )
     return runs
 
@@ -171,11 +180,14 @@ def machine_description() -> dict[str, Any]:
     """Where a benchmark ran: platform, CPU cores, torch version and threads, accelerator."""
     import torch
 
+    from ._settings import available_cpus
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_cores": os.cpu_count(),
+        "available_cpus": available_cpus(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -188,6 +200,13 @@ def _mean_and_spread(values: pd.Series) -> str:
     if len(values) < 2:
         return f"{values.mean():.3f}"
     return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+
+
+def _by_protocol(runs: Sequence[MethodRun]) -> dict[str, list[MethodRun]]:
+    grouped: dict[str, list[MethodRun]] = {}
+    for run in runs:
+        grouped.setdefault(run.protocol, []).append(run)
+    return grouped
 
 
 def _small_slides_note(runs: Sequence[MethodRun]) -> list[str]:
@@ -205,12 +224,7 @@ def _small_slides_note(runs: Sequence[MethodRun]) -> list[str]:
     ]
 
 
-def results_markdown(runs: Sequence[MethodRun], *, title: str, preamble: Sequence[str] = ()) -> str:
-    """The report: means over held-out slides (± their standard deviation), time, memory, per-slide PCC.
-
-    Small held-out slides are left out of the means (:func:`histo2expr.metrics.counted_slides`); a
-    paragraph names them and gives PCC(ACG) over all slides as well.
-    """
+def _protocol_tables(protocol: str, runs: Sequence[MethodRun], *, several: bool) -> list[str]:
     rows = []
     for run in runs:
         memory = "n/a" if run.peak_memory_mib is None else f"{run.peak_memory_mib:.0f}"
@@ -225,21 +239,39 @@ def results_markdown(runs: Sequence[MethodRun], *, title: str, preamble: Sequenc
         )
     per_slide = pd.DataFrame({run.method: run.folds.set_index("slide")["pcc_acg"] for run in runs})
     per_slide.index.name = "held-out slide"
-    lines = [f"# {title}", "", *preamble]
-    lines += [
-        "## Mean over held-out slides (± standard deviation across them)",
+    named = f"{protocol.replace('_', '-')}: " if several else ""
+    return [
+        f"## {named}mean over held-out slides (± standard deviation across them)",
+        "",
+        f"Protocol: {protocol.replace('_', '-')}.",
         "",
         pd.DataFrame(rows).to_markdown(index=False),
         "",
         *_small_slides_note(runs),
-        "## PCC(ACG) per held-out slide",
+        f"## {named}PCC(ACG) per held-out slide",
         "",
         per_slide.map(lambda v: f"{v:.3f}").to_markdown(),
         "",
+    ]
+
+
+def results_markdown(runs: Sequence[MethodRun], *, title: str, preamble: Sequence[str] = ()) -> str:
+    """The report: per protocol, means over held-out slides (± their standard deviation), time, memory, per-slide PCC.
+
+    Small held-out slides are left out of the means (:func:`histo2expr.metrics.counted_slides`); a
+    paragraph names them and gives PCC(ACG) over all slides as well.
+    """
+    grouped = _by_protocol(runs)
+    lines = [f"# {title}", "", *preamble]
+    for protocol, protocol_runs in grouped.items():
+        lines += _protocol_tables(protocol, protocol_runs, several=len(grouped) > 1)
+    lines += [
         "PCC: Pearson correlation per gene across the spots of a held-out slide, averaged over all predicted "
         "genes (ACG) or the 50 most expressed / variable genes of that slide (HEG50 / HVG50); MSE and MAE in "
         "the per-gene standardised space of each fold's training slides. `seconds` and `peak MiB`: wall time "
-        "and peak resident memory of the process while the method's cross-validation ran.",
+        "and peak resident memory of the process while the method's cross-validation ran. Leave-one-slide-out "
+        "scores a new section of the patients seen in training when patients contribute several slides; "
+        "leave-one-patient-out scores a new patient.",
         "",
     ]
     return "\n".join(lines)
@@ -248,28 +280,30 @@ def results_markdown(runs: Sequence[MethodRun], *, title: str, preamble: Sequenc
 def results_json(
     runs: Sequence[MethodRun], *, settings: Mapping[str, Any], extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Every metric per held-out slide and method, with times, memory, settings, the machine and ``extra``.
+    """Every metric per cross-validation scheme, method and held-out slide, with times, memory, settings, ``extra``.
 
     ``mean`` leaves small held-out slides out (:func:`histo2expr.metrics.summarize`),
     ``mean_all_slides`` averages every slide.
     """
     from . import __version__
 
-    methods = {}
-    for run in runs:
-        folds = run.folds.replace({np.nan: None})
-        methods[run.method] = {
-            "seconds": run.seconds,
-            "peak_memory_mib": run.peak_memory_mib,
-            "mean": {metric: float(metrics.summarize(run.folds)[metric]) for metric in METRICS},
-            "mean_all_slides": {metric: float(run.folds[metric].mean()) for metric in METRICS},
-            "per_slide": folds.to_dict(orient="records"),
-        }
+    schemes: dict[str, dict[str, Any]] = {}
+    for protocol, protocol_runs in _by_protocol(runs).items():
+        methods = schemes.setdefault(protocol, {"methods": {}})["methods"]
+        for run in protocol_runs:
+            folds = run.folds.replace({np.nan: None})
+            methods[run.method] = {
+                "seconds": run.seconds,
+                "peak_memory_mib": run.peak_memory_mib,
+                "mean": {metric: float(metrics.summarize(run.folds)[metric]) for metric in METRICS},
+                "mean_all_slides": {metric: float(run.folds[metric].mean()) for metric in METRICS},
+                "per_slide": folds.to_dict(orient="records"),
+            }
     return {
         "histo2expr": __version__,
         "settings": dict(settings),
         "machine": machine_description(),
-        "methods": methods,
+        "cross_validation": schemes,
         **(extra or {}),
     }
 

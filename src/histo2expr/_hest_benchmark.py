@@ -117,8 +117,10 @@ def hest_fold_pearson(adata: AnnData, key: str, genes: list[str]) -> pd.DataFram
     One row per fold: ``fold``, ``n_spots``, ``pearson_mean`` (per-gene Pearson over all held-out
     spots of the fold pooled, averaged over the genes that are not constant) and ``n_nan_genes``.
     """
+    from .get import predictions as stored_predictions
+
     columns = adata.var_names.get_indexer(genes)
-    predictions = adata.layers[f"{key}_pred"][:, columns]
+    predictions = stored_predictions(adata, key)[list(genes)].to_numpy()
     truth = adata.X[:, columns]
     truth = truth.toarray() if sp.issparse(truth) else np.asarray(truth)
     folds = adata.obs[f"{key}_fold"]

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 READERS = ("auto", "legacy_st", "visium", "hest", "h5ad")
 #: Cross-validation schemes of ``histo2expr benchmark --cv``.
 CV_SCHEMES = ("leave_one_slide_out", "leave_one_patient_out")
+#: Suffixes of the result keys when both cross-validation schemes run.
+_PROTOCOL_SUFFIX = {"leave_one_slide_out": "_loso", "leave_one_patient_out": "_lopo"}
 
 
 class CommandError(Exception):
@@ -120,6 +122,7 @@ def _report(
     """Print the report, write results.json / results.md and the figures into ``out``, say where.
 
     ``extra``: further top-level entries of results.json.
+    With several cross-validation schemes, each one's figures go to a sub-folder named after it.
     """
     from . import pl
     from ._benchmark import results_markdown, write_results
@@ -128,7 +131,12 @@ def _report(
     print()
     print(markdown)
     written = write_results(runs, out, markdown=markdown, settings=settings, extra=extra)
-    written += pl.save_run_figures(adata, keys=[run.method for run in runs], out_dir=out)
+    protocols = list(dict.fromkeys(run.protocol for run in runs))
+    for protocol in protocols:
+        keys = [run.key for run in runs if run.protocol == protocol]
+        written += pl.save_run_figures(
+            adata, keys=keys, out_dir=out / protocol if len(protocols) > 1 else out
+        )
     print("Written:")
     for path in written:
         print(f"  {path}")
@@ -333,8 +341,29 @@ def read_cohort(path: Path, *, reader: str = "auto", slides: Sequence[str] | Non
     return adata
 
 
-def _protocol(args: argparse.Namespace) -> tuple[str, int, float | None]:
-    """Cross-validation, number of genes and patch pixel size of the chosen protocol (options override)."""
+def _protocols(adata: AnnData, cv: str | None) -> tuple[list[str], str]:
+    """The cross-validation schemes to run, and a note when patients contribute several slides.
+
+    ``cv=None``: leave-one-slide-out, and leave-one-patient-out as well when patients repeat.
+    """
+    if "patient" not in adata.obs:
+        return (["leave_one_slide_out"] if cv is None else [cv]), ""
+    slides_per_patient = adata.obs.groupby(adata.obs["patient"].astype(str), observed=True)["slide"].nunique()
+    repeated = slides_per_patient[slides_per_patient > 1]
+    if repeated.empty:
+        return (["leave_one_slide_out"] if cv is None else [cv]), ""
+    note = (
+        f"Patients repeat: {', '.join(f'{p} ({n} slides)' for p, n in repeated.items())}. Leave-one-slide-out "
+        "then scores new sections of patients seen in training; leave-one-patient-out scores new patients."
+    )
+    if cv is not None:
+        return [cv], note
+    both = len(slides_per_patient) > 1
+    return (["leave_one_slide_out", "leave_one_patient_out"] if both else ["leave_one_slide_out"]), note
+
+
+def _protocol(args: argparse.Namespace) -> tuple[str | None, int, float | None]:
+    """Cross-validation (None: see :func:`_protocols`), number of genes and patch pixel size of the protocol."""
     from ._hest_benchmark import HEST_GENES, HEST_MPP
 
     if args.protocol == "hest":
@@ -343,7 +372,7 @@ def _protocol(args: argparse.Namespace) -> tuple[str, int, float | None]:
                 f"--protocol hest holds out one patient at a time; drop --cv {args.cv} or use leave_one_patient_out."
             )
         return "leave_one_patient_out", args.genes or HEST_GENES, HEST_MPP
-    return args.cv or "leave_one_slide_out", args.genes or 250, None
+    return args.cv, args.genes or 250, None
 
 
 def _hest_scores(adata: AnnData, runs: list[MethodRun], genes: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -352,7 +381,7 @@ def _hest_scores(adata: AnnData, runs: list[MethodRun], genes: list[str]) -> tup
 
     from ._hest_benchmark import hest_fold_pearson
 
-    scores = {run.method: hest_fold_pearson(adata, run.method, genes) for run in runs}
+    scores = {run.method: hest_fold_pearson(adata, run.key, genes) for run in runs}
     table = pd.DataFrame(
         {
             method: {
@@ -403,6 +432,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         raise CommandError(f"--genes {n_genes} exceeds the {adata.n_vars} genes of {args.data}; lower it.")
     if cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
         raise CommandError("leave_one_patient_out needs obs['patient'] with at least two patients.")
+    protocols, patients_note = _protocols(adata, cv)
     if hest:
         hest_log_expression(adata)
         genes: int | list[str] = hest_genes(adata, n_genes)
@@ -413,7 +443,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         gene_rule = f"{n_genes} highly expressed genes chosen on the training slides of each fold"
     print(
         f"histo2expr benchmark ({args.protocol} protocol): {adata.n_obs} spots on {n_slides} slides of {args.data}; "
-        f"{cv}, {args.regime} regime ({args.encoder}), {n_genes} genes, methods {', '.join(methods)}."
+        f"{' and '.join(protocols)}, {args.regime} regime ({args.encoder}), {n_genes} genes, methods "
+        f"{', '.join(methods)}."
     )
     fit_kwargs: dict[str, Any] = {"epochs": args.epochs, "device": args.device, "num_workers": args.workers}
     embed_seconds = backend = None
@@ -421,19 +452,21 @@ def _benchmark(args: argparse.Namespace) -> int:
         embed_seconds, backend = _embed(adata, args, methods, mpp=mpp)
     else:
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
-    if cv == "leave_one_patient_out":
-        fit_kwargs["patient_key"] = "patient"
     method_params = {m: {"encoder": args.encoder} for m in methods} if args.regime == "end2end" else None
-    runs = compare_methods(
-        adata,
-        methods,
-        cv=cv,
-        genes=genes,
-        seed=args.seed,
-        progress=not args.quiet,
-        method_params=method_params,
-        **fit_kwargs,
-    )
+    runs = []
+    for protocol in protocols:
+        runs += compare_methods(
+            adata,
+            methods,
+            cv=protocol,
+            genes=genes,
+            seed=args.seed,
+            progress=not args.quiet,
+            method_params=method_params,
+            key_suffix=_PROTOCOL_SUFFIX[protocol] if len(protocols) > 1 else "",
+            patient_key="patient" if protocol == "leave_one_patient_out" else None,
+            **fit_kwargs,
+        )
     hest_lines, hest_results = _hest_scores(adata, runs, genes) if hest else ([], None)
     total = time.perf_counter() - start
     machine = machine_description()
@@ -444,12 +477,16 @@ def _benchmark(args: argparse.Namespace) -> int:
         adata,
         runs,
         out=args.out,
-        title=f"histo2expr benchmark: {args.data.name}, {args.protocol} protocol, {cv}, {args.regime} {args.encoder}",
+        title=(
+            f"histo2expr benchmark: {args.data.name}, {args.protocol} protocol, {' and '.join(protocols)}, "
+            f"{args.regime} {args.encoder}"
+        ),
         preamble=[
             f"Command: `{command}`",
             "",
-            f"Machine: {machine['cpu_cores']} CPU cores, {gpu}, torch {machine['torch']} with "
-            f"{machine['torch_threads']} thread(s), Python {machine['python']}, {machine['platform']}.",
+            *([patients_note, ""] if patients_note else []),
+            f"Machine: {machine['cpu_cores']} CPU cores ({machine['available_cpus']} available to the process), "
+            f"{gpu}, torch {machine['torch']}, Python {machine['python']}, {machine['platform']}.",
             "",
             f"Data: {adata.n_obs} spots on {n_slides} slides ({', '.join(map(str, adata.obs['slide'].unique()))}); "
             f"{gene_rule}; {args.patch_size} px patches"
@@ -465,7 +502,8 @@ def _benchmark(args: argparse.Namespace) -> int:
             "protocol": args.protocol,
             "slides": sorted(map(str, adata.obs["slide"].unique())),
             "n_spots": adata.n_obs,
-            "cv": cv,
+            "cv": cv or "auto",
+            "cv_schemes": protocols,
             "regime": args.regime,
             "encoder": args.encoder,
             "backend": backend,
@@ -551,7 +589,8 @@ def _parser() -> argparse.ArgumentParser:
         "--cv",
         choices=CV_SCHEMES,
         default=None,
-        help="cross-validation (default leave_one_slide_out; leave_one_patient_out with --protocol hest)",
+        help="cross-validation (default: leave_one_slide_out, and leave_one_patient_out too when patients have "
+        "several slides; leave_one_patient_out alone with --protocol hest)",
     )
     add(
         "--protocol",

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scipy import ndimage
 
-from .._settings import cache_dir
+from .._cache import atomic_path, cache_dir
 from ..io._slides import downscale_pixels
 
 #: Bump when the generator changes, so cached images are not reused.
@@ -169,9 +169,8 @@ def synthetic(
         if not image_path.exists():
             import tifffile
 
-            tmp = image_path.with_suffix(".tmp.tif")
-            tifffile.imwrite(tmp, pixels, photometric="rgb")
-            tmp.replace(image_path)
+            with atomic_path(image_path) as tmp:
+                tifffile.imwrite(tmp, pixels, photometric="rgb")
         hires, scalef = downscale_pixels(pixels, max_px=2000)
         obs = pd.DataFrame(
             {

@@ -3,7 +3,9 @@
 A slide image is opened as a :class:`LazyImage`: its pixels are never decoded more
 than once and never held in memory as a whole. Uncompressed TIFFs are memory-mapped
 directly; any other format (JPEG, PNG, compressed TIFF) is decoded once into an
-uncompressed ``.npy`` file in the histo2expr cache and memory-mapped from there.
+uncompressed ``.npy`` file in the histo2expr cache and memory-mapped from there. The cache
+is bounded (``hx.settings.cache_max_bytes``, least recently used images out first) and an
+image of more than ``hx.settings.max_image_pixels`` pixels is refused before it is decoded.
 
 Pixel modes: 8-bit RGB is used as is; greyscale, palette, CMYK and RGB(A) with an
 alpha channel are converted to RGB (alpha is composited over white) with a warning;
@@ -14,7 +16,7 @@ unknown and H&E encoders expect 8-bit colour.
 from __future__ import annotations
 
 import hashlib
-import os
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._settings import cache_dir
+from .._cache import atomic_path, cache_dir, make_room, mark_used
+from .._settings import settings
 
 #: Value used for pixels outside the image (white, like the glass around tissue).
 PAD_VALUE = 255
@@ -88,7 +91,11 @@ def _pil_to_rgb(image, path: Path) -> np.ndarray:
 
 @contextmanager
 def no_pixel_limit() -> Iterator[None]:
-    """Lift Pillow's decompression-bomb limit for the duration of the block (slides are huge)."""
+    """Lift Pillow's decompression-bomb limit for the block; :func:`check_pixel_count` guards instead.
+
+    Pillow's limit (about 179 megapixels) is far below a slide's size; histo2expr's own limit,
+    ``hx.settings.max_image_pixels``, is checked wherever an image is decoded whole.
+    """
     from PIL import Image
 
     previous = Image.MAX_IMAGE_PIXELS
@@ -97,6 +104,21 @@ def no_pixel_limit() -> Iterator[None]:
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+
+
+def check_pixel_count(path: Path, height: int, width: int) -> None:
+    """Refuse to decode an image of more pixels than ``hx.settings.max_image_pixels`` (decompression bombs)."""
+    limit = settings.max_image_pixels
+    if limit is None or height * width <= limit:
+        return
+    size = path.stat().st_size if path.is_file() else 0
+    msg = (
+        f"Image {path} claims {width} x {height} pixels ({height * width / 1e9:.2f} billion, from a file of "
+        f"{size / 2**20:.1f} MiB), more than `hx.settings.max_image_pixels` ({limit:,}); decoding it would "
+        "need that many pixels x 3 bytes of disk and time. If the file is what it claims, convert it to a "
+        "tiled TIFF (read tile by tile, never decoded whole) or raise `hx.settings.max_image_pixels`."
+    )
+    raise ValueError(msg)
 
 
 #: First bytes of the image formats histo2expr reads with Pillow or tifffile, and the suffixes they go by.
@@ -199,16 +221,8 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha1(token.encode()).hexdigest()[:20]
 
 
-def _decode_to_cache(path: Path) -> Path:
-    """Decode ``path`` once into an uncompressed ``.npy`` in the cache; return its path.
-
-    Pillow-decoded images are copied into the memory map in strips of rows, so that
-    besides Pillow's own decoded image only one strip is held at a time.
-    """
-    target = cache_dir("images") / f"{path.stem}-{_cache_key(path)}.npy"
-    if target.exists():
-        return target
-    tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npy")
+def _decode_into(path: Path, tmp: Path, shape: tuple[int, int]) -> None:
+    """Decode ``path`` into a new ``.npy`` at ``tmp``; Pillow images strip by strip."""
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
@@ -223,14 +237,38 @@ def _decode_to_cache(path: Path) -> Path:
 
         with no_pixel_limit(), Image.open(path) as image:
             rgb = image if image.mode == "RGB" else Image.fromarray(_pil_to_rgb(image, path))
-            width, height = rgb.size
+            height, width = shape
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(height, width, 3))
             for top in range(0, height, _DECODE_STRIP_ROWS):
                 bottom = min(top + _DECODE_STRIP_ROWS, height)
                 out[top:bottom] = np.asarray(rgb.crop((0, top, width, bottom)))
     out.flush()
     del out
-    os.replace(tmp, target)
+
+
+def _decode_to_cache(path: Path) -> Path:
+    """Decode ``path`` once into an uncompressed ``.npy`` in the cache; return its path.
+
+    The pixel count is checked first (:func:`check_pixel_count`) and room is made in the bounded
+    cache (:func:`histo2expr._cache.make_room`); the file is written under a temporary name and
+    renamed when complete, so a failed decode leaves nothing behind. Pillow-decoded images are
+    copied in strips of rows, so that besides Pillow's own decoded image only one strip is held.
+    """
+    folder = cache_dir("images")
+    target = folder / f"{path.stem}-{_cache_key(path)}.npy"
+    if target.exists():
+        mark_used(target)
+        return target
+    import tifffile
+
+    height, width = read_image_size(path)  # a damaged file fails here, clearly
+    check_pixel_count(path, height, width)
+    make_room(folder, 3 * height * width, what=f"Decoding {path.name} ({width} x {height} px)")
+    try:
+        with atomic_path(target) as tmp:
+            _decode_into(path, tmp, (height, width))
+    except (OSError, SyntaxError, struct.error, tifffile.TiffFileError) as error:
+        raise unreadable_image(path, error) from error
     return target
 
 

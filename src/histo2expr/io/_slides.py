@@ -22,6 +22,7 @@ from histo2expr.io._image import (
     PAD_VALUE,
     ArrayImage,
     _pil_to_rgb,
+    check_pixel_count,
     no_pixel_limit,
     read_image_size,
     to_rgb_uint8,
@@ -116,6 +117,7 @@ def downscale_image(path: str | Path, *, max_px: int = 2000) -> tuple[np.ndarray
         with no_pixel_limit(), Image.open(path) as image:
             size, scale = _target_size(*image.size, max_px)
             image.draft(None, size)
+            check_pixel_count(path, image.size[1], image.size[0])  # what is decoded, after the draft
             if image.mode != "RGB":
                 image = Image.fromarray(_pil_to_rgb(image, path))
             return _shrink(image, size), scale

@@ -70,8 +70,8 @@ PROVENANCE_KEY = "histo2expr_to_spatialdata"
 def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
     """The dataset as a :class:`~spatialdata.SpatialData`: each slide's image, its spots as circles, the table.
 
-    Works on any AnnData of the data model, e.g. the measured spots of a reader, or the predictions
-    of :func:`histo2expr.tl.predict_expression` (on real spots or the pseudo-spots of
+    Works on any AnnData of the data model, e.g. the measured spots of a reader, or the predicted
+    expression of :func:`histo2expr.get.predicted_adata` (on real spots or the pseudo-spots of
     :func:`histo2expr.pp.tile_slide`): the table is that AnnData as it is, whatever it holds, for
     spatialdata-plot, napari-spatialdata or squidpy. Nothing is copied or read: images are dask
     arrays reading the slide file region by region, with one scale per pyramid level of the file

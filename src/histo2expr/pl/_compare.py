@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import metrics
-from ._utils import as_keys, axes, finish, fit_record, key_colours
+from ._utils import as_keys, axes, finish, fit_record, key_colours, protocol_of, titled
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -46,7 +46,8 @@ def compare_methods(
     Returns
     -------
     The Axes when not shown, else None. Reads ``uns[key]["folds"]`` of every key; the
-    last group of bars is the mean over slides (:func:`histo2expr.metrics.summarize`).
+    last group of bars is the mean over slides (:func:`histo2expr.metrics.summarize`). The title
+    names the evaluation protocol(s) (``uns[key]["protocol"]``).
     """
     keys = as_keys(keys)
     values = {}
@@ -72,6 +73,6 @@ def compare_methods(
     ax.set_xticks(range(len(groups)), groups)
     ax.set_xlabel("held-out slide")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per held-out slide")
+    ax.set_title(titled(f"{metric} per held-out slide", [protocol_of(adata, key) for key in keys]))
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     return finish(ax, show=show, ax_given=ax_given)

@@ -9,19 +9,23 @@ import numpy as np
 
 from .. import metrics
 from .._validation import positive_int
+from ..tl._predictions import FIT_KEY
 from ._utils import (
     check_genes,
     finish,
     fit_record,
     predicted_genes,
     prediction,
+    protocol_of,
     slide_spots,
+    titled,
     truth,
     unpredicted,
 )
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 #: Above this many genes the heatmaps carry no gene names.
@@ -42,11 +46,12 @@ def _cluster_order(corr: np.ndarray) -> np.ndarray:
 def gene_corr_heatmap(
     adata: AnnData,
     *,
-    key: str = "histo2expr",
+    key: str = FIT_KEY,
     genes: Sequence[str] | None = None,
     n_top: int = 50,
     slide: str | None = None,
     cmap: str = "RdBu_r",
+    ax: Sequence[Axes] | None = None,
     show: bool | None = None,
 ) -> Figure | None:
     """Gene-gene correlation of the measured and of the predicted expression, side by side.
@@ -64,7 +69,8 @@ def gene_corr_heatmap(
         out-of-fold predictions) or predicted with :func:`~histo2expr.tl.predict_expression`,
         with measured log-normalised expression in ``X``.
     key
-        The ``key_added`` of the fit.
+        The ``key_added`` of the fit (default: that of :func:`~histo2expr.tl.fit_histo2expr`) or of
+        the prediction (that of :func:`~histo2expr.tl.predict_expression` is ``"histo2expr_pred"``).
     genes
         The genes to correlate (default: the ``n_top`` with the highest mean measured
         expression among those predicted on every spot shown).
@@ -74,12 +80,15 @@ def gene_corr_heatmap(
         One slide (as the fold metric ``gene_corr_agreement`` does), or None for every spot.
     cmap
         Diverging colour map; the scale is fixed to [-1, 1].
+    ax
+        Two Axes to draw the measured and the predicted matrix into (default: a new figure).
     show
-        Show the figure (default) or return it.
+        Show the figure; by default when ``ax`` is not given.
 
     Returns
     -------
-    The Figure when not shown, else None. Reads ``layers[f"{key}_pred"]`` and ``X``.
+    The Figure when not shown, else None. Reads the predictions of ``key``
+    (:func:`histo2expr.get.predictions`) and ``X``; the title names the evaluation protocol.
     """
     import matplotlib.pyplot as plt
 
@@ -114,18 +123,33 @@ def gene_corr_heatmap(
     order = _cluster_order(corr_measured)
     names = [genes[i] for i in order]
     size = 3.2 + 0.08 * min(len(genes), _MAX_LABELLED_GENES)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(2 * size + 1.0, size), layout="constrained")
-    for ax, corr, what in ((left, corr_measured, "measured"), (right, corr_predicted, f"predicted ({key})")):
-        heatmap = ax.imshow(
+    if ax is None:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(2 * size + 1.0, size), layout="constrained")
+    else:
+        if isinstance(ax, str) or len(ax) != 2:
+            msg = "`ax` must be two Axes: one for the measured and one for the predicted correlations."
+            raise ValueError(msg)
+        left, right = ax
+        fig = left.figure
+    for panel, corr, what in (
+        (left, corr_measured, "measured"),
+        (right, corr_predicted, f"predicted ({key})"),
+    ):
+        heatmap = panel.imshow(
             corr[np.ix_(order, order)], cmap=cmap, vmin=-1.0, vmax=1.0, interpolation="nearest"
         )
-        ax.set_title(what)
+        panel.set_title(what)
         labelled = len(names) <= _MAX_LABELLED_GENES
-        ax.set_xticks(
+        panel.set_xticks(
             range(len(names)) if labelled else [], names if labelled else [], rotation=90, fontsize=6
         )
-        ax.set_yticks(range(len(names)) if labelled else [], names if labelled else [], fontsize=6)
+        panel.set_yticks(range(len(names)) if labelled else [], names if labelled else [], fontsize=6)
     fig.colorbar(heatmap, ax=[left, right], shrink=0.8, label="gene-gene PCC")
     where = "all spots" if slide is None else f"slide {slide}"
-    fig.suptitle(f"Gene-gene correlation, {len(genes)} genes, {where}: agreement r = {agreement:.3f}")
-    return finish(fig, show=show)
+    fig.suptitle(
+        titled(
+            f"Gene-gene correlation, {len(genes)} genes, {where}: agreement r = {agreement:.3f}",
+            [protocol_of(adata, key)],
+        )
+    )
+    return finish(fig, show=show, ax_given=ax is not None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,7 @@ import pandas as pd
 
 from .. import metrics
 from .._validation import positive_int
+from ..tl._predictions import FIT_KEY
 from ._utils import (
     as_keys,
     axes,
@@ -19,7 +21,9 @@ from ._utils import (
     key_colours,
     pcc_table,
     prediction,
+    protocol_of,
     slide_spots,
+    titled,
     truth,
     unpredicted,
 )
@@ -32,6 +36,30 @@ if TYPE_CHECKING:
 DEFAULT_KS = (50, 100, 150, 200)
 
 
+def _capped_ks(ks: Sequence[int] | None, n_genes: int) -> list[int]:
+    """The values of K up to ``n_genes`` (the default ones silently, given ones with a warning)."""
+    given = ks is not None
+    ks = sorted({positive_int(k, "ks") for k in (DEFAULT_KS if ks is None else ks)})
+    if not ks:
+        msg = "`ks` is empty; give the values of K, e.g. (50, 100, 150, 200)."
+        raise ValueError(msg)
+    kept = [k for k in ks if k <= n_genes] or [n_genes]
+    dropped = [k for k in ks if k > n_genes]
+    if given and dropped:
+        msg = f"K = {dropped} exceed the {n_genes} genes predicted and are left out of the HEG curve."
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    return kept
+
+
+def _genes_per_slide(adata: AnnData, key: str) -> int:
+    """The fewest genes predicted on any held-out slide of ``key`` (each fold chose its own)."""
+    record = fit_record(adata, key, need=("gene_pcc",))
+    folds = record.get("folds")
+    if folds is not None and "n_genes" in folds:
+        return int(folds["n_genes"].min())
+    return len(record["gene_pcc"])
+
+
 def _union(columns: list[list[str]]) -> list[str]:
     return list(dict.fromkeys(c for names in columns for c in names))
 
@@ -39,7 +67,7 @@ def _union(columns: list[list[str]]) -> list[str]:
 def gene_pcc_boxplot(
     adata: AnnData,
     *,
-    key: str | Sequence[str] = "histo2expr",
+    key: str | Sequence[str] = FIT_KEY,
     slides: str | Sequence[str] | None = None,
     genes: Sequence[str] | None = None,
     ax: Axes | None = None,
@@ -69,7 +97,8 @@ def gene_pcc_boxplot(
 
     Returns
     -------
-    The Axes when not shown, else None. Reads ``uns[key]["gene_pcc"]``.
+    The Axes when not shown, else None. Reads ``uns[key]["gene_pcc"]``; the title names the
+    evaluation protocol(s).
     """
     keys = as_keys(key)
     tables = {k: pcc_table(adata, k) for k in keys}
@@ -97,7 +126,7 @@ def gene_pcc_boxplot(
     ax.set_xlim(-0.6, len(slides) - 0.4)
     ax.set_xlabel("held-out slide")
     ax.set_ylabel("PCC per gene")
-    ax.set_title("Gene-wise PCC on held-out slides")
+    ax.set_title(titled("Gene-wise PCC on held-out slides", [protocol_of(adata, k) for k in keys]))
     if len(keys) > 1:
         from matplotlib.patches import Patch
 
@@ -111,7 +140,7 @@ def gene_pcc_boxplot(
 def heg_table(
     adata: AnnData,
     *,
-    key: str = "histo2expr",
+    key: str,
     ks: Sequence[int] = DEFAULT_KS,
     slides: str | Sequence[str] | None = None,
 ) -> pd.DataFrame:
@@ -140,8 +169,8 @@ def heg_table(
 def heg_curve(
     adata: AnnData,
     *,
-    key: str | Sequence[str] = "histo2expr",
-    ks: Sequence[int] = DEFAULT_KS,
+    key: str | Sequence[str] = FIT_KEY,
+    ks: Sequence[int] | None = None,
     slides: str | Sequence[str] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
@@ -161,7 +190,8 @@ def heg_curve(
     key
         The ``key_added`` of the fit, or a list of them to compare methods.
     ks
-        The values of K (at most the number of genes predicted; larger K use all genes).
+        The values of K, each at most the number of genes predicted (default: 50, 100, 150, 200,
+        those up to that number; larger values given explicitly are dropped with a warning).
     slides
         Held-out slides to average over (default: all).
     ax
@@ -171,14 +201,12 @@ def heg_curve(
 
     Returns
     -------
-    The Axes when not shown, else None. Reads ``uns[key]["gene_pcc"]``,
-    ``layers[f"{key}_pred"]`` and ``X``.
+    The Axes when not shown, else None. Reads ``uns[key]["gene_pcc"]``, the predictions of ``key``
+    (:func:`histo2expr.get.predictions`) and ``X``; K is at most the number of genes predicted per
+    held-out slide, and the title names the evaluation protocol(s).
     """
     keys = as_keys(key)
-    ks = sorted({positive_int(k, "ks") for k in ks})
-    if not ks:
-        msg = "`ks` is empty; give the values of K, e.g. (50, 100, 150, 200)."
-        raise ValueError(msg)
+    ks = _capped_ks(ks, min(_genes_per_slide(adata, k) for k in keys))
     curves = {k: heg_table(adata, key=k, ks=ks, slides=slides).mean(axis=0, skipna=True) for k in keys}
     ax_given = ax is not None
     ax = axes(ax, (4.5, 3.5))
@@ -187,6 +215,11 @@ def heg_curve(
     ax.set_xticks(ks)
     ax.set_xlabel("K (highly expressed genes)")
     ax.set_ylabel("PCC(HEG@K)")
-    ax.set_title("PCC of the K most expressed genes,\nmean over held-out slides")
+    ax.set_title(
+        titled(
+            "PCC of the K most expressed genes,\nmean over held-out slides",
+            [protocol_of(adata, k) for k in keys],
+        )
+    )
     ax.legend(loc="best", fontsize="small")
     return finish(ax, show=show, ax_given=ax_given)

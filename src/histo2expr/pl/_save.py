@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._compare import compare_methods
-from ._pcc import DEFAULT_KS, gene_pcc_boxplot, heg_curve
+from ._pcc import gene_pcc_boxplot, heg_curve
 from ._utils import as_keys
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ def save_run_figures(
     keys: str | Sequence[str],
     out_dir: str | Path,
     *,
-    ks: Sequence[int] = DEFAULT_KS,
+    ks: Sequence[int] | None = None,
     dpi: int = 150,
 ) -> list[Path]:
     """Save the figures of cross-validated fits as PNG files.
@@ -37,7 +37,7 @@ def save_run_figures(
     out_dir
         Folder of the files; made when missing.
     ks
-        The K of the HEG curve.
+        The K of the HEG curve (default: 50, 100, 150, 200, up to the number of genes predicted).
     dpi
         Resolution of the PNG files.
 

@@ -1,4 +1,4 @@
-"""What every plot shares: reading a fitted key from ``uns``, the spots of a slide, ``ax`` / ``show``."""
+"""What every plot shares: the fitted keys and their predictions, the spots of a slide, ``ax`` / ``show``."""
 
 from __future__ import annotations
 
@@ -8,28 +8,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ..get import predictions
 from ..tl._data import log_expression, slide_labels
+from ..tl._predictions import fit_record
+from ..tl._scale import SCALES
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-
-#: What writes the held-out metrics ``uns[key]["gene_pcc"]`` and ``uns[key]["folds"]``.
-_METRICS_WRITTEN_BY = (
-    "`hx.tl.fit_histo2expr(adata, cv=..., key_added={key!r})` or `hx.tl.evaluate_expression(adata, model, "
-    "key_added={key!r})`"
-)
-
-
-def _is_fit_record(value: Any) -> bool:
-    """A record of ``fit_histo2expr`` / ``predict_expression``: its model's ``genes``, or held-out PCCs."""
-    return isinstance(value, dict) and "params" in value and ("genes" in value or "gene_pcc" in value)
-
-
-def fitted_keys(adata: AnnData) -> list[str]:
-    """Keys of ``uns`` written by ``fit_histo2expr`` / ``predict_expression``."""
-    return [k for k, v in adata.uns.items() if _is_fit_record(v)]
 
 
 def as_keys(key: str | Sequence[str]) -> list[str]:
@@ -41,25 +28,16 @@ def as_keys(key: str | Sequence[str]) -> list[str]:
     return keys
 
 
-def fit_record(adata: AnnData, key: str, *, need: Sequence[str] = ()) -> dict[str, Any]:
-    """``adata.uns[key]``, checked to come from a fit and to hold every part in ``need``."""
-    record = adata.uns.get(key)
-    if not _is_fit_record(record):
-        msg = (
-            f"`adata.uns[{key!r}]` holds no fitted model: key {key!r} was never fitted or predicted "
-            f"(fitted keys here: {fitted_keys(adata)}). Run `hx.tl.fit_histo2expr(adata, cv=..., "
-            f"key_added={key!r})` first, or pass `key=` with the `key_added` you used."
-        )
-        raise KeyError(msg)
-    for part in need:
-        if part not in record:
-            msg = (
-                f"`adata.uns[{key!r}]` has no {part!r}: the plot needs held-out metrics, written by "
-                f"{_METRICS_WRITTEN_BY.format(key=key)}. A fit without `cv` or a bare "
-                "`predict_expression` has none."
-            )
-            raise KeyError(msg)
-    return record
+def protocol_of(adata: AnnData, key: str) -> str:
+    """How the scores of ``key`` were made (``"leave_one_slide_out"``, ...), for titles; ``""`` when unknown."""
+    record = fit_record(adata, key)
+    return str(record.get("protocol") or record.get("params", {}).get("cv") or "")
+
+
+def titled(title: str, protocols: Sequence[str]) -> str:
+    """``title`` naming the evaluation protocol(s) behind it."""
+    named = [p.replace("_", "-") for p in dict.fromkeys(protocols) if p]
+    return f"{title} ({'; '.join(named)})" if named else title
 
 
 def predicted_genes(record: dict[str, Any]) -> list[str]:
@@ -132,16 +110,14 @@ def slide_spots(
 
 
 def prediction(adata: AnnData, key: str, genes: Sequence[str], spots: np.ndarray) -> np.ndarray:
-    """``(len(spots), len(genes))`` predictions of ``key`` from ``layers[f"{key}_pred"]``."""
-    layer = f"{key}_pred"
-    if layer not in adata.layers:
-        msg = (
-            f"`adata.layers[{layer!r}]` is missing; write predictions with `hx.tl.fit_histo2expr(adata, "
-            f"cv=..., key_added={key!r})` or `hx.tl.predict_expression(adata, model, key_added={key!r})`."
-        )
-        raise KeyError(msg)
-    columns = adata.var_names.get_indexer(list(genes))
-    return np.asarray(adata.layers[layer][spots][:, columns], dtype=np.float64)
+    """``(len(spots), len(genes))`` predictions of ``key`` (through :func:`histo2expr.get.predictions`), NaN where none."""
+    frame = predictions(adata, key)
+    return frame.reindex(columns=list(genes)).to_numpy(dtype=np.float64)[spots]
+
+
+def scale_of(adata: AnnData, key: str) -> str:
+    """What the predicted values of ``key`` are (``uns[key]["scale"]``)."""
+    return str(fit_record(adata, key).get("scale") or SCALES["training"])
 
 
 def has_truth(adata: AnnData) -> bool:

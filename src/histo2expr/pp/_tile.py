@@ -247,7 +247,8 @@ def tile_slide(
     --------
     >>> tiles = hx.pp.tile_slide("slide.svs", model=model)  # doctest: +SKIP
     >>> hx.tl.embed_patches(tiles, encoder="efficientnet_lite0", mpp=model.patches["mpp"])  # doctest: +SKIP
-    >>> virtual = hx.tl.predict_expression(tiles, model)  # doctest: +SKIP
+    >>> hx.tl.predict_expression(tiles, model)  # doctest: +SKIP
+    >>> virtual = hx.get.predicted_adata(tiles)  # doctest: +SKIP
     """
     from ..io._wsi_image import open_slide_image
 

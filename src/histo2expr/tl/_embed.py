@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._progress import progress_bar
+from .._settings import cpu_threads
 from .._validation import get_table
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ def embed_patches(
     image_key: str | Mapping[str, str] | None = None,
     key_added: str = "X_histo",
     tokens: int | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> None:
     """Embed the H&E patch around every spot with a frozen image encoder.
@@ -51,7 +54,7 @@ def embed_patches(
         :class:`torch.nn.Module` returning ``(B, D)`` features.
     weights
         ``"default"`` (ImageNet for names, the module's own for a module), ``"imagenet"``,
-        ``None`` (random), a checkpoint path or a state dict — see
+        ``None`` (random, drawn from ``seed``), a checkpoint path or a state dict — see
         :func:`histo2expr.models.build_encoder`.
     patch_size
         Patch side in pixels.
@@ -87,6 +90,9 @@ def embed_patches(
         at most the map's own side (7 for ``efficientnet_lite0`` at 224 px). The backbone runs
         once per patch for both outputs. ``None`` keeps the pooled features only (and removes
         tokens a previous call left under this key).
+    seed
+        Seed of a random initialisation (``weights=None``): the same seed gives the same weights,
+        so slides embedded in separate calls share one encoder.
     progress
         Show a progress bar.
 
@@ -99,12 +105,12 @@ def embed_patches(
     ``.obsm[f"{key_added}_tokens"]``
         With ``tokens``: ``(n_spots, tokens * tokens, token_dim)`` float32 tokens (row-major grid).
     ``.uns[key_added]``
-        ``{"encoder": description incl. weights hash, "patches": patch geometry, "backend": the backend
-        that ran}``, and with
+        ``{"encoder": ..., "patches": ..., "backend": ...}``: the encoder's description incl. a hash
+        of its weights (and the ``seed`` of random weights), the patch geometry, and the inference
+        backend that ran the encoder (``"auto"`` resolved); with
         ``tokens`` ``"tokens": {"key": f"{key_added}_tokens", "grid": tokens, "n_tokens": tokens**2}``.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from ..models import InferenceEncoder, build_encoder, resolve_device
     from ..models.layers import pool_token_grid
@@ -120,7 +126,7 @@ def embed_patches(
     source = PatchSource(
         data, patch_size=patch_size, mpp=mpp, slide_key=slide_key, table_key=table_key, image_key=image_key
     )
-    model = build_encoder(encoder, weights=weights)
+    model = build_encoder(encoder, weights=weights, seed=seed)
     target = resolve_device(device)
     model.to(target).eval()
     # channels-last convolutions are 1.4-1.7x faster on CPUs; only for encoders built here, so that
@@ -140,7 +146,10 @@ def embed_patches(
         model, backend=backend, device=target, channels_last=channels_last, tokens=tokens is not None
     )
     loader = patch_loader(source, batch_size=batch_size, num_workers=num_workers)
-    with tqdm(total=len(source), desc="embedding", disable=not progress) as bar:
+    with (
+        cpu_threads(num_workers),
+        progress_bar(total=len(source), desc="embedding", disable=not progress) as bar,
+    ):
         for batch in loader:
             rows = batch["index"].numpy()
             pooled, grid = runner(batch["image"])
@@ -149,11 +158,10 @@ def embed_patches(
                 token_array[rows] = pool_token_grid(grid.float(), tokens).cpu().numpy()
             bar.update(len(rows))
     table.obsm[key_added] = features
-    table.uns[key_added] = {
-        "encoder": model.describe(),
-        "patches": source.describe(),
-        "backend": runner.backend,
-    }
+    description = model.describe()
+    if description["weights"] == "random":
+        description["seed"] = seed  # what re-creates these weights: `weights=None, seed=seed`
+    table.uns[key_added] = {"encoder": description, "patches": source.describe(), "backend": runner.backend}
     token_key = f"{key_added}_tokens"
     if tokens is None:
         if token_key in table.obsm:

@@ -10,6 +10,7 @@ from .._validation import check_log_normalised, check_not_empty, check_unique_va
 from ._data import gene_pcc_table, log_expression, score_slides, slide_labels
 from ._model import Histo2ExprModel
 from ._predict import predict_expression
+from ._predictions import PREDICT_KEY
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -20,7 +21,7 @@ def evaluate_expression(
     data: AnnData | SpatialData,
     model: Histo2ExprModel,
     *,
-    key_added: str = "histo2expr",
+    key_added: str = PREDICT_KEY,
     slide_key: str = "slide",
     table_key: str = "table",
 ) -> pd.DataFrame:
@@ -38,7 +39,8 @@ def evaluate_expression(
     model
         A fitted :class:`~histo2expr.tl.Histo2ExprModel`.
     key_added
-        Prefix of the fields written.
+        Key of the results, as in :func:`~histo2expr.tl.predict_expression` (never a key that holds
+        the cross-validation of :func:`~histo2expr.tl.fit_histo2expr`).
     slide_key
         Column of ``obs`` with the slide of each spot (optional for one slide).
     table_key
@@ -60,7 +62,7 @@ def evaluate_expression(
     check_log_normalised(table)
     truth = log_expression(table, model.genes)
     predict_expression(data, model, key_added=key_added, slide_key=slide_key, table_key=table_key)
-    predicted = table.layers[f"{key_added}_pred"][:, table.var_names.get_indexer(model.genes)]
+    predicted = table.obsm[key_added][model.genes].to_numpy()
     slides = slide_labels(table, slide_key, required=False)
     rows, pccs = score_slides(
         truth, predicted, slides, genes=model.genes, mean=model.scaler.mean_, std=model.scaler.scale_

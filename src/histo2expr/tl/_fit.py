@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -9,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._progress import progress_bar
+from .._settings import cpu_threads
 from .._validation import check_log_normalised, check_not_empty, check_unique_var_names, get_table
 from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method
 from ..models.scaling import Standardizer
@@ -26,6 +29,8 @@ from ._data import (
     spot_geometry_um,
 )
 from ._model import Histo2ExprModel
+from ._predictions import FIT_KEY, check_key, is_record, prediction_frame, write_results
+from ._scale import SCALES, training_statistics
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -99,6 +104,78 @@ def _fit_on(
     return _FoldFit(model, chosen, scaler, report, how)
 
 
+def protocol_name(cv: str | int | None, patient_key: str | None) -> str:
+    """How the held-out scores were made, as the reports and plot titles name it."""
+    if cv is None:
+        return ""
+    if isinstance(cv, str):
+        return cv
+    return f"{int(cv)} grouped folds by {'patient' if patient_key else 'slide'}"
+
+
+def _shared_patients(table: AnnData, folds: list, patient_key: str | None) -> tuple[str, str]:
+    """A note for the record, and a warning, when held-out slides share their patient with training slides.
+
+    The patients are ``obs[patient_key]``, or ``obs["patient"]`` when present (the readers' column).
+    Both are empty when no fold shares a patient.
+    """
+    column = patient_key or ("patient" if "patient" in table.obs else None)
+    if column is None or column not in table.obs:
+        return "", ""
+    patients = table.obs[column].astype(str).to_numpy()
+    shared = [f for f in folds if np.intersect1d(patients[f.train], patients[f.test]).size]
+    if not shared:
+        return "", ""
+    n_patients = len(set(patients))
+    examples = ", ".join(f"{f.name} (patient {patients[f.test][0]})" for f in shared[:3])
+    note = (
+        f"{len(shared)} of {len(folds)} folds hold out slides that share their patient with training slides"
+    )
+    advice = (
+        f"For an estimate on new patients use `cv='leave_one_patient_out', patient_key={column!r}` "
+        f"({n_patients} patients here)."
+        if n_patients > 1
+        else "All slides come from one patient: no split here can estimate performance on new patients."
+    )
+    msg = (
+        f"{note}, e.g. {examples}. Their scores measure how well a new section of a patient seen in "
+        f"training is predicted, which is easier than a new patient (serial sections look alike). {advice}"
+    )
+    return note, msg
+
+
+def _cross_validate(
+    inputs: _Inputs, folds: list, fit_args: dict[str, Any], *, progress: Any
+) -> tuple[pd.DataFrame, np.ndarray, list[dict[str, Any]], dict[str, pd.Series]]:
+    """Fit and score every fold; out-of-fold predictions of the union of the folds' genes."""
+    table = inputs.table
+    predicted_by_fold, fold_of = [], np.empty(table.n_obs, dtype=object)
+    rows, pccs = [], {}
+    for fold in folds:
+        fitted = _fit_on(inputs, fold.train, **fit_args)
+        predicted = fitted.scaler.inverse_transform(fitted.method.predict(inputs.spots(fold.test)))
+        predicted_by_fold.append((fold.test, fitted.genes, predicted))
+        fold_of[fold.test] = fold.name
+        truth = log_expression(table[fold.test], fitted.genes)
+        fold_rows, fold_pccs = score_slides(
+            truth,
+            predicted,
+            inputs.slides[fold.test],
+            genes=fitted.genes,
+            mean=fitted.scaler.mean_,
+            std=fitted.scaler.scale_,
+        )
+        rows += [{"slide": row["slide"], "fold": fold.name, **row} for row in fold_rows]
+        pccs.update(fold_pccs)
+        progress.update(1)
+    genes = list(dict.fromkeys(g for _, fold_genes, _ in predicted_by_fold for g in fold_genes))
+    values = np.full((table.n_obs, len(genes)), np.nan, dtype=np.float32)
+    column = {g: i for i, g in enumerate(genes)}
+    for test, fold_genes, predicted in predicted_by_fold:
+        values[np.ix_(test, [column[g] for g in fold_genes])] = predicted
+    return prediction_frame(values, table.obs_names, genes), fold_of, rows, pccs
+
+
 def fit_histo2expr(
     data: AnnData | SpatialData,
     *,
@@ -119,7 +196,7 @@ def fit_histo2expr(
     seed: int = 0,
     device: str = "auto",
     num_workers: int = 0,
-    key_added: str = "histo2expr",
+    key_added: str = FIT_KEY,
     table_key: str = "table",
     progress: bool = True,
     refit: bool = True,
@@ -173,11 +250,13 @@ def fit_histo2expr(
     num_workers
         DataLoader workers reading patches (end-to-end regime).
     key_added
-        Prefix of the fields written.
+        Key of the results (``uns``, ``obsm``) and prefix of the ``obs`` column written. Predictions of
+        :func:`~histo2expr.tl.predict_expression` have their own default key, and a key holding them
+        is refused, so that out-of-fold and new predictions never overwrite each other.
     table_key
         SpatialData only: the table to use.
     progress
-        Show progress bars over folds and epochs.
+        Show one progress bar: over the folds (and the refit) with ``cv``, else over the epochs.
     refit
         After cross-validation, refit the method on every slide and return it. ``False``
         (only with ``cv``) skips the refit — for comparing methods, when only the
@@ -188,12 +267,16 @@ def fit_histo2expr(
 
     Returns
     -------
-    The model refitted on all slides (``None`` with ``refit=False``). With ``cv``, sets the
-    following fields:
+    The model refitted on all slides (``None`` with ``refit=False``). Computations use
+    ``hx.settings.n_threads`` CPU threads. When held-out slides
+    share their patient with training slides (``patient_key``, or an ``obs["patient"]`` column), a
+    warning gives the numbers and recommends ``cv="leave_one_patient_out"``. With ``cv``, sets:
 
-    ``.layers[f"{key_added}_pred"]``
-        Out-of-fold predictions (log-normalised scale) for the genes of each fold,
-        NaN for genes that fold did not predict.
+    ``.obsm[key_added]``
+        Out-of-fold predictions, a DataFrame of spots x genes (the union of the genes the folds
+        chose; NaN where a spot's fold did not predict a gene), log-normalised at the training
+        slides' depth. Read it with :func:`histo2expr.get.predictions`; hand it to scanpy with
+        :func:`histo2expr.get.predicted_adata`.
     ``.obs[f"{key_added}_fold"]``
         The fold in which each spot was held out.
     ``.uns[key_added]["folds"]``
@@ -204,12 +287,13 @@ def fit_histo2expr(
     ``.uns[key_added]["gene_pcc"]``
         PCC of every predicted gene (rows) on every held-out slide (columns).
 
-    Always sets ``.uns[key_added]["params"]`` (incl. ``"token_rep"``, the ``obsm`` key of the
-    image tokens used or ``""``, and ``"n_tokens"``), and ``.uns[key_added]["genes"]`` (the
-    genes of the returned model) when it refits.
+    Always sets ``.uns[key_added]``: ``"kind"`` (``"cross_validation"``, or ``"fit"`` without ``cv``),
+    ``"method"``, ``"protocol"`` (the ``cv`` scheme) and ``"protocol_note"`` (held-out slides that
+    share a patient with training slides), ``"scale"``, ``"params"`` (incl. ``"token_rep"``, the
+    ``obsm`` key of the image tokens used or ``""``, and ``"n_tokens"``), and ``"genes"`` (the genes
+    of the returned model) when it refits. The warning about shared patients is given once per
+    AnnData and protocol: a fit of another method on the same folds records the note silently.
     """
-    from tqdm.auto import tqdm
-
     from ..models import resolve_device
 
     table = get_table(data, table_key)
@@ -223,7 +307,7 @@ def fit_histo2expr(
         seed=seed,
         device=device,
         num_workers=num_workers,
-        progress=progress,
+        progress=progress and cv is None,  # with cv, the one bar is the fit's over folds
     )
     if not refit and cv is None:
         msg = "`refit=False` only makes sense with cross-validation; pass `cv=` (e.g. 'leave_one_slide_out')."
@@ -248,8 +332,8 @@ def fit_histo2expr(
     encoder = patch_geometry = None
     if use_rep is not None:
         features, token_rep = frozen_inputs(table, use_rep, tokens=method_class.token_input, method=method)
-        record = table.uns.get(use_rep, {})
-        encoder, patch_geometry = record.get("encoder"), record.get("patches")
+        embedded = table.uns.get(use_rep, {})
+        encoder, patch_geometry = embedded.get("encoder"), embedded.get("patches")
     else:
         from ..patches import PatchSource
 
@@ -287,46 +371,56 @@ def fit_histo2expr(
             "n_tokens": int(features.shape[1]) if token_rep else 0,
         }
     )
-    record: dict[str, Any] = {"params": params}
+    kind, protocol = ("fit", "") if cv is None else ("cross_validation", protocol_name(cv, patient_key))
+    check_key(table, key_added, kind=kind, method=method, protocol=protocol)
+    folds = (
+        [] if cv is None else make_folds(table, cv, slide_key=slide_key, patient_key=patient_key, seed=seed)
+    )
+    note, warning = _shared_patients(table, folds, patient_key) if folds else ("", "")
+    if warning and not any(  # once per AnnData and protocol: other methods on the same folds stay quiet
+        is_record(v) and (v.get("protocol"), v.get("protocol_note")) == (protocol, note)
+        for v in table.uns.values()
+    ):
+        warnings.warn(warning, UserWarning, stacklevel=2)
+    record: dict[str, Any] = {
+        "kind": kind,
+        "method": method,
+        "protocol": protocol,
+        "protocol_note": note,
+        "scale": SCALES["training"],
+        "params": params,
+    }
+    results: dict[str, Any] = {}
     cv_gene_pcc = None
-    if cv is not None:
-        folds = make_folds(table, cv, slide_key=slide_key, patient_key=patient_key, seed=seed)
-        predictions = np.full(table.shape, np.nan, dtype=np.float32)
-        fold_of = np.empty(table.n_obs, dtype=object)
-        rows, pccs = [], {}
-        for fold in tqdm(folds, desc="folds", disable=not progress):
-            fitted = _fit_on(inputs, fold.train, **fit_args)
-            predicted = fitted.scaler.inverse_transform(fitted.method.predict(inputs.spots(fold.test)))
-            columns = table.var_names.get_indexer(fitted.genes)
-            predictions[np.ix_(fold.test, columns)] = predicted
-            fold_of[fold.test] = fold.name
-            truth = log_expression(table[fold.test], fitted.genes)
-            fold_rows, fold_pccs = score_slides(
-                truth,
-                predicted,
-                slides[fold.test],
-                genes=fitted.genes,
-                mean=fitted.scaler.mean_,
-                std=fitted.scaler.scale_,
-            )
-            rows += [{"slide": row["slide"], "fold": fold.name, **row} for row in fold_rows]
-            pccs.update(fold_pccs)
-        table.layers[f"{key_added}_pred"] = predictions
-        table.obs[f"{key_added}_fold"] = pd.Categorical(
-            fold_of.astype(str), categories=[f.name for f in folds]
-        )
-        gene_pcc = gene_pcc_table(pccs)
-        record["folds"] = pd.DataFrame(rows)
-        record["gene_pcc"] = gene_pcc
-        cv_gene_pcc = {
-            str(g): float(v) for g, v in gene_pcc.mean(axis=1, skipna=True).items() if np.isfinite(v)
-        }
-    if not refit:
-        table.uns[key_added] = record
+    with (
+        cpu_threads(num_workers),
+        progress_bar(
+            total=len(folds) + int(refit), desc=f"fit {method}", disable=not progress or not folds
+        ) as bar,
+    ):
+        if folds:
+            frame, fold_of, rows, pccs = _cross_validate(inputs, folds, fit_args, progress=bar)
+            gene_pcc = gene_pcc_table(pccs)
+            record.update(folds=pd.DataFrame(rows), gene_pcc=gene_pcc)
+            results = {
+                "predictions": frame,
+                "obs": {
+                    f"{key_added}_fold": pd.Categorical(
+                        fold_of.astype(str), categories=[f.name for f in folds]
+                    )
+                },
+            }
+            cv_gene_pcc = {
+                str(g): float(v) for g, v in gene_pcc.mean(axis=1, skipna=True).items() if np.isfinite(v)
+            }
+        final = _fit_on(inputs, np.arange(table.n_obs), **fit_args) if refit else None
+        bar.update(int(refit))
+    if final is None:
+        write_results(table, key_added, record=record, **results)
         return None
-    final = _fit_on(inputs, np.arange(table.n_obs), **fit_args)
     record["genes"] = list(final.genes)
-    table.uns[key_added] = record
+    model_params = {**params, "protocol": protocol, "training_data": training_statistics(table, slides)}
+    write_results(table, key_added, record=record, **results)
     return Histo2ExprModel(
         method=final.method,
         genes=final.genes,
@@ -334,6 +428,6 @@ def fit_histo2expr(
         use_rep=use_rep,
         encoder=encoder,
         patches=patch_geometry,
-        params=params,
+        params=h5ad_safe(model_params),
         cv_gene_pcc=cv_gene_pcc,
     )

@@ -3,22 +3,54 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from anndata import AnnData
 
+from .._settings import cpu_threads
 from .._validation import check_not_empty, check_unique_var_names, get_table
 from ..models.base import SpotSet
 from ._data import coordinates, features_of, slide_labels, tokens_of
 from ._model import Histo2ExprModel
+from ._predictions import EXTERNAL_PROTOCOL, PREDICT_KEY, check_key, prediction_frame, write_results
+from ._scale import SCALES, check_depth_inputs, to_scale, warn_if_unlike_training
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from spatialdata import SpatialData
 
 #: Relative difference of micrometres per pixel tolerated between training and new patches.
 _MPP_TOLERANCE = 0.02
+
+
+def _reembed_hint(model: Histo2ExprModel) -> str:
+    """How to embed new slides with the encoder weights the model was trained on (a call that works)."""
+    trained = model.encoder or {}
+    weights, name = trained.get("weights"), trained.get("name")
+    if weights == "random" and "seed" not in trained:
+        return (
+            "The model's random encoder weights carry no seed and cannot be re-created; refit the model on "
+            f"features embedded with `hx.tl.embed_patches(adata, encoder={name!r}, weights=None, seed=0, "
+            f"key_added={model.use_rep!r})` and embed new slides the same way."
+        )
+    if weights == "random":
+        arguments = f"weights=None, seed={int(trained['seed'])}"
+    elif weights == "imagenet" or (isinstance(weights, str) and Path(weights).suffix):
+        arguments = f"weights={weights!r}"
+    else:  # a state dict or a module's own weights: only the user has them
+        return (
+            f"Re-embed with the encoder and weights the model was trained on ({name}, {weights}, weights hash "
+            f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..., "
+            f"key_added={model.use_rep!r})`."
+        )
+    geometry = model.patches or {}
+    if geometry.get("patch_size"):
+        arguments += f", patch_size={int(geometry['patch_size'])}"
+    if geometry.get("mpp"):
+        arguments += f", mpp={float(geometry['mpp']):.6g}"
+    return f"Re-embed with `hx.tl.embed_patches(adata, encoder={name!r}, {arguments}, key_added={model.use_rep!r})`."
 
 
 def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
@@ -27,11 +59,10 @@ def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray
     trained, current = model.encoder or {}, record.get("encoder") or {}
     if trained.get("weights_sha1") and current.get("weights_sha1") != trained["weights_sha1"]:
         msg = (
-            f"`obsm[{model.use_rep!r}]` was embedded with another encoder ({current.get('name', 'unknown')}, "
-            f"weights {current.get('weights', 'unknown')}) than the model was trained on "
-            f"({trained.get('name')}, weights {trained.get('weights')}). Re-embed with "
-            f"`hx.tl.embed_patches(adata, encoder={trained.get('name')!r}, weights={trained.get('weights')!r}, "
-            f"key_added={model.use_rep!r})`."
+            f"`obsm[{model.use_rep!r}]` was embedded with other encoder weights ({current.get('name', 'unknown')}, "
+            f"weights {current.get('weights', 'unknown')}, hash {str(current.get('weights_sha1', ''))[:12]}) than "
+            f"the model was trained on ({trained.get('name')}, weights {trained.get('weights')}, hash "
+            f"{trained['weights_sha1'][:12]}). {_reembed_hint(model)}"
         )
         raise ValueError(msg)
     trained_mpp = (model.patches or {}).get("mpp")
@@ -73,12 +104,19 @@ def predict_expression(
     data: AnnData | SpatialData,
     model: Histo2ExprModel,
     *,
-    key_added: str = "histo2expr",
+    key_added: str = PREDICT_KEY,
     slide_key: str = "slide",
     table_key: str = "table",
+    scale: str = "training",
+    library_size: float | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Predict the model's genes for every spot of ``data`` from its H&E alone.
+
+    Follows scanpy's return rule: the results are written into ``data`` (``copy=False``, returns
+    ``None``) or into a copy that is returned (``copy=True``), whichever genes ``data`` measured —
+    none at all for an H&E-only slide. :func:`histo2expr.get.predicted_adata` then makes an AnnData of
+    the predicted genes for scanpy and squidpy.
 
     Parameters
     ----------
@@ -90,36 +128,44 @@ def predict_expression(
     model
         A fitted :class:`~histo2expr.tl.Histo2ExprModel`.
     key_added
-        Prefix of the fields written.
+        Key of the results (``uns``, ``obsm``) and prefix of the ``obs`` column written. A key that
+        holds the cross-validation of :func:`~histo2expr.tl.fit_histo2expr` is refused.
     slide_key
         Column of ``obs`` with the slide of each spot (optional for one slide).
     table_key
         SpatialData only: the table to use.
+    scale
+        What the predicted values are. ``"training"`` (default): log-normalised expression
+        (``log1p`` of counts per 10,000, as :func:`histo2expr.pp.normalize`) at the *training slides'*
+        sequencing depth — what the model learned; on a slide sequenced much more shallowly, levels
+        are higher than it measures while patterns are unaffected. ``"depth"``: the expected
+        log-normalised value at this slide's depth (Poisson sampling of the predicted expression at
+        the median library size of each slide, from ``obs["total_counts"]`` or ``library_size``).
+        ``"standardized"``: each gene standardised within each slide (mean 0, SD 1), free of level.
+    library_size
+        With ``scale="depth"``: the median counts per spot of the new slides, when ``data`` has no
+        counts (e.g. the typical depth of the assay that would measure them).
     copy
-        When ``data`` has the model's genes: write into a copy and return it.
+        Write into a copy of ``data`` (its AnnData table, for a SpatialData) and return it.
 
     Returns
     -------
-    When every model gene is in ``data.var_names``: ``None`` (or the copy), and sets
+    ``None``, or the copy with ``copy=True``. Warns when a slide's sequencing depth or H&E colour
+    is far from the training slides' (see ``docs/data_model.md``). Sets the following fields:
 
-    ``.layers[f"{key_added}_pred"]``
-        Predicted log-normalised expression of the model's genes, NaN for other genes.
+    ``.obsm[key_added]``
+        The predictions: a DataFrame of spots x the model's genes, on ``scale``. Read it with
+        :func:`histo2expr.get.predictions`.
     ``.obsm[f"X_{key_added}"]``
         The model's image embedding of each spot.
     ``.obs[f"{key_added}_similarity"]``
         Retrieval methods (``bleep``, ``chrep``, ...) only: the mean cosine similarity of each spot
         to the training spots it retrieves (:meth:`~histo2expr.models.Method.confidence`); low
         values flag spots unlike anything seen in training.
-    ``.var[f"{key_added}_cv_pcc"]``
-        Each model gene's mean PCC over the held-out slides of its cross-validation (NaN for other
-        genes, and for all when the model was fitted without ``cv``).
     ``.uns[key_added]``
-        The model's description.
-
-    Otherwise a new AnnData with ``var`` = the model's genes (with ``{key_added}_cv_pcc``), the
-    predictions in ``X`` and in ``layers[f"{key_added}_pred"]``, ``obs`` (with
-    ``{key_added}_similarity``), ``obsm`` (incl. ``X_{key_added}``) and ``uns["spatial"]`` taken
-    from ``data``, and the model's description in ``uns[key_added]``.
+        The record: ``kind`` (``"prediction"``), ``method``, ``protocol``, ``scale``, the model's
+        description (genes, encoder, patches, parameters), ``cv_protocol`` and ``cv_pcc`` (each gene's
+        mean PCC over the held-out slides of the model's cross-validation; NaN without it).
     """
     table = get_table(data, table_key)
     if not isinstance(model, Histo2ExprModel):
@@ -127,53 +173,56 @@ def predict_expression(
         raise TypeError(msg)
     check_not_empty(table, what="prediction", genes=False)
     check_unique_var_names(table)
+    if scale not in SCALES:
+        msg = f"`scale={scale!r}` is not one of {sorted(SCALES)}; see the docstring for what each means."
+        raise ValueError(msg)
+    check_key(table, key_added, kind="prediction", method=model.method.name, protocol=EXTERNAL_PROTOCOL)
     slides = slide_labels(table, slide_key, required=False)
-    if model.use_rep is not None:
-        spots = SpotSet(
-            coords=coordinates(table), groups=slides, features=_check_frozen_features(table, model)
-        )
-    else:
-        from ..patches import PatchSource
+    training = model.params.get("training_data")
+    if scale == "depth":
+        check_depth_inputs(table, training, library_size)
+    with cpu_threads(0):
+        if model.use_rep is not None:
+            spots = SpotSet(
+                coords=coordinates(table), groups=slides, features=_check_frozen_features(table, model)
+            )
+        else:
+            from ..patches import PatchSource
 
-        geometry = model.patches or {}
-        source = PatchSource(
-            data,
-            patch_size=geometry["patch_size"],
-            mpp=geometry.get("mpp"),
-            slide_key=slide_key,
-            table_key=table_key,
-        )
-        spots = SpotSet(
-            coords=coordinates(table), groups=slides, patches=source, indices=np.arange(table.n_obs)
-        )
-    predicted = model.predict_log(spots)
-    embedding = model.method.embed(spots)
-    similarity = model.method.confidence(spots, embedding=embedding)
-    cv_pcc = pd.Series(model.cv_gene_pcc or {}, dtype=np.float64).reindex(model.genes).to_numpy()
-    if all(g in table.var_names for g in model.genes):
-        target = table.copy() if copy else table
-        layer = np.full(target.shape, np.nan, dtype=np.float32)
-        layer[:, target.var_names.get_indexer(model.genes)] = predicted
-        target.layers[f"{key_added}_pred"] = layer
-        target.obsm[f"X_{key_added}"] = embedding
-        if similarity is not None:
-            target.obs[f"{key_added}_similarity"] = similarity
-        gene_pcc = np.full(target.n_vars, np.nan)
-        gene_pcc[target.var_names.get_indexer(model.genes)] = cv_pcc
-        target.var[f"{key_added}_cv_pcc"] = gene_pcc
-        target.uns[key_added] = model.describe()
-        return target if copy else None
-    out = AnnData(
-        X=predicted, obs=table.obs.copy(), var=pd.DataFrame(index=pd.Index(model.genes, name="gene"))
+            geometry = model.patches or {}
+            source = PatchSource(
+                data,
+                patch_size=geometry["patch_size"],
+                mpp=geometry.get("mpp"),
+                slide_key=slide_key,
+                table_key=table_key,
+            )
+            spots = SpotSet(
+                coords=coordinates(table), groups=slides, patches=source, indices=np.arange(table.n_obs)
+            )
+        predicted = model.predict_log(spots)
+        embedding = model.method.embed(spots)
+        similarity = model.method.confidence(spots, embedding=embedding)
+    values = to_scale(
+        predicted, slides, scale=scale, adata=table, training=training, library_size=library_size
     )
-    out.layers[f"{key_added}_pred"] = predicted.copy()
-    for key, value in table.obsm.items():
-        out.obsm[key] = value.copy()
-    out.obsm[f"X_{key_added}"] = embedding
-    if similarity is not None:
-        out.obs[f"{key_added}_similarity"] = similarity
-    out.var[f"{key_added}_cv_pcc"] = cv_pcc
-    if "spatial" in table.uns:
-        out.uns["spatial"] = table.uns["spatial"]
-    out.uns[key_added] = model.describe()
-    return out
+    warn_if_unlike_training(table, slides, training, scale=scale)
+    cv_pcc = pd.Series(model.cv_gene_pcc or {}, dtype=np.float64).reindex(model.genes)
+    record = {
+        **model.describe(),
+        "kind": "prediction",
+        "protocol": EXTERNAL_PROTOCOL,
+        "cv_protocol": str(model.params.get("protocol") or model.params.get("cv") or ""),
+        "scale": SCALES[scale],
+        "cv_pcc": pd.DataFrame({"cv_pcc": cv_pcc.to_numpy()}, index=pd.Index(model.genes, name="gene")),
+    }
+    target = table.copy() if copy else table
+    write_results(
+        target,
+        key_added,
+        record=record,
+        predictions=prediction_frame(values, target.obs_names, model.genes),
+        obs={} if similarity is None else {f"{key_added}_similarity": similarity},
+        obsm={f"X_{key_added}": embedding},
+    )
+    return target if copy else None
