@@ -34,9 +34,10 @@ if TYPE_CHECKING:
 #: The inference backends of :func:`histo2expr.tl.embed_patches`.
 INFERENCE_BACKENDS = ("auto", "torch", "onnx", "bf16")
 
-#: timm architectures that ``backend="auto"`` runs with ONNX Runtime on the CPU: their ONNX Runtime
-#: forward was measured 3-6x faster than eager PyTorch with the same features (cosine 1.0), see
-#: ``benchmarks/results/encoder_inference.md``. Others (vision transformers) gained nothing.
+#: timm architectures that ``backend="auto"`` runs with ONNX Runtime on the CPU: EfficientNet-Lite0's
+#: ONNX Runtime forward was measured 4x faster than eager PyTorch with the same features (cosine
+#: 1.0; Lite1 and Lite2 are the same operators, scaled), a ViT-S/16's 0.76x, see
+#: ``benchmarks/results/encoder_inference.md``.
 ONNX_BY_DEFAULT = frozenset(BUILTIN_ENCODERS[f"efficientnet_lite{n}"] for n in (0, 1, 2))
 
 #: ``backend="auto"`` checks the ONNX Runtime features of the first patches of each patch shape
@@ -94,7 +95,7 @@ def check_backend(backend: str, device: torch.device) -> None:
 def resolve_backend(backend: str, encoder: Encoder, device: torch.device) -> str:
     """Return the backend that runs ``encoder`` on ``device``: ``backend`` (checked), or what ``"auto"`` picks.
 
-    ``"auto"`` picks ``"onnx"`` on the CPU for the encoders of :data:`ONNX_BY_DEFAULT` when
+    ``"auto"`` picks ``"onnx"`` on the CPU for the encoders of ``ONNX_BY_DEFAULT`` when
     :func:`onnx_available`, and ``"torch"`` otherwise.
     """
     check_backend(backend, device)
@@ -112,18 +113,18 @@ class InferenceEncoder:
     encoder
         The encoder, in evaluation mode, on ``device``.
     backend
-        ``"auto"``: ``"onnx"`` for the encoders of :data:`ONNX_BY_DEFAULT` on the CPU when ONNX
+        ``"auto"``: ``"onnx"`` for the encoders of ``ONNX_BY_DEFAULT`` on the CPU when ONNX
         Runtime is installed (``pip install "histo2expr[onnx]"``), else ``"torch"``. It keeps the
-        float32 features: the ONNX Runtime features of the first :data:`CHECKED_PATCHES` patches
+        float32 features: the ONNX Runtime features of the first ``CHECKED_PATCHES`` patches
         of each patch shape are compared with PyTorch's, and if any cosine similarity is below
-        :data:`MIN_COSINE`, or the export fails, a warning says so and ``"torch"`` runs.
+        ``MIN_COSINE``, or the export fails, a warning says so and ``"torch"`` runs.
         ``"torch"``: the eager PyTorch forward (float32; bfloat16 autocast on CUDA).
         ``"onnx"``: ONNX Runtime on the CPU, float32, unchecked.
         ``"bf16"``: PyTorch under bfloat16 autocast, also on the CPU where it has native bfloat16
         (AVX512-BF16 or AMX). **Not float32 features**: on real H&E patches their cosine similarity
-        to float32 went down to 0.997 (EfficientNet-Lite0), below the 0.999 the other backends
-        keep, see ``benchmarks/results/encoder_inference.md``. Never chosen by ``"auto"``; for
-        when speed matters more (about 2x for vision transformers on such CPUs).
+        to float32 went down to 0.997 for EfficientNet-Lite0, below the 0.999 the other backends
+        keep (0.99997 for a ViT-S/16, 1.8x faster there), see
+        ``benchmarks/results/encoder_inference.md``. Never chosen by ``"auto"``.
     device
         Where ``encoder`` is.
     channels_last

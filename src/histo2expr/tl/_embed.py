@@ -68,13 +68,13 @@ def embed_patches(
     backend
         What runs the encoder (:class:`~histo2expr.models.InferenceEncoder`). ``"auto"``: ONNX Runtime
         for the EfficientNet-Lite encoders on the CPU when it is installed (``pip install
-        "histo2expr[onnx]"``; 2-4x faster, the same features; the export, once per encoder and patch
-        size, is cached), else PyTorch; the first patches are checked against PyTorch and it falls
+        "histo2expr[onnx]"``; about 3x faster end to end, the same features; the export, once per
+        encoder and patch size, is cached), else PyTorch; the first patches are checked against PyTorch and it falls
         back to PyTorch with a warning if any cosine similarity is below 0.999. ``"torch"``: eager
         PyTorch (float32 on the CPU, bfloat16 autocast on CUDA). ``"onnx"``: ONNX Runtime, CPU only,
         unchecked. ``"bf16"``: PyTorch under bfloat16 autocast, also on CPUs with native bfloat16
-        (AVX512-BF16 / AMX): faster for vision transformers, but **not** the float32 features (cosine
-        down to 0.997 on real patches); see :doc:`/performance`.
+        (AVX512-BF16 / AMX): 1.8x faster for a vision transformer, but **not** the float32 features
+        (cosine down to 0.997 for EfficientNet-Lite0); see :doc:`/performance`.
     num_workers
         DataLoader processes cutting patches while the encoder runs.
     slide_key
