@@ -92,6 +92,8 @@ def embed(adata, num_workers: int) -> dict:
         device="cpu",
         num_workers=num_workers,
         progress=False,
+        tta=1,  # one forward pass per patch, as the bare forward it is compared with
+        neighbours=None,
     )
     seconds = time.perf_counter() - start
     features = adata.obsm["X_histo"]

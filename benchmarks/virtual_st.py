@@ -134,7 +134,7 @@ def pipeline(args: argparse.Namespace) -> None:
         seconds["read_wsi"] = time.perf_counter() - start
         mark = time.perf_counter()
         tiles = hx.pp.tile_slide(
-            slide, spot_diameter_um=args.spot_um, spacing_um=args.spacing_um, model=model
+            slide, spot_diameter_um=args.spot_um, spacing_um=args.spacing_um, geometry=model.patches
         )
         seconds["tile_slide"] = time.perf_counter() - mark
         mark = time.perf_counter()

@@ -10,7 +10,6 @@ from datetime import datetime
 from importlib.metadata import metadata
 
 from sphinx.ext.intersphinx import missing_reference
-from sphinx.ext.napoleon.docstring import NumpyDocstring
 from sphinx.pycode import ModuleAnalyzer
 
 # -- Project information ---------------------------------------------------------------------------
@@ -56,21 +55,10 @@ napoleon_include_init_with_doc = False
 napoleon_use_rtype = True
 napoleon_use_param = True
 typehints_defaults = "braces"
-
-
-def _parse_free_text_returns(self: NumpyDocstring, section: str) -> list[str]:
-    """Render a numpy ``Returns`` section as the reStructuredText it is written in.
-
-    Our Returns sections are free text (the type comes from the annotation), often "... Sets the
-    following fields:" and a definition list of AnnData fields, scanpy style. Napoleon would read
-    each unindented line as a type ("The scalar loss." as a class to link) and the definition list
-    as further return values.
-    """
-    lines = self._strip_empty(self._dedent(self._consume_to_next_section()))
-    if lines[:1] == [":"]:  # sphinx-autodoc-typehints' marker for "no type here" (patches.py)
-        lines = self._strip_empty(lines[1:])
-    # The text starts on the line after the field name, so that it may open with a definition list.
-    return [":returns:", *self._indent(lines, 4), ""] if lines else []
+# Returns sections are free text (the type comes from the annotation), often "Sets the following
+# fields:" and a definition list of AnnData fields, as in scanpy: rendered as written under a
+# "Returns" heading, instead of napoleon's reading of every unindented line as a type.
+napoleon_custom_sections = ["Returns"]
 
 
 bibtex_bibfiles = ["references.bib"]
@@ -197,7 +185,6 @@ def _report_unchecked(app, exception):
 
 
 def setup(app):
-    NumpyDocstring._parse_returns_section = _parse_free_text_returns
     app.connect("autodoc-process-docstring", _doc_comment_of_reexported_data)
     app.connect("missing-reference", _resolve_missing)
     app.connect("build-finished", _report_unchecked)

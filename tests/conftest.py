@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from torch import nn
 
 HER2ST = Path(
@@ -91,6 +92,38 @@ class TinyEncoder(nn.Module):
 def tiny_encoder() -> type[TinyEncoder]:
     """The TinyEncoder class (tests build fresh instances)."""
     return TinyEncoder
+
+
+class TokenCNN(nn.Module):
+    """A timm-like backbone: a 4 x 4 feature map of 6 features for 32 px patches, pooled by its mean.
+
+    Seeded: every instance has the same weights.
+    """
+
+    num_features = 6
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(1)
+        self.conv = nn.Conv2d(3, 6, 8, stride=8)
+        with torch.no_grad():
+            for parameter in self.conv.parameters():
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) - 0.5)
+
+    def forward_features(self, x):
+        return torch.relu(self.conv(x))
+
+    def forward_head(self, features):
+        return features.mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@pytest.fixture(scope="session")
+def token_cnn() -> type[TokenCNN]:
+    """The TokenCNN class (tests build fresh instances)."""
+    return TokenCNN
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,8 @@ def test_demo_compares_methods_and_writes_report_and_figures(tmp_path, capsys):
     assert ridge["seconds"] > 0 and ridge["peak_memory_mib"] > 0
     assert f"{ridge['mean']['pcc_acg']:.3f}" in markdown
     assert results["settings"]["command"].startswith("histo2expr demo --n-slides 2")
+    assert results["settings"]["embedding"] == {"tta": 4, "neighbours": 6}  # embed_patches' defaults
+    assert "averaged over 4 views of each patch, then the mean of the 6 nearest spots" in markdown
     for figure in ("gene_pcc_boxplot.png", "heg_curve.png"):
         assert (tmp_path / figure).stat().st_size > 1000
         assert str(tmp_path / figure) in printed
@@ -72,11 +74,19 @@ def test_benchmark_reads_h5ad_keeps_chosen_slides_and_writes_results(cohort_h5ad
         "ridge",
         "--genes",
         "30",
+        "--tta",
+        "1",
+        "--neighbours",
+        "0",
     ]
     assert cli.main([*argv, *FAST, "--out", str(tmp_path)]) == 0
     results, markdown = read_results(tmp_path)
     assert results["settings"]["slides"] == ["S1", "S3"] and results["settings"]["reader"] == "auto"
     assert results["settings"]["backend"] == "torch"  # what ran the encoder, with "auto" resolved
+    assert (
+        results["settings"]["embedding"] == {"tta": 1, "neighbours": None}
+        and "Features: one view of each patch;" in markdown
+    )
     assert [row["slide"] for row in results["methods"]["ridge"]["per_slide"]] == ["S1", "S3"]
     assert results["machine"]["cpu_cores"] >= 1
     assert "| ridge" in markdown and "S3" in markdown

@@ -350,28 +350,11 @@ def test_other_methods_ignore_tokens_and_refuse_them_directly(token_adata, cohor
         SpotSet(coords=np.zeros((2, 2)), groups=np.zeros(2), features=np.zeros((2, 1, 1, 3)))
 
 
-class TokenCNN(torch.nn.Module):
-    """A timm-like backbone: a 4 x 4 feature map of 32 px patches, pooled by its mean in ``forward_head``."""
-
-    num_features = 6
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 8, stride=8)
-
-    def forward_features(self, x):
-        return torch.relu(self.conv(x))
-
-    def forward_head(self, features):
-        return features.mean(dim=(2, 3))
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-
-def test_embed_patches_writes_pooled_tokens():
+def test_embed_patches_writes_pooled_tokens(token_cnn):
     adata = hx.datasets.synthetic(n_slides=1, seed=0, spots_per_side=4, n_genes=5)
-    hx.tl.embed_patches(adata, encoder=TokenCNN(), patch_size=32, tokens=2, device="cpu", progress=False)
+    hx.tl.embed_patches(
+        adata, encoder=token_cnn(), patch_size=32, tokens=2, neighbours=None, device="cpu", progress=False
+    )
     tokens = adata.obsm["X_histo_tokens"]
     assert tokens.shape == (adata.n_obs, 4, 6) and tokens.dtype == np.float32
     assert adata.uns["X_histo"]["tokens"] == {"key": "X_histo_tokens", "grid": 2, "n_tokens": 4}
@@ -379,8 +362,8 @@ def test_embed_patches_writes_pooled_tokens():
     np.testing.assert_allclose(tokens.mean(axis=1), adata.obsm["X_histo"], rtol=1e-5, atol=1e-6)
     assert not np.allclose(tokens[:, 0], tokens[:, 3])
     with pytest.raises(ValueError, match="between 1 and the encoder's own grid side 4"):
-        hx.tl.embed_patches(adata, encoder=TokenCNN(), patch_size=32, tokens=5, progress=False)
-    hx.tl.embed_patches(adata, encoder=TokenCNN(), patch_size=32, progress=False)
+        hx.tl.embed_patches(adata, encoder=token_cnn(), patch_size=32, tokens=5, progress=False)
+    hx.tl.embed_patches(adata, encoder=token_cnn(), patch_size=32, progress=False)
     assert "X_histo_tokens" not in adata.obsm and "tokens" not in adata.uns["X_histo"]
     with pytest.raises(ValueError, match="`tokens` must be None or the side"):
         hx.tl.embed_patches(adata, tokens=0)

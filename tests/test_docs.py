@@ -86,3 +86,29 @@ def test_cli_page_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None
     assert "--seed" in options
     missing = sorted(option for option in options if not re.search(rf"(?<![\w-]){option}(?![\w-])", page))
     assert not missing, f"docs/cli.md does not describe these options of `histo2expr`: {missing}"
+
+
+def test_docs_and_docstrings_name_no_file_outside_the_repository():
+    """Design notes kept outside the repository (DESIGN.md, METHODS.md) are not there for readers."""
+    root = DOCS.parent
+    texts = [*root.glob("src/histo2expr/**/*.py"), *DOCS.glob("**/*.md"), root / "README.md"]
+    cited = [
+        f"{path.relative_to(root)}: {name}"
+        for path in texts
+        if "_build" not in path.parts
+        for name in ("DESIGN.md", "METHODS.md")
+        if name in path.read_text(encoding="utf-8")
+    ]
+    assert not cited
+
+
+def test_shared_docstring_fragments_are_filled_in():
+    from histo2expr import _docs
+
+    placeholders = [f"{{{name}}}" for name in _docs._FRAGMENTS]
+    for namespace in ("io", "pp", "patches", "tl", "get", "pl", "splits", "metrics"):
+        module = importlib.import_module(f"histo2expr.{namespace}")
+        for name in module.__all__:
+            doc = getattr(module, name).__doc__ or ""
+            assert not [p for p in placeholders if p in doc], f"hx.{namespace}.{name}"
+    assert "scanpy.settings.figdir" in hx.pl.heg_curve.__doc__  # filled with the fragment

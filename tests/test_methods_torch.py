@@ -151,9 +151,10 @@ def test_registry_has_the_torch_baselines():
     assert get_method("bleep").name == "bleep"
 
 
-def test_stnet_frozen_learns_a_linear_signal(rng):
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_stnet_frozen_learns_a_linear_signal(rng, closed_form):
     train, validation, test = linear_cohort(rng)
-    method = get_method("stnet")()
+    method = get_method("stnet")(closed_form=closed_form)
     report = method.fit(train, validation, config())
     pred = method.predict(test)
     assert pred.shape == test.targets.shape
@@ -162,7 +163,32 @@ def test_stnet_frozen_learns_a_linear_signal(rng):
     mean_mse = np.mean((train.targets.mean(0) - test.targets) ** 2)
     assert np.mean((pred - test.targets) ** 2) < 0.5 * mean_mse
     assert method.embed(test).shape == (len(test), 12)
-    assert len(report.validation_loss) == len(report.train_loss)
+    assert (
+        len(report.validation_loss)
+        == len(report.train_loss)
+        == (0 if closed_form else len(report.train_loss))
+    )
+
+
+def test_stnet_closed_form_head_is_the_penalised_least_squares_optimum(rng):
+    train, validation, _ = linear_cohort(rng, n=200, d=30, noise=2.0)
+    method = get_method("stnet")(alphas=(0.01, 1.0, 100.0))
+    notes = method.fit(train, validation, config()).notes
+    assert (
+        notes["solver"] == "closed_form"
+        and notes["alpha"] == (0.01, 1.0, 100.0)[np.argmax(notes["validation_pcc"])]
+    )
+    # the head was solved on the training and validation spots: the ridge objective's gradient vanishes there
+    x = torch.as_tensor(np.concatenate([method.embed(train), method.embed(validation)]), dtype=torch.float64)
+    y = torch.as_tensor(np.concatenate([train.targets, validation.targets]), dtype=torch.float64)
+    head = method.network.head.layers[-1]
+    weight = head.weight.detach().double().requires_grad_()
+    bias = head.bias.detach().double().requires_grad_()
+    objective = ((x @ weight.T + bias - y) ** 2).sum() + notes["alpha"] * len(x) * (weight**2).sum()
+    objective.backward()
+    assert weight.grad.abs().max() < 1e-3 * len(x) and bias.grad.abs().max() < 1e-3 * len(x)
+    # without validation spots the middle penalty is used
+    assert get_method("stnet")(alphas=(0.01, 1.0, 100.0)).fit(train, None, config()).notes["alpha"] == 1.0
 
 
 def test_stnet_early_stopping_keeps_the_best_validation_epoch(rng):
@@ -272,10 +298,12 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, str | int | float | bool | torch.Tensor)
 
 
-@pytest.mark.parametrize("name", ["stnet", "bleep"])
-def test_frozen_state_round_trip(rng, name, round_trip):
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("stnet", {"hidden": 8}), ("stnet", {}), ("bleep", {"top_k": 5, "projection_dim": 16})],
+)
+def test_frozen_state_round_trip(rng, name, params, round_trip):
     train, validation, test = clustered_cohort(rng, n=120)
-    params = {"top_k": 5, "projection_dim": 16} if name == "bleep" else {"hidden": 8}
     method = get_method(name)(**params)
     method.fit(train, validation, config(epochs=3))
     state = method.state_dict()
@@ -314,6 +342,8 @@ def test_end2end_state_round_trip(patch_cohort, name, tiny_encoder, round_trip):
         ("stnet", {"hidden": 0}, "hidden"),
         ("stnet", {"dropout": 1.0}, "dropout"),
         ("stnet", {"tta": "yes"}, "tta"),
+        ("stnet", {"closed_form": 1}, "closed_form"),
+        ("stnet", {"alphas": (1.0, -1.0)}, "alphas"),
         ("stnet", {"encoder": 3}, "encoder"),
         ("bleep", {"top_k": 0}, "top_k"),
         ("bleep", {"temperature": 0}, "temperature"),

@@ -13,7 +13,19 @@ from PIL import Image
 from scipy import sparse
 
 from histo2expr.io._image import PAD_VALUE
-from histo2expr.patches import Augment, PatchDataset, PatchSource, dihedral, dihedral_views, patch_loader
+from histo2expr.patches import (
+    Augment,
+    PatchDataset,
+    PatchSource,
+    StainVectors,
+    dihedral,
+    dihedral_views,
+    hed_jitter,
+    macenko_stains,
+    normalize_stains,
+    patch_loader,
+)
+from histo2expr.patches._stain import REFERENCE_STAINS, from_optical_density, optical_density
 
 RED = (255, 0, 0)
 
@@ -173,12 +185,31 @@ def test_describe_records_the_geometry(two_slides):
     assert description == {
         "patch_size": 16,
         "mpp": 0.25,
+        "field": 1.0,
+        "stain_normalization": None,
         "pad_value": 255,
         "slides": {
             "A": {"microns_per_pixel": 0.5, "crop_px": 8},
             "B": {"microns_per_pixel": 0.5, "crop_px": 8},
         },
     }
+
+
+def test_a_context_view_is_a_wider_field_shrunk_to_the_patch(two_slides):
+    spot = PatchSource(two_slides, patch_size=8)
+    context = PatchSource(two_slides, patch_size=8, field=3)
+    wide = PatchSource(two_slides, patch_size=24)  # the same field at full resolution
+    assert context.describe()["field"] == 3.0 and context.describe()["slides"]["A"]["crop_px"] == 24
+    assert context[5].shape == (8, 8, 3) and "field 3 patches" in repr(context)
+    expected = np.asarray(
+        Image.fromarray(wide[5]).resize((8, 8), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    )
+    np.testing.assert_array_equal(context[5], expected)
+    np.testing.assert_array_equal(wide[5][8:16, 8:16], spot[5])  # both centred on the spot
+    with pytest.raises(ValueError, match=r"field=0\.5"):
+        PatchSource(two_slides, field=0.5)
+    with pytest.raises(TypeError, match="field"):
+        PatchSource(two_slides, field="wide")
 
 
 def test_hires_fallback_scales_the_spot_centres(tmp_path):
@@ -457,3 +488,130 @@ def test_her2st_patches_at_spot_centres(her2st_path):
     # spots under tissue: stained, textured, not glass
     assert (patches.reshape(len(patches), -1).std(axis=1) > 10).all()
     assert (patches.reshape(len(patches), -1).mean(axis=1) < 235).mean() > 0.9
+
+
+# Stain vectors: Macenko's estimate and normalisation, HED jitter, and their use in PatchSource.
+
+#: Stains of a "purple" scanner, unlike the reference (columns: haematoxylin, eosin).
+SHIFTED = np.array([[0.70, 0.30], [0.62, 0.85], [0.35, 0.43]])
+
+
+def unit(matrix):
+    return matrix / np.linalg.norm(matrix, axis=0)
+
+
+def concentrations(height, width, seed=0):
+    """Smooth haematoxylin and eosin maps ``(H, W, 2)`` with pure-H, pure-E and empty regions."""
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(0, 1, size=(height // 6 + 1, width // 6 + 1, 2))
+    maps = np.stack(
+        [
+            np.asarray(Image.fromarray(small[..., c].astype(np.float32)).resize((width, height)))
+            for c in range(2)
+        ],
+        axis=-1,
+    )
+    maps[..., 0] *= 1.6  # haematoxylin darker than eosin, as in H&E
+    maps[: height // 4, :, 1] = 0  # pure haematoxylin
+    maps[-height // 4 :, :, 0] = 0  # pure eosin
+    maps[:, : width // 8] = 0  # glass
+    return maps
+
+
+def stained(maps, matrix):
+    """uint8 RGB of concentration ``maps`` under the stain ``matrix`` (Beer-Lambert)."""
+    return from_optical_density(maps @ unit(matrix).T)
+
+
+def test_optical_density_round_trips():
+    pixels = np.arange(256, dtype=np.uint8).repeat(3).reshape(-1, 3)
+    np.testing.assert_array_equal(from_optical_density(optical_density(pixels)), pixels)
+
+
+@pytest.mark.parametrize("matrix", [REFERENCE_STAINS.matrix, SHIFTED])
+def test_macenko_recovers_the_stain_vectors_of_a_synthetic_image(matrix):
+    image = stained(concentrations(96, 96), matrix)
+    found = macenko_stains(image)
+    cosines = (found.matrix * unit(matrix)).sum(axis=0)
+    assert cosines.min() > 0.995  # haematoxylin first, eosin second
+    assert np.allclose(np.linalg.norm(found.matrix, axis=0), 1)
+
+
+def test_normalising_a_stain_shifted_image_recovers_the_original():
+    maps = concentrations(96, 96, seed=1)
+    original = stained(maps, REFERENCE_STAINS.matrix)
+    shifted = stained(0.7 * maps, SHIFTED)  # other stain colours, and paler
+    assert np.abs(shifted.astype(int) - original.astype(int)).mean() > 10
+    restored = normalize_stains(shifted, macenko_stains(shifted), target=macenko_stains(original))
+    assert restored.shape == original.shape and restored.dtype == np.uint8
+    assert np.abs(restored.astype(int) - original.astype(int)).mean() < 2
+
+
+def test_macenko_refuses_an_image_without_tissue():
+    with pytest.raises(ValueError, match="stained tissue"):
+        macenko_stains(np.full((20, 20, 3), 250, dtype=np.uint8))
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        macenko_stains(np.zeros((20, 20, 3), dtype=np.float32))
+
+
+def test_hed_jitter_is_the_identity_at_rest_and_moves_the_stains():
+    from skimage.color import hed_from_rgb
+
+    image = stained(concentrations(48, 48, seed=2), REFERENCE_STAINS.matrix)
+    np.testing.assert_array_equal(hed_jitter(image, [1, 1], [0, 0]), image)
+
+    def stain_amounts(pixels):
+        return (optical_density(pixels).reshape(-1, 3) @ hed_from_rgb).mean(axis=0)
+
+    more_haematoxylin = hed_jitter(image, [1.3, 1.0], [0, 0])
+    before, after = stain_amounts(image), stain_amounts(more_haematoxylin)
+    assert after[0] > 1.2 * before[0]
+    assert abs(after[1] - before[1]) < 0.05 * abs(before[1]) + 1e-3
+
+
+def test_augment_stain_jitter_keeps_the_other_draws():
+    patch = stained(concentrations(24, 24, seed=3), REFERENCE_STAINS.matrix)
+    plain, jittered = Augment(), Augment(stain=0.3)
+    for seed in range(4):
+        a, b = plain(patch, np.random.default_rng(seed)), jittered(patch, np.random.default_rng(seed))
+        assert a.shape == b.shape and not np.array_equal(a, b)
+        np.testing.assert_array_equal(b, jittered(patch, np.random.default_rng(seed)))
+    # without colour jitter and flips, the stain jitter alone is what changes the patch
+    only_stain = Augment(dihedral=False, stain=0.3, brightness=0, contrast=0, saturation=0, hue=0)
+    assert not np.array_equal(only_stain(patch, np.random.default_rng(0)), patch)
+    with pytest.raises(ValueError, match="stain"):
+        Augment(stain=1.0)
+
+
+def make_stained_slides(tmp_path):
+    """Two slides of the same tissue under different stains (and one spot grid)."""
+    maps = concentrations(120, 120, seed=4)
+    spots = [(x, y) for y in range(30, 100, 20) for x in range(30, 100, 20)]
+    return make_adata(
+        tmp_path,
+        {
+            "reference": (stained(maps, REFERENCE_STAINS.matrix), spots, 0.5),
+            "shifted": (stained(0.8 * maps, SHIFTED), spots, 0.5),
+        },
+    )
+
+
+def test_patch_source_normalises_each_slide_by_its_own_stains(tmp_path):
+    adata = make_stained_slides(tmp_path)
+    raw = PatchSource(adata, patch_size=16)
+    normalised = PatchSource(adata, patch_size=16, stain_normalization="macenko")
+    n = len(raw) // 2  # spot i of "reference" sits where spot n + i of "shifted" does
+
+    def gap(source):
+        return np.mean([np.abs(source[i].astype(int) - source[n + i].astype(int)).mean() for i in range(n)])
+
+    assert gap(normalised) < 0.2 * gap(raw)
+    record = normalised.describe()
+    assert record["stain_normalization"] == "macenko"
+    assert isinstance(normalised.stains[0], StainVectors)
+    assert np.allclose(record["slides"]["shifted"]["stains"]["matrix"], normalised.stains[1].matrix)
+    assert (
+        raw.describe()["stain_normalization"] is None and "stains" not in raw.describe()["slides"]["shifted"]
+    )
+    with pytest.raises(ValueError, match="stain_normalization"):
+        PatchSource(adata, stain_normalization="reinhard")

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from matplotlib.collections import EllipseCollection
+from matplotlib.collections import PatchCollection
 from matplotlib.testing.compare import compare_images
 from matplotlib.text import Text
 
@@ -44,10 +44,21 @@ def fitted():
     try:
         adata = hx.datasets.synthetic(n_slides=3, seed=0, spots_per_side=6, n_genes=24)
         hx.pp.normalize(adata)
-        hx.tl.embed_patches(adata, encoder="colour_texture", patch_size=32, progress=False)
-        model = hx.tl.fit_histo2expr(adata, genes=10, cv="leave_one_slide_out", progress=False)
+        # single-view features without neighbours: the reference images were drawn from them
+        hx.tl.embed_patches(
+            adata, encoder="colour_texture", patch_size=32, tta=1, neighbours=None, progress=False
+        )
+        model = hx.tl.fit_histo2expr(
+            adata, method="ridge", genes=10, cv="leave_one_slide_out", progress=False
+        )
         hx.tl.fit_histo2expr(
-            adata, genes=10, cv="leave_one_slide_out", progress=False, key_added="pca", n_components=3
+            adata,
+            method="ridge",
+            genes=10,
+            cv="leave_one_slide_out",
+            progress=False,
+            key_added="pca",
+            n_components=3,
         )
     finally:
         torch.set_num_threads(threads)
@@ -69,7 +80,12 @@ def slide_arrays(adata, key, slide):
 
 def spot_panels(fig):
     """The axes with spots (not the colour bars)."""
-    return [ax for ax in fig.axes if any(isinstance(c, EllipseCollection) for c in ax.collections)]
+    return [ax for ax in fig.axes if any(isinstance(c, PatchCollection) for c in ax.collections)]
+
+
+def spot_centres(collection):
+    """Centres of the discs squidpy drew, in data coordinates."""
+    return np.array([path.get_extents().get_points().mean(axis=0) for path in collection.get_paths()])
 
 
 def box_stats(ax):
@@ -160,7 +176,7 @@ def test_heg_curve_caps_k_at_the_number_of_genes_predicted(fitted):
 def test_spatial_expression_shares_the_colour_scale_and_titles_the_pcc(fitted):
     adata, _ = fitted
     genes = list(adata.uns["histo2expr"]["gene_pcc"].index[:2])
-    fig = hx.pl.spatial_expression(adata, genes, slide="S2", show=False)
+    fig = hx.pl.spatial_expression(adata, genes, slide="S2", return_fig=True)
     panels = spot_panels(fig)
     assert len(panels) == 4
     truth, predicted, names = slide_arrays(adata, "histo2expr", "S2")
@@ -169,14 +185,14 @@ def test_spatial_expression_shares_the_colour_scale_and_titles_the_pcc(fitted):
     for row, gene in enumerate(genes):
         column = list(names).index(gene)
         measured, prediction = (panels[2 * row + i].collections[0] for i in (0, 1))
-        assert isinstance(measured, EllipseCollection)
+        assert isinstance(measured, PatchCollection)
         np.testing.assert_allclose(measured.get_array(), truth[:, column], rtol=1e-6)
         np.testing.assert_allclose(prediction.get_array(), predicted[:, column], rtol=1e-6)
         both = np.concatenate([truth[:, column], predicted[:, column]])
         assert (
             measured.get_clim() == prediction.get_clim() == pytest.approx(tuple(np.percentile(both, [1, 99])))
         )
-        np.testing.assert_allclose(measured.get_offsets(), adata.obsm["spatial"][spots] * scale)
+        np.testing.assert_allclose(spot_centres(measured), adata.obsm["spatial"][spots] * scale, atol=1e-6)
         pcc = adata.uns["histo2expr"]["gene_pcc"].loc[gene, "S2"]
         assert f"PCC = {pcc:.3f}" in panels[2 * row + 1].get_title()
         assert gene in panels[2 * row].get_title()
@@ -192,7 +208,7 @@ def test_spatial_expression_of_an_he_only_slide_shows_the_prediction(fitted):
     del new.uns["log1p"]
     hx.tl.predict_expression(new, model)
     gene = model.genes[0]
-    fig = hx.pl.spatial_expression(new, gene, key="histo2expr_pred", show=False)
+    fig = hx.pl.spatial_expression(new, gene, key="histo2expr_pred", return_fig=True)
     (panel,) = spot_panels(fig)
     np.testing.assert_allclose(panel.collections[0].get_array(), new.obsm["histo2expr_pred"][gene])
     assert "predicted" in panel.get_title() and "PCC" not in panel.get_title()
@@ -204,8 +220,8 @@ def test_spatial_expression_takes_colour_limits_and_axes(fitted):
     adata, _ = fitted
     genes = list(adata.uns["histo2expr"]["gene_pcc"].index[:2])
     _, grid = plt.subplots(2, 2)
-    fig = hx.pl.spatial_expression(adata, genes, slide="S1", vmin=0.5, vmax="p90", ax=grid)
-    assert fig is grid[0, 0].figure  # drawn into the given axes: returned, not shown
+    returned = hx.pl.spatial_expression(adata, genes, slide="S1", vmin=0.5, vmax="p90", ax=grid)
+    assert returned == list(grid.ravel())  # drawn into the given axes: returned, not shown
     truth, predicted, names = slide_arrays(adata, "histo2expr", "S1")
     column = list(names).index(genes[0])
     both = np.concatenate([truth[:, column], predicted[:, column]])
@@ -230,7 +246,7 @@ def test_spatial_expression_needs_a_slide_and_a_predicted_gene(fitted):
 
 def test_gene_corr_heatmap_orders_by_the_truth_and_titles_the_agreement(fitted):
     adata, _ = fitted
-    fig = hx.pl.gene_corr_heatmap(adata, slide="S1", n_top=50, show=False)
+    fig = hx.pl.gene_corr_heatmap(adata, slide="S1", n_top=50, return_fig=True)
     left, right = (ax for ax in fig.axes if ax.images)
     truth, predicted, names = slide_arrays(adata, "histo2expr", "S1")
     order = [list(names).index(t.get_text()) for t in left.get_xticklabels()]
@@ -250,7 +266,7 @@ def test_gene_corr_heatmap_orders_by_the_truth_and_titles_the_agreement(fitted):
 
 def test_gene_corr_heatmap_takes_the_most_expressed_genes(fitted):
     adata, _ = fitted
-    fig = hx.pl.gene_corr_heatmap(adata, n_top=4, show=False)
+    fig = hx.pl.gene_corr_heatmap(adata, n_top=4, return_fig=True)
     shown = {t.get_text() for t in fig.axes[0].get_xticklabels()}
     everywhere = hx.get.predictions(adata, "histo2expr").dropna(axis=1).columns
     expected = {everywhere[i] for i in metrics.top_genes(adata[:, everywhere].X.toarray(), 4)}
@@ -260,7 +276,7 @@ def test_gene_corr_heatmap_takes_the_most_expressed_genes(fitted):
 
 def test_compare_methods_bars_are_the_fold_metrics(fitted):
     adata, _ = fitted
-    ax = hx.pl.compare_methods(adata, keys=KEYS, metric="pcc_hvg50", show=False)
+    ax = hx.pl.compare_methods(adata, key=KEYS, metric="pcc_hvg50", show=False)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["S1", "S2", "S3", "mean"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == KEYS
     for container, key in zip(ax.containers, KEYS, strict=True):
@@ -268,7 +284,7 @@ def test_compare_methods_bars_are_the_fold_metrics(fitted):
         heights = [bar.get_height() for bar in container]
         np.testing.assert_allclose(heights, [*folds, folds.mean()])
     with pytest.raises(KeyError, match="pcc_acg"):
-        hx.pl.compare_methods(adata, keys=KEYS, metric="pcc_heg999", show=False)
+        hx.pl.compare_methods(adata, key=KEYS, metric="pcc_heg999", show=False)
 
 
 def test_unfitted_keys_and_fits_without_metrics_are_refused(fitted):
@@ -280,12 +296,12 @@ def test_unfitted_keys_and_fits_without_metrics_are_refused(fitted):
     with pytest.raises(KeyError, match="not among the held-out slides"):
         hx.pl.heg_curve(adata, slides=["S7"], show=False)
     no_cv = adata.copy()
-    hx.tl.fit_histo2expr(no_cv, genes=5, key_added="final", progress=False)
+    hx.tl.fit_histo2expr(no_cv, method="ridge", genes=5, key_added="final", progress=False)
     for plot in (hx.pl.gene_pcc_boxplot, hx.pl.heg_curve):
         with pytest.raises(KeyError, match=r"cv="):
             plot(no_cv, key="final", show=False)
     with pytest.raises(KeyError, match=r"no 'folds'"):
-        hx.pl.compare_methods(no_cv, keys=["histo2expr", "final"], show=False)
+        hx.pl.compare_methods(no_cv, key=["histo2expr", "final"], show=False)
     with pytest.raises(KeyError, match=r"no predictions"):
         hx.pl.spatial_expression(no_cv, no_cv.uns["final"]["genes"][0], key="final", slide="S1", show=False)
 
@@ -294,11 +310,44 @@ def test_show_and_ax_follow_scanpy(fitted):
     adata, _ = fitted
     _, (left, right) = plt.subplots(1, 2)
     assert hx.pl.heg_curve(adata, ks=(2, 4), ax=left) is left  # drawing into given axes: not shown
-    assert hx.pl.compare_methods(adata, keys=KEYS, ax=right, show=True) is None
-    assert hx.pl.gene_corr_heatmap(adata, n_top=5, show=True) is None
-    _, pair = plt.subplots(1, 2)
-    assert hx.pl.gene_corr_heatmap(adata, n_top=5, ax=pair) is pair[0].figure
+    assert hx.pl.compare_methods(adata, key=KEYS, ax=right, show=True) is None
     assert "leave-one-slide-out" in right.get_title()
+    open_before = plt.get_fignums()
+    assert hx.pl.gene_corr_heatmap(adata, n_top=5, show=True) is None
+    assert plt.get_fignums() == open_before  # its own figure, shown, then closed
+    _, pair = plt.subplots(1, 2)
+    assert hx.pl.gene_corr_heatmap(adata, n_top=5, ax=pair) == list(pair)
+    fig = hx.pl.heg_curve(adata, ks=(2, 4), return_fig=True)  # a Figure is returned, not shown
+    assert fig is plt.gcf() and fig.axes[0].lines
+    assert hx.pl.gene_pcc_boxplot(adata, show=False).figure in map(plt.figure, plt.get_fignums())
+
+
+@pytest.fixture
+def figdir(tmp_path):
+    """scanpy's figure folder and format, set for one test."""
+    import scanpy as sc
+
+    before = sc.settings.figdir, sc.settings.file_format_figs
+    sc.settings.figdir, sc.settings.file_format_figs = tmp_path / "figures", "png"
+    yield tmp_path / "figures"
+    sc.settings.figdir, sc.settings.file_format_figs = before
+
+
+@pytest.mark.parametrize(
+    ("save", "name"),
+    [
+        (True, "gene_pcc_boxplot.png"),
+        ("_pca.pdf", "gene_pcc_boxplot_pca.pdf"),
+        ("_two", "gene_pcc_boxplot_two.png"),
+    ],
+)
+def test_save_follows_scanpy(fitted, figdir, tmp_path, save, name):
+    adata, _ = fitted
+    assert hx.pl.gene_pcc_boxplot(adata, key=KEYS, save=save) is None  # saved, then shown
+    assert [p.name for p in figdir.iterdir()] == [name]
+    assert (figdir / name).stat().st_size > 0
+    with pytest.raises(TypeError, match="`save` must be True"):
+        hx.pl.heg_curve(adata, save=tmp_path / "x.png", show=False)
 
 
 def test_save_run_figures_writes_pngs_and_closes_them(fitted, tmp_path):
@@ -316,11 +365,11 @@ def test_save_run_figures_writes_pngs_and_closes_them(fitted, tmp_path):
 
 
 BASELINE_PLOTS = {
-    "gene_pcc_boxplot": lambda adata: hx.pl.gene_pcc_boxplot(adata, key=KEYS, show=False).figure,
+    "gene_pcc_boxplot": lambda adata: hx.pl.gene_pcc_boxplot(adata, key=KEYS, return_fig=True),
     "spatial_expression": lambda adata: hx.pl.spatial_expression(
-        adata, list(adata.uns["histo2expr"]["gene_pcc"].index[:1]), slide="S3", show=False
+        adata, list(adata.uns["histo2expr"]["gene_pcc"].index[:1]), slide="S3", return_fig=True
     ),
-    "gene_corr_heatmap": lambda adata: hx.pl.gene_corr_heatmap(adata, slide="S2", show=False),
+    "gene_corr_heatmap": lambda adata: hx.pl.gene_corr_heatmap(adata, slide="S2", return_fig=True),
 }
 
 

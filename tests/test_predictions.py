@@ -28,7 +28,9 @@ def fit_cv(adata, **kwargs):
         warnings.filterwarnings(
             "ignore", message=".*share their patient", category=UserWarning
         )  # tested below
-        return hx.tl.fit_histo2expr(adata, genes=12, cv="leave_one_slide_out", progress=False, **kwargs)
+        return hx.tl.fit_histo2expr(
+            adata, genes=12, cv="leave_one_slide_out", progress=False, **{"method": "ridge", **kwargs}
+        )
 
 
 def snapshot(adata):
@@ -128,9 +130,15 @@ def test_a_fitted_h5ad_grows_by_about_the_predictions_only(tmp_path):
     growth = (tmp_path / "after.h5ad").stat().st_size - (tmp_path / "before.h5ad").stat().st_size
     predictions = adata.obsm["histo2expr"]
     gene_pcc = adata.uns["histo2expr"]["gene_pcc"]
-    # the predictions, their gene names and per-gene PCCs, and HDF5's headers of each column and table
+    # the predictions, their gene names and per-gene PCCs, the genes' predictability in var, and HDF5's
+    # headers of each column and table
+    predictability = sum(adata.var[c].to_numpy().nbytes for c in adata.var if c.startswith("histo2expr_"))
     bound = (
-        predictions.to_numpy().nbytes + gene_pcc.to_numpy().nbytes + 1024 * predictions.shape[1] + 64 * 1024
+        predictions.to_numpy().nbytes
+        + gene_pcc.to_numpy().nbytes
+        + predictability
+        + 1024 * predictions.shape[1]
+        + 64 * 1024
     )
     assert growth <= bound, (growth, bound)
     dense_layer = adata.n_obs * adata.n_vars * 4  # what a layer over all genes took
@@ -176,7 +184,7 @@ def test_get_predictions_without_key_and_its_errors(cohort):
     hx.tl.predict_expression(adata, model)
     with pytest.raises(KeyError, match=r"several keys \['histo2expr', 'histo2expr_pred'\]"):
         hx.get.predictions(adata)
-    hx.tl.fit_histo2expr(adata, genes=5, key_added="final", progress=False)
+    hx.tl.fit_histo2expr(adata, method="ridge", genes=5, key_added="final", progress=False)
     with pytest.raises(KeyError, match="a fit without `cv` predicts nothing"):
         hx.get.predictions(adata, "final")
 
@@ -188,16 +196,23 @@ def test_leave_one_slide_out_warns_when_patients_repeat(cohort):
         match=r"2 of 3 folds hold out slides that share their patient.*S1 \(patient P1\).*"
         r"cv='leave_one_patient_out', patient_key='patient'.*2 patients",
     ):
-        hx.tl.fit_histo2expr(adata, genes=12, cv="leave_one_slide_out", progress=False)
+        hx.tl.fit_histo2expr(adata, method="ridge", genes=12, cv="leave_one_slide_out", progress=False)
     assert adata.uns["histo2expr"]["protocol_note"].startswith("2 of 3 folds hold out")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hx.tl.fit_histo2expr(  # another method on the same folds: said once per AnnData and protocol
-            adata, genes=12, cv="leave_one_slide_out", key_added="again", n_components=3, progress=False
+            adata,
+            method="ridge",
+            genes=12,
+            cv="leave_one_slide_out",
+            key_added="again",
+            n_components=3,
+            progress=False,
         )
         assert adata.uns["again"]["protocol_note"] == adata.uns["histo2expr"]["protocol_note"]
         hx.tl.fit_histo2expr(
             adata,
+            method="ridge",
             genes=12,
             cv="leave_one_patient_out",
             patient_key="patient",
@@ -206,7 +221,7 @@ def test_leave_one_slide_out_warns_when_patients_repeat(cohort):
         )
         distinct = adata.copy()
         distinct.obs["patient"] = distinct.obs["slide"]
-        hx.tl.fit_histo2expr(distinct, genes=12, cv="leave_one_slide_out", progress=False)
+        hx.tl.fit_histo2expr(distinct, method="ridge", genes=12, cv="leave_one_slide_out", progress=False)
     assert (
         adata.uns["lopo"]["protocol"] == "leave_one_patient_out" and adata.uns["lopo"]["protocol_note"] == ""
     )
@@ -227,7 +242,7 @@ def test_depth_matching_recovers_what_a_shallower_slide_measures():
 
 def test_prediction_scales_and_warnings_about_unlike_slides(cohort):
     train = cohort[cohort.obs["slide"] != "S3"].copy()
-    model = hx.tl.fit_histo2expr(train, genes=12, progress=False)
+    model = hx.tl.fit_histo2expr(train, method="ridge", genes=12, progress=False)
     assert model.params["training_data"]["target_sum"] == pytest.approx(1e4, rel=1e-4)
     new = cohort[cohort.obs["slide"] == "S3"].copy()
     hx.tl.predict_expression(new, model, scale="standardized", key_added="z")
@@ -277,7 +292,7 @@ def test_random_encoder_weights_are_seeded_and_the_suggested_fix_works(cohort):
     hx.tl.embed_patches(train, **embed)
     hx.tl.embed_patches(new, **embed)  # another call, the same seed: the same weights
     assert train.uns["X_histo"]["encoder"]["weights_sha1"] == new.uns["X_histo"]["encoder"]["weights_sha1"]
-    model = hx.tl.fit_histo2expr(train, genes=8, progress=False)
+    model = hx.tl.fit_histo2expr(train, method="ridge", genes=8, progress=False)
     hx.tl.predict_expression(new, model)
     hx.tl.embed_patches(new, **embed, seed=7)
     with pytest.raises(ValueError, match="other encoder weights") as error:

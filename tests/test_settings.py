@@ -102,7 +102,7 @@ def test_fit_predict_and_embed_run_under_the_thread_policy(monkeypatch):
     adata = hx.datasets.synthetic(n_slides=2, spots_per_side=5, n_genes=12)
     hx.pp.normalize(adata)
     hx.tl.embed_patches(adata, encoder="colour_texture", patch_size=16, progress=False)
-    model = hx.tl.fit_histo2expr(adata, genes=5, num_workers=0, progress=False)
+    model = hx.tl.fit_histo2expr(adata, method="ridge", genes=5, num_workers=0, progress=False)
     hx.tl.predict_expression(adata, model)
     assert calls == [0, 0, 0]
 
@@ -262,9 +262,9 @@ def test_one_progress_bar_per_fit(capsys):
     adata = hx.datasets.synthetic(n_slides=3, spots_per_side=5, n_genes=12)
     hx.pp.normalize(adata)
     hx.tl.embed_patches(adata, encoder="colour_texture", patch_size=16, progress=False)
-    hx.tl.fit_histo2expr(adata, method="stnet", genes=5, cv="leave_one_slide_out", epochs=2, refit=False)
+    hx.tl.fit_histo2expr(adata, method="bleep", genes=5, cv="leave_one_slide_out", epochs=2, refit=False)
     printed = capsys.readouterr().err
-    assert "fit stnet: 100%" in printed and "3/3" in printed and "epochs:" not in printed  # folds, not epochs
-    hx.tl.fit_histo2expr(adata, method="stnet", genes=5, epochs=2, key_added="final")
+    assert "fit bleep: 100%" in printed and "3/3" in printed and "epochs:" not in printed  # folds, not epochs
+    hx.tl.fit_histo2expr(adata, method="bleep", genes=5, epochs=2, key_added="final")
     printed = capsys.readouterr().err
-    assert "epochs:" in printed and "fit stnet" not in printed  # without cv, the one bar follows the epochs
+    assert "epochs:" in printed and "fit bleep" not in printed  # without cv, the one bar follows the epochs

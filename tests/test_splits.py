@@ -33,6 +33,32 @@ def test_leave_one_patient_out_keeps_serial_sections_together(cohort):
     _check_no_group_on_both_sides(folds, cohort.obs["slide"].to_numpy())
 
 
+def test_leave_one_group_out_holds_groups_out_in_order_of_appearance():
+    """scikit-learn's LeaveOneGroupOut, with the folds the hand-written splits gave: same order, same spots."""
+    labels = np.array(["s9", "s2", "s9", "s10", "s2", "s2", "s1", "s10"])
+    folds = splits.leave_one_slide_out(labels)
+    expected = list(dict.fromkeys(labels))  # s9, s2, s10, s1: not sorted
+    assert [f.name for f in folds] == expected
+    for fold, group in zip(folds, expected, strict=True):
+        np.testing.assert_array_equal(fold.test, np.flatnonzero(labels == group))
+        np.testing.assert_array_equal(fold.train, np.flatnonzero(labels != group))
+
+
+def test_grouped_kfold_is_sklearns_shuffled_group_kfold():
+    labels = np.repeat([f"g{i}" for i in range(7)], 3)
+    folds = splits.grouped_kfold(labels, 3, seed=4)
+    held = [sorted(set(labels[f.test])) for f in folds]
+    assert sorted(len(h) for h in held) == [2, 2, 3]  # whole groups, dealt as evenly as they go
+    assert sorted(g for h in held for g in h) == sorted(set(labels))
+    assert [f.name for f in folds] == ["+".join(h) for h in held]
+    again = splits.grouped_kfold(labels, 3, seed=4)
+    assert all(np.array_equal(f.test, g.test) for f, g in zip(folds, again, strict=True))
+    assert any(
+        not np.array_equal(f.test, g.test)
+        for f, g in zip(folds, splits.grouped_kfold(labels, 3, seed=5), strict=True)
+    )
+
+
 @pytest.mark.parametrize("n_splits", [2, 3, 6])
 def test_grouped_kfold_covers_every_spot_once(cohort, n_splits):
     folds = splits.make_folds(cohort, n_splits, seed=1)

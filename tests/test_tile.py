@@ -111,6 +111,8 @@ def test_tile_slide_bad_input(new_slide, tmp_path):
         hx.pp.tile_slide(new_slide, spot_diameter_um=5000)
     with pytest.raises(ValueError, match="min_tissue_fraction"):
         hx.pp.tile_slide(new_slide, min_tissue_fraction=0)
+    with pytest.raises(TypeError, match=r"geometry=model.patches"):
+        hx.pp.tile_slide(new_slide, geometry=object())
     two = new_slide.copy()
     two.uns["spatial"] = {**two.uns["spatial"], "S2": two.uns["spatial"]["S4"]}
     with pytest.raises(ValueError, match="slide="):
@@ -124,7 +126,7 @@ def test_virtual_spatial_transcriptomics_end_to_end(model, new_slide, tmp_path):
 
     pixels = tifffile.imread(new_slide.uns["spatial"]["S4"]["metadata"]["source_image_path"])
     slide = hx.io.read_wsi(write_slide(tmp_path / "he.ome.tif", pixels, mpp=1.0))
-    tiles = hx.pp.tile_slide(slide, spot_diameter_um=55, spacing_um=55, model=model)
+    tiles = hx.pp.tile_slide(slide, spot_diameter_um=55, spacing_um=55, geometry=model.patches)
     hx.tl.embed_patches(tiles, mpp=model.patches["mpp"], **PATCH)
     hx.tl.predict_expression(tiles, model)
     virtual = hx.get.predicted_adata(tiles)
@@ -172,7 +174,7 @@ def test_retrieval_confidence_and_a_model_of_another_scale(cohort, new_slide, tm
     fine = np.repeat(np.repeat(pixels[:400, :400], 2, axis=0), 2, axis=1)
     path = write_slide(tmp_path / "fine.ome.tif", fine, mpp=0.5)
     with pytest.warns(UserWarning, match=r"mpp=1.*resamples"):
-        tiles = hx.pp.tile_slide(path, spot_diameter_um=100, tissue_mask=None, model=bleep)
+        tiles = hx.pp.tile_slide(path, spot_diameter_um=100, tissue_mask=None, geometry=bleep.patches)
     native = tiles.copy()
     hx.tl.embed_patches(native, **PATCH)
     with pytest.raises(ValueError, match=r"Re-embed with .*mpp=1"):
@@ -189,7 +191,7 @@ def test_retrieval_confidence_and_a_model_of_another_scale(cohort, new_slide, tm
     # the model records its training spots' size and spacing, and tile_slide lays spots out with them
     assert bleep.patches["spot_diameter_um"] == pytest.approx(SPOT_DIAMETER_UM)
     assert bleep.patches["spot_spacing_um"] > bleep.patches["spot_diameter_um"]
-    sized = hx.pp.tile_slide(path, tissue_mask=None, model=bleep, spot_diameter_um=None)
+    sized = hx.pp.tile_slide(path, tissue_mask=None, geometry=bleep.patches, spot_diameter_um=None)
     assert sized.uns["tile_slide"]["params"]["spot_diameter_um"] == pytest.approx(SPOT_DIAMETER_UM)
     assert sized.uns["tile_slide"]["params"]["spacing_um"] == pytest.approx(bleep.patches["spot_spacing_um"])
 

@@ -36,11 +36,15 @@ def cohort():
 
 def test_embed_patches_writes_features_and_encoder_record(cohort):
     features = cohort.obsm["X_histo"]
-    assert features.shape == (cohort.n_obs, 32) and features.dtype == np.float32
+    # the defaults: the spot view averaged over its 4 quarter turns, then the mean of its 6 nearest spots
+    assert features.shape == (cohort.n_obs, 2 * 32) and features.dtype == np.float32
     assert np.isfinite(features).all() and features.std(0).max() > 0
     record = cohort.uns["X_histo"]
     assert record["encoder"]["name"] == "TinyEncoder" and record["encoder"]["weights_sha1"]
     assert record["patches"]["patch_size"] == 64
+    assert record["patches"]["tta"] == 4 and record["patches"]["neighbours"] == 6
+    assert "context" not in record["patches"]
+    assert record["blocks"] == {"spot": [0, 32], "neighbours": [32, 64]}
 
 
 def test_embed_patches_is_deterministic_and_order_independent(cohort):
@@ -153,6 +157,12 @@ def test_predict_refuses_another_encoder_or_scale(cohort):
     model.patches = {"patch_size": 64, "mpp": 1.0}
     with pytest.raises(ValueError, match="µm/px"):
         hx.tl.predict_expression(rescaled, model)
+    model.patches = {"patch_size": 64, "mpp": 2.0, "tta": 4}
+    # the hint re-embeds with the model's options where they differ from embed_patches' defaults
+    with pytest.raises(
+        ValueError, match=r"embedded with `tta=1`.*`tta=4`.*weights=\.\.\., neighbours=None, key"
+    ):
+        hx.tl.predict_expression(rescaled, model)
     missing = cohort.copy()
     del missing.obsm["X_histo"]
     with pytest.raises(KeyError, match="embed_patches"):
@@ -234,6 +244,23 @@ def test_end_to_end_regime_fit_predict_save_load(tmp_path):
     )
 
 
+def test_end_to_end_stain_normalization_is_recorded_and_used_to_predict(cohort):
+    adata = hx.datasets.synthetic(n_slides=2, seed=0, spots_per_side=5, n_genes=12)
+    hx.pp.normalize(adata)
+    params = {"method": "stnet", "use_rep": None, "encoder": "test_resnet", "weights": None, "patch_size": 32}
+    model = hx.tl.fit_histo2expr(
+        adata, genes=6, epochs=1, batch_size=16, progress=False, stain_normalization="macenko", **params
+    )
+    assert model.patches["stain_normalization"] == "macenko"
+    new, unnormalised = adata[:, :0].copy(), adata[:, :0].copy()
+    hx.tl.predict_expression(new, model)
+    model.patches = {k: v for k, v in model.patches.items() if k != "stain_normalization"}
+    hx.tl.predict_expression(unnormalised, model)
+    assert not np.allclose(hx.get.predictions(unnormalised), hx.get.predictions(new))
+    with pytest.raises(ValueError, match="end-to-end regime"):
+        hx.tl.fit_histo2expr(cohort, method="ridge", genes=5, stain_normalization="macenko", progress=False)
+
+
 def test_embed_patches_on_spatialdata_writes_its_table(cohort):
     import tifffile
     from spatialdata import SpatialData
@@ -265,3 +292,103 @@ def test_embed_by_name_matches_a_prebuilt_encoder(cohort):
     hx.tl.embed_patches(small, encoder=prebuilt, patch_size=64, progress=False, key_added="prebuilt")
     np.testing.assert_allclose(small.obsm["by_name"], small.obsm["prebuilt"], rtol=1e-4, atol=1e-4)
     assert small.uns["by_name"]["encoder"]["weights_sha1"] == small.uns["prebuilt"]["encoder"]["weights_sha1"]
+
+
+class PoolingNet(nn.Module):
+    """Average pooling to a 4 x 4 map of 32 px patches: exactly equivariant under flips and quarter turns."""
+
+    num_features = 3
+
+    def forward_features(self, x):
+        return nn.functional.avg_pool2d(x, 8)
+
+    def forward_head(self, features):
+        return features.mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_embed_patches_tta_averages_the_rotated_views(cohort):
+    from histo2expr.patches import PatchSource, dihedral
+
+    small = cohort[:30].copy()
+    for tta in (1, 4):
+        hx.tl.embed_patches(
+            small,
+            encoder=TinyEncoder(),
+            patch_size=64,
+            tta=tta,
+            neighbours=None,
+            progress=False,
+            key_added=f"v{tta}",
+        )
+    assert small.uns["v4"]["patches"]["tta"] == 4 and small.uns["v4"]["blocks"] == {"spot": [0, 32]}
+    encoder = hx.models.build_encoder(TinyEncoder()).eval()
+    images = torch.from_numpy(
+        PatchSource(small, patch_size=64).read(np.arange(30)).transpose(0, 3, 1, 2).copy()
+    )
+    with torch.no_grad():
+        expected = torch.stack([encoder(dihedral(images, k)) for k in range(4)]).mean(0).numpy()
+    np.testing.assert_allclose(small.obsm["v4"], expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(small.obsm["v4"], small.obsm["v1"], atol=1e-3)
+    for bad in (3, True, 0):
+        with pytest.raises(ValueError, match="`tta` must be the number of views"):
+            hx.tl.embed_patches(small, tta=bad)
+
+
+def test_embed_patches_tta_turns_each_views_tokens_back(cohort):
+    small = cohort[:20].copy()
+    for tta in (1, 8):
+        hx.tl.embed_patches(
+            small, encoder=PoolingNet(), patch_size=32, tokens=2, tta=tta, progress=False, key_added=f"v{tta}"
+        )
+    # an equivariant encoder: every view, turned back, has the tokens of the patch itself
+    np.testing.assert_allclose(small.obsm["v8_tokens"], small.obsm["v1_tokens"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(small.obsm["v8"], small.obsm["v1"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(small.obsm["v1_tokens"][:, 0], small.obsm["v1_tokens"][:, 3])
+
+
+def test_embed_patches_appends_context_and_neighbour_blocks(cohort, token_cnn):
+    from histo2expr.models.graphs import spatial_knn
+    from histo2expr.patches import PatchSource
+
+    adata = cohort.copy()
+    hx.tl.embed_patches(
+        adata, encoder=token_cnn(), patch_size=32, tta=1, context=2, neighbours=3, tokens=2, progress=False
+    )
+    features, record = adata.obsm["X_histo"], adata.uns["X_histo"]
+    assert features.shape == (adata.n_obs, 18)
+    assert record["blocks"] == {"spot": [0, 6], "context": [6, 12], "neighbours": [12, 18]}
+    assert record["patches"]["context"] == 2 and record["patches"]["neighbours"] == 3
+    encoder = hx.models.build_encoder(token_cnn()).eval()
+    wide = PatchSource(adata, patch_size=32, field=2).read(np.arange(adata.n_obs))
+    with torch.no_grad():
+        context = encoder(torch.from_numpy(wide.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(features[:, 6:12], context, rtol=1e-4, atol=1e-5)
+    # on this square grid the 3rd nearest spot ties with the 4th: all 4 spots at that distance count
+    slides = adata.obs["slide"].astype(str).to_numpy()
+    coords = adata.obsm["spatial"]
+    third = spatial_knn(coords, slides, k=3)[:, -1]
+    radius = np.linalg.norm(coords[third] - coords, axis=1)
+    distance = np.linalg.norm(coords[:, None] - coords[None], axis=2)
+    near = (
+        (distance <= radius[:, None] * (1 + 1e-6))
+        & (slides[:, None] == slides[None])
+        & ~np.eye(len(slides), dtype=bool)
+    )
+    assert (near.sum(axis=1) >= 3).all() and (near.sum(axis=1) == 4).any()
+    expected = np.stack([features[row, :6].mean(axis=0) for row in near])
+    np.testing.assert_allclose(features[:, 12:], expected, rtol=1e-5, atol=1e-6)
+    tokens = adata.obsm[
+        "X_histo_tokens"
+    ]  # spot tokens, each followed by the spot's context and neighbour blocks
+    assert tokens.shape == (adata.n_obs, 4, 6 + 12)
+    np.testing.assert_allclose(tokens[:, 2, 6:], features[:, 6:], rtol=1e-6)
+    with pytest.raises(ValueError, match="`neighbours` must be None or a positive number"):
+        hx.tl.embed_patches(adata, neighbours=0)
+    # more neighbours than a slide has spots: the mean of the slide's other spots
+    one = adata[adata.obs["slide"] == "S1"].copy()
+    hx.tl.embed_patches(one, encoder=token_cnn(), patch_size=32, neighbours=500, progress=False)
+    spot = one.obsm["X_histo"][:, :6]
+    np.testing.assert_allclose(one.obsm["X_histo"][0, 6:], spot[1:].mean(axis=0), rtol=1e-5)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 
 if TYPE_CHECKING:
@@ -348,3 +350,60 @@ def check_spot_spacing(coords: np.ndarray, spacing_px: float | None, *, slide: s
             "pixels, or correct the slide's scale factors."
         )
         raise ValueError(msg)
+
+
+def log_expression(adata: AnnData, genes: Sequence[str]) -> np.ndarray:
+    """Dense ``(n_spots, len(genes))`` float32 log-normalised expression of ``genes`` from ``X``.
+
+    The callers check once that ``X`` is log-normalised (:func:`~histo2expr._validation.check_log_normalised`).
+    """
+    columns = adata.var_names.get_indexer(list(genes))
+    if (columns < 0).any():
+        missing = [g for g, c in zip(genes, columns, strict=True) if c < 0]
+        msg = (
+            f"{len(missing)} of the model's genes are not in `adata.var_names`, e.g. {missing[:5]}. "
+            "Evaluate on data that measured them (same gene symbols), or predict without evaluation."
+        )
+        raise KeyError(msg)
+    values = adata.X[:, columns]
+    values = values.toarray() if sp.issparse(values) else np.asarray(values)
+    if not np.isfinite(values).all():
+        msg = "`adata.X` contains NaN or infinite values for the chosen genes; fix or drop those spots."
+        raise ValueError(msg)
+    return values.astype(np.float32)
+
+
+def slide_labels(adata: AnnData, slide_key: str, *, required: bool = True) -> np.ndarray:
+    """Slide of every spot as strings (one pseudo-slide when not required and absent)."""
+    if not required and slide_key not in adata.obs:
+        return np.full(adata.n_obs, "slide", dtype=object)
+    return check_obs_key(adata, slide_key).astype(str).to_numpy()
+
+
+#: The largest patch side in pixels.
+MAX_PATCH_SIZE = 4096
+
+
+def check_patch_size(patch_size: Any) -> int:
+    """Return ``patch_size`` as an int, or raise when it is not a whole number of pixels from 2 to 4096."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int | np.integer):
+        msg = f"`patch_size` must be an integer number of pixels, got {patch_size!r}."
+        raise TypeError(msg)
+    if not 2 <= patch_size <= MAX_PATCH_SIZE:
+        msg = (
+            f"`patch_size={patch_size}` is out of range; use 2 to {MAX_PATCH_SIZE} pixels "
+            "(224 is what most encoders expect)."
+        )
+        raise ValueError(msg)
+    return int(patch_size)
+
+
+def check_level(value: Any, name: str = "level") -> float:
+    """Return ``value`` as a float, or raise naming the parameter when it is not a probability in (0, 1)."""
+    bad = (
+        isinstance(value, bool) or not isinstance(value, int | float | np.floating) or not np.isfinite(value)
+    )
+    if bad or not 0 < value < 1:
+        msg = f"`{name}` must be a probability strictly between 0 and 1 (e.g. 0.9 for 90% intervals), got {value!r}."
+        raise ValueError(msg)
+    return float(value)

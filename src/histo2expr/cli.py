@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -72,9 +72,9 @@ def _check_encoder(name: str) -> None:
 
 def _check_common(args: argparse.Namespace) -> list[str] | None:
     """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
+    from ._validation import check_patch_size
     from .models import get_method, resolve_device
     from .models.inference import check_backend
-    from .patches._source import check_patch_size
 
     check_patch_size(args.patch_size)
     methods = None if args.methods is None else _method_list(args.methods)
@@ -134,9 +134,7 @@ def _report(
     protocols = list(dict.fromkeys(run.protocol for run in runs))
     for protocol in protocols:
         keys = [run.key for run in runs if run.protocol == protocol]
-        written += pl.save_run_figures(
-            adata, keys=keys, out_dir=out / protocol if len(protocols) > 1 else out
-        )
+        written += pl.save_run_figures(adata, key=keys, out_dir=out / protocol if len(protocols) > 1 else out)
     print("Written:")
     for path in written:
         print(f"  {path}")
@@ -168,6 +166,8 @@ def _embed(
 
     Returns the seconds taken and the inference backend that ran the encoder.
 
+    ``--tta`` and ``--neighbours`` override :func:`~histo2expr.tl.embed_patches`' defaults (``--neighbours 0``: none).
+
     ``mpp``: pixel size of the patches (None: the slides' native resolution).
     """
     from . import tl
@@ -177,9 +177,13 @@ def _embed(
     if any(getattr(get_method(m), "token_input", False) for m in methods):
         grid = _token_grid(build_encoder(args.encoder, weights=None), args.patch_size)
     tic = time.perf_counter()
+    views = {} if args.tta is None else {"tta": args.tta}
+    if args.neighbours is not None:
+        views["neighbours"] = args.neighbours or None
     tl.embed_patches(
         adata,
         tokens=grid,
+        **views,
         encoder=args.encoder,
         patch_size=args.patch_size,
         mpp=mpp,
@@ -189,6 +193,23 @@ def _embed(
         progress=not args.quiet,
     )
     return time.perf_counter() - tic, adata.uns["X_histo"]["backend"]
+
+
+def _embedding_options(adata: AnnData) -> dict[str, Any]:
+    """What the features of ``obsm["X_histo"]`` average and append (``tta``, ``neighbours``), for the report."""
+    patches = adata.uns["X_histo"]["patches"]
+    return {"tta": patches["tta"], "neighbours": patches.get("neighbours")}
+
+
+def _embedding_note(options: Mapping[str, Any]) -> str:
+    """``options`` of :func:`_embedding_options` in words."""
+    views = (
+        f"averaged over {options['tta']} views of each patch"
+        if options["tta"] > 1
+        else "one view of each patch"
+    )
+    near = f", then the mean of the {options['neighbours']} nearest spots" if options["neighbours"] else ""
+    return f"{views}{near}"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -207,6 +228,7 @@ def _demo(args: argparse.Namespace) -> int:
     adata = datasets.synthetic(n_slides=args.n_slides, seed=args.seed)
     pp.normalize(adata)
     embed_seconds, backend = _embed(adata, args, methods)
+    embedding = _embedding_options(adata)
     runs = compare_methods(
         adata,
         methods,
@@ -226,8 +248,8 @@ def _demo(args: argparse.Namespace) -> int:
         preamble=[
             f"Command: `{command}`",
             "",
-            f"Frozen {args.encoder} features of {args.patch_size} px patches (embedding: {embed_seconds:.1f} s, "
-            f"backend {backend}); "
+            f"Frozen {args.encoder} features of {args.patch_size} px patches, {_embedding_note(embedding)} "
+            f"(embedding: {embed_seconds:.1f} s, backend {backend}); "
             f"{args.genes} highly expressed genes chosen on the training slides of each fold; "
             f"at most {args.epochs} epochs. Whole run: {total:.1f} s.",
             "",
@@ -240,6 +262,7 @@ def _demo(args: argparse.Namespace) -> int:
             "encoder": args.encoder,
             "backend": backend,
             "patch_size": args.patch_size,
+            "embedding": embedding,
             "epochs": args.epochs,
             "embedding_seconds": embed_seconds,
             "total_seconds": total,
@@ -433,7 +456,9 @@ def _benchmark(args: argparse.Namespace) -> int:
     if cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
         raise CommandError("leave_one_patient_out needs obs['patient'] with at least two patients.")
     protocols, patients_note = _protocols(adata, cv)
-    if hest:
+    if hest:  # HEST-Benchmark embeds each spot's patch once, alone
+        args.tta = args.tta or 1
+        args.neighbours = args.neighbours or 0
         hest_log_expression(adata)
         genes: int | list[str] = hest_genes(adata, n_genes)
         gene_rule = f"HEST-Benchmark's {n_genes} highly variable genes of all slides (log1p counts)"
@@ -447,9 +472,10 @@ def _benchmark(args: argparse.Namespace) -> int:
         f"{', '.join(methods)}."
     )
     fit_kwargs: dict[str, Any] = {"epochs": args.epochs, "device": args.device, "num_workers": args.workers}
-    embed_seconds = backend = None
+    embed_seconds = embedding = backend = None
     if args.regime == "frozen":
         embed_seconds, backend = _embed(adata, args, methods, mpp=mpp)
+        embedding = _embedding_options(adata)
     else:
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
     method_params = {m: {"encoder": args.encoder} for m in methods} if args.regime == "end2end" else None
@@ -472,7 +498,11 @@ def _benchmark(args: argparse.Namespace) -> int:
     machine = machine_description()
     command = "histo2expr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     gpu = machine["gpu"] or "no GPU"
-    embedded = "" if embed_seconds is None else f" Embedding: {embed_seconds:.1f} s (backend {backend})."
+    embedded = (
+        ""
+        if embedding is None
+        else f" Features: {_embedding_note(embedding)}; embedding: {embed_seconds:.1f} s (backend {backend})."
+    )
     _report(
         adata,
         runs,
@@ -509,6 +539,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             "backend": backend,
             "patch_size": args.patch_size,
             "patch_mpp": mpp,
+            "embedding": embedding,
             "genes": genes,
             "epochs": args.epochs,
             "seed": args.seed,
@@ -547,6 +578,21 @@ def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None
         type=_int_at_least(1),
         default=epochs,
         help=f"maximum training epochs of the torch methods (default {epochs})",
+    )
+    add(
+        "--tta",
+        type=int,
+        choices=(1, 4, 8),
+        default=None,
+        help="views averaged per patch: 1, its 4 quarter turns, or 8 with their mirror images (default 4; 1 with "
+        "--protocol hest)",
+    )
+    add(
+        "--neighbours",
+        type=_int_at_least(0),
+        default=None,
+        help="append the mean features of each spot's N nearest spots on its slide; 0: none (default 6; 0 with "
+        "--protocol hest)",
     )
     add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
     add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers reading patches (default 0)")

@@ -3,9 +3,10 @@
 All functions take ``(n_spots, n_genes)`` arrays of one slide: the ground truth and
 the prediction on the same (log-normalised) scale.
 
-NaN policy (DESIGN.md): the Pearson correlation of a gene that is constant on the
-slide — in the truth or in the prediction — is undefined. It is returned as NaN,
-left out of every mean, and counted (``n_nan_genes``); it is never set to 0.
+NaN policy (the evaluation protocol of docs/data_model.md): the Pearson correlation of a
+gene that is constant on the slide — in the truth or in the prediction — is undefined. It
+is returned as NaN, left out of every mean, and counted (``n_nan_genes``); it is never set
+to 0.
 
 Small slides: a held-out slide with fewer than ``MIN_SPOTS`` (20) spots is flagged
 (``small_slide`` in the tables of :func:`histo2expr.tl.fit_histo2expr`). Its per-gene PCC

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
 from ._validation import check_obs_key
+
+if TYPE_CHECKING:
+    from sklearn.model_selection import BaseCrossValidator
 
 __all__ = [
     "Fold",
@@ -51,6 +55,15 @@ def _labels(groups: Sequence | np.ndarray | pd.Series) -> np.ndarray:
     return labels
 
 
+def _folds(labels: np.ndarray, splitter: BaseCrossValidator) -> list[Fold]:
+    """The folds of a scikit-learn group splitter, groups numbered in order of first appearance."""
+    codes, groups = pd.factorize(labels)
+    return [
+        Fold("+".join(sorted(str(g) for g in groups[np.unique(codes[test])])), train, test)
+        for train, test in splitter.split(labels, groups=codes)
+    ]
+
+
 def _leave_one_group_out(labels: np.ndarray, what: str) -> list[Fold]:
     uniques = list(dict.fromkeys(labels))
     if len(uniques) < 2:
@@ -59,11 +72,10 @@ def _leave_one_group_out(labels: np.ndarray, what: str) -> list[Fold]:
             f"{uniques[0]!r}. Add {what}s, or fit without `cv` (cv=None) and evaluate on another dataset."
         )
         raise ValueError(msg)
-    folds = []
-    for group in uniques:
-        held_out = labels == group
-        folds.append(Fold(str(group), np.flatnonzero(~held_out), np.flatnonzero(held_out)))
-    return folds
+    from sklearn.model_selection import LeaveOneGroupOut
+
+    # groups held out in order of first appearance (LeaveOneGroupOut takes them by sorted code)
+    return _folds(labels, LeaveOneGroupOut())
 
 
 def leave_one_slide_out(slides: Sequence | np.ndarray | pd.Series) -> list[Fold]:
@@ -92,7 +104,7 @@ def leave_one_patient_out(patients: Sequence | np.ndarray | pd.Series) -> list[F
 
 
 def grouped_kfold(groups: Sequence | np.ndarray | pd.Series, n_splits: int, *, seed: int = 0) -> list[Fold]:
-    """``n_splits`` folds of whole groups, groups shuffled with ``seed`` and dealt round-robin.
+    """``n_splits`` folds of whole groups: scikit-learn's ``GroupKFold`` with the groups shuffled by ``seed``.
 
     Parameters
     ----------
@@ -103,21 +115,17 @@ def grouped_kfold(groups: Sequence | np.ndarray | pd.Series, n_splits: int, *, s
     seed
         Seed of the group shuffle.
     """
+    from sklearn.model_selection import GroupKFold
+
     labels = _labels(groups)
-    uniques = np.array(list(dict.fromkeys(labels)))
-    if not 2 <= n_splits <= len(uniques):
+    n_groups = len(set(labels))
+    if not 2 <= n_splits <= n_groups:
         msg = (
-            f"`cv={n_splits}` folds need between 2 and the number of groups ({len(uniques)}); "
+            f"`cv={n_splits}` folds need between 2 and the number of groups ({n_groups}); "
             "lower the number of folds or use leave-one-out."
         )
         raise ValueError(msg)
-    order = np.random.default_rng(seed).permutation(len(uniques))
-    folds = []
-    for k in range(n_splits):
-        held = uniques[order[k::n_splits]]
-        mask = np.isin(labels, held)
-        folds.append(Fold("+".join(sorted(held)), np.flatnonzero(~mask), np.flatnonzero(mask)))
-    return folds
+    return _folds(labels, GroupKFold(n_splits, shuffle=True, random_state=seed))
 
 
 def make_folds(

@@ -295,10 +295,14 @@ def _tiff_memmap(path: Path) -> np.ndarray | None:
 class ArrayImage:
     """An RGB image held as an array (e.g. a downscaled ``uns`` image), read region by region.
 
+    The images of :func:`~histo2expr.io.open_slide_image` (files read lazily) share its interface:
+    ``shape`` and ``read_region``.
+
     Parameters
     ----------
     pixels
-        ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 pixels (see :func:`to_rgb_uint8`).
+        ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 pixels: grey levels are repeated over
+        the three channels (with a warning), an alpha channel is composited over white.
     """
 
     def __init__(self, pixels: np.ndarray) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from histo2expr._docs import fill_docs
 from histo2expr._validation import check_obs_key, get_table, spatial_coordinates
 from histo2expr.io._image import (
     PAD_VALUE,
@@ -236,6 +237,7 @@ def _scalefactor(scalefactors: dict, name: str) -> float | None:
     return None if value is None else float(value)
 
 
+@fill_docs
 def slide_images(
     data: AnnData | SpatialData,
     *,
@@ -269,8 +271,7 @@ def slide_images(
     data
         Dataset following the histo2expr data model (``uns["spatial"]`` per slide), or a
         :class:`~spatialdata.SpatialData` with a table annotating spots and image elements.
-    slide_key
-        Column of ``adata.obs`` (of the table) with the slide of each spot.
+    {slide_key_param}
     table_key
         Table of a SpatialData; ignored for an AnnData.
     image_key

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._docs import fill_docs
 from .._validation import check_element_name, check_obs_key, check_slide_id, spatial_coordinates
 from ._slides import SlideImage, slide_images
 from ._wsi_image import PyramidImage, open_slide_image
@@ -67,6 +68,7 @@ def _image_element(slide: SlideImage, system: str) -> Any:
 PROVENANCE_KEY = "histo2expr_to_spatialdata"
 
 
+@fill_docs
 def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
     """The dataset as a :class:`~spatialdata.SpatialData`: each slide's image, its spots as circles, the table.
 
@@ -83,8 +85,7 @@ def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
         AnnData following the histo2expr data model (``uns["spatial"][slide]`` with the image of each
         slide, ``obsm["spatial"]``, ``spot_diameter_fullres``). Slide ids name the elements, so they
         may only hold letters, digits, ``_``, ``-`` and ``.``.
-    slide_key
-        Column of ``obs`` with the slide of each spot.
+    {slide_key_param}
 
     Returns
     -------
@@ -159,7 +160,7 @@ def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
         spot_id[spots] = np.arange(len(spots))
     tables = {}
     if adata.n_obs:
-        from .. import __version__
+        from .._version import __version__
 
         table = adata.copy()
         table.uns.pop(TableModel.ATTRS_KEY, None)  # a table of another SpatialData: annotate these elements

@@ -298,8 +298,10 @@ def open_slide_image(path: str | Path, *, level: int = 0) -> ArrayImage:
 
     Returns
     -------
-    :class:`OpenSlideImage` for vendor formats, :class:`TiffImage` for tiled or pyramidal TIFFs
-    (or any level above 0), else a :class:`~histo2expr.io._image.LazyImage`.
+    The image, read lazily: its ``shape`` (height, width) in pixels and
+    ``read_region(top, left, height, width)``, an RGB uint8 array. Vendor formats are read through
+    OpenSlide, tiled or pyramidal TIFFs (and any level above 0) through tifffile, other images
+    memory-mapped after one decode into the cache.
     """
     path = Path(path)
     suffix = suffix_of(path)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .handcrafted import ColourTextureStats
     from .hest_probe import HESTProbeMethod
     from .inference import InferenceEncoder
+    from .layers import pool_token_grid
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
     from .nh2st import NH2STMethod
     from .presets import ENCODER_PRESETS, EncoderPreset, register_encoder_preset
@@ -38,6 +39,7 @@ _LAZY = {
     "EncoderPreset": ".presets",
     "register_encoder_preset": ".presets",
     "resolve_device": "._device",
+    "pool_token_grid": ".layers",
     "Method": ".base",
     "SpotSet": ".base",
     "TrainConfig": ".base",
@@ -88,6 +90,7 @@ __all__ = [
     "get_method",
     "info_nce",
     "pcc_loss",
+    "pool_token_grid",
     "register_encoder_preset",
     "register_method",
     "regression_loss",

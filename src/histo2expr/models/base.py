@@ -18,7 +18,7 @@ from .._validation import non_negative_number, seed_value
 if TYPE_CHECKING:
     from ..patches import PatchSource
 
-#: The two training regimes (METHODS.md): cached frozen features, or the backbone trained too.
+#: The two training regimes (docs/methods/index.md): cached frozen features, or the backbone trained too.
 REGIMES = ("frozen", "end2end")
 
 

@@ -36,7 +36,7 @@ class ProjectionHead(nn.Module):
     """BLEEP's projection head: Linear, GELU, Linear, Dropout, residual, LayerNorm.
 
     ``h = W1 x``; ``out = LayerNorm(h + Dropout(W2 GELU(h)))`` — the residual adds the
-    output of the first linear layer, as in BLEEP and CMRCNet (METHODS.md).
+    output of the first linear layer, as in BLEEP and CMRCNet (docs/methods/baselines.md).
 
     Parameters
     ----------

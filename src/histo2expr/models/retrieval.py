@@ -124,6 +124,8 @@ def cosine_topk(
 
     Returns
     -------
+    Two arrays:
+
     similarities
         ``(n_queries, k)`` float32 cosine similarities, descending in each row.
         Equal similarities are ordered by gallery index. (Equal as computed: BLAS

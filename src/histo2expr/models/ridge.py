@@ -44,7 +44,7 @@ def _spectrum(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return features @ v / s, s, v
 
 
-def _ridge_predictions(
+def ridge_predictions(
     train: np.ndarray, targets: np.ndarray, query: np.ndarray, alphas: np.ndarray
 ) -> np.ndarray:
     """Ridge predictions ``(n_alphas, n_query, n_targets)`` for every penalty, from one decomposition."""
@@ -53,7 +53,7 @@ def _ridge_predictions(
     return np.stack([(projected * (s / (s**2 + alpha))) @ uty for alpha in alphas])
 
 
-def _ridge_coefficients(features: np.ndarray, targets: np.ndarray, alpha: float) -> np.ndarray:
+def ridge_coefficients(features: np.ndarray, targets: np.ndarray, alpha: float) -> np.ndarray:
     """Ridge coefficients ``(n_features, n_targets)`` for one penalty."""
     u, s, v = _spectrum(features)
     return v @ ((s / (s**2 + alpha))[:, None] * (u.T @ targets))
@@ -120,16 +120,14 @@ class RidgeRegressor:
         errors = np.zeros(len(self.alphas))
         for train, valid in splits:
             offset, target_offset = z[train].mean(0), targets[train].mean(0)
-            predictions = _ridge_predictions(
+            predictions = ridge_predictions(
                 z[train] - offset, targets[train] - target_offset, z[valid] - offset, self.alphas * len(train)
             )
             errors += ((predictions + target_offset - targets[valid]) ** 2).mean(axis=(1, 2)) * len(valid)
         self.validation_mse_ = errors / sum(len(v) for _, v in splits)
         self.alpha_ = float(self.alphas[int(np.argmin(self.validation_mse_))])
         self.offset_, self.target_offset_ = z.mean(0), targets.mean(0)
-        self.coef_ = _ridge_coefficients(
-            z - self.offset_, targets - self.target_offset_, self.alpha_ * len(z)
-        )
+        self.coef_ = ridge_coefficients(z - self.offset_, targets - self.target_offset_, self.alpha_ * len(z))
         return self
 
     def predict(self, features: np.ndarray) -> np.ndarray:

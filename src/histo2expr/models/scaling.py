@@ -9,9 +9,9 @@ class Standardizer:
     """Centre and scale columns with statistics of the training spots.
 
     A column whose standard deviation is tiny on the training slides would be
-    blown up on a slide from another scanner (DESIGN.md, known pitfalls), so the
-    scale is floored at ``floor_ratio`` times the median column standard deviation,
-    and standardised values are clipped to ``±clip``.
+    blown up on a slide from another scanner, so the scale is floored at ``floor_ratio``
+    times the median column standard deviation, and standardised values are clipped to
+    ``±clip``.
 
     Parameters
     ----------

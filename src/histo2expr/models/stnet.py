@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..metrics import pcc_acg
 from .base import FitReport, SpotSet, TrainConfig, register_method
 from .layers import ImageInput, RegressionHead, TorchMethod, dihedral_mean
+from .ridge import DEFAULT_ALPHAS, ridge_coefficients, ridge_predictions
 from .training import train_module
 
 
@@ -33,14 +35,29 @@ class STNetMethod(TorchMethod):
       linear head to the genes are trained together on the patches (augmented by the patch
       loader); the prediction of a spot is the average over the 8 flips / quarter-turn
       rotations of its patch (test-time augmentation, ``tta``), as ST-Net does.
-    - Frozen regime: the head is trained on the cached features, standardised with the
-      statistics of the training spots (scale floored at a tenth of the median feature scale,
-      values clipped to ±10). Test-time augmentation does not apply
-      to cached features; a caller wanting it can embed each of the 8 views
-      (:func:`~histo2expr.patches.dihedral_views`), predict each and average.
+    - Frozen regime: the head reads the cached features, standardised with the statistics of
+      the training spots (scale floored at a tenth of the median feature scale, values clipped
+      to ±10). A linear head (``hidden=None``) is then a penalised least-squares problem, and
+      with ``closed_form=True`` (default) it is solved exactly: the L2 penalty is the one of
+      ``alphas`` (relative to the number of spots, as in ``"ridge"``) whose head, solved on the
+      training spots, has the highest mean gene-wise PCC on the inner validation spots (the
+      benchmark's own measure: the mean squared error on another slide is dominated by the
+      slide's expression offsets and picked penalties twice as large, which correlate worse);
+      the head is then solved on the training and validation spots together. Test-time augmentation of cached features is done when
+      embedding them (``hx.tl.embed_patches(..., tta=...)``).
 
-    Early stopping uses the validation spots (training slides only); the weights of the best
-    validation epoch are kept.
+    Otherwise the head is trained with AdamW, its last layer starting at zero (the prediction
+    starts at the training mean); early stopping uses the validation spots (training slides
+    only) and the weights of the best validation epoch are kept.
+
+    Why the closed form in the frozen regime: trained by mini-batch AdamW from a random start,
+    the linear head reached its best validation loss after one to three epochs on her2st and
+    scored 0.113 PCC(ACG) against ridge's 0.177 on the same features; a zero start, an L2
+    penalty chosen on the validation slide and training to convergence brought it to 0.165, and
+    fine-tuning from the closed-form solution never lowered the validation loss
+    (``benchmarks/results/her2st_stnet.md``): the gradient-trained head is a noisier estimate of
+    the same penalised least-squares model, whose exact solution ``"ridge"`` also computes (with
+    its penalty chosen by leave-one-slide-out instead).
 
     Parameters
     ----------
@@ -58,6 +75,13 @@ class STNetMethod(TorchMethod):
         Dropout before the last linear layer of the head.
     tta
         End-to-end regime: average predictions and embeddings over the 8 dihedral views.
+    closed_form
+        Frozen regime with a linear head: solve the head exactly (see above) instead of training
+        it with AdamW.
+    alphas
+        Candidate L2 penalties of the closed-form head, relative to the number of spots (without
+        validation spots, the middle one is used; the head is solved on the training and the
+        validation spots whenever there are some).
 
     Notes
     -----
@@ -75,14 +99,29 @@ class STNetMethod(TorchMethod):
         hidden: int | None = None,
         dropout: float = 0.0,
         tta: bool = True,
+        closed_form: bool = True,
+        alphas: tuple[float, ...] = DEFAULT_ALPHAS,
     ) -> None:
         if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
             msg = f"`hidden` must be None (a linear head) or a positive number of units, got {hidden!r}."
             raise ValueError(msg)
-        if not isinstance(tta, bool):
-            msg = f"`tta` must be True or False, got {tta!r}."
-            raise TypeError(msg)
-        super().__init__(encoder=encoder, weights=weights, hidden=hidden, dropout=dropout, tta=tta)
+        for name, value in (("tta", tta), ("closed_form", closed_form)):
+            if not isinstance(value, bool):
+                msg = f"`{name}` must be True or False, got {value!r}."
+                raise TypeError(msg)
+        alphas = tuple(float(a) for a in alphas)
+        if not alphas or min(alphas) <= 0:
+            msg = f"`alphas` must be a non-empty sequence of positive penalties, got {alphas!r}."
+            raise ValueError(msg)
+        super().__init__(
+            encoder=encoder,
+            weights=weights,
+            hidden=hidden,
+            dropout=dropout,
+            tta=tta,
+            closed_form=closed_form,
+            alphas=list(alphas),
+        )
 
     def build(self, image_input: ImageInput, n_genes: int) -> _STNetNetwork:
         """The image input followed by the regression head."""
@@ -92,16 +131,48 @@ class STNetMethod(TorchMethod):
         return _STNetNetwork(image_input, head)
 
     def fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> FitReport:
-        """Train the head (and the encoder, end to end) with MSE; early stopping on ``validation``."""
+        """Solve the linear head on frozen features, or train the head (and the encoder) with MSE and early stopping."""
         network = self.start_fit(train, validation, config)
+        prepare = network.image_input.prepare
+        if train.regime == "frozen" and self.params["hidden"] is None and self.params["closed_form"]:
+            ready = None if validation is None or len(validation) == 0 else prepare(validation)
+            self.report = self._solve_head(network.head.layers[-1], prepare(train), ready)
+            return self.report
+        last = network.head.layers[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
         def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             return nn.functional.mse_loss(network(batch).float(), batch["targets"])
 
-        prepare = network.image_input.prepare
         ready_validation = None if validation is None else prepare(validation)
         self.report = train_module(network, loss_fn, prepare(train), ready_validation, config)
         return self.report
+
+    def _solve_head(self, head: nn.Linear, train: SpotSet, validation: SpotSet | None) -> FitReport:
+        """Set ``head`` to the penalised least-squares solution; the penalty chosen on ``validation``."""
+        alphas = np.asarray(self.params["alphas"])
+        x, y = train.features.astype(np.float64), train.targets.astype(np.float64)
+        notes: dict[str, Any] = {"solver": "closed_form"}
+        alpha = float(alphas[len(alphas) // 2])
+        if validation is not None:
+            if len(alphas) > 1:
+                offset, target_offset = x.mean(0), y.mean(0)
+                predicted = ridge_predictions(
+                    x - offset, y - target_offset, validation.features - offset, alphas * len(x)
+                )
+                scores = [pcc_acg(validation.targets, p + target_offset) for p in predicted]
+                notes["validation_pcc"] = [float(v) for v in scores]
+                alpha = float(alphas[int(np.nanargmax(scores))])
+            x = np.concatenate([x, validation.features])
+            y = np.concatenate([y, validation.targets.astype(np.float64)])
+        notes["alpha"] = alpha
+        offset, target_offset = x.mean(0), y.mean(0)
+        coefficients = ridge_coefficients(x - offset, y - target_offset, alpha * len(x))
+        with torch.no_grad():
+            head.weight.copy_(torch.as_tensor(coefficients.T, dtype=head.weight.dtype))
+            head.bias.copy_(torch.as_tensor(target_offset - offset @ coefficients, dtype=head.bias.dtype))
+        return FitReport(notes=notes)
 
     def predict(self, data: SpotSet) -> np.ndarray:
         """``(n, n_genes)`` predicted standardised expression (averaged over 8 views end to end with ``tta``)."""

@@ -9,28 +9,37 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anndata import AnnData
 
+from histo2expr._docs import fill_docs
 from histo2expr._validation import (
     check_microns_per_pixel,
     check_obs_key,
+    check_patch_size,
     check_spot_spacing,
     get_table,
     spatial_coordinates,
 )
+from histo2expr.io import slide_images
 from histo2expr.io._image import PAD_VALUE, LazyImage
-from histo2expr.io._slides import slide_images
+
+from ._stain import REFERENCE_STAINS, StainVectors, macenko_stains, normalize_stains
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from spatialdata import SpatialData
 
-    from histo2expr.io._slides import SlideImage
+    from histo2expr.io import SlideImage
 
 #: Slides whose pixel sizes differ by at most this fraction are used at their own resolution.
 MPP_TOLERANCE = 0.02
 #: Allowed ratio (target mpp / slide mpp): at most 8x upsampling and 32x downsampling.
 _MIN_ZOOM, _MAX_ZOOM = 1 / 8, 32.0
-_MAX_PATCH_SIZE = 4096
+#: Widest context view, in patch sides.
+_MAX_FIELD = 8.0
+#: Stain normalisations of :class:`PatchSource`.
+STAIN_NORMALIZATIONS = (None, "macenko")
+#: Spots per slide whose patches estimate the slide's stains.
+_STAIN_SAMPLE_SPOTS = 32
 
 
 def check_indices(indices: Any, n: int, *, what: str = "indices") -> np.ndarray:
@@ -53,18 +62,17 @@ def check_indices(indices: Any, n: int, *, what: str = "indices") -> np.ndarray:
     return array
 
 
-def check_patch_size(patch_size: Any) -> int:
-    """Return ``patch_size`` as an int, or raise when it is not a whole number of pixels from 2 to 4096."""
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int | np.integer):
-        msg = f"`patch_size` must be an integer number of pixels, got {patch_size!r}."
+def _check_field(field: Any) -> float:
+    if isinstance(field, bool) or not isinstance(field, int | float | np.number) or not np.isfinite(field):
+        msg = f"`field` must be a number (the side of the field of view in patches, e.g. 3), got {field!r}."
         raise TypeError(msg)
-    if not 2 <= patch_size <= _MAX_PATCH_SIZE:
+    if not 1 <= field <= _MAX_FIELD:
         msg = (
-            f"`patch_size={patch_size}` is out of range; use 2 to {_MAX_PATCH_SIZE} pixels "
-            "(224 is what most encoders expect)."
+            f"`field={field}` is out of range; use 1 (the patch itself) to {_MAX_FIELD:g} (a context view "
+            f"{_MAX_FIELD:g} patches wide, shrunk to one patch)."
         )
         raise ValueError(msg)
-    return int(patch_size)
+    return float(field)
 
 
 def _resolve_mpp(mpp: float | None, slides: Sequence[SlideImage]) -> float | None:
@@ -124,6 +132,7 @@ def _check_spacing(adata: AnnData, coords: np.ndarray, codes: np.ndarray, slides
             check_spot_spacing(coords[codes == code], float(spacing), slide=slide, where="`obsm['spatial']`")
 
 
+@fill_docs
 class PatchSource:
     """Square RGB patches centred on the spots, cut lazily at one microns-per-pixel.
 
@@ -134,6 +143,13 @@ class PatchSource:
     own resolution, without resampling.
     Pixels outside the image are padded with white (``PAD_VALUE = 255``, like the glass around
     tissue); spots near the border keep their centre in the middle of the patch.
+    With ``field > 1`` the patch is a *context view*: a square ``field`` times wider around the
+    spot, shrunk to ``patch_size`` pixels (so its pixels are ``field * mpp`` micrometres wide).
+    With ``stain_normalization="macenko"`` every patch is re-stained to reference stain vectors
+    (:func:`~histo2expr.patches.normalize_stains`) from its slide's own stain vectors, which are
+    estimated once per slide from the spot patches of up to 32 spots of that slide
+    (:func:`~histo2expr.patches.macenko_stains`): a slide's normalisation uses that slide's
+    image only, so it is the same whether the slide is trained on or held out.
 
     Only the per-spot slide and centre are held in memory. Pixels are read from the lazily opened
     slide images (memory-mapped from the file, or from a copy decoded once into the histo2expr
@@ -154,8 +170,13 @@ class PatchSource:
         Micrometres per pixel of the output patches. ``None``: each slide's native resolution when
         all slides agree within 2 %, else the median slide pixel size (with a warning naming the
         resampled slides); native pixels when no slide records its pixel size.
-    slide_key
-        Column of ``adata.obs`` with the slide of each spot.
+    field
+        Side of the field of view in patch sides, from 1 (default: ``patch_size`` pixels at
+        ``mpp``) to 8: a context view ``field`` times wider, shrunk to ``patch_size`` pixels.
+    stain_normalization
+        ``None`` (default): the pixels as scanned; ``"macenko"``: Macenko stain normalisation
+        per slide.
+    {slide_key_param}
     spatial_key
         Key of ``adata.obsm`` with the spot centres (x, y) in full-resolution pixels (AnnData only).
     table_key
@@ -170,7 +191,15 @@ class PatchSource:
     patch_size
         Side of the output patches in pixels.
     mpp
-        Micrometres per pixel of the output patches (None: native pixels).
+        Micrometres per pixel of the spot view (None: native pixels); a context view's pixels are
+        ``field`` times wider.
+    field
+        Side of the field of view in patch sides (1: the spot view).
+    stain_normalization
+        ``None`` or ``"macenko"``.
+    stains
+        With stain normalisation: the estimated :class:`~histo2expr.patches.StainVectors` of every
+        slide, in the order of :attr:`slides`; else None.
 
     Examples
     --------
@@ -185,12 +214,19 @@ class PatchSource:
         *,
         patch_size: int = 224,
         mpp: float | None = None,
+        field: float = 1.0,
+        stain_normalization: str | None = None,
         slide_key: str = "slide",
         spatial_key: str = "spatial",
         table_key: str = "table",
         image_key: str | Mapping[str, str] | None = None,
     ) -> None:
         self.patch_size = check_patch_size(patch_size)
+        self.field = _check_field(field)
+        if stain_normalization not in STAIN_NORMALIZATIONS:
+            msg = f"`stain_normalization` must be one of {STAIN_NORMALIZATIONS}, got {stain_normalization!r}."
+            raise ValueError(msg)
+        self.stain_normalization = stain_normalization
         table = get_table(data, table_key)
         slide_column = check_obs_key(table, slide_key)
         if table.n_obs == 0:
@@ -220,6 +256,19 @@ class PatchSource:
         self.mpp = _resolve_mpp(mpp, self._images)
         self._crop_px = [self._native_crop(s) for s in self._images]
         self._open: tuple[int, Any] | None = None  # the one slide image this process has open
+        self.stains: list[StainVectors] | None = None
+        if stain_normalization == "macenko":
+            self.stains = [self._estimate_stains(code) for code in range(len(self.slides))]
+
+    def _estimate_stains(self, code: int) -> StainVectors:
+        """Macenko stain vectors of slide ``code`` from the spot patches of up to 32 of its spots."""
+        spots = np.flatnonzero(self._codes == code)
+        sample = spots[np.linspace(0, len(spots) - 1, min(len(spots), _STAIN_SAMPLE_SPOTS)).astype(int)]
+        try:
+            return macenko_stains(np.stack([self._cut(int(i)) for i in sample]))
+        except ValueError as err:
+            msg = f"Slide {self.slides[code]!r}: {err} Check the slide's image, or pass `stain_normalization=None`."
+            raise ValueError(msg) from err
 
     def _check_centres_inside(self) -> None:
         for code, slide in enumerate(self._images):
@@ -245,10 +294,10 @@ class PatchSource:
     def _native_crop(self, slide: SlideImage) -> int:
         """Side in image pixels of the square read for one patch of ``slide``."""
         if self.mpp is None or slide.microns_per_pixel is None:
-            return self.patch_size
+            return round(self.patch_size * self.field)
         zoom = self.mpp / slide.microns_per_pixel
         if abs(zoom - 1) <= MPP_TOLERANCE:
-            return self.patch_size
+            return round(self.patch_size * self.field)
         if not _MIN_ZOOM <= zoom <= _MAX_ZOOM:
             msg = (
                 f"`mpp={self.mpp:.4g}` would resample slide {slide.slide!r} ({slide.microns_per_pixel:.4g} µm/px) "
@@ -257,14 +306,17 @@ class PatchSource:
                 "`microns_per_pixel`."
             )
             raise ValueError(msg)
-        return max(1, round(self.patch_size * zoom))
+        return max(1, round(self.patch_size * zoom * self.field))
 
     def __len__(self) -> int:
         return len(self._codes)
 
     def __repr__(self) -> str:
         mpp = "native" if self.mpp is None else f"{self.mpp:.4g} µm/px"
-        return f"PatchSource({len(self)} spots, {len(self.slides)} slides, {self.patch_size} px at {mpp})"
+        field = "" if self.field == 1 else f", field {self.field:g} patches"
+        return (
+            f"PatchSource({len(self)} spots, {len(self.slides)} slides, {self.patch_size} px at {mpp}{field})"
+        )
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -292,6 +344,13 @@ class PatchSource:
         return image
 
     def _read(self, index: int) -> np.ndarray:
+        patch = self._cut(index)
+        if self.stains is None:
+            return patch
+        return normalize_stains(patch, self.stains[int(self._codes[index])], REFERENCE_STAINS)
+
+    def _cut(self, index: int) -> np.ndarray:
+        """The patch of spot ``index`` as scanned (no stain normalisation)."""
         code = int(self._codes[index])
         crop = self._crop_px[code]
         cx, cy = np.floor(self._centres[index] + 0.5).astype(np.int64)
@@ -368,16 +427,23 @@ class PatchSource:
 
         Returns
         -------
-        ``{"patch_size": int, "mpp": float or None, "pad_value": 255, "slides": {slide:
-        {"microns_per_pixel": float or None, "crop_px": int}}}``; ``crop_px`` is the side of the
-        square read from that slide's image before resizing to ``patch_size``.
+        ``{"patch_size": int, "mpp": float or None, "field": float, "stain_normalization": str or
+        None, "pad_value": 255, "slides": {slide: {"microns_per_pixel": float or None, "crop_px":
+        int}}}``; ``crop_px`` is the side of the square read from that slide's image before
+        resizing to ``patch_size``; with stain normalisation each slide also has its ``"stains"``
+        (:meth:`StainVectors.to_dict`).
         """
+        slides: dict[str, dict[str, Any]] = {
+            s.slide: {"microns_per_pixel": s.microns_per_pixel, "crop_px": int(crop)}
+            for s, crop in zip(self._images, self._crop_px, strict=True)
+        }
+        for slide, stains in zip(self.slides, self.stains or [], strict=False):
+            slides[slide]["stains"] = stains.to_dict()
         return {
             "patch_size": self.patch_size,
             "mpp": self.mpp,
+            "field": self.field,
+            "stain_normalization": self.stain_normalization,
             "pad_value": PAD_VALUE,
-            "slides": {
-                s.slide: {"microns_per_pixel": s.microns_per_pixel, "crop_px": int(crop)}
-                for s, crop in zip(self._images, self._crop_px, strict=True)
-            },
+            "slides": slides,
         }

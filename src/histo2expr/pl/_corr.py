@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from .. import metrics
+from .._docs import fill_docs
+from .._records import FIT_KEY
 from .._validation import positive_int
-from ..tl._predictions import FIT_KEY
 from ._utils import (
     check_genes,
     finish,
@@ -43,6 +44,7 @@ def _cluster_order(corr: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(distance, method="average"))
 
 
+@fill_docs
 def gene_corr_heatmap(
     adata: AnnData,
     *,
@@ -53,7 +55,9 @@ def gene_corr_heatmap(
     cmap: str = "RdBu_r",
     ax: Sequence[Axes] | None = None,
     show: bool | None = None,
-) -> Figure | None:
+    save: bool | str | None = None,
+    return_fig: bool = False,
+) -> list[Axes] | Figure | None:
     """Gene-gene correlation of the measured and of the predicted expression, side by side.
 
     Both matrices correlate genes across spots and share the gene order of a hierarchical
@@ -68,9 +72,7 @@ def gene_corr_heatmap(
         AnnData cross-validated with :func:`~histo2expr.tl.fit_histo2expr` (``cv=...``, its
         out-of-fold predictions) or predicted with :func:`~histo2expr.tl.predict_expression`,
         with measured log-normalised expression in ``X``.
-    key
-        The ``key_added`` of the fit (default: that of :func:`~histo2expr.tl.fit_histo2expr`) or of
-        the prediction (that of :func:`~histo2expr.tl.predict_expression` is ``"histo2expr_pred"``).
+    {key_param}
     genes
         The genes to correlate (default: the ``n_top`` with the highest mean measured
         expression among those predicted on every spot shown).
@@ -82,12 +84,11 @@ def gene_corr_heatmap(
         Diverging colour map; the scale is fixed to [-1, 1].
     ax
         Two Axes to draw the measured and the predicted matrix into (default: a new figure).
-    show
-        Show the figure; by default when ``ax`` is not given.
+    {show_save_params}
 
     Returns
     -------
-    The Figure when not shown, else None. Reads the predictions of ``key``
+    {plot_returns} (measured, predicted), else None. Reads the predictions of ``key``
     (:func:`histo2expr.get.predictions`) and ``X``; the title names the evaluation protocol.
     """
     import matplotlib.pyplot as plt
@@ -130,7 +131,7 @@ def gene_corr_heatmap(
             msg = "`ax` must be two Axes: one for the measured and one for the predicted correlations."
             raise ValueError(msg)
         left, right = ax
-        fig = left.figure
+        fig = cast("Figure", left.figure)
     for panel, corr, what in (
         (left, corr_measured, "measured"),
         (right, corr_predicted, f"predicted ({key})"),
@@ -152,4 +153,11 @@ def gene_corr_heatmap(
             [protocol_of(adata, key)],
         )
     )
-    return finish(fig, show=show, ax_given=ax is not None)
+    return finish(
+        [left, right],
+        name="gene_corr_heatmap",
+        show=show,
+        save=save,
+        return_fig=return_fig,
+        ax_given=ax is not None,
+    )

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from .. import metrics
+from .._docs import fill_docs
+from .._records import FIT_KEY
 from .._validation import positive_int
-from ..tl._predictions import FIT_KEY
 from ._utils import (
     as_keys,
     axes,
@@ -31,6 +32,7 @@ from ._utils import (
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 #: The K of PCC(HEG@K) in CHRep's figure 3.
 DEFAULT_KS = (50, 100, 150, 200)
@@ -64,6 +66,7 @@ def _union(columns: list[list[str]]) -> list[str]:
     return list(dict.fromkeys(c for names in columns for c in names))
 
 
+@fill_docs
 def gene_pcc_boxplot(
     adata: AnnData,
     *,
@@ -72,7 +75,9 @@ def gene_pcc_boxplot(
     genes: Sequence[str] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
-) -> Axes | None:
+    save: bool | str | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
     """Box plot of the gene-wise PCC on every held-out slide.
 
     One box per held-out slide holds the Pearson correlation of each predicted gene
@@ -84,20 +89,17 @@ def gene_pcc_boxplot(
     adata
         AnnData cross-validated with :func:`~histo2expr.tl.fit_histo2expr` (``cv=...``) or
         scored with :func:`~histo2expr.tl.evaluate_expression`.
-    key
-        The ``key_added`` of the fit, or a list of them to compare methods.
+    {keys_param}
     slides
         Held-out slides to show (default: all, in the order they were held out).
     genes
         Restrict the boxes to these genes (default: every gene the key predicted).
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the plot; by default when ``ax`` is not given.
+    {ax_param}
+    {show_save_params}
 
     Returns
     -------
-    The Axes when not shown, else None. Reads ``uns[key]["gene_pcc"]``; the title names the
+    {plot_returns}, else None. Reads ``uns[key]["gene_pcc"]``; the title names the
     evaluation protocol(s).
     """
     keys = as_keys(key)
@@ -134,7 +136,7 @@ def gene_pcc_boxplot(
             Patch(facecolor=c, alpha=0.7, label=k) for k, c in zip(keys, key_colours(len(keys)), strict=True)
         ]
         ax.legend(handles=handles, loc="best", fontsize="small")
-    return finish(ax, show=show, ax_given=ax_given)
+    return finish(ax, name="gene_pcc_boxplot", show=show, save=save, return_fig=return_fig, ax_given=ax_given)
 
 
 def heg_table(
@@ -166,6 +168,7 @@ def heg_table(
     return pd.DataFrame.from_dict(rows, orient="index", columns=list(ks))
 
 
+@fill_docs
 def heg_curve(
     adata: AnnData,
     *,
@@ -174,7 +177,9 @@ def heg_curve(
     slides: str | Sequence[str] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
-) -> Axes | None:
+    save: bool | str | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
     """PCC(HEG@K) against K: the mean over held-out slides, one line per key (method).
 
     PCC(HEG@K) of a slide is the mean PCC of the K genes with the highest mean measured
@@ -187,21 +192,18 @@ def heg_curve(
         AnnData cross-validated with :func:`~histo2expr.tl.fit_histo2expr` (``cv=...``) or
         scored with :func:`~histo2expr.tl.evaluate_expression`, with its measured
         log-normalised expression in ``X``.
-    key
-        The ``key_added`` of the fit, or a list of them to compare methods.
+    {keys_param}
     ks
         The values of K, each at most the number of genes predicted (default: 50, 100, 150, 200,
         those up to that number; larger values given explicitly are dropped with a warning).
     slides
         Held-out slides to average over (default: all).
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the plot; by default when ``ax`` is not given.
+    {ax_param}
+    {show_save_params}
 
     Returns
     -------
-    The Axes when not shown, else None. Reads ``uns[key]["gene_pcc"]``, the predictions of ``key``
+    {plot_returns}, else None. Reads ``uns[key]["gene_pcc"]``, the predictions of ``key``
     (:func:`histo2expr.get.predictions`) and ``X``; K is at most the number of genes predicted per
     held-out slide, and the title names the evaluation protocol(s).
     """
@@ -222,4 +224,4 @@ def heg_curve(
         )
     )
     ax.legend(loc="best", fontsize="small")
-    return finish(ax, show=show, ax_given=ax_given)
+    return finish(ax, name="heg_curve", show=show, save=save, return_fig=return_fig, ax_given=ax_given)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ._compare import compare_methods
 from ._pcc import gene_pcc_boxplot, heg_curve
@@ -12,11 +12,12 @@ from ._utils import as_keys
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from matplotlib.figure import Figure
 
 
 def save_run_figures(
     adata: AnnData,
-    keys: str | Sequence[str],
+    key: str | Sequence[str],
     out_dir: str | Path,
     *,
     ks: Sequence[int] | None = None,
@@ -32,7 +33,7 @@ def save_run_figures(
     ----------
     adata
         AnnData cross-validated with :func:`~histo2expr.tl.fit_histo2expr` once per key.
-    keys
+    key
         The ``key_added`` of every fit (a method name each in ``histo2expr demo``).
     out_dir
         Folder of the files; made when missing.
@@ -47,18 +48,18 @@ def save_run_figures(
     """
     import matplotlib.pyplot as plt
 
-    keys = as_keys(keys)
+    keys = as_keys(key)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {
-        "gene_pcc_boxplot": lambda: gene_pcc_boxplot(adata, key=keys, show=False),
-        "heg_curve": lambda: heg_curve(adata, key=keys, ks=ks, show=False),
+        "gene_pcc_boxplot": lambda: gene_pcc_boxplot(adata, key=keys, return_fig=True),
+        "heg_curve": lambda: heg_curve(adata, key=keys, ks=ks, return_fig=True),
     }
     if len(keys) > 1:
-        plots["compare_methods"] = lambda: compare_methods(adata, keys=keys, show=False)
+        plots["compare_methods"] = lambda: compare_methods(adata, key=keys, return_fig=True)
     paths = []
     for name, plot in plots.items():
-        figure = plot().figure
+        figure = cast("Figure", plot())  # return_fig=True
         try:
             path = out_dir / f"{name}.png"
             figure.savefig(path, dpi=dpi)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from .. import metrics
+from .._docs import fill_docs
+from .._records import FIT_KEY, SCALES
 from .._validation import spatial_coordinates
-from ..tl._predictions import FIT_KEY
-from ..tl._scale import SCALES
 from ._utils import (
     check_genes,
     finish,
@@ -34,63 +36,54 @@ if TYPE_CHECKING:
 _PANEL_SIZE = 3.6
 
 
-def _background(adata: AnnData, slide: str) -> tuple[np.ndarray | None, float, float | None]:
-    """The slide's hires image (None when absent), its scale factor and the spot diameter (full-res px)."""
-    entry = adata.uns.get("spatial", {}).get(slide, {})
-    scalefactors = entry.get("scalefactors", {})
-    image = entry.get("images", {}).get("hires")
-    scale = scalefactors.get("tissue_hires_scalef")
-    diameter = scalefactors.get("spot_diameter_fullres")
-    diameter = None if diameter is None else float(diameter)
-    if image is None or scale is None:
-        return None, 1.0, diameter
-    return np.asarray(image), float(scale), diameter
+def slide_view(adata: AnnData, slide: str, spots: np.ndarray, panels: dict[str, np.ndarray]) -> AnnData:
+    """The spots of ``slide`` as squidpy plots them: one ``obs`` column per panel, the slide's image entry.
 
-
-def _spot_diameter(centres: np.ndarray) -> float:
-    """Spot diameter when unrecorded: the smallest distance between spot centres (touching spots)."""
+    The spot diameter, when the slide does not record it, is the median distance between
+    neighbouring spot centres (touching spots).
+    """
+    from anndata import AnnData
     from scipy.spatial import cKDTree
 
-    if len(centres) < 2:
-        return 1.0
-    distances, _ = cKDTree(centres).query(centres, k=2)
-    return float(np.median(distances[:, 1]))
+    centres = spatial_coordinates(adata)[spots]
+    entry = dict(adata.uns.get("spatial", {}).get(slide, {}))
+    scalefactors = dict(entry.get("scalefactors", {}))
+    if scalefactors.get("spot_diameter_fullres") is None:
+        distances = cKDTree(centres).query(centres, k=2)[0][:, 1] if len(centres) > 1 else np.ones(1)
+        scalefactors["spot_diameter_fullres"] = float(np.median(distances))
+    entry["scalefactors"] = scalefactors
+    view = AnnData(obs=pd.DataFrame(panels, index=adata.obs_names[spots]))
+    view.obsm["spatial"] = centres
+    view.uns["spatial"] = {slide: entry}
+    return view
 
 
-def _draw(
-    ax: Axes,
-    image: np.ndarray | None,
-    centres: np.ndarray,
-    diameter: float,
-    values: np.ndarray,
-    *,
-    norm: Normalize,
-    cmap: str,
-) -> Any:
-    from matplotlib.collections import EllipseCollection
+def scatter(panel: Axes, view: AnnData, slide: str, column: str, *, norm: Normalize, cmap: str) -> Any:
+    """Draw ``view.obs[column]`` with squidpy's ``spatial_scatter``; return the discs (for a colour bar).
 
-    if image is not None:
-        ax.imshow(image)
-    spots = EllipseCollection(
-        diameter,
-        diameter,
-        0.0,
-        units="xy",
-        offsets=centres,
-        offset_transform=ax.transData,
+    Each spot is a disc of the spot's diameter over the slide's ``"hires"`` image (blank without one).
+    """
+    with warnings.catch_warnings():
+        # docrep's notes on squidpy's own docstrings when squidpy is first imported: nothing to act on
+        warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
+        import squidpy as sq
+
+    entry = view.uns["spatial"][slide]
+    sq.pl.spatial_scatter(
+        view,
+        color=column,
+        library_id=slide,
+        img="hires" in entry.get("images", {}) and "tissue_hires_scalef" in entry["scalefactors"],
+        img_res_key="hires",
+        size_key="spot_diameter_fullres",
         cmap=cmap,
         norm=norm,
-        linewidths=0,
+        colorbar=False,
+        frameon=False,
+        axis_label="",
+        ax=panel,
     )
-    spots.set_array(values)
-    ax.add_collection(spots)
-    low, high = centres.min(axis=0) - diameter, centres.max(axis=0) + diameter
-    ax.set_xlim(low[0], high[0])
-    ax.set_ylim(high[1], low[1])  # image rows grow downwards
-    ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return spots
+    return panel.collections[-1]
 
 
 def colour_limit(value: float | str | None, values: np.ndarray, default: str) -> float:
@@ -111,7 +104,7 @@ def colour_limit(value: float | str | None, values: np.ndarray, default: str) ->
     return float(value)
 
 
-def _panel_axes(ax: Axes | Sequence[Axes] | None, rows: int, columns: int) -> tuple[Figure, np.ndarray, bool]:
+def panel_axes(ax: Axes | Sequence[Axes] | None, rows: int, columns: int) -> tuple[Figure, np.ndarray, bool]:
     """A ``rows x columns`` grid of axes: the given ones (row by row), or those of a new figure."""
     import matplotlib.pyplot as plt
 
@@ -124,9 +117,7 @@ def _panel_axes(ax: Axes | Sequence[Axes] | None, rows: int, columns: int) -> tu
             layout="constrained",
         )
         return fig, grid, False
-    given = np.asarray(
-        [ax] if not isinstance(ax, Sequence | np.ndarray) else list(np.ravel(ax)), dtype=object
-    )
+    given = np.asarray([ax] if not isinstance(ax, Sequence | np.ndarray) else ax, dtype=object).ravel()
     if given.size != rows * columns:
         msg = (
             f"`ax` has {given.size} axes but the plot has {rows * columns} panels ({rows} gene(s) x {columns}: "
@@ -136,6 +127,7 @@ def _panel_axes(ax: Axes | Sequence[Axes] | None, rows: int, columns: int) -> tu
     return given[0].figure, given.reshape(rows, columns), True
 
 
+@fill_docs
 def spatial_expression(
     adata: AnnData,
     genes: str | Sequence[str],
@@ -147,7 +139,9 @@ def spatial_expression(
     vmax: float | str | None = None,
     ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
-) -> Figure | None:
+    save: bool | str | None = None,
+    return_fig: bool = False,
+) -> list[Axes] | Figure | None:
     """Measured and predicted expression of genes over the H&E of one slide.
 
     One row per gene: the measured expression and the prediction side by side, each spot a disc of
@@ -166,9 +160,7 @@ def spatial_expression(
         with its ``tissue_hires_scalef``.
     genes
         One gene or a list of genes predicted by ``key``.
-    key
-        The ``key_added`` of the fit (default: that of :func:`~histo2expr.tl.fit_histo2expr`) or of
-        the prediction (that of :func:`~histo2expr.tl.predict_expression` is ``"histo2expr_pred"``).
+    {key_param}
     slide
         The slide to show (may be left out when ``adata`` has one slide).
     cmap
@@ -179,12 +171,11 @@ def spatial_expression(
     ax
         Axes to draw into, one per panel, row by row (2 per gene with measured expression, else
         1); default: a new figure.
-    show
-        Show the figure; by default when ``ax`` is not given.
+    {show_save_params}
 
     Returns
     -------
-    The Figure when not shown, else None. Reads the predictions of ``key``, ``X`` (measured),
+    {plot_returns} (row by row), else None. Reads the predictions of ``key``, ``X`` (measured),
     ``obsm["spatial"]`` and ``uns["spatial"][slide]``; without a ``"hires"`` image the spots are
     drawn on a blank background.
     """
@@ -193,6 +184,7 @@ def spatial_expression(
     record = fit_record(adata, key)
     genes = check_genes(genes, predicted_genes(record), key)
     spots, slide = slide_spots(adata, record, slide, pooled=False)
+    assert slide is not None
     predicted = prediction(adata, key, genes, spots)
     missing = [g for g, bad in zip(genes, ~np.isfinite(predicted).all(axis=0), strict=True) if bad]
     if missing:
@@ -204,27 +196,27 @@ def spatial_expression(
         raise ValueError(msg)
     measured_here = has_truth(adata) and all(g in adata.var_names for g in genes)
     measured = truth(adata, genes, spots) if measured_here else None
-    scale = scale_of(adata, key)
-    shared = scale != SCALES["standardized"]
-    image, factor, diameter = _background(adata, slide)
-    centres = spatial_coordinates(adata)[spots] * factor
-    diameter = _spot_diameter(centres) if diameter is None else diameter * factor
+    shared = scale_of(adata, key) != SCALES["standardized"]
     columns = 1 if measured is None else 2
-    fig, grid, ax_given = _panel_axes(ax, len(genes), columns)
+    fig, grid, ax_given = panel_axes(ax, len(genes), columns)
+    panels = {}
+    for i, gene in enumerate(genes):
+        if measured is not None:
+            panels[f"{gene}: measured"] = measured[:, i]
+        panels[f"{gene}: predicted"] = predicted[:, i]
+    view = slide_view(adata, slide, spots, panels)
     label = "log expression" if shared else "standardised prediction"
     for i, gene in enumerate(genes):
-        panels = [predicted[:, i]] if measured is None else [measured[:, i], predicted[:, i]]
-        groups = [panels] if shared else [[values] for values in panels]
-        artists = []
+        names = [f"{gene}: predicted"] if measured is None else [f"{gene}: measured", f"{gene}: predicted"]
+        groups = [names] if shared else [[name] for name in names]
         for group in groups:
-            stacked = np.concatenate(group)
+            stacked = np.concatenate([panels[name] for name in group])
             norm = Normalize(colour_limit(vmin, stacked, "p1"), colour_limit(vmax, stacked, "p99"))
-            for values in group:
-                artists.append((values, norm))
-        for panel, (values, norm) in zip(grid[i], artists, strict=True):
-            spots_artist = _draw(panel, image, centres, diameter, values, norm=norm, cmap=cmap)
-            if not shared:
-                fig.colorbar(spots_artist, ax=panel, shrink=0.8)
+            for name in group:
+                panel = grid[i, names.index(name)]
+                discs = scatter(panel, view, slide, name, norm=norm, cmap=cmap)
+                if not shared:
+                    fig.colorbar(discs, ax=panel, shrink=0.8, label=label)
         if measured is None:
             grid[i, 0].set_title(f"{gene}: predicted ({key}), slide {slide}")
         else:
@@ -232,5 +224,12 @@ def spatial_expression(
             grid[i, 0].set_title(f"{gene}: measured, slide {slide}")
             grid[i, 1].set_title(f"{gene}: predicted ({key}), PCC = {pcc:.3f}")
         if shared:
-            fig.colorbar(spots_artist, ax=list(grid[i]), shrink=0.8, label=label)
-    return finish(fig, show=show, ax_given=ax_given)
+            fig.colorbar(grid[i, 0].collections[-1], ax=list(grid[i]), shrink=0.8, label=label)
+    return finish(
+        list(grid.ravel()),
+        name="spatial_expression",
+        show=show,
+        save=save,
+        return_fig=return_fig,
+        ax_given=ax_given,
+    )

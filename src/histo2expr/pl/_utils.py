@@ -1,17 +1,17 @@
-"""What every plot shares: the fitted keys and their predictions, the spots of a slide, ``ax`` / ``show``."""
+"""What every plot shares: the fitted keys and their predictions, the spots of a slide, ``ax`` / ``show`` / ``save``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
 
+from .._records import SCALES, fit_record
+from .._validation import log_expression, slide_labels
 from ..get import predictions
-from ..tl._data import log_expression, slide_labels
-from ..tl._predictions import fit_record
-from ..tl._scale import SCALES
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -40,7 +40,7 @@ def titled(title: str, protocols: Sequence[str]) -> str:
     return f"{title} ({'; '.join(named)})" if named else title
 
 
-def predicted_genes(record: dict[str, Any]) -> list[str]:
+def predicted_genes(record: Mapping[str, Any]) -> list[str]:
     """Every gene the key predicted: the rows of its PCC table (all folds), else the model's genes."""
     if "gene_pcc" in record:
         return [str(g) for g in record["gene_pcc"].index]
@@ -81,14 +81,14 @@ def choose_slides(available: Sequence[str], slides: str | Sequence[str] | None, 
     return slides
 
 
-def slide_key_of(record: dict[str, Any]) -> str:
+def slide_key_of(record: Mapping[str, Any]) -> str:
     """The ``slide_key`` the key was fitted with (``"slide"`` when not recorded)."""
     params = record.get("params", {})
     return str(params.get("slide_key") or "slide")
 
 
 def slide_spots(
-    adata: AnnData, record: dict[str, Any], slide: str | None, *, pooled: bool = True
+    adata: AnnData, record: Mapping[str, Any], slide: str | None, *, pooled: bool = True
 ) -> tuple[np.ndarray, str | None]:
     """Positions of the spots of ``slide`` and its name.
 
@@ -142,6 +142,10 @@ def unpredicted(values: np.ndarray) -> np.ndarray:
     return ~np.isfinite(values).all(axis=0)
 
 
+#: One Axes, or the list of Axes of a plot of several panels.
+AxesOrList = TypeVar("AxesOrList", "Axes", "list[Axes]")
+
+
 def axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
     """``ax``, or the axes of a new figure of ``figsize`` inches."""
     if ax is not None:
@@ -151,21 +155,59 @@ def axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
     return plt.subplots(figsize=figsize, layout="constrained")[1]
 
 
-def finish(artist: Axes | Figure, *, show: bool | None, ax_given: bool = False) -> Axes | Figure | None:
-    """Show the plot (default when the function made its own figure) or return ``artist``."""
+def figure_path(name: str, save: bool | str) -> Path:
+    """Where ``save`` puts the figure of plot ``name``: scanpy's ``figdir``, file name and format rules."""
+    from scanpy import settings  # figdir, file_format_figs and plot_suffix, shared with scanpy and squidpy
+
+    if isinstance(save, bool) or not isinstance(save, str):
+        if save is not True:
+            msg = f"`save` must be True, False, None or a string to append to the file name, got {save!r}."
+            raise TypeError(msg)
+        save = ""
+    extension = str(settings.file_format_figs)
+    for candidate in ("svg", "pdf", "png"):
+        if save.endswith(f".{candidate}"):
+            extension, save = candidate, save.removesuffix(f".{candidate}")
+            break
+    folder = Path(settings.figdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}{save}{settings.plot_suffix}.{extension}"
+
+
+def finish(
+    axes: AxesOrList,
+    *,
+    name: str,
+    show: bool | None,
+    save: bool | str | None,
+    return_fig: bool,
+    ax_given: bool,
+) -> AxesOrList | Figure | None:
+    """Save and show the figure of plot ``name`` as scanpy does, and return what the caller asked for.
+
+    The figure is saved when ``save`` is set, shown when ``show`` is (by default when the plot made
+    its own figure and no Figure is to be returned; a figure the plot made is closed once shown); the
+    Figure is returned with ``return_fig``, else the Axes unless shown.
+    """
     import matplotlib.pyplot as plt
 
+    fig: Figure = (axes[0] if isinstance(axes, list) else axes).figure  # type: ignore[assignment]
+    if save is not None and save is not False:  # a string, even empty, saves (as scanpy)
+        fig.savefig(figure_path(name, save), bbox_inches="tight")
     if show is None:
-        show = not ax_given
+        show = not ax_given and not return_fig
     if show:
         plt.show()
-        return None
-    return artist
+        if not ax_given:
+            plt.close(fig)
+    if return_fig:
+        return fig
+    return None if show else axes
 
 
 def key_colours(n: int) -> list:
     """One distinct colour per key (matplotlib's tab10 cycle)."""
     import matplotlib as mpl
 
-    cycle = mpl.colormaps["tab10"].colors
-    return [cycle[i % len(cycle)] for i in range(n)]
+    cycle = mpl.colormaps["tab10"]
+    return [cycle(i % cycle.N) for i in range(n)]

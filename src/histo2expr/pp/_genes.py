@@ -9,6 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._docs import fill_docs
 from .._validation import check_log_normalised, check_obs_key, positive_int
 
 _FLAVORS = ("heg", "hvg")
@@ -35,6 +36,7 @@ def _column_stats(matrix: np.ndarray | sp.spmatrix) -> tuple[np.ndarray, np.ndar
     return mean, np.maximum(mean_sq - mean**2, 0.0)
 
 
+@fill_docs
 def select_genes(
     adata: AnnData,
     n_top: int = 250,
@@ -64,8 +66,7 @@ def select_genes(
     slides
         Slides whose spots the statistics are computed on — in cross-validation the
         training slides of the fold, never the held-out one. ``None``: all slides.
-    slide_key
-        Column of ``adata.obs`` with the slide of each spot.
+    {slide_key_param}
     layer
         Layer with log-normalised values; ``None`` uses ``X``.
     key_added

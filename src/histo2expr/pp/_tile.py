@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-if TYPE_CHECKING:
-    from ..tl import Histo2ExprModel
-
-#: Spot diameter (µm) when neither the argument nor the model gives one: a Visium spot.
+#: Spot diameter (µm) when neither the argument nor ``geometry`` gives one: a Visium spot.
 DEFAULT_SPOT_DIAMETER_UM = 55.0
 #: Otsu thresholds of saturation below this (0-1) are raised to it: blank glass has no second class.
 MIN_SATURATION = 0.05
@@ -23,7 +21,7 @@ MIN_SATURATION = 0.05
 _SAMPLES_PER_AXIS = 8
 #: Spots whose tissue fraction is measured at a time.
 _FRACTION_CHUNK = 16384
-#: Relative difference of pixel sizes tolerated between the model's patches and the slide.
+#: Relative difference of pixel sizes tolerated between the training patches and the slide.
 _MPP_TOLERANCE = 0.02
 
 
@@ -161,8 +159,21 @@ def _slide_entry(
     return str(slide), entry
 
 
-def _check_model_scale(model: Histo2ExprModel, slide_mpp: float, slide: str) -> None:
-    geometry = model.patches or {}
+def _check_geometry(geometry: Any) -> Mapping[str, Any]:
+    """``geometry`` as a mapping (``{}`` for None), refusing anything else with the fix."""
+    if geometry is None:
+        return {}
+    if not isinstance(geometry, Mapping):
+        msg = (
+            f"`geometry` must be a mapping of the training patch geometry such as a fitted model's "
+            f"`model.patches` (spot_diameter_um, spot_spacing_um, mpp, patch_size), got {type(geometry).__name__}; "
+            "pass `geometry=model.patches`."
+        )
+        raise TypeError(msg)
+    return geometry
+
+
+def _check_patch_scale(geometry: Mapping[str, Any], slide_mpp: float, slide: str) -> None:
     model_mpp, patch_size = geometry.get("mpp"), geometry.get("patch_size")
     if model_mpp and abs(model_mpp / slide_mpp - 1) > _MPP_TOLERANCE:
         warnings.warn(
@@ -184,7 +195,7 @@ def tile_slide(
     tissue_mask: Literal["otsu"] | np.ndarray | None = "otsu",
     saturation_threshold: float | None = None,
     min_tissue_fraction: float = 0.5,
-    model: Histo2ExprModel | None = None,
+    geometry: Mapping[str, Any] | None = None,
     slide: str | None = None,
     mpp: float | None = None,
     level: int | None = None,
@@ -203,10 +214,10 @@ def tile_slide(
         A slide from :func:`histo2expr.io.read_wsi` (or any AnnData of the data model with a
         full-resolution image), or the path of a slide file (read with ``read_wsi``).
     spot_diameter_um
-        Diameter of the pseudo-spots in µm; default the model's when it records one
-        (``model.patches["spot_diameter_um"]``), else 55 (Visium).
+        Diameter of the pseudo-spots in µm; default ``geometry["spot_diameter_um"]`` when given,
+        else 55 (Visium).
     spacing_um
-        Centre-to-centre distance in µm; default the model's (``"spot_spacing_um"``), else the
+        Centre-to-centre distance in µm; default ``geometry["spot_spacing_um"]``, else the
         diameter (touching spots, the tissue covered without gaps).
     layout
         ``"hex"``: rows offset by half a pitch, ``sqrt(3) / 2`` pitch apart (6 neighbours, like
@@ -219,9 +230,11 @@ def tile_slide(
         (which is never below 0.05).
     min_tissue_fraction
         Minimum fraction of a spot's disk on tissue, in (0, 1].
-    model
-        A fitted :class:`~histo2expr.tl.Histo2ExprModel`: spot size and spacing default to those it
-        records, and a warning names the ``embed_patches`` call when its patches were cut at
+    geometry
+        The micrometre geometry of the training data, e.g. the ``patches`` a fitted
+        :class:`~histo2expr.tl.Histo2ExprModel` records (``geometry=model.patches``): spot size
+        (``"spot_diameter_um"``) and spacing (``"spot_spacing_um"``) default to it, and a warning
+        names the ``embed_patches`` call when its patches (``"mpp"``, ``"patch_size"``) were cut at
         another pixel size than the slide's.
     slide
         Slide of ``data.uns["spatial"]`` to tile (needed when it has several); for a path, the slide id.
@@ -245,15 +258,15 @@ def tile_slide(
 
     Examples
     --------
-    >>> tiles = hx.pp.tile_slide("slide.svs", model=model)  # doctest: +SKIP
+    >>> tiles = hx.pp.tile_slide("slide.svs", geometry=model.patches)  # doctest: +SKIP
     >>> hx.tl.embed_patches(tiles, encoder="efficientnet_lite0", mpp=model.patches["mpp"])  # doctest: +SKIP
     >>> hx.tl.predict_expression(tiles, model)  # doctest: +SKIP
     >>> virtual = hx.get.predicted_adata(tiles)  # doctest: +SKIP
     """
-    from ..io._wsi_image import open_slide_image
+    from ..io import open_slide_image
 
+    geometry = _check_geometry(geometry)
     slide, entry = _slide_entry(data, slide, mpp, level)
-    geometry = (model.patches or {}) if model is not None else {}
     spot_diameter_um = _positive(
         spot_diameter_um
         if spot_diameter_um is not None
@@ -272,8 +285,7 @@ def tile_slide(
         raise ValueError(msg)
     metadata, scalefactors = entry["metadata"], entry["scalefactors"]
     slide_mpp = float(scalefactors["microns_per_pixel"])
-    if model is not None:
-        _check_model_scale(model, slide_mpp, slide)
+    _check_patch_scale(geometry, slide_mpp, slide)
     image = open_slide_image(metadata["source_image_path"], level=int(metadata.get("source_image_level", 0)))
     size = image.shape
     radius, spacing = spot_diameter_um / slide_mpp / 2, spacing_um / slide_mpp

@@ -8,32 +8,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import metrics
-from .._validation import check_obs_key, spatial_coordinates
-
-
-def log_expression(adata: AnnData, genes: Sequence[str]) -> np.ndarray:
-    """Dense ``(n_spots, len(genes))`` float32 log-normalised expression of ``genes`` from ``X``.
-
-    The callers check once that ``X`` is log-normalised (:func:`~histo2expr._validation.check_log_normalised`).
-    """
-    columns = adata.var_names.get_indexer(list(genes))
-    if (columns < 0).any():
-        missing = [g for g, c in zip(genes, columns, strict=True) if c < 0]
-        msg = (
-            f"{len(missing)} of the model's genes are not in `adata.var_names`, e.g. {missing[:5]}. "
-            "Evaluate on data that measured them (same gene symbols), or predict without evaluation."
-        )
-        raise KeyError(msg)
-    values = adata.X[:, columns]
-    values = values.toarray() if sp.issparse(values) else np.asarray(values)
-    if not np.isfinite(values).all():
-        msg = "`adata.X` contains NaN or infinite values for the chosen genes; fix or drop those spots."
-        raise ValueError(msg)
-    return values.astype(np.float32)
+from .._validation import spatial_coordinates
 
 
 def check_genes(adata: AnnData, genes: Any) -> int | list[str]:
@@ -122,13 +100,6 @@ def frozen_inputs(
     return features_of(adata, use_rep), None
 
 
-def slide_labels(adata: AnnData, slide_key: str, *, required: bool = True) -> np.ndarray:
-    """Slide of every spot as strings (one pseudo-slide when not required and absent)."""
-    if not required and slide_key not in adata.obs:
-        return np.full(adata.n_obs, "slide", dtype=object)
-    return check_obs_key(adata, slide_key).astype(str).to_numpy()
-
-
 def coordinates(adata: AnnData, *, needed_by: str | None = None) -> np.ndarray:
     """Spot centres ``obsm["spatial"]``; NaN when the data has none and no method reads them.
 
@@ -150,23 +121,6 @@ def coordinates(adata: AnnData, *, needed_by: str | None = None) -> np.ndarray:
         )
         raise KeyError(msg)
     return np.full((adata.n_obs, 2), np.nan)
-
-
-def h5ad_safe(value: Any) -> Any:
-    """Plain Python values (recursively): dicts with string keys, lists for tuples and arrays, numbers.
-
-    Such a value can be written to h5ad ``uns`` and saved in a weights-only torch file; a record read
-    back from h5ad (where lists became numpy arrays) turns plain again.
-    """
-    if isinstance(value, dict):
-        return {str(k): h5ad_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [h5ad_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return h5ad_safe(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def score_slides(

@@ -6,11 +6,19 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .._validation import check_log_normalised, check_not_empty, check_unique_var_names, get_table
-from ._data import gene_pcc_table, log_expression, score_slides, slide_labels
+from .._records import PREDICT_KEY
+from .._validation import (
+    check_log_normalised,
+    check_not_empty,
+    check_unique_var_names,
+    get_table,
+    log_expression,
+    slide_labels,
+)
+from ._data import gene_pcc_table, score_slides
+from ._intervals import HeldOut, score_intervals
 from ._model import Histo2ExprModel
 from ._predict import predict_expression
-from ._predictions import PREDICT_KEY
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -55,6 +63,10 @@ def evaluate_expression(
         The returned table (so the plotting functions read it as they read cross-validation).
     ``.uns[key_added]["gene_pcc"]``
         PCC of every model gene (rows) on every slide (columns).
+    ``.uns[key_added]["interval_coverage"]``, ``["interval_width"]``
+        A model fitted with ``intervals``: the coverage and mean width of every gene's intervals (rows) on
+        every slide (columns); the returned rows gain their means, ``coverage`` and ``interval_width``, and
+        the slide's ``ood_fraction`` and ``distance_ratio`` (see ``uns[key_added]["shift"]``).
     """
     table = get_table(data, table_key)
     check_not_empty(table, what="evaluation")
@@ -67,7 +79,16 @@ def evaluate_expression(
     rows, pccs = score_slides(
         truth, predicted, slides, genes=model.genes, mean=model.scaler.mean_, std=model.scaler.scale_
     )
+    scores = {"gene_pcc": gene_pcc_table(pccs)}
+    if f"{key_added}_lower" in table.obsm:  # a model calibrated with intervals: their coverage here
+        spots = HeldOut(
+            *(table.obsm[f"{key_added}_{b}"][model.genes].to_numpy() for b in ("lower", "upper")),
+            difficulty=table.obs[f"{key_added}_difficulty"].to_numpy(),
+            p_value=table.obs[f"{key_added}_ood_pvalue"].to_numpy(),
+        )
+        per_slide, coverage, width = score_intervals(truth, spots, slides, model.genes)
+        rows = [{**row, **per_slide.loc[row["slide"]].to_dict()} for row in rows]
+        scores.update(interval_coverage=gene_pcc_table(coverage), interval_width=gene_pcc_table(width))
     folds = pd.DataFrame(rows)
-    gene_pcc = gene_pcc_table(pccs)
-    table.uns[key_added] = {**table.uns[key_added], "folds": folds, "gene_pcc": gene_pcc}
+    table.uns[key_added] = {**table.uns[key_added], "folds": folds, **scores}
     return folds

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from .._predictability import gene_predictability
 from .._progress import progress_bar
+from .._records import FIT_KEY, SCALES, h5ad_safe, is_record
 from .._settings import cpu_threads
-from .._validation import check_log_normalised, check_not_empty, check_unique_var_names, get_table
+from .._validation import (
+    check_log_normalised,
+    check_not_empty,
+    check_unique_var_names,
+    get_table,
+    log_expression,
+    slide_labels,
+)
 from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method
 from ..models.scaling import Standardizer
 from ..pp import select_genes
@@ -22,15 +31,22 @@ from ._data import (
     coordinates,
     frozen_inputs,
     gene_pcc_table,
-    h5ad_safe,
-    log_expression,
     score_slides,
-    slide_labels,
     spot_geometry_um,
 )
+from ._intervals import (
+    HeldOut,
+    IntervalSettings,
+    calibrate,
+    check_calibration_slides,
+    held_out,
+    interval_settings,
+    neighbour_reference,
+    score_intervals,
+)
 from ._model import Histo2ExprModel
-from ._predictions import FIT_KEY, check_key, is_record, prediction_frame, write_results
-from ._scale import SCALES, training_statistics
+from ._predictions import check_key, prediction_frame, write_results
+from ._scale import training_statistics
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -104,6 +120,12 @@ def _fit_on(
     return _FoldFit(model, chosen, scaler, report, how)
 
 
+def _refitter(inputs: _Inputs, fit_args: dict[str, Any]) -> Any:
+    """``fit(positions, genes)``: the method fitted on those spots alone, on the given genes (for calibration)."""
+    quiet = {**fit_args, "config": replace(fit_args["config"], progress=False)}
+    return lambda positions, genes: _fit_on(inputs, positions, **{**quiet, "genes": genes})
+
+
 def protocol_name(cv: str | int | None, patient_key: str | None) -> str:
     """How the held-out scores were made, as the reports and plot titles name it."""
     if cv is None:
@@ -144,42 +166,79 @@ def _shared_patients(table: AnnData, folds: list, patient_key: str | None) -> tu
     return note, msg
 
 
+def _out_of_fold(table: AnnData, parts: list[tuple[np.ndarray, list[str], np.ndarray]]) -> pd.DataFrame:
+    """One spots x genes frame of the folds' ``(test, genes, values)``: the union of their genes, NaN elsewhere."""
+    genes = list(dict.fromkeys(g for _, fold_genes, _ in parts for g in fold_genes))
+    values = np.full((table.n_obs, len(genes)), np.nan, dtype=np.float32)
+    column = {g: i for i, g in enumerate(genes)}
+    for test, fold_genes, predicted in parts:
+        values[np.ix_(test, [column[g] for g in fold_genes])] = predicted
+    return prediction_frame(values, table.obs_names, genes)
+
+
 def _cross_validate(
-    inputs: _Inputs, folds: list, fit_args: dict[str, Any], *, progress: Any
-) -> tuple[pd.DataFrame, np.ndarray, list[dict[str, Any]], dict[str, pd.Series]]:
-    """Fit and score every fold; out-of-fold predictions of the union of the folds' genes."""
+    inputs: _Inputs,
+    folds: list,
+    fit_args: dict[str, Any],
+    *,
+    intervals: IntervalSettings | None,
+    progress: Any,
+) -> tuple[pd.DataFrame, np.ndarray, list[dict[str, Any]], dict[str, pd.Series], dict[str, Any]]:
+    """Fit and score every fold; out-of-fold predictions of the union of the folds' genes.
+
+    With ``intervals``, the last value holds the out-of-fold interval bounds (``"lower"``, ``"upper"``),
+    the spots' ``"ood_pvalue"`` and ``"difficulty"``, and the per-gene ``"coverage"`` and ``"width"`` of
+    every held-out slide; the rows gain their means and the slides' shift.
+    """
     table = inputs.table
     predicted_by_fold, fold_of = [], np.empty(table.n_obs, dtype=object)
     rows, pccs = [], {}
+    held: list[tuple[np.ndarray, list[str], HeldOut]] = []
+    trust: dict[str, Any] = {"coverage": {}, "width": {}}
     for fold in folds:
         fitted = _fit_on(inputs, fold.train, **fit_args)
         predicted = fitted.scaler.inverse_transform(fitted.method.predict(inputs.spots(fold.test)))
         predicted_by_fold.append((fold.test, fitted.genes, predicted))
         fold_of[fold.test] = fold.name
         truth = log_expression(table[fold.test], fitted.genes)
+        slides = inputs.slides[fold.test]
         fold_rows, fold_pccs = score_slides(
-            truth,
-            predicted,
-            inputs.slides[fold.test],
-            genes=fitted.genes,
-            mean=fitted.scaler.mean_,
-            std=fitted.scaler.scale_,
+            truth, predicted, slides, genes=fitted.genes, mean=fitted.scaler.mean_, std=fitted.scaler.scale_
         )
+        if intervals is not None:
+            refit = _refitter(inputs, fit_args)
+            spots = held_out(
+                inputs,
+                fitted,
+                fold.train,
+                fold.test,
+                predicted,
+                refit,
+                intervals,
+                seed=fit_args["config"].seed,
+            )
+            per_slide, coverage, width = score_intervals(truth, spots, slides, fitted.genes)
+            fold_rows = [{**row, **per_slide.loc[row["slide"]].to_dict()} for row in fold_rows]
+            held.append((fold.test, fitted.genes, spots))
+            trust["coverage"].update(coverage)
+            trust["width"].update(width)
         rows += [{"slide": row["slide"], "fold": fold.name, **row} for row in fold_rows]
         pccs.update(fold_pccs)
         progress.update(1)
-    genes = list(dict.fromkeys(g for _, fold_genes, _ in predicted_by_fold for g in fold_genes))
-    values = np.full((table.n_obs, len(genes)), np.nan, dtype=np.float32)
-    column = {g: i for i, g in enumerate(genes)}
-    for test, fold_genes, predicted in predicted_by_fold:
-        values[np.ix_(test, [column[g] for g in fold_genes])] = predicted
-    return prediction_frame(values, table.obs_names, genes), fold_of, rows, pccs
+    if intervals is not None:
+        for name in ("lower", "upper"):
+            trust[name] = _out_of_fold(table, [(test, genes, getattr(s, name)) for test, genes, s in held])
+        for name, field in (("ood_pvalue", "p_value"), ("difficulty", "difficulty")):
+            trust[name] = np.full(table.n_obs, np.nan)
+            for test, _, spots in held:
+                trust[name][test] = getattr(spots, field)
+    return _out_of_fold(table, predicted_by_fold), fold_of, rows, pccs, trust
 
 
 def fit_histo2expr(
     data: AnnData | SpatialData,
     *,
-    method: str = "ridge",
+    method: str = "chrep",
     genes: int | Sequence[str] = 250,
     gene_flavor: str = "heg",
     slide_key: str = "slide",
@@ -188,6 +247,7 @@ def fit_histo2expr(
     use_rep: str | None = "X_histo",
     patch_size: int = 224,
     mpp: float | None = None,
+    stain_normalization: str | None = None,
     epochs: int = 50,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -200,6 +260,9 @@ def fit_histo2expr(
     table_key: str = "table",
     progress: bool = True,
     refit: bool = True,
+    intervals: bool | str = False,
+    level: float = 0.9,
+    calibration_folds: int = 5,
     **method_params: Any,
 ) -> Histo2ExprModel | None:
     """Fit a histology-to-expression method, optionally cross-validated slide by slide.
@@ -216,8 +279,12 @@ def fit_histo2expr(
         Log-normalised AnnData (:func:`histo2expr.pp.normalize`) following the
         histo2expr data model, or a SpatialData whose table it is.
     method
-        A registered method: ``"ridge"``, ``"stnet"``, ``"bleep"``, ... (see
-        :func:`histo2expr.models.available_methods`).
+        A registered method: ``"chrep"``, ``"ridge"``, ``"stnet"``, ``"bleep"``, ... (see
+        :func:`histo2expr.models.available_methods`). The default, ``"chrep"``, had the highest
+        mean PCC(ACG) on her2st with :func:`~histo2expr.tl.embed_patches`' default features, over
+        three seeds, for about two CPU-minutes per leave-one-slide-out run of 1193 spots
+        (``benchmarks/results/her2st_features.md``); ``"ridge"`` is faster, deterministic, and
+        was better on the one section of an unseen patient.
     genes
         Number of genes to choose on the training slides of each fold (``gene_flavor``),
         or the genes themselves (a list, array or Index of names).
@@ -237,8 +304,11 @@ def fit_histo2expr(
         when present, else the pooled features as a single token (with a warning).
         ``None``: end-to-end regime, the method trains its encoder on patches cut at
         ``patch_size`` / ``mpp``.
-    patch_size, mpp
-        Patch geometry of the end-to-end regime.
+    patch_size, mpp, stain_normalization
+        Patches of the end-to-end regime: side, micrometres per pixel, and ``None`` or
+        ``"macenko"`` (each slide re-stained from its own stain vectors, see
+        :class:`~histo2expr.patches.PatchSource`). In the frozen regime these are choices of
+        :func:`~histo2expr.tl.embed_patches`.
     epochs, batch_size, lr, weight_decay, patience
         Training of the torch methods (AdamW, early stopping after ``patience``
         epochs without improvement of the inner validation loss).
@@ -262,6 +332,18 @@ def fit_histo2expr(
         (only with ``cv``) skips the refit — for comparing methods, when only the
         cross-validated scores are wanted — and returns ``None``; ``.uns[key_added]["genes"]``
         is then not set.
+    intervals
+        Conformal prediction intervals per spot and gene (see ``docs/trust.md``): ``True`` or
+        ``"adaptive"`` (per-gene half-widths scaled per spot by its distance to the training spots in
+        the method's embedding), ``"constant"`` (one half-width per gene), ``False`` (none). They are
+        calibrated on residuals of the *training* slides of each model, predicted by the method refitted
+        in an inner grouped cross-validation over those slides, so every fold and the refit cost up to
+        ``1 + calibration_folds`` fits.
+    level
+        Nominal coverage of the intervals, in (0, 1).
+    calibration_folds
+        Inner folds of whole training slides (2 to 5) the calibration residuals come from; fewer folds
+        cost less.
     **method_params
         Parameters of the method (e.g. ``top_k=50`` for ``"bleep"``).
 
@@ -286,6 +368,28 @@ def fit_histo2expr(
         :func:`histo2expr.metrics.summarize`, with a warning).
     ``.uns[key_added]["gene_pcc"]``
         PCC of every predicted gene (rows) on every held-out slide (columns).
+    ``.var[f"{key_added}_cv_pcc"]``, ``[f"{key_added}_cv_pcc_low"]``, ``[f"{key_added}_cv_pcc_high"]``
+        Each gene's mean held-out PCC and its 95% confidence interval over the held-out slides (a t
+        interval over the slides where the gene was predicted; NaN for genes not predicted, and with
+        fewer than two such slides).
+    ``.var[f"{key_added}_predictable"]``
+        Whether that interval lies above zero.
+
+    With ``intervals`` and ``cv``, also:
+
+    ``.obsm[f"{key_added}_lower"]``, ``.obsm[f"{key_added}_upper"]``
+        Out-of-fold interval bounds, laid out like the predictions (read them with
+        :func:`histo2expr.get.intervals`).
+    ``.obs[f"{key_added}_ood_pvalue"]``, ``.obs[f"{key_added}_difficulty"]``
+        Each held-out spot's distance to its fold's training spots in the method's embedding: its conformal
+        p-value (small: unlike the training slides) and its ratio to an unseen training slide's median.
+    ``.uns[key_added]["intervals"]``
+        ``level``, ``kind``, ``method`` and ``calibration`` (how they were made).
+    ``.uns[key_added]["interval_coverage"]``, ``["interval_width"]``
+        Empirical coverage and mean width of every gene (rows) on every held-out slide (columns); the
+        ``folds`` rows gain their means, ``coverage`` and ``interval_width``, and ``ood_fraction``
+        (share of spots with p < 0.05) and ``distance_ratio`` (median distance to the training spots
+        relative to an unseen training slide's).
 
     Always sets ``.uns[key_added]``: ``"kind"`` (``"cross_validation"``, or ``"fit"`` without ``cv``),
     ``"method"``, ``"protocol"`` (the ``cv`` scheme) and ``"protocol_note"`` (held-out slides that
@@ -319,6 +423,7 @@ def fit_histo2expr(
     uses_coordinates = method_class(**method_params).uses_coordinates  # also checks the parameters now
     resolve_device(device)
     check_log_normalised(table)
+    settings = interval_settings(intervals, level, calibration_folds)
     coords = coordinates(table, needed_by=method if uses_coordinates else None)
     regime = "frozen" if use_rep is not None else "end2end"
     if regime not in method_class.regimes:
@@ -326,6 +431,12 @@ def fit_histo2expr(
             "pass `use_rep=None` to train end to end."
             if regime == "frozen"
             else "pass `use_rep=` with frozen features."
+        )
+        raise ValueError(msg)
+    if use_rep is not None and stain_normalization is not None:
+        msg = (
+            "`stain_normalization` applies to the patches of the end-to-end regime (`use_rep=None`); for frozen "
+            "features pass it to `hx.tl.embed_patches(..., stain_normalization=...)`."
         )
         raise ValueError(msg)
     features = patches = token_rep = None
@@ -337,8 +448,17 @@ def fit_histo2expr(
     else:
         from ..patches import PatchSource
 
-        patches = PatchSource(data, patch_size=patch_size, mpp=mpp, slide_key=slide_key, table_key=table_key)
+        patches = PatchSource(
+            data,
+            patch_size=patch_size,
+            mpp=mpp,
+            stain_normalization=stain_normalization,
+            slide_key=slide_key,
+            table_key=table_key,
+        )
         patch_geometry = {"patch_size": patches.patch_size, "mpp": patches.mpp}
+        if stain_normalization is not None:
+            patch_geometry["stain_normalization"] = stain_normalization
     patch_geometry = {**(patch_geometry or {}), **spot_geometry_um(table)}
     inputs = _Inputs(table, slides, coords, features, patches)
     fit_args = {
@@ -369,6 +489,9 @@ def fit_histo2expr(
             "n_features": 0 if features is None else int(features.shape[-1]),
             "token_rep": token_rep or "",
             "n_tokens": int(features.shape[1]) if token_rep else 0,
+            "intervals": settings.kind if settings else "",
+            "level": level,
+            "calibration_folds": calibration_folds,
         }
     )
     kind, protocol = ("fit", "") if cv is None else ("cross_validation", protocol_name(cv, patient_key))
@@ -376,6 +499,7 @@ def fit_histo2expr(
     folds = (
         [] if cv is None else make_folds(table, cv, slide_key=slide_key, patient_key=patient_key, seed=seed)
     )
+    check_calibration_slides(slides, folds, settings)
     note, warning = _shared_patients(table, folds, patient_key) if folds else ("", "")
     if warning and not any(  # once per AnnData and protocol: other methods on the same folds stay quiet
         is_record(v) and (v.get("protocol"), v.get("protocol_note")) == (protocol, note)
@@ -391,7 +515,7 @@ def fit_histo2expr(
         "params": params,
     }
     results: dict[str, Any] = {}
-    cv_gene_pcc = None
+    cv_gene_pcc = predictability = None
     with (
         cpu_threads(num_workers),
         progress_bar(
@@ -399,9 +523,12 @@ def fit_histo2expr(
         ) as bar,
     ):
         if folds:
-            frame, fold_of, rows, pccs = _cross_validate(inputs, folds, fit_args, progress=bar)
+            frame, fold_of, rows, pccs, trust = _cross_validate(
+                inputs, folds, fit_args, intervals=settings, progress=bar
+            )
             gene_pcc = gene_pcc_table(pccs)
             record.update(folds=pd.DataFrame(rows), gene_pcc=gene_pcc)
+            predictability = gene_predictability(gene_pcc)
             results = {
                 "predictions": frame,
                 "obs": {
@@ -409,11 +536,29 @@ def fit_histo2expr(
                         fold_of.astype(str), categories=[f.name for f in folds]
                     )
                 },
+                "var": {
+                    f"{key_added}_{column}": predictability[column]
+                    .reindex(table.var_names, fill_value=False if column == "predictable" else np.nan)
+                    .to_numpy(dtype=bool if column == "predictable" else np.float32)
+                    for column in predictability
+                },
             }
+            if settings is not None:
+                record.update(
+                    intervals=settings.describe(),
+                    interval_coverage=gene_pcc_table(trust["coverage"]),
+                    interval_width=gene_pcc_table(trust["width"]),
+                )
+                for name in ("ood_pvalue", "difficulty"):
+                    results["obs"][f"{key_added}_{name}"] = trust[name]
+                results["obsm"] = {f"{key_added}_lower": trust["lower"], f"{key_added}_upper": trust["upper"]}
             cv_gene_pcc = {
                 str(g): float(v) for g, v in gene_pcc.mean(axis=1, skipna=True).items() if np.isfinite(v)
             }
         final = _fit_on(inputs, np.arange(table.n_obs), **fit_args) if refit else None
+        model_trust = (
+            None if final is None else _model_trust(inputs, final, fit_args, settings, predictability)
+        )
         bar.update(int(refit))
     if final is None:
         write_results(table, key_added, record=record, **results)
@@ -430,4 +575,38 @@ def fit_histo2expr(
         patches=patch_geometry,
         params=h5ad_safe(model_params),
         cv_gene_pcc=cv_gene_pcc,
+        trust=model_trust,
     )
+
+
+def _model_trust(
+    inputs: _Inputs,
+    final: _FoldFit,
+    fit_args: dict[str, Any],
+    settings: IntervalSettings | None,
+    predictability: pd.DataFrame | None,
+) -> dict[str, Any]:
+    """What the refitted model keeps to judge new spots (``Histo2ExprModel.trust``).
+
+    Its training spots' neighbour reference, the calibration of its intervals (with ``intervals``) and
+    its genes' predictability (with ``cv``).
+    """
+    everything, seed = np.arange(inputs.table.n_obs), fit_args["config"].seed
+    calibration = None
+    if settings is not None:
+        calibration = calibrate(
+            inputs,
+            everything,
+            final.genes,
+            _refitter(inputs, fit_args),
+            settings,
+            seed=seed,
+        )
+    table = None if predictability is None else predictability.reindex(final.genes)
+    return {
+        "reference": neighbour_reference(inputs, final, everything, seed).state_dict(),
+        "calibration": None if calibration is None else calibration.state_dict(),
+        "predictability": None
+        if table is None
+        else {c: table[c].tolist() for c in ("cv_pcc_low", "cv_pcc_high")},
+    }

@@ -41,6 +41,13 @@ class Histo2ExprModel:
         The training parameters.
     cv_gene_pcc
         Mean cross-validated PCC of each gene over held-out slides (None without CV).
+    trust
+        What the model knows of its own reliability (see ``docs/trust.md``), plain values and arrays:
+        ``"reference"``, its training spots in its embedding with their leave-slide-out neighbour
+        distances (out-of-distribution scores of new spots); ``"calibration"``, the per-gene conformal
+        half-widths of its intervals (None when fitted without ``intervals``); ``"predictability"``, the
+        bounds ``cv_pcc_low`` / ``cv_pcc_high`` of each gene's held-out PCC (None without CV). None for
+        a model saved before these existed.
     """
 
     def __init__(
@@ -54,6 +61,7 @@ class Histo2ExprModel:
         patches: dict | None,
         params: dict,
         cv_gene_pcc: dict[str, float] | None = None,
+        trust: dict[str, Any] | None = None,
     ) -> None:
         self.method = method
         self.genes = list(genes)
@@ -63,6 +71,7 @@ class Histo2ExprModel:
         self.patches = patches
         self.params = params
         self.cv_gene_pcc = cv_gene_pcc
+        self.trust = trust
 
     @property
     def token_rep(self) -> str | None:
@@ -86,7 +95,7 @@ class Histo2ExprModel:
 
     def describe(self) -> dict[str, Any]:
         """An h5ad-serialisable summary: method, regime, genes, encoder, patches, parameters."""
-        from ._data import h5ad_safe
+        from .._records import h5ad_safe
 
         return h5ad_safe(
             {
@@ -109,7 +118,7 @@ class Histo2ExprModel:
         """
         import torch
 
-        from ._data import h5ad_safe
+        from .._records import h5ad_safe
 
         records = {"encoder": self.encoder, "patches": self.patches, "params": self.params}
         state = {
@@ -122,6 +131,7 @@ class Histo2ExprModel:
             "use_rep": self.use_rep,
             **{name: h5ad_safe(value) for name, value in records.items()},
             "cv_gene_pcc": h5ad_safe(self.cv_gene_pcc),
+            "trust": _weights_only(self.trust, "trust"),
         }
         torch.save(state, Path(path))
 
@@ -160,6 +170,7 @@ class Histo2ExprModel:
                 patches=state["patches"],
                 params=dict(state["params"]),
                 cv_gene_pcc=state["cv_gene_pcc"],
+                trust=state.get("trust"),
             )
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
             msg = (

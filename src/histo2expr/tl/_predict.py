@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,13 +10,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._records import EXTERNAL_PROTOCOL, PREDICT_KEY, SCALES
 from .._settings import cpu_threads
-from .._validation import check_not_empty, check_unique_var_names, get_table
+from .._validation import check_not_empty, check_unique_var_names, get_table, slide_labels
 from ..models.base import SpotSet
-from ._data import coordinates, features_of, slide_labels, tokens_of
+from ._data import coordinates, features_of, tokens_of
+from ._intervals import Calibration, new_spots, standardized_bounds
 from ._model import Histo2ExprModel
-from ._predictions import EXTERNAL_PROTOCOL, PREDICT_KEY, check_key, prediction_frame, write_results
-from ._scale import SCALES, check_depth_inputs, to_scale, warn_if_unlike_training
+from ._ood import slide_shift, warn_if_out_of_distribution
+from ._predictions import check_key, prediction_frame, write_results
+from ._scale import check_depth_inputs, to_scale, warn_if_unlike_training
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -23,6 +27,10 @@ if TYPE_CHECKING:
 
 #: Relative difference of micrometres per pixel tolerated between training and new patches.
 _MPP_TOLERANCE = 0.02
+#: Options of :func:`~histo2expr.tl.embed_patches` that change the features, recorded with the patch
+#: geometry (``None`` values are not recorded), and what a record without them means (the features
+#: of versions before these options: one view, no context, no neighbours).
+_EMBEDDING_OPTIONS = {"tta": 1, "context": None, "neighbours": None, "stain_normalization": None}
 
 
 def _reembed_hint(model: Histo2ExprModel) -> str:
@@ -42,15 +50,25 @@ def _reembed_hint(model: Histo2ExprModel) -> str:
     else:  # a state dict or a module's own weights: only the user has them
         return (
             f"Re-embed with the encoder and weights the model was trained on ({name}, {weights}, weights hash "
-            f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..., "
-            f"key_added={model.use_rep!r})`."
+            f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..."
+            f"{_embedding_arguments(model.patches or {})}, key_added={model.use_rep!r})`."
         )
     geometry = model.patches or {}
     if geometry.get("patch_size"):
         arguments += f", patch_size={int(geometry['patch_size'])}"
     if geometry.get("mpp"):
         arguments += f", mpp={float(geometry['mpp']):.6g}"
+    arguments += _embedding_arguments(geometry)
     return f"Re-embed with `hx.tl.embed_patches(adata, encoder={name!r}, {arguments}, key_added={model.use_rep!r})`."
+
+
+def _embedding_arguments(geometry: dict) -> str:
+    """``", tta=1, neighbours=None"``: the model's embedding options that differ from embed_patches' defaults."""
+    from ._embed import embed_patches
+
+    defaults = inspect.signature(embed_patches).parameters
+    trained = {option: geometry.get(option, absent) for option, absent in _EMBEDDING_OPTIONS.items()}
+    return "".join(f", {k}={v!r}" for k, v in trained.items() if v != defaults[k].default)
 
 
 def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
@@ -74,6 +92,15 @@ def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray
             f"`hx.tl.embed_patches(adata, mpp={trained_mpp:.4g}, key_added={model.use_rep!r})`."
         )
         raise ValueError(msg)
+    for option, default in _EMBEDDING_OPTIONS.items():
+        trained_value = (model.patches or {}).get(option, default)
+        current_value = (record.get("patches") or {}).get(option, default)
+        if trained_value != current_value:
+            msg = (
+                f"The features were embedded with `{option}={current_value!r}` but the model was trained on "
+                f"features embedded with `{option}={trained_value!r}`. {_reembed_hint(model)}"
+            )
+            raise ValueError(msg)
     if model.token_rep:
         return _check_tokens(table, model)
     if features.shape[1] != model.params["n_features"]:
@@ -162,10 +189,21 @@ def predict_expression(
         Retrieval methods (``bleep``, ``chrep``, ...) only: the mean cosine similarity of each spot
         to the training spots it retrieves (:meth:`~histo2expr.models.Method.confidence`); low
         values flag spots unlike anything seen in training.
+    ``.obs[f"{key_added}_ood_pvalue"]``, ``.obs[f"{key_added}_difficulty"]``
+        Each spot's distance to its nearest training spots in the model's embedding: as a conformal
+        p-value against spots of unseen training slides (small: unlike the training data), and relative
+        to the median of those (1: typical; the per-spot scale of adaptive intervals). A slide with more
+        than a quarter of its spots at p < 0.05 gets a warning with the numbers.
+    ``.obsm[f"{key_added}_lower"]``, ``.obsm[f"{key_added}_upper"]``
+        A model fitted with ``intervals``: the bounds of each prediction's conformal interval, on ``scale``,
+        laid out like the predictions (read them with :func:`histo2expr.get.intervals`).
     ``.uns[key_added]``
         The record: ``kind`` (``"prediction"``), ``method``, ``protocol``, ``scale``, the model's
-        description (genes, encoder, patches, parameters), ``cv_protocol`` and ``cv_pcc`` (each gene's
-        mean PCC over the held-out slides of the model's cross-validation; NaN without it).
+        description (genes, encoder, patches, parameters), ``cv_protocol``, ``cv_pcc`` (per gene: the
+        mean PCC over the held-out slides of the model's cross-validation, ``cv_pcc_low`` /
+        ``cv_pcc_high`` its 95% confidence interval and ``predictable``; NaN without it), ``shift``
+        (per slide: ``n_spots``, ``ood_fraction``, ``distance_ratio``) and ``intervals`` (``level``,
+        ``kind``, ``method``, ``calibration``) when written.
     """
     table = get_table(data, table_key)
     if not isinstance(model, Histo2ExprModel):
@@ -194,6 +232,7 @@ def predict_expression(
                 data,
                 patch_size=geometry["patch_size"],
                 mpp=geometry.get("mpp"),
+                stain_normalization=geometry.get("stain_normalization"),
                 slide_key=slide_key,
                 table_key=table_key,
             )
@@ -207,14 +246,42 @@ def predict_expression(
         predicted, slides, scale=scale, adata=table, training=training, library_size=library_size
     )
     warn_if_unlike_training(table, slides, training, scale=scale)
-    cv_pcc = pd.Series(model.cv_gene_pcc or {}, dtype=np.float64).reindex(model.genes)
+    trust = new_spots(model.trust, embedding, predicted)
+    obs, obsm, extra = {}, {f"X_{key_added}": embedding}, {}
+    if trust is not None:
+        extra["shift"] = slide_shift(trust.p_value, trust.difficulty, slides)
+        warn_if_out_of_distribution(extra["shift"], key_added)
+        obs = {f"{key_added}_ood_pvalue": trust.p_value, f"{key_added}_difficulty": trust.difficulty}
+    if trust is not None and trust.lower is not None:
+        bounds = [trust.lower, trust.upper]
+        if scale == "standardized":
+            bounds = [standardized_bounds(b, predicted, values, slides) for b in bounds]
+        elif scale == "depth":
+            bounds = [
+                to_scale(b, slides, scale=scale, adata=table, training=training, library_size=library_size)
+                for b in bounds
+            ]
+        extra["intervals"] = Calibration.from_state_dict(model.trust["calibration"]).describe()
+        for name, bound in zip(("lower", "upper"), bounds, strict=True):
+            obsm[f"{key_added}_{name}"] = prediction_frame(bound, table.obs_names, model.genes)
+    if similarity is not None:
+        obs[f"{key_added}_similarity"] = similarity
+    cv_pcc = pd.DataFrame(
+        {"cv_pcc": pd.Series(model.cv_gene_pcc or {}, dtype=np.float64).reindex(model.genes).to_numpy()},
+        index=pd.Index(model.genes, name="gene"),
+    )
+    bounds_of_pcc = (model.trust or {}).get("predictability")
+    if bounds_of_pcc:
+        cv_pcc = cv_pcc.assign(**{name: np.asarray(v, dtype=np.float64) for name, v in bounds_of_pcc.items()})
+        cv_pcc["predictable"] = cv_pcc["cv_pcc_low"] > 0
     record = {
         **model.describe(),
         "kind": "prediction",
         "protocol": EXTERNAL_PROTOCOL,
         "cv_protocol": str(model.params.get("protocol") or model.params.get("cv") or ""),
         "scale": SCALES[scale],
-        "cv_pcc": pd.DataFrame({"cv_pcc": cv_pcc.to_numpy()}, index=pd.Index(model.genes, name="gene")),
+        "cv_pcc": cv_pcc,
+        **extra,
     }
     target = table.copy() if copy else table
     write_results(
@@ -222,7 +289,7 @@ def predict_expression(
         key_added,
         record=record,
         predictions=prediction_frame(values, target.obs_names, model.genes),
-        obs={} if similarity is None else {f"{key_added}_similarity": similarity},
-        obsm={f"X_{key_added}": embedding},
+        obs=obs,
+        obsm=obsm,
     )
     return target if copy else None

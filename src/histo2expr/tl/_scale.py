@@ -22,12 +22,6 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
-#: The scales :func:`~histo2expr.tl.predict_expression` returns, and what each value means.
-SCALES = {
-    "training": "log-normalised expression at the training slides' sequencing depth",
-    "depth": "expected log-normalised expression at this slide's sequencing depth",
-    "standardized": "predicted log-normalised expression standardised per gene within each slide",
-}
 #: A slide whose median library size differs from the training slides' by more than this factor is flagged.
 DEPTH_RATIO_WARNING = 3.0
 #: A slide whose mean optical density differs from every training slide's by more than this fraction is flagged.
@@ -238,7 +232,7 @@ def to_scale(
     training: Mapping[str, Any] | None,
     library_size: float | None,
 ) -> np.ndarray:
-    """``predicted`` (log-normalised at the training depth) on ``scale``, slide by slide (see :data:`SCALES`)."""
+    """``predicted`` (log-normalised at the training depth) on ``scale``, slide by slide (see ``SCALES``)."""
     if scale == "training":
         return predicted
     out = np.empty_like(predicted, dtype=np.float32)

@@ -1,0 +1,418 @@
+"""her2st, leave-one-slide-out: which frozen features help each method (test-time augmentation, context, stains).
+
+Run on demand (needs ../shared/data/her2st or $HISTO2EXPR_HER2ST); every step caches on disk, so
+each view is embedded once and each (setting, method, seed) row is run once:
+
+    python benchmarks/her2st_features.py embed --field 1 --views 8 --tokens    # spot view, 8 dihedral views
+    python benchmarks/her2st_features.py embed --field 3 --views 8             # 3x wider context view
+    python benchmarks/her2st_features.py embed --field 1 --views 4 --stain macenko
+    python benchmarks/her2st_features.py embed --field 1 --views 4 --jitter 0.2 --jitter-seed 1
+    python benchmarks/her2st_features.py embed --field 1 --views 1 --encoder efficientnet_lite2
+    python benchmarks/her2st_features.py run --settings "f1:1;f1:4+f3:4+nbr6" --methods ridge,stnet --seeds 0,1,2
+    python benchmarks/her2st_features.py augment --setting f1:4 --copies f1_hed0.2s1,f1_hed0.2s2 --methods ridge
+    python benchmarks/her2st_features.py report
+
+A *setting* is a '+'-joined list of feature blocks: ``TAG:V`` is the mean over the first V views
+(1; 4 = the quarter turns; 8 = with their mirror images) of the embedding ``TAG`` (``f1``: the spot
+view, ``f3``: the 3x context view, ``f1_macenko``: Macenko-normalised spot view), and ``nbrK`` is the
+mean of the first block over the K nearest spots of the same slide; ``lite1_f1`` / ``lite2_f1`` are
+the spot views of the offline ImageNet EfficientNet-Lite1 / -Lite2 (``embed --encoder``). These are the blocks
+``hx.tl.embed_patches(tta=, context=, neighbours=, stain_normalization=)`` writes; embedding each
+view once lets every average be formed without embedding again. Methods that take tokens
+(cmrcnet) get the spot view's 3 x 3 tokens (each view's grid turned back before averaging) with
+the other blocks appended to every token, as ``embed_patches`` does.
+
+``augment`` is a frozen proxy of stain augmentation in training: every fold also trains on the
+features of HED-jittered copies (``hx.patches.Augment(stain=...)``) of its training spots, and
+predicts the held-out slide's unjittered features.
+
+``report`` writes benchmarks/results/her2st_features.md from the cached rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from _her2st import DATA, HERE
+
+import histo2expr as hx
+from histo2expr._cache import cache_dir
+
+CACHE = cache_dir("benchmarks/features")
+ROWS = CACHE / "rows.jsonl"
+AUGMENTED = CACHE / "augmented.jsonl"
+COLUMNS = ["pcc_acg", "pcc_heg50", "pcc_hvg50", "mse", "mae"]
+TOKEN_GRID = 3
+
+
+def cohort() -> hx.AnnData:
+    import anndata as ad
+
+    path = CACHE / "her2st_normalized.h5ad"
+    if path.exists():
+        return ad.read_h5ad(path)
+    adata = hx.io.read_legacy_st(DATA)
+    hx.pp.normalize(adata)
+    adata.write_h5ad(path)
+    return adata
+
+
+def view_tag(args: argparse.Namespace) -> str:
+    """Cache name of one embedding: ``[liteN_]fFIELD[_STAIN][_hedJITTERsSEED]``."""
+    encoder = args.encoder.removeprefix("efficientnet_")
+    return (
+        ("" if encoder == "lite0" else f"{encoder}_")
+        + f"f{args.field:g}"
+        + (f"_{args.stain}" if args.stain else "")
+        + (f"_hed{args.jitter:g}s{args.jitter_seed}" if args.jitter else "")
+    )
+
+
+def embed(args: argparse.Namespace) -> None:
+    """Features (and 3 x 3 tokens) of every spot under each of the first ``views`` dihedral views."""
+    from histo2expr.models import build_encoder
+    from histo2expr.models.layers import pool_token_grid
+    from histo2expr.patches import Augment, PatchSource, augment_rng, dihedral, patch_loader
+    from histo2expr.tl._embed import _turned_back
+
+    tag = view_tag(args)
+    path = CACHE / f"{tag}.npz"
+    if path.exists():
+        print(f"{path} exists")
+        return
+    adata = hx.io.read_legacy_st(DATA)
+    model = build_encoder(args.encoder).eval().to(memory_format=torch.channels_last)
+    source = PatchSource(adata, patch_size=224, field=args.field, stain_normalization=args.stain)
+    jitter = None
+    if args.jitter:
+        jitter = Augment(dihedral=False, stain=args.jitter, brightness=0, contrast=0, saturation=0, hue=0)
+    features = np.zeros((args.views, len(source), model.feature_dim), np.float32)
+    tokens = (
+        np.zeros((args.views, len(source), TOKEN_GRID**2, model.token_dim), np.float32)
+        if args.tokens
+        else None
+    )
+    tic = time.perf_counter()
+    with torch.inference_mode():
+        for batch in patch_loader(source, batch_size=64):
+            rows, images = batch["index"].numpy(), batch["image"]
+            if jitter is not None:
+                patches = images.permute(0, 2, 3, 1).numpy()
+                patches = [
+                    jitter(p, augment_rng(args.jitter_seed, 0, int(r)))
+                    for p, r in zip(patches, rows, strict=True)
+                ]
+                images = torch.from_numpy(np.stack(patches).transpose(0, 3, 1, 2).copy())
+            for k in range(args.views):
+                view = dihedral(images, k).contiguous(memory_format=torch.channels_last)
+                pooled, grid = model.features_and_tokens(view)
+                features[k, rows] = pooled.numpy()
+                if tokens is not None:
+                    tokens[k, rows] = _turned_back(pool_token_grid(grid, TOKEN_GRID), k, TOKEN_GRID).numpy()
+            print(tag, rows[-1], f"{time.perf_counter() - tic:.0f} s", flush=True)
+    arrays = {"features": features, "seconds": time.perf_counter() - tic}
+    if tokens is not None:
+        arrays["tokens"] = tokens
+    np.savez(path, **arrays)
+
+
+_VIEWS: dict[str, dict[str, np.ndarray]] = {}
+
+
+def views(tag: str) -> dict[str, np.ndarray]:
+    if tag not in _VIEWS:
+        with np.load(CACHE / f"{tag}.npz") as arrays:
+            _VIEWS[tag] = {key: arrays[key] for key in ("features", "tokens") if key in arrays.files}
+    return _VIEWS[tag]
+
+
+def build(setting: str, coords: np.ndarray, slides: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pooled features and tokens of one setting (see the module docstring)."""
+    from histo2expr.models.graphs import spatial_knn
+
+    blocks, tokens = [], None
+    for part in setting.split("+"):
+        if part.startswith("nbr"):
+            nearest = spatial_knn(coords, slides, k=int(part[3:]))
+            blocks.append(blocks[0][nearest].mean(axis=1))
+            continue
+        tag, n_views = part.split(":")
+        blocks.append(views(tag)["features"][: int(n_views)].mean(axis=0))
+        if tokens is None and "tokens" in views(tag):
+            tokens = views(tag)["tokens"][: int(n_views)].mean(axis=0)
+    if tokens is not None and len(blocks) > 1:
+        extra = np.concatenate(blocks[1:], axis=1)[:, None, :]
+        tokens = np.concatenate([tokens, np.broadcast_to(extra, (*tokens.shape[:2], extra.shape[2]))], axis=2)
+    return np.concatenate(blocks, axis=1), tokens
+
+
+def done(path: Path) -> set[tuple]:
+    if not path.exists():
+        return set()
+    return {(r["setting"], r["method"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def run(args: argparse.Namespace) -> None:
+    adata = cohort()
+    slides = adata.obs["slide"].astype(str).to_numpy()
+    finished = done(ROWS)
+    for setting in args.settings.split(";"):
+        adata.obsm["X_histo"], tokens = build(setting, adata.obsm["spatial"], slides)
+        if tokens is None:
+            adata.obsm.pop("X_histo_tokens", None)
+        else:
+            adata.obsm["X_histo_tokens"] = tokens
+        for seed in map(int, args.seeds.split(",")):
+            for method in args.methods.split(","):
+                if (setting, method, seed) in finished:
+                    continue
+                tic, cpu = time.perf_counter(), time.process_time()
+                hx.tl.fit_histo2expr(
+                    adata, method=method, cv="leave_one_slide_out", genes=250, seed=seed, key_added="row",
+                    progress=False, refit=False,
+                )  # fmt: skip
+                folds = adata.uns["row"]["folds"]
+                row = {
+                    "setting": setting,
+                    "method": method,
+                    "seed": seed,
+                    "seconds": time.perf_counter() - tic,
+                    "cpu_seconds": time.process_time() - cpu,  # one thread: the time on a core of its own
+                    "per_slide": folds[["slide", *COLUMNS]].to_dict(orient="records"),
+                }
+                with ROWS.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                print(setting, method, seed, f"PCC(ACG) {folds['pcc_acg'].mean():.4f}", flush=True)
+
+
+def _spots(rows, features, targets, slides, coords, suffix=""):
+    """Training spots of ``rows``; a suffix makes jittered copies slides of their own (never neighbours of the originals)."""
+    from histo2expr.models.base import SpotSet
+
+    groups = np.char.add(slides[rows], suffix)
+    return SpotSet(coords=coords[rows], groups=groups, features=features[rows], targets=targets[rows])
+
+
+def augment(args: argparse.Namespace) -> None:
+    """Each fold trains on the training spots and on jittered copies of them (a slide of their own each)."""
+    from histo2expr.metrics import pcc_acg, pcc_top
+    from histo2expr.models import get_method
+    from histo2expr.models.base import SpotSet, TrainConfig, concat_spots
+    from histo2expr.models.scaling import Standardizer
+    from histo2expr.pp import select_genes
+    from histo2expr.splits import inner_validation_split, leave_one_slide_out
+    from histo2expr.tl._data import log_expression
+
+    adata = cohort()
+    slides = adata.obs["slide"].astype(str).to_numpy()
+    coords = np.asarray(adata.obsm["spatial"], dtype=float)
+    copies = args.copies.split(",") if args.copies else []
+    features = build(args.setting, coords, slides)[0]
+    jittered = [build(args.setting.replace("f1:", f"{copy}:"), coords, slides)[0] for copy in copies]
+    setting = f"{args.setting} + {len(copies)} stain-jittered copies"
+    finished = done(AUGMENTED)
+    for seed in map(int, args.seeds.split(",")):
+        for method in args.methods.split(","):
+            if (setting, method, seed) in finished:
+                continue
+            tic, per_slide = time.perf_counter(), []
+            for fold in leave_one_slide_out(slides):
+                train, test = fold.train, fold.test
+                genes = select_genes(adata, 250, slides=sorted(set(slides[train])), inplace=False)
+                expression = log_expression(adata, genes)
+                targets = (
+                    Standardizer(floor_ratio=0.01, clip=None).fit(expression[train]).transform(expression)
+                )
+                fit, validation, _ = inner_validation_split(slides[train], seed=seed)
+                fit_rows = train[fit]
+                fit_spots = concat_spots(
+                    [_spots(fit_rows, features, targets, slides, coords)]
+                    + [_spots(fit_rows, j, targets, slides, coords, f"~{i}") for i, j in enumerate(jittered)]
+                )
+                validation_spots = _spots(train[validation], features, targets, slides, coords)
+                model = get_method(method)()
+                model.fit(fit_spots, validation_spots, TrainConfig(progress=False, seed=seed))
+                predicted = model.predict(
+                    SpotSet(coords=coords[test], groups=slides[test], features=features[test])
+                )
+                per_slide.append(
+                    {
+                        "slide": slides[test][0],
+                        "pcc_acg": pcc_acg(targets[test], predicted),
+                        "pcc_heg50": pcc_top(expression[test], predicted, 50),
+                    }
+                )
+            row = {"setting": setting, "method": method, "seed": seed, "seconds": time.perf_counter() - tic}
+            with AUGMENTED.open("a") as handle:
+                handle.write(json.dumps({**row, "per_slide": per_slide}) + "\n")
+            print(
+                setting,
+                method,
+                seed,
+                f"PCC(ACG) {np.mean([r['pcc_acg'] for r in per_slide]):.4f}",
+                flush=True,
+            )
+
+
+def _rows(path: Path) -> pd.DataFrame:
+    """One row per (setting, method, seed, slide)."""
+    records = []
+    for row in map(json.loads, path.read_text().splitlines()) if path.exists() else []:
+        for slide in row["per_slide"]:
+            records.append({"setting": row["setting"], "method": row["method"], "seed": row["seed"], **slide})
+    return pd.DataFrame(records)
+
+
+def _cpu_seconds(path: Path) -> pd.DataFrame:
+    """Mean CPU seconds of a leave-one-slide-out run per setting and method (rows that recorded it)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    table = pd.DataFrame(
+        [r for r in rows if "cpu_seconds" in r], columns=["setting", "method", "cpu_seconds"]
+    )
+    return table.groupby(["setting", "method"])["cpu_seconds"].agg(["size", "mean"]).round(0)
+
+
+def _summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per setting and method: the mean over slides, then its mean ± sd over seeds; the same for B4 alone."""
+    keys = ["setting", "method", "seed"]
+    per_seed = rows.groupby(keys)[["pcc_acg", "pcc_heg50"]].mean()
+    per_seed["B4"] = rows[rows["slide"] == "B4"].set_index(keys)["pcc_acg"]
+
+    def spread(values: pd.Series) -> str:
+        return (
+            f"{values.mean():.4f}" if len(values) < 2 else f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+        )
+
+    table = per_seed.groupby(["setting", "method"]).agg(["size", spread])
+    table = pd.DataFrame(
+        {
+            "seeds": table[("pcc_acg", "size")],
+            "PCC(ACG)": table[("pcc_acg", "spread")],
+            "PCC(HEG@50)": table[("pcc_heg50", "spread")],
+            "B4 PCC(ACG)": table[("B4", "spread")],
+        }
+    )
+    return table.reset_index()
+
+
+def _stain_effect(rows: pd.DataFrame, augmented: pd.DataFrame, base: str = "f1:4") -> pd.DataFrame:
+    """Per method, B4's PCC(ACG) (and the mean over slides) on ``base``, Macenko-normalised and with jittered copies."""
+    variants = {
+        base: rows[rows["setting"] == base],
+        "Macenko": rows[rows["setting"] == base.replace("f1:", "f1_macenko:")],
+        "HED-jittered copies": augmented[augmented["setting"].str.startswith(f"{base} + ")]
+        if not augmented.empty
+        else augmented,
+    }
+    table = {}
+    for name, part in variants.items():
+        if part.empty:
+            continue
+        per_seed = part.groupby(["method", "seed"])
+        table[f"B4, {name}"] = part[part["slide"] == "B4"].groupby("method")["pcc_acg"].mean()
+        table[f"mean, {name}"] = per_seed["pcc_acg"].mean().groupby("method").mean()
+    return pd.DataFrame(table).round(4)
+
+
+def report(args: argparse.Namespace) -> None:
+    rows, augmented = _rows(ROWS), _rows(AUGMENTED)
+    seconds = {path.stem: float(np.load(path)["seconds"]) for path in sorted(CACHE.glob("*.npz"))}
+    lines = [
+        "# her2st, leave-one-slide-out: frozen features for every method",
+        "",
+        "Made with `benchmarks/her2st_features.py` (its docstring lists the steps); 1193 spots on 6 sections, "
+        "250 highly expressed genes chosen on the training slides of each fold, frozen ImageNet "
+        "EfficientNet-Lite0, 224 px patches at 0.69 µm/px, every method at its defaults, one torch thread on a "
+        "2-core machine shared with other jobs. Same folds and genes in every row; seeds change the "
+        "initialisation, batches and the inner validation slide.",
+        "",
+        "Settings: `f1:V` spot view averaged over V dihedral views (1, 4 quarter turns, 8 with mirrors), `f2:V` / "
+        "`f3:V` the 2x / 3x wider context view, `nbr6` the mean spot view of the 6 nearest spots of the slide, "
+        "`f1_macenko` Macenko-normalised patches, `lite1_f1` / `lite2_f1` the spot view of EfficientNet-Lite1 / "
+        "-Lite2; '+' concatenates. `f1:4+nbr6` is what `hx.tl.embed_patches` computes by default.",
+        "",
+        "## Mean over held-out slides (mean ± sd over seeds)",
+        "",
+        _summary(rows).to_markdown(index=False),
+        "",
+    ]
+    if not augmented.empty:
+        lines += [
+            "## Stain augmentation, frozen proxy (training also on HED-jittered copies)",
+            "",
+            _summary(augmented).to_markdown(index=False),
+            "",
+        ]
+    lines += [
+        "## Slide shift: B4 (the one patient-B section, the hardest) under stain normalisation and augmentation",
+        "",
+        "PCC(ACG) on B4 and the mean over the six held-out slides, seed 0, on the `f1:4` spot view: as it is, "
+        "Macenko-normalised per slide (`f1_macenko:4`), and trained also on two HED-jittered copies of the "
+        "training spots (`augment`).",
+        "",
+        _stain_effect(rows, augmented).to_markdown(),
+        "",
+        "## PCC(ACG) per held-out slide and seed",
+        "",
+    ]
+    for name, table in (("rows", rows), ("augmented", augmented)):
+        if table.empty:
+            continue
+        wide = table.pivot_table(index=["setting", "method", "seed"], columns="slide", values="pcc_acg")
+        lines += [f"### {name}", "", wide.round(4).to_markdown(), ""]
+    lines += [
+        "## CPU time of one leave-one-slide-out run (one thread; rows that recorded it)",
+        "",
+        "Process CPU seconds, i.e. about the wall time on a core of its own: the wall times of this shared "
+        "machine (2 cores, load 8-12 while these ran) are not comparable between rows.",
+        "",
+        _cpu_seconds(ROWS).to_markdown(),
+        "",
+        "## Embedding time per cached view set (one thread, shared machine)",
+        "",
+        pd.Series(seconds, name="seconds").round(0).to_markdown(),
+        "",
+    ]
+    out = HERE / "results" / "her2st_features.md"
+    out.write_text("\n".join(lines))
+    print(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    steps = parser.add_subparsers(dest="step", required=True)
+    step = steps.add_parser("embed")
+    step.add_argument("--encoder", default="efficientnet_lite0")
+    step.add_argument("--field", type=float, default=1.0)
+    step.add_argument("--views", type=int, default=8)
+    step.add_argument("--tokens", action="store_true")
+    step.add_argument("--stain", default=None)
+    step.add_argument("--jitter", type=float, default=0.0)
+    step.add_argument("--jitter-seed", type=int, default=1)
+    step.set_defaults(func=embed)
+    step = steps.add_parser("run")
+    step.add_argument("--settings", required=True)
+    step.add_argument("--methods", default="ridge,stnet,bleep,chrep,cmrcnet,nh2st")
+    step.add_argument("--seeds", default="0")
+    step.set_defaults(func=run)
+    step = steps.add_parser("augment")
+    step.add_argument("--setting", default="f1:4")
+    step.add_argument("--copies", default="")
+    step.add_argument("--methods", default="ridge,stnet,bleep,chrep,cmrcnet,nh2st")
+    step.add_argument("--seeds", default="0")
+    step.set_defaults(func=augment)
+    steps.add_parser("report").set_defaults(func=report)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
