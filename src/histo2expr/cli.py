@@ -76,6 +76,7 @@ def _check_common(args: argparse.Namespace) -> list[str] | None:
     """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
     from ._validation import check_patch_size
     from .models import get_method, resolve_device
+    from .models.backends import check_backend
 
     check_patch_size(args.patch_size)
     methods = None if args.methods is None else _method_list(args.methods)
@@ -88,9 +89,13 @@ def _check_common(args: argparse.Namespace) -> list[str] | None:
             raise CommandError(f"--methods lists a method twice ({args.methods}); give each once.")
     _check_encoder(args.encoder)
     try:
-        resolve_device(args.device)
+        device = resolve_device(args.device)
     except RuntimeError as error:
         raise CommandError(f"--device {args.device}: {error}") from error
+    try:
+        check_backend(args.backend, device)
+    except (ValueError, ImportError) as error:
+        raise CommandError(f"--backend {args.backend}: {error}") from error
     if args.out.exists() and not args.out.is_dir():
         raise CommandError(
             f"--out {args.out} is a file; give a folder for the results (it is made if missing)."
@@ -158,8 +163,10 @@ def _token_grid(encoder: Any, patch_size: int) -> int | None:
 
 def _embed(
     adata: AnnData, args: argparse.Namespace, methods: Sequence[str], *, mpp: float | None = None
-) -> float:
-    """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them); seconds taken.
+) -> tuple[float, str]:
+    """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them).
+
+    Returns the seconds taken and the inference backend that ran the encoder.
 
     ``--tta`` and ``--neighbours`` override :func:`~histo2expr.tl.embed_patches`' defaults (``--neighbours 0``: none).
 
@@ -184,9 +191,10 @@ def _embed(
         mpp=mpp,
         num_workers=args.workers,
         device=args.device,
+        backend=args.backend,
         progress=not args.quiet,
     )
-    return time.perf_counter() - tic
+    return time.perf_counter() - tic, adata.uns["X_histo"]["backend"]
 
 
 def _device_flags(device: str) -> dict[str, Any]:
@@ -351,7 +359,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     adata = datasets.synthetic(n_slides=args.n_slides, seed=args.seed)
     pp.normalize(adata)
-    embed_seconds = _embed(adata, args, methods)
+    embed_seconds, backend = _embed(adata, args, methods)
     embedding = _embedding_options(adata)
     runs = compare_methods(
         adata,
@@ -373,7 +381,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"Command: `{command}`",
             "",
             f"Frozen {args.encoder} features of {args.patch_size} px patches, {_embedding_note(embedding)} "
-            f"(embedding: {embed_seconds:.1f} s); "
+            f"(embedding: {embed_seconds:.1f} s, backend {backend}); "
             f"{args.genes} highly expressed genes chosen on the training slides of each fold; "
             f"at most {args.epochs} epochs. Whole run: {total:.1f} s.",
             "",
@@ -384,6 +392,7 @@ def _demo(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "genes": args.genes,
             "encoder": args.encoder,
+            "backend": backend,
             "patch_size": args.patch_size,
             "embedding": embedding,
             "epochs": args.epochs,
@@ -599,9 +608,9 @@ def _benchmark(args: argparse.Namespace) -> int:
         "num_workers": args.workers,
         **_device_flags(args.device),
     }
-    embed_seconds, embedding = None, None
+    embed_seconds = embedding = backend = None
     if args.regime == "frozen":
-        embed_seconds = _embed(adata, args, methods, mpp=mpp)
+        embed_seconds, backend = _embed(adata, args, methods, mpp=mpp)
         embedding = _embedding_options(adata)
     else:
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
@@ -628,7 +637,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     embedded = (
         ""
         if embedding is None
-        else f" Features: {_embedding_note(embedding)}; embedding: {embed_seconds:.1f} s."
+        else f" Features: {_embedding_note(embedding)}; embedding: {embed_seconds:.1f} s (backend {backend})."
     )
     _report(
         adata,
@@ -663,6 +672,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             "cv_schemes": protocols,
             "regime": args.regime,
             "encoder": args.encoder,
+            "backend": backend,
             "patch_size": args.patch_size,
             "patch_mpp": mpp,
             "embedding": embedding,
@@ -723,6 +733,12 @@ def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None
     add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
     add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers reading patches (default 0)")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default auto)")
+    add(
+        "--backend",
+        default="auto",
+        help="what runs the encoder: auto (ONNX Runtime for efficientnet_lite on the CPU when installed, "
+        "else torch), torch, onnx or bf16 (default auto)",
+    )
     add("--out", type=Path, default=Path(out), help=f"folder for results and figures (default {out})")
     add("--quiet", action="store_true", help="no progress bars")
 

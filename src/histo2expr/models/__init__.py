@@ -13,6 +13,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .backends import InferenceEncoder
     from .base import (
         FitReport,
         Method,
@@ -45,6 +46,7 @@ _LAZY = {
     "Encoder": ".encoders",
     "build_encoder": ".encoders",
     "ColourTextureStats": ".handcrafted",
+    "InferenceEncoder": ".backends",
     "ENCODER_PRESETS": ".presets",
     "EncoderPreset": ".presets",
     "register_encoder_preset": ".presets",
@@ -104,6 +106,7 @@ __all__ = [
     "Gallery",
     "HESTProbeMethod",
     "HESTProbeSettings",
+    "InferenceEncoder",
     "LossOutput",
     "Method",
     "MethodSettings",
