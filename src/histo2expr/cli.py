@@ -197,6 +197,24 @@ def _embed(
     return time.perf_counter() - tic, adata.uns["X_histo"]["backend"]
 
 
+def _jobs(text: str) -> int | str:
+    """``--jobs``: ``auto`` or a positive number."""
+    if text == "auto":
+        return text
+    return _int_at_least(1)(text)
+
+
+def _n_jobs(args: argparse.Namespace, n_runs: int) -> int:
+    """The cross-validations ``histo2expr benchmark`` runs at once (of ``n_runs``): ``--jobs``, ``auto`` resolved."""
+    from ._settings import available_cpus
+    from .models import resolve_device
+
+    if args.jobs != "auto":
+        return min(args.jobs, n_runs)
+    on_cpu = args.regime == "frozen" and resolve_device(args.device).type == "cpu"
+    return min(available_cpus(), n_runs) if on_cpu else 1
+
+
 def _device_flags(device: str) -> dict[str, Any]:
     """``--device`` as the ``accelerator`` and ``devices`` of :func:`~histo2expr.tl.fit_histo2expr`."""
     from .models.inference import lightning_device
@@ -561,7 +579,7 @@ def _hest_scores(adata: AnnData, runs: list[MethodRun], genes: list[str]) -> tup
 
 def _benchmark(args: argparse.Namespace) -> int:
     from . import pp
-    from ._benchmark import compare_methods, machine_description
+    from ._benchmark import Scheme, compare_methods, machine_description
     from ._hest_benchmark import hest_genes, hest_log_expression
     from .models import available_methods, get_method
 
@@ -615,20 +633,26 @@ def _benchmark(args: argparse.Namespace) -> int:
     else:
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
     method_params = {m: {"encoder": args.encoder} for m in methods} if args.regime == "end2end" else None
-    runs = []
-    for protocol in protocols:
-        runs += compare_methods(
-            adata,
-            methods,
-            cv=protocol,
-            genes=genes,
-            seed=args.seed,
-            progress=not args.quiet,
-            method_params=method_params,
+    schemes = [
+        Scheme(
+            protocol,
             key_suffix=_PROTOCOL_SUFFIX[protocol] if len(protocols) > 1 else "",
             patient_key="patient" if protocol == "leave_one_patient_out" else None,
-            **fit_kwargs,
         )
+        for protocol in protocols
+    ]
+    n_jobs = _n_jobs(args, len(methods) * len(schemes))
+    runs = compare_methods(
+        adata,
+        methods,
+        schemes=schemes,
+        n_jobs=n_jobs,
+        genes=genes,
+        seed=args.seed,
+        progress=not args.quiet,
+        method_params=method_params,
+        **fit_kwargs,
+    )
     hest_lines, hest_results = _hest_scores(adata, runs, genes) if hest else ([], None)
     total = time.perf_counter() - start
     machine = machine_description()
@@ -657,7 +681,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             f"Data: {adata.n_obs} spots on {n_slides} slides ({', '.join(map(str, adata.obs['slide'].unique()))}); "
             f"{gene_rule}; {args.patch_size} px patches"
             f"{'' if mpp is None else f' at {mpp} µm/px'}; at most {args.epochs} epochs; seed {args.seed}."
-            f"{embedded} Whole run: {total:.1f} s.",
+            f"{embedded} Cross-validations run {n_jobs} at a time. Whole run: {total:.1f} s.",
             "",
             *hest_lines,
         ],
@@ -673,6 +697,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             "regime": args.regime,
             "encoder": args.encoder,
             "backend": backend,
+            "jobs": n_jobs,
             "patch_size": args.patch_size,
             "patch_mpp": mpp,
             "embedding": embedding,
@@ -788,6 +813,14 @@ def _parser() -> argparse.ArgumentParser:
         help="frozen features or end-to-end (default frozen)",
     )
     _add_common(add, genes=None, epochs=50, methods=None, out="histo2expr-benchmark")
+    add(
+        "--jobs",
+        type=_jobs,
+        default="auto",
+        help="cross-validations (a method under a scheme) run at once, each in a process of its own with the "
+        "CPUs shared out (the results of one at a time with as many threads): auto (frozen regime on the CPU: "
+        "one per available CPU; else 1) or a number (default auto)",
+    )
     bench.set_defaults(func=_benchmark)
 
     fit = commands.add_parser("fit", help="fit one method on every slide of a dataset and save the model")
