@@ -105,6 +105,7 @@ def run_variant(name: str, revision: str, extra: list[str], data: Path, work: Pa
         "revision": revision,
         "commit": commit,
         "command": "histo2expr benchmark --data DATA --quiet" + "".join(f" {a}" for a in extra),
+        "invocation": "python benchmarks/frozen_benchmark_speed.py " + " ".join(sys.argv[1:]),
         "started": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "wall_s": wall,
         "cpu_s": cpu,
@@ -154,9 +155,10 @@ def method_table(old: dict, new: dict) -> tuple[list[str], bool]:
     return lines, kept
 
 
-def report(work: Path, out: Path, command: str, warm_seconds: float | None) -> None:
+def report(work: Path, out: Path, warm_seconds: float | None) -> None:
     records = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
     old, new = records["old"], records["new"]
+    invocations = list(dict.fromkeys(record["invocation"] for record in (old, new)))
     machine = new["results"]["machine"]
     rows = []
     for record in (old, new):
@@ -181,12 +183,13 @@ def report(work: Path, out: Path, command: str, warm_seconds: float | None) -> N
     text = [
         "# `histo2expr benchmark` on her2st: old against new",
         "",
-        f"Command (from the repository root): `{command}`",
+        "Command (from the repository root): " + " then ".join(f"`{i.strip()}`" for i in invocations),
         "",
         f"Machine: {machine['platform']}, {machine['cpu_cores']} CPU cores ({machine['available_cpus']} "
         f"available to the process), {machine['gpu'] or 'no GPU'}, torch {machine['torch']}, Python "
-        f"{machine['python']}; threads: the package's default policy (torch threads at the end of the new "
-        f"run: {machine['torch_threads']}), `OMP_NUM_THREADS` {os.environ.get('OMP_NUM_THREADS', 'unset')}. "
+        f"{machine['python']}; threads: the package's default policy (torch threads of the new run's main "
+        f"process at its end: {machine['torch_threads']}), `OMP_NUM_THREADS` "
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}. "
         "**The machine was shared with other jobs**: the load average (1 minute) is given before / mean "
         "during / after each run; wall times under a different load are not comparable, CPU seconds are "
         "less sensitive to it.",
@@ -226,9 +229,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/frozen_benchmark_speed"))
     parser.add_argument("--no-warm", dest="warm", action="store_false")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--report-only", action="store_true", help="write the report from --work only")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     warm_file = args.work / "warm_seconds.txt"
+    if args.report_only:
+        args.variants, args.warm = [], False
     if args.warm:
         warm_file.write_text(f"{warm(args.data, args.new, args.work):.1f}")
     for name in args.variants:
@@ -236,9 +242,8 @@ def main() -> None:
         record = run_variant(name, revision, extra.split(), args.data, args.work)
         print(f"{name}: {record['wall_s']:.0f} s wall, {record['cpu_s']:.0f} s CPU", flush=True)
     if (args.work / "old.json").exists() and (args.work / "new.json").exists():
-        command = "python benchmarks/frozen_benchmark_speed.py " + " ".join(sys.argv[1:])
         warm_seconds = float(warm_file.read_text()) if warm_file.exists() else None
-        report(args.work, args.out, command, warm_seconds)
+        report(args.work, args.out, warm_seconds)
 
 
 if __name__ == "__main__":

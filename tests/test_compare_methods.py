@@ -50,3 +50,14 @@ def test_n_jobs_must_be_a_number_of_processes(embedded):
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="`n_jobs` must be a positive number of processes or -1"):
             compare_methods(embedded.copy(), ["ridge"], n_jobs=bad)
+
+
+def test_a_job_process_ends_when_its_parent_is_gone(monkeypatch):
+    from histo2expr import _benchmark
+
+    def exit_now(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(_benchmark.os, "_exit", exit_now)
+    with pytest.raises(SystemExit):  # this process's parent is not process 1
+        _benchmark._exit_with_parent(1, seconds=0.01)

@@ -272,12 +272,20 @@ _worker_adata: AnnData | None = None
 
 
 def _start_worker(adata: AnnData, n_threads: int) -> None:
-    """Set up a process of :func:`_run_jobs`: its AnnData, and its threads."""
+    """Set up a process of :func:`_run_jobs`: its AnnData, its threads, and its end with the caller's process."""
     from ._settings import settings
 
     global _worker_adata
     _worker_adata = adata
     settings.n_threads = n_threads
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, seconds: float = 1.0) -> None:
+    """End this process once its parent ``parent`` has ended (killed, it cannot shut down its pool)."""
+    while os.getppid() == parent:
+        time.sleep(seconds)
+    os._exit(1)
 
 
 def _cross_validate_in_worker(
