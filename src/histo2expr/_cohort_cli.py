@@ -7,7 +7,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import CommandError, _check_encoder, _int_at_least, _one_line, add_engine_options, engine_options
+from .cli import (
+    CommandError,
+    _check_encoder,
+    _int_at_least,
+    _one_line,
+    add_engine_options,
+    add_feature_options,
+    engine_options,
+    feature_options,
+)
 
 
 def _weights(text: str) -> str | None:
@@ -54,6 +63,7 @@ def _embed(args: argparse.Namespace) -> int:
             weights=args.weights,
             patch_size=args.patch_size,
             mpp=args.mpp,
+            **feature_options(args),
             tokens=args.tokens,
             seed=args.seed,
             key_added=args.key_added,
@@ -154,6 +164,7 @@ def add_cohort_commands(commands: Any) -> None:
     )
     add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
     add("--mpp", type=_positive_float, default=None, help="µm per patch pixel (default: the slide's own)")
+    add_feature_options(add)
     add(
         "--tokens",
         type=_int_at_least(1),

@@ -24,6 +24,21 @@ if TYPE_CHECKING:
 TTA_VIEWS = {1: (0,), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 
 
+def check_feature_options(*, tta: Any, context: Any, neighbours: Any, stain_normalization: Any) -> None:
+    """Raise the error :func:`embed_patches` would raise for these feature options, before any work."""
+    from ..patches import PatchSource
+
+    if isinstance(tta, bool) or tta not in TTA_VIEWS:
+        msg = f"`tta` must be the number of views averaged, one of {sorted(TTA_VIEWS)}, got {tta!r}."
+        raise ValueError(msg)
+    if neighbours is not None and (
+        isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1
+    ):
+        msg = f"`neighbours` must be None or a positive number of nearest spots (e.g. 6), got {neighbours!r}."
+        raise ValueError(msg)
+    PatchSource.check_view(1.0 if context is None else context, stain_normalization)
+
+
 def embed_patches(
     data: AnnData | SpatialData,
     *,
@@ -153,14 +168,9 @@ def embed_patches(
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
         msg = f"`tokens` must be None or the side of the token grid, a positive integer (e.g. 3), got {tokens!r}."
         raise ValueError(msg)
-    if isinstance(tta, bool) or tta not in TTA_VIEWS:
-        msg = f"`tta` must be the number of views averaged, one of {sorted(TTA_VIEWS)}, got {tta!r}."
-        raise ValueError(msg)
-    if neighbours is not None and (
-        isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1
-    ):
-        msg = f"`neighbours` must be None or a positive number of nearest spots (e.g. 6), got {neighbours!r}."
-        raise ValueError(msg)
+    check_feature_options(
+        tta=tta, context=context, neighbours=neighbours, stain_normalization=stain_normalization
+    )
     table = get_table(data, table_key)
     geometry: dict[str, Any] = {
         "patch_size": patch_size,
