@@ -148,7 +148,7 @@ def test_benchmark_with_intervals_reports_coverage_per_held_out_slide(cohort_h5a
     assert len(rows) == 3 and all(0 <= row["coverage"] <= 1 and row["interval_width"] > 0 for row in rows)
     assert "## prediction intervals per held-out slide" in markdown
     worst = min(row["coverage"] for row in rows)
-    assert re.search(rf"\| worst slide +\| {worst:.3f} +\| +\|", markdown), markdown
+    assert re.search(rf"\| worst slide +\| +{worst:.3f} +\| +\|", markdown), markdown
 
 
 @pytest.mark.parametrize(

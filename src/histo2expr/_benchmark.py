@@ -264,16 +264,16 @@ def _coverage_table(runs: Sequence[MethodRun], named: str) -> list[str]:
     table = pd.concat(
         {run.method: run.folds.set_index("slide")[["coverage", "interval_width"]] for run in runs}, axis=1
     )
-    table.index.name = "held-out slide"
     worst = table.min().where([column == "coverage" for _, column in table.columns])
     table = pd.concat([table, table.mean().to_frame("mean").T, worst.to_frame("worst slide").T])
+    table.index.name = "held-out slide"
     table.columns = [f"{method} {column.replace('_', ' ')}" for method, column in table.columns]
     return [
         f"## {named}prediction intervals per held-out slide",
         "",
         "Empirical coverage of the conformal intervals and their mean width (log-normalised expression).",
         "",
-        table.map(lambda v: "" if pd.isna(v) else f"{v:.3f}").to_markdown(),
+        table.astype(object).where(table.notna(), None).to_markdown(floatfmt=".3f", missingval=""),
         "",
     ]
 
