@@ -140,10 +140,16 @@ def test_benchmark_bad_input_is_one_clear_line(cohort_h5ad, tmp_path, capsys, ex
 
 def test_benchmark_with_intervals_reports_coverage_per_held_out_slide(cohort_h5ad, tmp_path):
     argv = ["benchmark", "--data", str(cohort_h5ad), "--cv", "leave_one_slide_out", "--methods", "ridge",
-            "--genes", "20", "--intervals", "constant", "--level", "0.8", "--calibration-folds", "2"]  # fmt: skip
+            "--genes", "20", "--intervals", "constant", "--level", "0.8", "--calibration-folds", "2",
+            "--interval-calibration", "per_slide"]  # fmt: skip
     assert cli.main([*argv, *FAST, "--out", str(tmp_path)]) == 0
     results, markdown = read_results(tmp_path)
-    assert results["settings"]["intervals"] == {"intervals": "constant", "level": 0.8, "calibration_folds": 2}
+    assert results["settings"]["intervals"] == {
+        "intervals": "constant",
+        "level": 0.8,
+        "calibration_folds": 2,
+        "interval_calibration": "per_slide",
+    }
     rows = results["methods"]["ridge"]["per_slide"]
     assert len(rows) == 3 and all(0 <= row["coverage"] <= 1 and row["interval_width"] > 0 for row in rows)
     assert "## prediction intervals per held-out slide" in markdown
@@ -164,6 +170,7 @@ def test_benchmark_with_intervals_reports_coverage_per_held_out_slide(cohort_h5a
         ),
         (["--level", "0.8"], "--level set the intervals; add --intervals adaptive"),
         (["--intervals", "wide"], "invalid choice: 'wide'"),
+        (["--interval-calibration", "per_slide"], "--interval-calibration set the intervals"),
         (["--context", "20"], "--context: must be a number from 1 to 8"),
         (["--stain-normalization", "reinhard"], "invalid choice: 'reinhard'"),
     ],

@@ -730,7 +730,7 @@ def add_feature_options(add: Any, *, hest: bool = False) -> None:
 
 def add_interval_options(add: Any) -> None:
     """``--intervals``, ``--level`` and ``--calibration-folds``: the conformal intervals of fit_histo2expr."""
-    from ._validation import KINDS, MAX_CALIBRATION_FOLDS
+    from ._validation import CALIBRATIONS, KINDS, MAX_CALIBRATION_FOLDS
 
     add(
         "--intervals",
@@ -750,6 +750,13 @@ def add_interval_options(add: Any) -> None:
         help=f"inner folds of whole training slides the calibration residuals come from, 2 to "
         f"{MAX_CALIBRATION_FOLDS}; each costs one more fit (default {MAX_CALIBRATION_FOLDS})",
     )
+    add(
+        "--interval-calibration",
+        choices=tuple(CALIBRATIONS),
+        default=None,
+        help="pooled: one quantile over all calibration spots; per_slide: the largest of the calibration slides' "
+        "own quantiles, the level on every calibration slide (wider) (default pooled)",
+    )
 
 
 def interval_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -759,24 +766,24 @@ def interval_options(args: argparse.Namespace) -> dict[str, Any]:
     from . import tl
     from ._validation import check_intervals
 
+    given = {
+        "level": args.level,
+        "calibration_folds": args.calibration_folds,
+        "interval_calibration": args.interval_calibration,
+    }
     if args.intervals == "none":
-        given = [
-            flag
-            for flag, value in (("--level", args.level), ("--calibration-folds", args.calibration_folds))
-            if value is not None
-        ]
-        if given:
+        flags = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+        if flags:
             raise CommandError(
-                f"{' and '.join(given)} set the intervals; add --intervals adaptive (or constant)."
+                f"{' and '.join(flags)} set the intervals; add --intervals adaptive (or constant)."
             )
         return {}
     defaults = inspect.signature(tl.fit_histo2expr).parameters
-    level = defaults["level"].default if args.level is None else args.level
-    folds = (
-        defaults["calibration_folds"].default if args.calibration_folds is None else args.calibration_folds
+    options = {name: defaults[name].default if value is None else value for name, value in given.items()}
+    check_intervals(
+        args.intervals, options["level"], options["calibration_folds"], options["interval_calibration"]
     )
-    kind, level, folds = check_intervals(args.intervals, level, folds)
-    return {"intervals": kind, "level": level, "calibration_folds": folds}
+    return {"intervals": args.intervals, **options}
 
 
 def feature_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -82,6 +82,13 @@ def check_calibration_slides(slides: np.ndarray, folds: list, settings: Interval
         )
         raise ValueError(msg)
     _conformal_rank(min(len(t) for t in training), settings.level)
+    if settings.calibration == "per_slide":
+        spots = pd.Series(slides).value_counts()
+        try:
+            _conformal_rank(int(spots.min()), settings.level)
+        except ValueError as error:
+            msg = f"Slide {spots.idxmin()!r}: {error} (per-slide calibration), or pass `interval_calibration='pooled'`."
+            raise ValueError(msg) from None
 
 
 def _conformal_rank(n: int, level: float) -> int:
