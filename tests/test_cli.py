@@ -44,7 +44,12 @@ def test_demo_compares_methods_and_writes_report_and_figures(tmp_path, capsys):
     assert ridge["seconds"] > 0 and ridge["peak_memory_mib"] > 0
     assert f"{ridge['mean']['pcc_acg']:.3f}" in markdown
     assert results["settings"]["command"].startswith("histo2expr demo --n-slides 2")
-    assert results["settings"]["embedding"] == {"tta": 4, "neighbours": 6}  # embed_patches' defaults
+    assert results["settings"]["embedding"] == {  # embed_patches' defaults
+        "tta": 4,
+        "context": None,
+        "neighbours": 6,
+        "stain_normalization": None,
+    }
     assert "averaged over 4 views of each patch, then the mean of the 6 nearest spots" in markdown
     for figure in ("gene_pcc_boxplot.png", "heg_curve.png"):
         assert (tmp_path / figure).stat().st_size > 1000
