@@ -242,25 +242,29 @@ def training_report(machine: dict) -> str:
     rows = []
     for name, method, regime, epochs in SETTINGS:
         row = {"setting": name}
+        loads = []
         for label, processes, threads in LAYOUTS:
             row[label] = measure(method, regime, epochs, processes, threads)["seconds_per_epoch"]
+            loads.append(f"{os.getloadavg()[0]:.1f}")
             print(name, label, f"{row[label]:.3f} s/epoch", flush=True)
         row["2 threads / 1 thread"] = row[LAYOUTS[0][0]] / row[LAYOUTS[1][0]]
         row["2 processes / 1 thread"] = row[LAYOUTS[0][0]] / row[LAYOUTS[2][0]]
+        row["load average after each layout"] = " / ".join(loads)
         rows.append(row)
     table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f")
     return "\n".join(
         [
             "# Scale-out: seconds per training epoch, 1 vs 2 processes",
             "",
-            "Command: `python benchmarks/scale_out.py`",
+            "Command: `python benchmarks/scale_out.py --part training`",
             "",
             f"Machine: {machine['cpu_cores']} CPU cores (shared with other jobs), torch {machine['torch']}, "
             f"Python {machine['python']}, {machine['platform']}.",
             "",
             __doc__.split("\n\n", 1)[1].split("With ``--part embedding``")[0].strip(),
             "",
-            "Seconds per epoch (lower is better), and the speed-ups over one process with one thread:",
+            "Seconds per epoch (lower is better), the speed-ups over one process with one thread, and the "
+            "1-minute load average of the machine after each layout's measurement (`os.getloadavg`):",
             "",
             table,
             "",
