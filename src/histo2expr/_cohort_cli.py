@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._keys import EMBEDDING_KEY, PREDICT_KEY
 from .cli import CommandError, _check_encoder, _int_at_least, _one_line, add_engine_options, engine_options
 
 
@@ -134,7 +135,7 @@ def _add_shared(add: Any) -> None:
 
 def add_cohort_commands(commands: Any) -> None:
     """Add ``embed`` and ``predict`` to the sub-commands of ``histo2expr``."""
-    from ._records import PREDICT_KEY, SCALES
+    from ._records import SCALES
 
     embed = commands.add_parser(
         "embed", help="embed every slide of a cohort, one output per slide, resumable"
@@ -161,7 +162,7 @@ def add_cohort_commands(commands: Any) -> None:
         help="also keep a TOKENS x TOKENS grid of image tokens",
     )
     add("--seed", type=_int_at_least(0), default=0, help="seed of random weights (default 0)")
-    add("--key-added", default="X_histo", help="obsm key of the features (default X_histo)")
+    add("--key-added", default=EMBEDDING_KEY, help=f"obsm key of the features (default {EMBEDDING_KEY})")
     embed.set_defaults(func=_embed)
 
     predict = commands.add_parser(

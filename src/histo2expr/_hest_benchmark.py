@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._keys import Key, write_fields
 from .metrics import gene_pcc
 
 if TYPE_CHECKING:
@@ -55,9 +56,7 @@ def hest_log_expression(adata: AnnData, *, counts_layer: str = "counts") -> None
     ``.uns["log1p"]`` (``{"base": None}``, scanpy's mark of logged data).
     """
     counts = _counts(adata, counts_layer)
-    adata.layers[counts_layer] = counts
-    adata.X = counts.log1p()
-    adata.uns["log1p"] = {"base": None}
+    write_fields(adata, X=counts.log1p(), layers={counts_layer: counts}, uns={Key.uns.log1p: {"base": None}})
 
 
 def hest_genes(
@@ -123,7 +122,7 @@ def hest_fold_pearson(adata: AnnData, key: str, genes: list[str]) -> pd.DataFram
     predictions = stored_predictions(adata, key)[list(genes)].to_numpy()
     truth = adata.X[:, columns]
     truth = truth.toarray() if sp.issparse(truth) else np.asarray(truth)
-    folds = adata.obs[f"{key}_fold"]
+    folds = adata.obs[Key.obs.fold(key)]
     rows = []
     for fold in folds.cat.categories:
         held_out = np.flatnonzero(folds.to_numpy() == fold)

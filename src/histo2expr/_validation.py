@@ -111,6 +111,16 @@ def positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def positive_int_or_none(value: Any, name: str, *, what: str = "") -> int | None:
+    """``value`` as an int, None as None; raise naming the parameter (and ``what`` it counts) otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        msg = f"`{name}` must be a positive integer{f' ({what})' if what else ''} or None, got {value!r}."
+        raise ValueError(msg)
+    return int(value)
+
+
 def non_negative_number(value: Any, name: str, *, positive: bool = False) -> float:
     """Return ``value`` as a float, or raise naming the parameter when it is not a finite number >= 0 (> 0)."""
     bad = (
@@ -136,6 +146,17 @@ def one_of(value: Any, choices: tuple[str, ...], name: str) -> str:
         msg = f"`{name}` must be one of {list(choices)}, got {value!r}."
         raise ValueError(msg)
     return value
+
+
+def level(value: Any, levels: Sequence[str], name: str) -> int:
+    """The position of ``value`` in ``levels``, given as a level's name or its position; raise naming both forms."""
+    if isinstance(value, str) and value.lower() in levels:
+        return list(levels).index(value.lower())
+    if not isinstance(value, bool) and isinstance(value, int | np.integer) and 0 <= value < len(levels):
+        return int(value)
+    choices = ", ".join(f"{i} ({n!r})" for i, n in enumerate(levels))
+    msg = f"`{name}` must be one of {choices}: the number or the name, got {value!r}."
+    raise ValueError(msg)
 
 
 def flag(value: Any, name: str) -> bool:

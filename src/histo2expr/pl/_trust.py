@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._docs import fill_docs
-from .._records import FIT_KEY, gene_scores
+from .._keys import FIT_KEY, Key
+from .._records import gene_scores
 from ..get import intervals
 from ._spatial import colour_limit, panel_axes, scatter, slide_view
 from ._utils import axes, check_genes, finish, fit_record, predicted_genes, protocol_of, slide_spots, titled
@@ -91,7 +92,7 @@ def _uncertainty_values(
             return (upper[gene] - lower[gene]).to_numpy()[spots], f"{gene}: interval width"
         width = (upper - lower).iloc[spots]
         return width.mean(axis=1, skipna=True).to_numpy(), "mean interval width over genes"
-    column = f"{key}_{'ood_pvalue' if value == 'ood' else 'difficulty'}"
+    column = Key.obs.ood_pvalue(key) if value == "ood" else Key.obs.difficulty(key)
     if column not in adata.obs:
         msg = (
             f"`adata.obs[{column!r}]` is missing: it is written by `hx.tl.predict_expression` and by "

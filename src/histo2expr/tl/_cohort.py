@@ -22,8 +22,12 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pandas as pd
 
+from .. import _logging as logg
 from .._cache import atomic_path, remove_temporaries
-from .._records import PREDICT_KEY, SCALES
+from .._keys import EMBEDDING_KEY, PREDICT_KEY, Key
+from .._logging import Verbosity
+from .._records import SCALES
+from .._settings import settings
 from .._validation import (
     check_element_name,
     check_patch_size,
@@ -40,8 +44,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from lightning.fabric import Fabric
 
-#: Key of ``uns`` holding the provenance of a cohort output.
-PROVENANCE_KEY = "histo2expr_cohort"
 #: Output formats and the suffix of their files.
 FORMATS = {"h5ad": ".h5ad", "zarr": ".zarr"}
 #: Characters that make an input a glob pattern (unless a file of that name exists).
@@ -201,9 +203,9 @@ def _read_table(unit: CohortSlide, job: CohortJob, model: Histo2ExprModel | None
         table = backed[(backed.obs[job.slide_key].astype(str) == unit.subset).to_numpy()].to_memory()
     finally:
         backed.file.close()
-    spatial = table.uns.get("spatial")
+    spatial = table.uns.get(Key.uns.spatial)
     if isinstance(spatial, dict) and unit.subset in spatial:  # this slide's image only
-        table.uns["spatial"] = {unit.subset: spatial[unit.subset]}
+        table.uns[Key.uns.spatial] = {unit.subset: spatial[unit.subset]}
     return table
 
 
@@ -242,7 +244,7 @@ def _write(table: AnnData, target: Path, fmt: str) -> None:
 
 def _stored_parameters(target: Path) -> str | None:
     """The parameters recorded in an existing output (None when it records none); nothing else is read."""
-    name = f"uns/{PROVENANCE_KEY}/parameters"
+    name = f"uns/{Key.uns.cohort_provenance}/parameters"
     if target.suffix == ".zarr":
         import zarr
 
@@ -288,11 +290,18 @@ def _process_slide(job: CohortJob, unit: CohortSlide, model: Histo2ExprModel | N
     from ._predict import predict_expression
 
     table = _read_table(unit, job, model)
-    if job.embedding is not None and (job.step == "embed" or job.embedding["key_added"] not in table.obsm):
-        embed_patches(table, **job.embedding, slide_key=job.slide_key, device=device, progress=False)
-    if model is not None:
-        predict_expression(table, model, slide_key=job.slide_key, **job.prediction)
-    table.uns[PROVENANCE_KEY] = _provenance(job, unit, table)
+    # one line per slide tells the progress; the messages of each call show from verbosity "hint" on
+    verbosity = settings.verbosity
+    with settings.override(
+        verbosity=verbosity if verbosity >= Verbosity.hint else min(verbosity, Verbosity.warning)
+    ):
+        if job.embedding is not None and (
+            job.step == "embed" or job.embedding["key_added"] not in table.obsm
+        ):
+            embed_patches(table, **job.embedding, slide_key=job.slide_key, device=device, progress=False)
+        if model is not None:
+            predict_expression(table, model, slide_key=job.slide_key, **job.prediction)
+    table.uns[Key.uns.cohort_provenance] = _provenance(job, unit, table)
     _write(table, job.target(unit), job.format)
     return table.n_obs
 
@@ -450,7 +459,7 @@ def embed_cohort(
     mpp: float | None = None,
     tokens: int | None = None,
     seed: int = 0,
-    key_added: str = "X_histo",
+    key_added: str = EMBEDDING_KEY,
     spot_diameter_um: float | None = None,
     spacing_um: float | None = None,
     slide_mpp: float | None = None,
@@ -583,7 +592,10 @@ def _start(job: CohortJob, inputs: Inputs) -> pd.DataFrame:
         msg = f"The output folder {job.out_dir} is a file; give a folder (it is made when missing)."
         raise NotADirectoryError(msg)
     _check_existing(job, slides)
-    return _launch(job, slides, {k: job.run[k] for k in ("accelerator", "devices", "strategy", "num_nodes")})
+    start = logg.info(f"{job.step} a cohort of {len(slides)} slides into {job.out_dir}")
+    table = _launch(job, slides, {k: job.run[k] for k in ("accelerator", "devices", "strategy", "num_nodes")})
+    logg.info("    finished", time=start)
+    return table
 
 
 def _file_sha256(path: Path) -> str:
