@@ -116,7 +116,7 @@ def positive_int_or_none(value: Any, name: str, *, what: str = "") -> int | None
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        msg = f"`{name}` must be a positive integer{f' ({what})' if what else ''} or None, got {value!r}."
+        msg = f"`{name}` must be None or a positive integer{f' ({what})' if what else ''}, got {value!r}."
         raise ValueError(msg)
     return int(value)
 

@@ -23,6 +23,8 @@ from histo2expr.io._image import (
     PAD_VALUE,
     ArrayImage,
     _pil_to_rgb,
+    _shrink,
+    _target_size,
     check_pixel_count,
     no_pixel_limit,
     read_image_size,
@@ -75,22 +77,6 @@ class SlideImage:
 # --- writing: what every reader stores per slide -------------------------------------------------
 
 
-def _shrink(image: Any, size: tuple[int, int]) -> np.ndarray:  # image: PIL.Image.Image
-    from PIL import Image
-
-    if image.size != size:
-        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
-    return np.array(image)
-
-
-def _target_size(width: int, height: int, max_px: int) -> tuple[tuple[int, int], float]:
-    if max_px < 1:
-        msg = f"`hires_max_px` must be a positive number of pixels, got {max_px}."
-        raise ValueError(msg)
-    scale = min(1.0, max_px / max(width, height))
-    return (max(1, round(width * scale)), max(1, round(height * scale))), scale
-
-
 def downscale_image(path: str | Path, *, max_px: int = 2000) -> tuple[np.ndarray, float]:
     """Decode an image file shrunk so that its long side is at most ``max_px`` pixels.
 
@@ -124,14 +110,6 @@ def downscale_image(path: str | Path, *, max_px: int = 2000) -> tuple[np.ndarray
             return _shrink(image, size), scale
     except OSError as error:  # e.g. damaged compressed data inside a complete-looking file
         raise unreadable_image(path, error) from error
-
-
-def downscale_pixels(pixels: np.ndarray, *, max_px: int = 2000) -> tuple[np.ndarray, float]:
-    """Like :func:`downscale_image` for an ``(h, w, 3)`` uint8 array already in memory."""
-    from PIL import Image
-
-    size, scale = _target_size(pixels.shape[1], pixels.shape[0], max_px)
-    return _shrink(Image.fromarray(pixels), size), scale
 
 
 def check_spots_inside(

@@ -11,7 +11,8 @@ from anndata import AnnData
 
 from histo2expr._validation import MPP_FIX, check_microns_per_pixel, check_slide_id, check_spot_spacing
 from histo2expr.io._image import read_image_size, to_rgb_uint8
-from histo2expr.io._slides import check_spots_inside, downscale_pixels, spatial_entry, spot_table
+from histo2expr.io._image import downscale_pixels
+from histo2expr.io._slides import check_spots_inside, spatial_entry, spot_table
 from histo2expr.io._spaceranger import counts_present, library_id_of, positions_file, read_space_ranger
 
 logger = logging.getLogger(__name__)
