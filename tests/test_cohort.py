@@ -231,7 +231,7 @@ def test_zarr_outputs_are_spatialdata(cohort, tmp_path):
         (["nothing*.svs"], {}, FileNotFoundError, "matches no file"),
         ([], {}, ValueError, "No slides given"),
         (["S1.h5ad", "all.h5ad"], {}, ValueError, "Two inputs hold slide 'S1'"),
-        (["S1.h5ad"], {"format": "loom"}, ValueError, "is not one of"),
+        (["S1.h5ad"], {"format": "loom"}, ValueError, "`format` must be one of"),
         (["S1.h5ad"], {"batch_size": 0}, ValueError, "batch_size"),
         (["."], {}, ValueError, "no Space Ranger output"),
         (["S1.h5ad"], {"weights": "missing.pt"}, FileNotFoundError, "is no file"),

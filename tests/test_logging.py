@@ -18,17 +18,6 @@ from histo2expr._keys import FIT_KEY, PREDICT_KEY, Key, result_fields, write_fie
 FIT = {"method": "ridge", "genes": 6, "cv": "leave_one_slide_out", "progress": False}
 
 
-@pytest.fixture
-def messages(caplog):
-    """The package logger's messages (it does not propagate to the root logger caplog listens on)."""
-    logger = logging.getLogger("histo2expr")
-    logger.addHandler(caplog.handler)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-
-
 def lines(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.name == "histo2expr"]
 
@@ -55,7 +44,9 @@ def tiny_cohort(n_slides: int = 3, spots: int = 40, seed: int = 0) -> AnnData:
 
 
 def fields(adata: AnnData) -> set[tuple[str, str]]:
-    return {(attribute, name) for attribute in ("obs", "obsm", "var", "uns") for name in getattr(adata, attribute)}
+    return {
+        (attribute, name) for attribute in ("obs", "obsm", "var", "uns") for name in getattr(adata, attribute)
+    }
 
 
 # --- hx.settings.verbosity -------------------------------------------------------------------------------
@@ -64,7 +55,12 @@ def fields(adata: AnnData) -> set[tuple[str, str]]:
 def test_verbosity_takes_numbers_and_names_and_sets_the_logger_level():
     logger = logging.getLogger("histo2expr")
     assert hx.settings.verbosity == 2 and hx.settings.verbosity.name == "info"  # the default shows info
-    for value, level in [(0, logging.ERROR), ("warning", logging.WARNING), ("HINT", logg.HINT), (4, logging.DEBUG)]:
+    for value, level in [
+        (0, logging.ERROR),
+        ("warning", logging.WARNING),
+        ("HINT", logg.HINT),
+        (4, logging.DEBUG),
+    ]:
         with hx.settings.override(verbosity=value):
             assert logger.level == level
     assert logger.level == logging.INFO and "verbosity = <Verbosity.info: 2>" in repr(hx.settings)
@@ -87,15 +83,15 @@ def test_override_restores_every_setting_even_after_an_error():
     assert repr(hx.settings) == before  # a refused value restores what was already changed
 
 
-def test_messages_carry_scanpy_style_timings(messages):
+def test_messages_carry_scanpy_style_timings(histo2expr_log):
     start = logg.info("computing something")
     logg.info("    finished", time=start)
-    assert lines(messages) == ["computing something", "    finished (0:00:00)"]
+    assert lines(histo2expr_log) == ["computing something", "    finished (0:00:00)"]
     with hx.settings.override(verbosity="info"):
         logg.hint("a hint")
     with hx.settings.override(verbosity="hint"):
         logg.hint("shown hint")
-    assert lines(messages)[2:] == ["shown hint"]
+    assert lines(histo2expr_log)[2:] == ["shown hint"]
 
 
 def test_the_default_handler_prints_to_stderr(capsys):
@@ -109,7 +105,7 @@ def test_the_default_handler_prints_to_stderr(capsys):
 # --- the writer -----------------------------------------------------------------------------------------
 
 
-def test_writer_logs_every_field_added_updated_and_removed(messages):
+def test_writer_logs_every_field_added_updated_and_removed(histo2expr_log):
     adata = AnnData(np.zeros((3, 2), dtype=np.float32))
     adata.obsm["old"] = np.zeros((3, 1))
     adata.obs["kept"] = 1.0
@@ -122,7 +118,7 @@ def test_writer_logs_every_field_added_updated_and_removed(messages):
         remove={"obsm": ["old", "absent"]},
         start=start,
     )
-    assert lines(messages) == [
+    assert lines(histo2expr_log) == [
         "writing",
         "    removed adata.obsm['old']",
         "    updated adata.obs['kept']",
@@ -135,13 +131,13 @@ def test_writer_logs_every_field_added_updated_and_removed(messages):
     assert list(adata.obs["kept"]) == [1.0, 2.0, 3.0]
 
 
-def test_normalize_says_what_it_added_and_is_quiet_below_info(messages):
+def test_normalize_says_what_it_added_and_is_quiet_below_info(histo2expr_log):
     adata = AnnData(sp.csr_matrix(np.random.default_rng(0).poisson(3, (5, 4)).astype(np.float32)))
     with hx.settings.override(verbosity="warning"):
         hx.pp.normalize(adata.copy())
-    assert lines(messages) == []
+    assert lines(histo2expr_log) == []
     hx.pp.normalize(adata)
-    assert lines(messages) == [
+    assert lines(histo2expr_log) == [
         "normalizing counts per spot to 10000, then log1p",
         "    updated adata.X",
         "    added adata.obs['total_counts']",
@@ -160,11 +156,11 @@ def fitted():
     before = fields(adata)
     with hx.settings.override(verbosity="warning"):
         model = hx.tl.fit_histo2expr(adata, intervals=True, **FIT)
-    return adata, model, fields(adata) - before
+    return model, fields(adata) - before
 
 
 def test_fit_and_predict_write_exactly_the_keys_the_keys_module_lists(fitted):
-    adata, model, written = fitted
+    model, written = fitted
     listed = {(attribute, name) for attribute, names in result_fields(FIT_KEY).items() for name in names}
     not_by_cv = {("obsm", Key.obsm.embedding(FIT_KEY)), ("obs", Key.obs.similarity(FIT_KEY))}
     assert written == listed - not_by_cv | {("uns", Key.uns.record(FIT_KEY))}
@@ -178,14 +174,17 @@ def test_fit_and_predict_write_exactly_the_keys_the_keys_module_lists(fitted):
     assert fields(new) - before == listed - cv_only - no_retrieval | {("uns", Key.uns.record(PREDICT_KEY))}
 
 
-def test_fit_logs_its_start_every_fold_and_each_key_with_timings(messages):
+def test_fit_logs_its_start_every_fold_and_each_key_with_timings(histo2expr_log):
     adata = tiny_cohort()
     hx.tl.fit_histo2expr(adata, **FIT)
-    said = lines(messages)
+    said = lines(histo2expr_log)
     assert said[0] == "fitting ridge (frozen) on 120 spots of 3 slides, leave_one_slide_out: 3 folds"
     for slide in ("S0", "S1", "S2"):
         assert f"    fold {slide}: 80 training spots, 40 held out" in said
-        assert any(re.fullmatch(rf"    fold {slide}: mean held-out gene PCC -?\d\.\d{{3}} \(0:00:\d\d\)", s) for s in said)
+        assert any(
+            re.fullmatch(rf"    fold {slide}: mean held-out gene PCC -?\d\.\d{{3}} \(0:00:\d\d\)", s)
+            for s in said
+        )
     assert re.fullmatch(r"    final model: finished \(0:00:\d\d\)", said[-9])
     assert said[-8:-1] == [
         "    added adata.obs['histo2expr_fold']",
@@ -197,20 +196,22 @@ def test_fit_logs_its_start_every_fold_and_each_key_with_timings(messages):
         "    added adata.uns['histo2expr']",
     ]
     assert re.fullmatch(r"    finished \(0:00:\d\d\)", said[-1])
-    messages.clear()
+    histo2expr_log.clear()
     with hx.settings.override(verbosity="warning"):
         hx.tl.fit_histo2expr(adata, **FIT)
-    assert lines(messages) == []
+    assert lines(histo2expr_log) == []
 
 
-def test_predict_and_evaluate_log_start_keys_and_end(fitted, messages):
-    _, model, _ = fitted
+def test_predict_and_evaluate_log_start_keys_and_end(fitted, histo2expr_log):
+    model, _ = fitted
     new = tiny_cohort(1, seed=2)
     hx.tl.evaluate_expression(new, model)
-    said = lines(messages)
+    said = lines(histo2expr_log)
     assert said[0] == "evaluating ridge on 40 spots with measured expression"
     assert said[1] == "predicting 6 genes with ridge on 40 spots of 1 slides (training scale)"
     assert "    added adata.obsm['histo2expr_pred_lower']" in said
-    assert said[-2:-1] == ["    updated adata.uns['histo2expr_pred']"]  # evaluate adds its scores to the record
+    assert said[-2:-1] == [
+        "    updated adata.uns['histo2expr_pred']"
+    ]  # evaluate adds its scores to the record
     hx.tl.predict_expression(new, model)  # a rerun replaces its own results
-    assert "    updated adata.obsm['histo2expr_pred']" in lines(messages)
+    assert "    updated adata.obsm['histo2expr_pred']" in lines(histo2expr_log)

@@ -104,8 +104,3 @@ def info(msg: str, *, time: float | None = None) -> float:
 def hint(msg: str, *, time: float | None = None) -> float:
     """Log ``msg`` at hint level (verbosity 3): what a call chose by itself and why."""
     return _log(HINT, msg, time)
-
-
-def debug(msg: str, *, time: float | None = None) -> float:
-    """Log ``msg`` at debug level (verbosity 4)."""
-    return _log(logging.DEBUG, msg, time)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import _logging as logg
 from ._logging import LEVELS, Verbosity, logger
 from ._validation import level, positive_int_or_none
 
@@ -46,14 +47,16 @@ class Histo2ExprSettings:
 
     @property
     def verbosity(self) -> Verbosity:
-        """How much histo2expr tells: 0 ``"error"``, 1 ``"warning"``, 2 ``"info"`` (default), 3 ``"hint"``, 4 ``"debug"``.
+        """How much histo2expr tells, from 0 (``"error"``) to 4 (``"debug"``); 2 (``"info"``) by default.
 
-        Set a number or a name. At ``"info"`` every call says what it computes and how long it took
-        (``"    finished (0:00:12)"``), and which fields of the AnnData it added or updated; ``"hint"``
-        adds what a call chose by itself, ``"debug"`` the details; ``"warning"`` or ``"error"`` keep
-        calls quiet. The messages go to ``logging.getLogger("histo2expr")`` (see
-        :doc:`/logging`); warnings are Python warnings whatever the verbosity, and progress bars
-        are turned off per call (``progress=False``).
+        Set a number or a name: 0 ``"error"``, 1 ``"warning"``, 2 ``"info"``, 3 ``"hint"``, 4
+        ``"debug"``. At ``"info"`` every call says what it computes and how long it took
+        (``finished (0:00:12)``), and which fields of the AnnData it added, updated or removed;
+        ``"hint"`` adds what a call chose by itself (e.g. the number of CPU threads) and what the
+        calls made for each slide of a cohort say; ``"warning"`` or ``"error"`` keep calls quiet.
+        The messages go to ``logging.getLogger("histo2expr")`` (see :doc:`/logging`); warnings are
+        Python warnings whatever the verbosity, and progress bars are turned off per call
+        (``progress=False``).
         """
         return self._verbosity
 
@@ -249,6 +252,7 @@ def cpu_threads(num_workers: int = 0) -> Iterator[int]:
         yield _active_threads
         return
     threads = compute_threads(num_workers)
+    logg.hint(f"    computing on {threads} CPU thread{'s' if threads > 1 else ''} (hx.settings.n_threads)")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     _active_threads = threads

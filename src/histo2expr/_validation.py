@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -140,10 +140,11 @@ def probability(value: Any, name: str) -> float:
     return float(value)
 
 
-def one_of(value: Any, choices: tuple[str, ...], name: str) -> str:
-    """Return ``value``, or raise naming the parameter and its choices when it is not one of them."""
+def one_of(value: Any, choices: Iterable[str], name: str, *, fix: str = "") -> str:
+    """Return ``value``, or raise naming the parameter and its choices (and ``fix``) when it is not one of them."""
+    choices = list(choices)
     if not isinstance(value, str) or value not in choices:
-        msg = f"`{name}` must be one of {list(choices)}, got {value!r}."
+        msg = f"`{name}` must be one of {choices}, got {value!r}.{f' {fix}' if fix else ''}"
         raise ValueError(msg)
     return value
 

@@ -105,9 +105,8 @@ def downscale_image(path: str | Path, *, max_px: int = 2000) -> tuple[np.ndarray
             size, scale = _target_size(*image.size, max_px)
             image.draft(None, size)
             check_pixel_count(path, image.size[1], image.size[0])  # what is decoded, after the draft
-            if image.mode != "RGB":
-                image = Image.fromarray(_pil_to_rgb(image, path))
-            return _shrink(image, size), scale
+            rgb = image if image.mode == "RGB" else Image.fromarray(_pil_to_rgb(image, path))
+            return _shrink(rgb, size), scale
     except OSError as error:  # e.g. damaged compressed data inside a complete-looking file
         raise unreadable_image(path, error) from error
 
@@ -154,7 +153,7 @@ def spatial_entry(
     scalefactors["microns_per_pixel"] = float(microns_per_pixel)
     if spot_spacing_fullres is not None:
         scalefactors["spot_spacing_fullres"] = float(spot_spacing_fullres)
-    metadata = {"microns_per_pixel_source": microns_per_pixel_source}
+    metadata: dict[str, str | int] = {"microns_per_pixel_source": microns_per_pixel_source}
     if source_image_path is not None:
         metadata["source_image_path"] = str(Path(source_image_path).resolve())
     if source_image_level is not None:
@@ -378,7 +377,7 @@ def _image_element(
     names = list(sdata.images)
     if image_key is not None:
         name = image_key if isinstance(image_key, str) else image_key.get(slide)
-        if name not in sdata.images:
+        if name is None or name not in sdata.images:
             msg = (
                 f"`image_key` names no image element for slide {slide!r} (got {name!r}); the image "
                 f"elements are {names}."

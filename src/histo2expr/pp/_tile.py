@@ -13,6 +13,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._validation import one_of
+
 #: Spot diameter (µm) when neither the argument nor ``geometry`` gives one: a Visium spot.
 DEFAULT_SPOT_DIAMETER_UM = 55.0
 #: Otsu thresholds of saturation below this (0-1) are raised to it: blank glass has no second class.
@@ -277,9 +279,7 @@ def tile_slide(
         spacing_um if spacing_um is not None else geometry.get("spot_spacing_um", spot_diameter_um),
         "spacing_um",
     )
-    if layout not in ("hex", "grid"):
-        msg = f"`layout` must be 'hex' or 'grid', got {layout!r}."
-        raise ValueError(msg)
+    one_of(layout, ("hex", "grid"), "layout")
     if isinstance(min_tissue_fraction, bool) or not 0 < min_tissue_fraction <= 1:
         msg = f"`min_tissue_fraction` must be in (0, 1], got {min_tissue_fraction!r}."
         raise ValueError(msg)

@@ -33,6 +33,7 @@ from .._validation import (
     check_patch_size,
     check_slide_id,
     non_negative_number,
+    one_of,
     positive_int,
     seed_value,
 )
@@ -427,11 +428,7 @@ def _engine(
 
 
 def _checked_format(format: str) -> str:
-    if format not in FORMATS:
-        msg = (
-            f"`format={format!r}` is not one of {sorted(FORMATS)}: 'h5ad' (AnnData) or 'zarr' (SpatialData)."
-        )
-        raise ValueError(msg)
+    one_of(format, FORMATS, "format", fix="'h5ad' writes AnnData files, 'zarr' SpatialData.")
     return format
 
 
@@ -661,9 +658,7 @@ def predict_cohort(
     ``model`` (``sha256``: the hash of the model file, or of the saved model when an object was
     passed; ``method``, ``path``).
     """
-    if scale not in SCALES:
-        msg = f"`scale={scale!r}` is not one of {sorted(SCALES)}; see `hx.tl.predict_expression`."
-        raise ValueError(msg)
+    one_of(scale, SCALES, "scale", fix="See `hx.tl.predict_expression` for what each means.")
     positive_int(batch_size, "batch_size")
     if isinstance(model, Histo2ExprModel):
         loaded = model

@@ -91,7 +91,8 @@ def evaluate_expression(
     lower, upper = Key.obsm.lower(key_added), Key.obsm.upper(key_added)
     if lower in table.obsm:  # a model calibrated with intervals: their coverage here
         spots = HeldOut(
-            *(table.obsm[bound][model.genes].to_numpy() for bound in (lower, upper)),
+            lower=table.obsm[lower][model.genes].to_numpy(),
+            upper=table.obsm[upper][model.genes].to_numpy(),
             difficulty=table.obs[Key.obs.difficulty(key_added)].to_numpy(),
             p_value=table.obs[Key.obs.ood_pvalue(key_added)].to_numpy(),
         )

@@ -14,7 +14,7 @@ from .. import _logging as logg
 from .._keys import PREDICT_KEY, Key
 from .._records import EXTERNAL_PROTOCOL, SCALES
 from .._settings import cpu_threads
-from .._validation import check_not_empty, check_unique_var_names, get_table, slide_labels
+from .._validation import check_not_empty, check_unique_var_names, get_table, one_of, slide_labels
 from ..models.base import SpotSet
 from ._data import coordinates, features_of, tokens_of
 from ._intervals import Calibration, new_spots, standardized_bounds
@@ -247,9 +247,7 @@ def predict_expression(
         raise TypeError(msg)
     check_not_empty(table, what="prediction", genes=False)
     check_unique_var_names(table)
-    if scale not in SCALES:
-        msg = f"`scale={scale!r}` is not one of {sorted(SCALES)}; see the docstring for what each means."
-        raise ValueError(msg)
+    one_of(scale, SCALES, "scale", fix="See the docstring for what each means.")
     check_key(table, key_added, kind="prediction", method=model.method.name, protocol=EXTERNAL_PROTOCOL)
     slides = slide_labels(table, slide_key, required=False)
     training = model.params.get("training_data")
