@@ -49,7 +49,7 @@ def _counts(adata: AnnData, counts_layer: str) -> sp.csr_matrix:
     return sp.csr_matrix(counts, dtype=np.float32)
 
 
-def hest_log_expression(adata: AnnData, *, counts_layer: str = "counts") -> None:
+def hest_log_expression(adata: AnnData, *, counts_layer: str = Key.layers.counts) -> None:
     """Make ``X`` HEST-Benchmark's targets: ``log1p`` of the raw counts, without depth normalisation.
 
     Sets ``.layers[counts_layer]`` (the raw counts), ``.X`` (``log1p(counts)``, float32 CSR) and
@@ -60,7 +60,11 @@ def hest_log_expression(adata: AnnData, *, counts_layer: str = "counts") -> None
 
 
 def hest_genes(
-    adata: AnnData, n_top: int = HEST_GENES, *, slide_key: str = "slide", counts_layer: str = "counts"
+    adata: AnnData,
+    n_top: int = HEST_GENES,
+    *,
+    slide_key: str = "slide",
+    counts_layer: str = Key.layers.counts,
 ) -> list[str]:
     """HEST-Benchmark's genes of a task: the ``n_top`` highly variable genes over all its samples.
 

@@ -32,6 +32,16 @@ EMBEDDING_KEY = "X_histo"
 SELECTED_KEY = "histo2expr_selected"
 
 
+def _key(template: str, doc: str) -> staticmethod[[str], str]:
+    """A key built from a ``key_added``: ``template`` with ``{key}`` in it, e.g. ``"{key}_fold"``."""
+
+    def build(key: str) -> str:
+        return template.format(key=key)
+
+    build.__doc__ = f"{doc} (``{template}``)"
+    return staticmethod(build)
+
+
 class Key:
     """The AnnData keys of histo2expr, by the attribute of the AnnData that holds them."""
 
@@ -40,80 +50,36 @@ class Key:
 
         #: Counts per spot before normalisation (:func:`~histo2expr.pp.normalize`).
         total_counts = "total_counts"
-
-        @staticmethod
-        def fold(key: str) -> str:
-            """The cross-validation fold that held each spot out."""
-            return f"{key}_fold"
-
-        @staticmethod
-        def similarity(key: str) -> str:
-            """The retrieval similarity of each spot to the method's gallery."""
-            return f"{key}_similarity"
-
-        @staticmethod
-        def ood_pvalue(key: str) -> str:
-            """Each spot's out-of-distribution p-value."""
-            return f"{key}_ood_pvalue"
-
-        @staticmethod
-        def difficulty(key: str) -> str:
-            """Each spot's difficulty (the scale of its adaptive intervals)."""
-            return f"{key}_difficulty"
+        #: The spots element and the spot's index in it, of a table made by :func:`~histo2expr.io.to_spatialdata`.
+        region = "region"
+        spot_id = "spot_id"
+        fold = _key("{key}_fold", "The cross-validation fold that held each spot out")
+        similarity = _key("{key}_similarity", "The retrieval similarity of each spot to the method's gallery")
+        ood_pvalue = _key("{key}_ood_pvalue", "Each spot's out-of-distribution p-value")
+        difficulty = _key("{key}_difficulty", "Each spot's difficulty (the scale of its adaptive intervals)")
 
     class obsm:
         """Arrays and frames of ``.obsm``."""
 
         #: Spot centres (x, y) in full-resolution pixels.
         spatial = "spatial"
-
-        @staticmethod
-        def features(key: str) -> str:
-            """Frozen image features of each spot (:func:`~histo2expr.tl.embed_patches`)."""
-            return key
-
-        @staticmethod
-        def tokens(key: str) -> str:
-            """The token grids of the frozen features at ``obsm[key]``."""
-            return f"{key}_tokens"
-
-        @staticmethod
-        def predictions(key: str) -> str:
-            """The predictions: spots x genes."""
-            return key
-
-        @staticmethod
-        def embedding(key: str) -> str:
-            """The fitted method's own image embedding of each spot."""
-            return f"X_{key}"
-
-        @staticmethod
-        def lower(key: str) -> str:
-            """Lower bounds of the prediction intervals, laid out as the predictions."""
-            return f"{key}_lower"
-
-        @staticmethod
-        def upper(key: str) -> str:
-            """Upper bounds of the prediction intervals."""
-            return f"{key}_upper"
+        features = _key("{key}", "Frozen image features of each spot (:func:`~histo2expr.tl.embed_patches`)")
+        tokens = _key("{key}_tokens", "The token grids beside the frozen features of ``obsm[key]``")
+        predictions = _key("{key}", "The predictions, spots x genes")
+        embedding = _key("X_{key}", "The fitted method's own image embedding of each spot")
+        lower = _key("{key}_lower", "Lower bounds of the prediction intervals, laid out as the predictions")
+        upper = _key("{key}_upper", "Upper bounds of the prediction intervals")
 
     class var:
         """Columns of ``.var``."""
 
+        selected = _key("{key}", "Whether :func:`~histo2expr.pp.select_genes` chose the gene")
+        rank = _key("{key}_rank", "The gene's rank in :func:`~histo2expr.pp.select_genes` (-1: not chosen)")
+
         @staticmethod
         def predictability(key: str, column: str) -> str:
-            """A gene's cross-validated PCC, its interval or its flag (``column`` of :data:`histo2expr._predictability.COLUMNS`)."""
+            """A gene's cross-validated PCC, its interval or flag: ``column`` of ``_predictability.COLUMNS``."""
             return f"{key}_{column}"
-
-        @staticmethod
-        def selected(key: str) -> str:
-            """Whether :func:`~histo2expr.pp.select_genes` chose the gene."""
-            return key
-
-        @staticmethod
-        def rank(key: str) -> str:
-            """The gene's rank in :func:`~histo2expr.pp.select_genes` (-1 when not chosen)."""
-            return f"{key}_rank"
 
     class layers:
         """Layers."""
@@ -141,11 +107,9 @@ class Key:
         cohort_provenance = "histo2expr_cohort"
         #: Provenance of a table made by :func:`~histo2expr.io.to_spatialdata`.
         spatialdata_provenance = "histo2expr_to_spatialdata"
-
-        @staticmethod
-        def record(key: str) -> str:
-            """The record of a fit, prediction, embedding or gene selection written with ``key_added=key``."""
-            return key
+        record = _key(
+            "{key}", "The record of a fit, prediction, embedding or gene selection with ``key_added=key``"
+        )
 
 
 def result_fields(key: str) -> dict[str, list[str]]:

@@ -10,6 +10,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from ._keys import Key
+
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
@@ -62,7 +64,7 @@ def check_obs_key(adata: AnnData, key: str, *, what: str = "slide") -> pd.Series
     return values
 
 
-def spatial_coordinates(adata: AnnData, key: str = "spatial") -> np.ndarray:
+def spatial_coordinates(adata: AnnData, key: str = Key.obsm.spatial) -> np.ndarray:
     """Return the ``(n_spots, 2)`` spot centres (x, y) in full-resolution pixels."""
     if key not in adata.obsm:
         msg = (
@@ -282,7 +284,7 @@ _CHECKED_ENTRIES = 2_000_000
 _RATIO_TOLERANCE = 0.01
 
 
-def check_log_normalised(adata: AnnData, *, counts_layer: str = "counts") -> None:
+def check_log_normalised(adata: AnnData, *, counts_layer: str = Key.layers.counts) -> None:
     """Raise unless ``adata.X`` holds log1p of counts normalised per spot (:func:`histo2expr.pp.normalize`).
 
     Checked on evenly spaced spots (up to 1000, fewer with many genes), by properties that hold for any cohort, depth

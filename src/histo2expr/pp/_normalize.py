@@ -15,7 +15,7 @@ def normalize(
     adata: AnnData,
     *,
     target_sum: float = 1e4,
-    counts_layer: str = "counts",
+    counts_layer: str = Key.layers.counts,
     copy: bool = False,
 ) -> AnnData | None:
     """Normalise every spot to ``target_sum`` counts and take ``log1p``.

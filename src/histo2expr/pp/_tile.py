@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._keys import Key
 from .._validation import one_of
 
 #: Spot diameter (µm) when neither the argument nor ``geometry`` gives one: a Visium spot.
@@ -343,12 +344,12 @@ def tile_slide(
         index=pd.Index([f"{slide}_{r}x{c}" for r, c in zip(rows, cols, strict=True)]),
     )
     out = AnnData(X=sp.csr_matrix((len(obs), 0), dtype=np.float32), obs=obs)
-    out.obsm["spatial"] = centres.astype(np.float64)
+    out.obsm[Key.obsm.spatial] = centres.astype(np.float64)
     tiled = copy.deepcopy(entry)
     tiled["scalefactors"]["spot_diameter_fullres"] = 2 * radius
     tiled["scalefactors"]["spot_spacing_fullres"] = spacing
-    out.uns["spatial"] = {slide: tiled}
-    out.uns["tile_slide"] = {
+    out.uns[Key.uns.spatial] = {slide: tiled}
+    out.uns[Key.uns.tile_slide] = {
         "params": {
             "spot_diameter_um": spot_diameter_um,
             "spacing_um": spacing_um,
