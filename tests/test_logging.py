@@ -208,7 +208,7 @@ def test_predict_and_evaluate_log_start_keys_and_end(fitted, histo2expr_log):
     hx.tl.evaluate_expression(new, model)
     said = lines(histo2expr_log)
     assert said[0] == "evaluating ridge on 40 spots with measured expression"
-    assert said[1] == "predicting 6 genes with ridge on 40 spots of 1 slides (training scale)"
+    assert said[1] == "predicting 6 genes with ridge on 40 spots of 1 slide (training scale)"
     assert "    added adata.obsm['histo2expr_pred_lower']" in said
     assert said[-2:-1] == [
         "    updated adata.uns['histo2expr_pred']"

@@ -84,6 +84,11 @@ def _configure() -> None:
 _configure()
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one: ``"1 slide"``, ``"1,947 spots"``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def elapsed(start: float) -> str:
     """Time since ``start`` (from :func:`info` or :func:`time.monotonic`) as ``H:MM:SS``."""
     return str(timedelta(seconds=round(_time.monotonic() - start)))

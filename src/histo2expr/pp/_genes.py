@@ -112,7 +112,7 @@ def select_genes(
     genes = list(adata.var_names[order])
     if not inplace:
         return genes
-    logg.info(f"selected {n_top} genes by {flavor} on {len(chosen)} slides")
+    logg.info(f"selected {logg.counted(n_top, 'gene')} by {flavor} on {logg.counted(len(chosen), 'slide')}")
     rank = pd.Series(-1, index=adata.var_names, dtype=np.int64)
     rank.iloc[order] = np.arange(n_top)
     write_fields(

@@ -589,7 +589,7 @@ def _start(job: CohortJob, inputs: Inputs) -> pd.DataFrame:
         msg = f"The output folder {job.out_dir} is a file; give a folder (it is made when missing)."
         raise NotADirectoryError(msg)
     _check_existing(job, slides)
-    start = logg.info(f"{job.step} a cohort of {len(slides)} slides into {job.out_dir}")
+    start = logg.info(f"{job.step} a cohort of {logg.counted(len(slides), 'slide')} into {job.out_dir}")
     table = _launch(job, slides, {k: job.run[k] for k in ("accelerator", "devices", "strategy", "num_nodes")})
     logg.info("    finished", time=start)
     return table

@@ -180,7 +180,9 @@ def embed_patches(
             "`num_features`); embed without `tokens`, or use a timm encoder."
         )
         raise ValueError(msg)
-    start = logg.info(f"embedding {len(source)} patches with {model.name} ({tta} views per patch)")
+    start = logg.info(
+        f"embedding the patches of {logg.counted(len(source), 'spot')} with {model.name} ({logg.counted(tta, 'view')} each)"
+    )
     run = {"model": model, "views": TTA_VIEWS[tta], "batch_size": batch_size, "num_workers": num_workers}
     run.update(fabric=fabric, memory_format=memory_format, progress=progress)
     features, token_array = _embed_views(source, tokens=tokens, desc="embedding", **run)

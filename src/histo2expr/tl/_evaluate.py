@@ -78,7 +78,9 @@ def evaluate_expression(
     check_unique_var_names(table)
     check_log_normalised(table)
     truth = log_expression(table, model.genes)
-    start = logg.info(f"evaluating {model.method.name} on {table.n_obs} spots with measured expression")
+    start = logg.info(
+        f"evaluating {model.method.name} on {logg.counted(table.n_obs, 'spot')} with measured expression"
+    )
     predict_expression(
         data, model, key_added=key_added, slide_key=slide_key, table_key=table_key, device=device
     )

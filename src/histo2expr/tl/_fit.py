@@ -212,7 +212,7 @@ def _cross_validate(
     trust: dict[str, Any] = {"coverage": {}, "width": {}}
     for fold in folds:
         start = logg.info(
-            f"    fold {fold.name}: {len(fold.train)} training spots, {len(fold.test)} held out"
+            f"    fold {fold.name}: {logg.counted(len(fold.train), 'training spot')}, {len(fold.test):,} held out"
         )
         fitted = _fit_on(inputs, fold.train, **fit_args)
         predicted = fitted.scaler.inverse_transform(fitted.method.predict(inputs.spots(fold.test)))
@@ -546,8 +546,9 @@ def fit_histo2expr(
     ):
         warnings.warn(warning, UserWarning, stacklevel=2)
     start = logg.info(
-        f"fitting {method} ({regime}) on {table.n_obs} spots of {len(set(slides))} slides"
-        + (f", {protocol}: {len(folds)} folds" if folds else "")
+        f"fitting {method} ({regime}) on {logg.counted(table.n_obs, 'spot')} of "
+        f"{logg.counted(len(set(slides)), 'slide')}"
+        + (f", {protocol}: {logg.counted(len(folds), 'fold')}" if folds else "")
     )
     record: dict[str, Any] = {
         "kind": kind,
@@ -604,7 +605,7 @@ def fit_histo2expr(
         final: _FoldFit | None = None
         model_trust: dict[str, Any] | None = None
         if refit:
-            refit_start = logg.info(f"    final model: fitting on all {table.n_obs} spots")
+            refit_start = logg.info(f"    final model: fitting on all {logg.counted(table.n_obs, 'spot')}")
             final = _fit_on(inputs, np.arange(table.n_obs), **fit_args)
             model_trust = _model_trust(inputs, final, fit_args, settings, predictability)
             bar.update(1)

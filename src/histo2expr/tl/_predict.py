@@ -254,8 +254,8 @@ def predict_expression(
     if scale == "depth":
         check_depth_inputs(table, training, library_size)
     start = logg.info(
-        f"predicting {len(model.genes)} genes with {model.method.name} on {table.n_obs} spots of "
-        f"{len(set(slides))} slides ({scale} scale)"
+        f"predicting {logg.counted(len(model.genes), 'gene')} with {model.method.name} on "
+        f"{logg.counted(table.n_obs, 'spot')} of {logg.counted(len(set(slides)), 'slide')} ({scale} scale)"
     )
     with cpu_threads(0):
         if model.use_rep is not None:
