@@ -31,12 +31,14 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _run(call: Any) -> int:
-    """Run ``call``; slides that failed (the others are written) give one line on stderr and exit status 1."""
+def _run(call: Any, *, quiet: bool) -> int:
+    """Run ``call``, with warnings and errors only when ``quiet``; failed slides give one line on stderr, status 1."""
+    from ._settings import settings
     from .tl import SlidesFailedError
 
     try:
-        call()
+        with settings.override(verbosity=min(settings.verbosity, 1) if quiet else settings.verbosity):
+            call()
     except SlidesFailedError as error:
         print(f"histo2expr: {_one_line(error)}", file=sys.stderr)
         return 1
@@ -59,7 +61,8 @@ def _embed(args: argparse.Namespace) -> int:
             seed=args.seed,
             key_added=args.key_added,
             **_common(args),
-        )
+        ),
+        quiet=args.quiet,
     )
 
 
@@ -79,7 +82,8 @@ def _predict(args: argparse.Namespace) -> int:
             scale=args.scale,
             library_size=args.library_size,
             **_common(args),
-        )
+        ),
+        quiet=args.quiet,
     )
 
 
@@ -130,7 +134,7 @@ def _add_shared(add: Any) -> None:
     add(
         "--overwrite", action="store_true", help="redo every slide (default: skip slides whose output exists)"
     )
-    add("--quiet", action="store_true", help="no line per slide")
+    add("--quiet", action="store_true", help="no line per slide, no messages but warnings and errors")
 
 
 def add_cohort_commands(commands: Any) -> None:

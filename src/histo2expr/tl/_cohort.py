@@ -314,8 +314,13 @@ def _say(job: CohortJob, text: str) -> None:
 
 def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.DataFrame:
     """Run in every process: take this process's share of the slides still to do; the table of all slides."""
-    start = time.perf_counter()
+    start = time.monotonic()  # as the package logger's timings
     rank, world = fabric.global_rank, fabric.world_size
+    if rank == 0:
+        processes = f" ({world} processes)" if world > 1 else ""
+        logg.info(
+            f"{job.step} a cohort of {logg.counted(len(slides), 'slide')} into {job.out_dir}{processes}"
+        )
     done: list[bool] | None = None
     if rank == 0:  # one process decides, before any writes, which outputs are finished
         job.out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,7 +359,7 @@ def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.
         _say(
             job,
             f"{len(table)} slides: {counts.get('written', 0)} written, {counts.get('skipped', 0)} skipped, "
-            f"{len(failed)} failed, in {time.perf_counter() - start:.1f} s ({world} process{'es' if world > 1 else ''}); "
+            f"{len(failed)} failed, in {time.monotonic() - start:.1f} s ({world} process{'es' if world > 1 else ''}); "
             f"outputs in {job.out_dir}",
         )
     if len(failed):
@@ -364,6 +369,8 @@ def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.
             "slides and run the same command again: finished slides are skipped."
         )
         raise SlidesFailedError(msg)
+    if rank == 0:
+        logg.info("    finished", time=start)
     return table
 
 
@@ -589,10 +596,7 @@ def _start(job: CohortJob, inputs: Inputs) -> pd.DataFrame:
         msg = f"The output folder {job.out_dir} is a file; give a folder (it is made when missing)."
         raise NotADirectoryError(msg)
     _check_existing(job, slides)
-    start = logg.info(f"{job.step} a cohort of {logg.counted(len(slides), 'slide')} into {job.out_dir}")
-    table = _launch(job, slides, {k: job.run[k] for k in ("accelerator", "devices", "strategy", "num_nodes")})
-    logg.info("    finished", time=start)
-    return table
+    return _launch(job, slides, {k: job.run[k] for k in ("accelerator", "devices", "strategy", "num_nodes")})
 
 
 def _file_sha256(path: Path) -> str:

@@ -602,13 +602,17 @@ def fit_histo2expr(
             cv_gene_pcc = {
                 str(g): float(v) for g, v in gene_pcc.mean(axis=1, skipna=True).items() if np.isfinite(v)
             }
-        final: _FoldFit | None = None
-        model_trust: dict[str, Any] | None = None
-        if refit:
-            refit_start = logg.info(f"    final model: fitting on all {logg.counted(table.n_obs, 'spot')}")
-            final = _fit_on(inputs, np.arange(table.n_obs), **fit_args)
-            model_trust = _model_trust(inputs, final, fit_args, settings, predictability)
-            bar.update(1)
+        refit_start = (
+            logg.info(f"    final model: fitting on all {logg.counted(table.n_obs, 'spot')}")
+            if refit
+            else None
+        )
+        final = _fit_on(inputs, np.arange(table.n_obs), **fit_args) if refit else None
+        model_trust = (
+            None if final is None else _model_trust(inputs, final, fit_args, settings, predictability)
+        )
+        bar.update(int(refit))
+        if refit_start is not None:
             logg.info("    final model: finished", time=refit_start)
     if final is None:
         write_results(table, key_added, record=record, **results, start=start)
