@@ -25,7 +25,7 @@ CPU rehearsal (two folds, two epochs, 64 px, 20 genes)::
 On the GPU machine, from the repository root, after ``benchmarks/stage_end2end_gpu.sh`` filled
 ``.gpu/`` (carry ``.gpu``)::
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl && (python3 -c 'import pandas,sys; sys.exit(int(pandas.__version__.split(".")[0]) >= 3)' || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl-pandas2/*.whl) && PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 benchmarks/her2st_end2end.py --data .gpu/her2st --out $OUT --budget-s 330 --grace-s 60
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl && PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 benchmarks/her2st_end2end.py --data .gpu/her2st --out $OUT --budget-s 300 --grace-s 45
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ DATA = Path(os.environ.get("HISTO2EXPR_HER2ST", HERE.parent.parent / "shared" / 
 FOLDS, LOG = "folds.jsonl", "log.txt"
 #: Settings of --tiny (the CPU rehearsal): two held-out slides, two epochs, small patches, few genes.
 TINY = {"folds": 2, "epochs": 2, "patience": 2, "patch_size": 64, "genes": 20, "batch_size": 32, "workers": 1}
+#: Method parameters of --tiny: NH2ST flattens a 7 x 7 feature map, which 64 px patches (2 x 2) do not have.
+TINY_METHOD_PARAMS = {"nh2st": {"token_grid": 2}}
+#: her2st's sections, one fold each.
+N_SLIDES = 6
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,9 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers per method process")
     parser.add_argument("--parallel", type=int, default=None, help="method processes at a time (default all)")
     parser.add_argument("--accelerator", default="auto", help="Lightning's accelerator: auto, gpu, cpu")
-    parser.add_argument("--precision", default=None, help="Lightning's precision (default bf16-mixed on CUDA)")
-    parser.add_argument("--budget-s", type=float, default=330.0, help="no fold starts after this many seconds")
-    parser.add_argument("--grace-s", type=float, default=60.0, help="then stop the methods still running")
+    parser.add_argument(
+        "--precision", default=None, help="Lightning's precision (default bf16-mixed on CUDA)"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=300.0, help="no fold starts after this many seconds"
+    )
+    parser.add_argument("--grace-s", type=float, default=45.0, help="then stop the methods still running")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal: " + json.dumps(TINY))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one method's process
     parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # time.time() limit
@@ -119,6 +127,10 @@ def run_method(args: argparse.Namespace) -> int:
     method, out, started = args.worker, None, time.time()
     hx.settings.n_threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "2")))
     cuda = torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda")
+    if cuda:
+        torch.cuda.init()  # before the first peak-memory reset, and before DataLoader workers fork
+        torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest convolutions
+        torch.set_float32_matmul_precision("high")
     adata = hx.io.read_legacy_st(args.data)
     hx.pp.normalize(adata)
     folds = hx.splits.leave_one_slide_out(adata.obs["slide"])[: args.folds]
@@ -148,12 +160,18 @@ def run_method(args: argparse.Namespace) -> int:
                 num_workers=args.workers,
                 progress=False,
                 encoder="efficientnet_lite0",
+                **(TINY_METHOD_PARAMS.get(method, {}) if args.tiny else {}),
             )
             fit_seconds = time.time() - tic
             rows = hx.tl.evaluate_expression(test, model)
         except Exception:  # one fold's failure ends this method; the other methods go on
-            log(out, f"{method}: fold {fold.name} failed after {time.time() - tic:.1f} s\n{traceback.format_exc()}")
-            append_record(args.out, {"method": method, "slide": fold.name, "error": traceback.format_exc(limit=3)})
+            log(
+                out,
+                f"{method}: fold {fold.name} failed after {time.time() - tic:.1f} s\n{traceback.format_exc()}",
+            )
+            append_record(
+                args.out, {"method": method, "slide": fold.name, "error": traceback.format_exc(limit=3)}
+            )
             return 1
         report = model.method.report
         record = {
@@ -187,7 +205,9 @@ def end2end_methods() -> list[str]:
     return [m for m in available_methods() if "end2end" in get_method(m).regimes]
 
 
-def write_report(args: argparse.Namespace, methods: list[str], *, started: float, partial: bool, machine: dict) -> None:
+def write_report(
+    args: argparse.Namespace, methods: list[str], *, started: float, machine: dict, walls: dict[str, float]
+) -> None:
     """``results.md`` and ``results.json`` from the folds recorded so far."""
     import pandas as pd
 
@@ -202,9 +222,11 @@ def write_report(args: argparse.Namespace, methods: list[str], *, started: float
         if folds.empty:
             continue
         peak = folds["peak_gpu_mib"].max() if folds["peak_gpu_mib"].notna().any() else None
-        runs.append(MethodRun(method, folds, float(folds["seconds"].sum()), peak, "leave_one_slide_out", method))
-    n_expected = len(methods) * (args.folds or 6)
-    status = f"PARTIAL: {len(done)} of {n_expected} folds" if partial or len(done) < n_expected else "complete"
+        runs.append(
+            MethodRun(method, folds, float(folds["seconds"].sum()), peak, "leave_one_slide_out", method)
+        )
+    n_expected = len(methods) * min(args.folds or N_SLIDES, N_SLIDES)
+    status = f"PARTIAL: {len(done)} of {n_expected} folds" if len(done) < n_expected else "complete"
     preamble = [
         f"Status: **{status}**. Whole run: {time.time() - started:.0f} s on {machine['gpu'] or 'no GPU'} "
         f"(torch {machine['torch']}, {machine['cpu_cores']} CPU cores).",
@@ -217,16 +239,40 @@ def write_report(args: argparse.Namespace, methods: list[str], *, started: float
         f"{args.batch_size}, AdamW lr {args.lr}, precision {args.precision or 'bf16-mixed on CUDA'}, seed "
         f"{args.seed}; {args.genes} highly expressed genes chosen on the training slides of each fold. "
         f"{len(methods)} method processes ({args.parallel} at a time), {args.workers} DataLoader workers each. "
-        "`seconds`: the method's folds (fit and evaluation) summed; `peak MiB`: peak GPU memory allocated by "
-        "the method's process (torch), its largest fold.",
+        "In the tables below, `seconds` is the sum of the method's folds (fit and evaluation) and `peak MiB` the "
+        "peak GPU memory torch allocated in the method's process (largest fold), not resident memory; "
+        "`n/a` without a GPU. The methods shared the GPU and the CPUs, so their times are not those of a run alone.",
         "",
     ]
+    if walls:
+        ended = ", ".join(f"{method} {seconds:.0f} s" for method, seconds in walls.items())
+        preamble += [
+            f"Wall time of each method's process (start-up, data reading and every fold): {ended}.",
+            "",
+        ]
     if failed:
-        preamble += [f"Failed: {', '.join(f'{m} ({e.strip().splitlines()[-1]})' for m, e in failed.items())}.", ""]
+        preamble += [
+            f"Failed: {', '.join(f'{m} ({e.strip().splitlines()[-1]})' for m, e in failed.items())}.",
+            "",
+        ]
     if not runs:
         (args.out / "results.md").write_text("\n".join(["# her2st end to end", "", *preamble]))
         return
-    markdown = results_markdown(runs, title="her2st end to end: every method trains its encoder", preamble=preamble)
+    markdown = results_markdown(
+        runs, title="her2st end to end: every method trains its encoder", preamble=preamble
+    )
+    columns = [
+        "method",
+        "slide",
+        "pcc_acg",
+        "pcc_heg50",
+        "epochs_run",
+        "best_epoch",
+        "seconds",
+        "peak_gpu_mib",
+    ]
+    per_fold = pd.DataFrame(done)[columns].round(3)
+    markdown += "\n".join(["", "## Every fold", "", per_fold.to_markdown(index=False), ""])
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     extra = {"status": status, "failed": failed, "per_fold": done}
     write_results(runs, args.out, markdown=markdown, settings=settings, extra=extra)
@@ -250,27 +296,44 @@ def run_all(args: argparse.Namespace) -> int:
     log(args.out, f"start: {json.dumps(machine)}; methods {methods}; settings {vars(args)}")
     deadline = started + args.budget_s
     waiting, running = list(methods), {}
+    launched, walls = {}, {}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     seen = 0
     while waiting or running:
         while waiting and len(running) < args.parallel and time.time() < deadline:
             method = waiting.pop(0)
-            command = [sys.executable, __file__, *sys.argv[1:], "--worker", method, "--deadline", str(deadline)]
+            command = [
+                sys.executable,
+                __file__,
+                *sys.argv[1:],
+                "--worker",
+                method,
+                "--deadline",
+                str(deadline),
+            ]
             command += ["--workers", str(args.workers)]
             if args.folds:
                 command += ["--folds", str(args.folds)]
             with open(args.out / LOG, "a") as stream:
                 running[method] = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT)
+            launched[method] = time.time()
             log(args.out, f"{method}: started (pid {running[method].pid})")
         if waiting and time.time() >= deadline:
             log(args.out, f"budget spent: {waiting} not started")
             waiting = []
         for method, process in list(running.items()):
             if process.poll() is not None:
-                log(args.out, f"{method}: process ended with code {process.returncode}")
+                walls[method] = time.time() - launched[method]
+                log(
+                    args.out,
+                    f"{method}: process ended with code {process.returncode} after {walls[method]:.0f} s",
+                )
                 del running[method]
             elif time.time() > deadline + args.grace_s:
-                log(args.out, f"{method}: stopped {args.grace_s:.0f} s after the budget (its running fold is lost)")
+                log(
+                    args.out,
+                    f"{method}: stopped {args.grace_s:.0f} s after the budget (its running fold is lost)",
+                )
                 process.send_signal(signal.SIGTERM)
                 try:
                     process.wait(10)
@@ -280,9 +343,9 @@ def run_all(args: argparse.Namespace) -> int:
         records = read_records(args.out)
         if len(records) != seen:  # a fold ended: the report so far
             seen = len(records)
-            write_report(args, methods, started=started, partial=True, machine=machine)
+            write_report(args, methods, started=started, machine=machine, walls=walls)
         time.sleep(1.0)
-    write_report(args, methods, started=started, partial=time.time() > deadline, machine=machine)
+    write_report(args, methods, started=started, machine=machine, walls=walls)
     log(args.out, f"all done in {time.time() - started:.0f} s; report in {args.out / 'results.md'}")
     return 0
 
