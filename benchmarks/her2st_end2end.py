@@ -339,6 +339,7 @@ def run_all(args: argparse.Namespace) -> int:
                     process.wait(10)
                 except subprocess.TimeoutExpired:
                     process.kill()
+                walls[method] = time.time() - launched[method]
                 del running[method]
         records = read_records(args.out)
         if len(records) != seen:  # a fold ended: the report so far
