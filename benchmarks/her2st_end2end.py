@@ -332,7 +332,7 @@ def run_all(args: argparse.Namespace) -> int:
             elif time.time() > deadline + args.grace_s:
                 log(
                     args.out,
-                    f"{method}: stopped {args.grace_s:.0f} s after the budget (its running fold is lost)",
+                    f"{method}: stopped {args.grace_s:.0f} s after the budget (a fold it had not finished is lost)",
                 )
                 process.send_signal(signal.SIGTERM)
                 try:
