@@ -214,6 +214,58 @@ def test_predict_cohort_embeds_with_the_models_encoder_and_predicts_like_predict
     assert "path" not in table.uns["histo2expr_cohort"]["model"]
 
 
+def test_embed_cohort_takes_the_feature_options_of_embed_patches_and_records_them(cohort, tmp_path):
+    import inspect
+
+    _, files, adata = cohort
+    ours, theirs = (inspect.signature(f).parameters for f in (hx.tl.embed_cohort, hx.tl.embed_patches))
+    for option in ("tta", "context", "neighbours", "stain_normalization"):
+        assert ours[option].default == theirs[option].default
+    options = {"tta": 1, "context": 2.0, "neighbours": None, "stain_normalization": "macenko"}
+    api_embed(files[:1], tmp_path, **options)
+    out = ad.read_h5ad(tmp_path / "S1.h5ad")
+    direct = adata[adata.obs["slide"] == "S1"].copy()
+    hx.tl.embed_patches(
+        direct, encoder="colour_texture", patch_size=32, progress=False, device="cpu", **options
+    )
+    np.testing.assert_array_equal(out.obsm["X_histo"], direct.obsm["X_histo"])
+    parameters = json.loads(out.uns["histo2expr_cohort"]["parameters"])
+    assert {option: parameters[option] for option in options} == options
+    with pytest.raises(
+        ValueError, match=r"S1.h5ad exists but was not written by `embed` with these parameters"
+    ):
+        api_embed(files[:1], tmp_path)  # embed_patches' defaults: 4 views, 6 neighbours
+
+
+def test_predict_cohort_refuses_inputs_embedded_unlike_the_models_slides_before_any_work(cohort, tmp_path):
+    _, files, adata = cohort
+    train = adata[adata.obs["slide"].isin(["S1", "S2"])].copy()
+    hx.tl.embed_patches(
+        train, encoder="colour_texture", patch_size=32, tta=1, neighbours=None, progress=False, device="cpu"
+    )
+    model = hx.tl.fit_histo2expr(train, method="ridge", genes=10, progress=False)
+    api_embed(files[2:3], tmp_path / "default")  # embed_patches' defaults: 4 views, 6 neighbours
+    call = "hx.tl.embed_cohort(slides, out_dir, encoder='colour_texture', patch_size=32, mpp=1, tta=1, neighbours=None, key_added='X_histo')"
+    with pytest.raises(
+        ValueError,
+        match=r"S3.h5ad: The features were embedded with `tta=4` but the model was trained on features embedded "
+        rf"with `tta=1`\. Re-embed with `{re.escape(call)}` \(`histo2expr embed` takes the same options\), or give "
+        "predict_cohort the slide images",
+    ):
+        hx.tl.predict_cohort(
+            [files[3], tmp_path / "default" / "S3.h5ad"],
+            model,
+            tmp_path / "p",
+            accelerator="cpu",
+            progress=False,
+        )
+    assert not (tmp_path / "p").exists()
+    table = hx.tl.predict_cohort(files[3], model, tmp_path / "p", accelerator="cpu", progress=False)
+    assert list(table["status"]) == ["written"]  # a slide file is embedded as the model's slides were
+    parameters = json.loads(ad.read_h5ad(tmp_path / "p" / "S4.h5ad").uns["histo2expr_cohort"]["parameters"])
+    assert parameters["features"]["tta"] == 1 and parameters["features"]["neighbours"] is None
+
+
 def test_zarr_outputs_are_spatialdata(cohort, tmp_path):
     from spatialdata import read_zarr
 
@@ -239,6 +291,15 @@ def test_zarr_outputs_are_spatialdata(cohort, tmp_path):
         (["."], {}, ValueError, "no Space Ranger output"),
         (["S1.h5ad"], {"weights": "missing.pt"}, FileNotFoundError, "is no file"),
         (["S1.h5ad"], {"tokens": 0}, ValueError, "tokens"),
+        (["S1.h5ad"], {"tta": 2}, ValueError, "`tta` must be the number of views"),
+        (["S1.h5ad"], {"neighbours": 0}, ValueError, "`neighbours` must be None or a positive integer"),
+        (["S1.h5ad"], {"context": 20}, ValueError, "`field=20` is out of range"),
+        (
+            ["S1.h5ad"],
+            {"stain_normalization": "reinhard"},
+            ValueError,
+            "`stain_normalization` must be one of",
+        ),
     ],
 )
 def test_embed_cohort_refuses_bad_input(cohort, tmp_path, monkeypatch, inputs, options, error, message):
@@ -275,6 +336,15 @@ def test_embed_and_predict_commands(cohort, tmp_path, capsys):
     assert cli.main(argv) == 1  # S1 skipped, broken failed
     err = capsys.readouterr().err
     assert err.startswith("histo2expr: 1 of 2 slides failed: broken (") and err.count("\n") == 1
+    argv = ["embed", str(files[1]), "--out", str(tmp_path / "views"), "--encoder", "colour_texture", "--patch-size",
+            "32", "--accelerator", "cpu", "--quiet", "--tta", "1", "--neighbours", "0", "--context", "2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    parameters = json.loads(
+        ad.read_h5ad(tmp_path / "views" / "S2.h5ad").uns["histo2expr_cohort"]["parameters"]
+    )
+    assert (parameters["tta"], parameters["neighbours"], parameters["context"]) == (1, None, 2.0)
+    assert cli.main([*argv[:-2], "--context", "20"]) == 2
+    assert "--context: must be a number from 1 to 8" in capsys.readouterr().err
     argv = ["predict", str(files[0]), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]
     assert cli.main(argv) == 2
     assert "No model file" in capsys.readouterr().err

@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from ._keys import EMBEDDING_KEY, PREDICT_KEY
-from .cli import CommandError, _check_encoder, _int_at_least, _one_line, add_engine_options, engine_options
+from .cli import (
+    CommandError,
+    _check_encoder,
+    _int_at_least,
+    _one_line,
+    add_engine_options,
+    add_feature_options,
+    engine_options,
+    feature_options,
+)
 
 
 def _weights(text: str) -> str | None:
@@ -57,6 +66,7 @@ def _embed(args: argparse.Namespace) -> int:
             weights=args.weights,
             patch_size=args.patch_size,
             mpp=args.mpp,
+            **feature_options(args),
             tokens=args.tokens,
             seed=args.seed,
             key_added=args.key_added,
@@ -159,6 +169,7 @@ def add_cohort_commands(commands: Any) -> None:
     )
     add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
     add("--mpp", type=_positive_float, default=None, help="µm per patch pixel (default: the slide's own)")
+    add_feature_options(add)
     add(
         "--tokens",
         type=_int_at_least(1),

@@ -455,3 +455,45 @@ def check_level(value: Any, name: str = "level") -> float:
         msg = f"`{name}` must be a probability strictly between 0 and 1 (e.g. 0.9 for 90% intervals), got {value!r}."
         raise ValueError(msg)
     return float(value)
+
+
+#: The kinds of prediction interval of ``fit_histo2expr(intervals=...)`` and how each is made
+#: (recorded in ``uns[key]["intervals"]["method"]``).
+KINDS = {
+    "adaptive": "split conformal per gene, scaled per spot by its distance to the training spots",
+    "constant": "split conformal per gene (one half-width per gene)",
+}
+#: Most inner folds of training slides the calibration residuals come from.
+MAX_CALIBRATION_FOLDS = 5
+#: How the per-gene quantile is taken from the calibration scores (``interval_calibration``).
+CALIBRATIONS = {
+    "pooled": "the conformal quantile of the scores of all calibration spots",
+    "per_slide": "the largest of the calibration slides' own conformal quantiles (coverage on each slide)",
+}
+
+
+def check_intervals(
+    intervals: Any, level: Any, folds: Any, calibration: Any = "pooled"
+) -> tuple[str | None, float, int]:
+    """The interval options of ``fit_histo2expr``, checked: the kind (None: no intervals), level and folds."""
+    level = check_level(level)
+    if calibration not in CALIBRATIONS:
+        msg = f"`interval_calibration` must be one of {sorted(CALIBRATIONS)}, got {calibration!r}."
+        raise ValueError(msg)
+    if intervals is None or intervals is False:
+        return None, level, folds
+    kind = "adaptive" if intervals is True else intervals
+    if kind not in KINDS:
+        msg = f"`intervals` must be True, False, or one of {sorted(KINDS)}, got {intervals!r}."
+        raise ValueError(msg)
+    if (
+        isinstance(folds, bool)
+        or not isinstance(folds, int | np.integer)
+        or not 2 <= folds <= MAX_CALIBRATION_FOLDS
+    ):
+        msg = (
+            f"`calibration_folds` must be an integer between 2 and {MAX_CALIBRATION_FOLDS}, got {folds!r}: the "
+            "method is refitted once per fold, so fewer folds cost less and calibrate on fewer slides per refit."
+        )
+        raise ValueError(msg)
+    return kind, level, int(folds)

@@ -221,10 +221,7 @@ class PatchSource:
         image_key: str | Mapping[str, str] | None = None,
     ) -> None:
         self.patch_size = check_patch_size(patch_size)
-        self.field = _check_field(field)
-        if stain_normalization not in STAIN_NORMALIZATIONS:
-            msg = f"`stain_normalization` must be one of {STAIN_NORMALIZATIONS}, got {stain_normalization!r}."
-            raise ValueError(msg)
+        self.field = self.check_view(field, stain_normalization)
         self.stain_normalization = stain_normalization
         table = get_table(data, table_key)
         slide_column = check_obs_key(table, slide_key)
@@ -306,6 +303,14 @@ class PatchSource:
             )
             raise ValueError(msg)
         return max(1, round(self.patch_size * zoom * self.field))
+
+    @staticmethod
+    def check_view(field: Any = 1.0, stain_normalization: str | None = None) -> float:
+        """Check ``field`` and ``stain_normalization`` as the constructor does, without data; the field as a float."""
+        if stain_normalization not in STAIN_NORMALIZATIONS:
+            msg = f"`stain_normalization` must be one of {STAIN_NORMALIZATIONS}, got {stain_normalization!r}."
+            raise ValueError(msg)
+        return _check_field(field)
 
     def __len__(self) -> int:
         return len(self._codes)

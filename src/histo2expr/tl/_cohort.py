@@ -38,8 +38,9 @@ from .._validation import (
     seed_value,
 )
 from ..models.base import plain_value
+from ._embed import check_feature_options
 from ._model import Histo2ExprModel
-from ._predict import frozen_encoder_arguments
+from ._predict import check_feature_record, frozen_encoder_arguments
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -461,6 +462,10 @@ def embed_cohort(
     weights: str | os.PathLike[str] | None = "default",
     patch_size: int = 224,
     mpp: float | None = None,
+    tta: int = 4,
+    context: float | None = None,
+    neighbours: int | None = 6,
+    stain_normalization: str | None = None,
     tokens: int | None = None,
     seed: int = 0,
     key_added: str = EMBEDDING_KEY,
@@ -503,6 +508,11 @@ def embed_cohort(
     encoder, weights, patch_size, mpp, tokens, seed, key_added
         As in :func:`~histo2expr.tl.embed_patches` (``weights``: ``"default"``, ``"imagenet"``,
         ``None`` for random weights from ``seed``, or a checkpoint path).
+    tta, context, neighbours, stain_normalization
+        The feature options of :func:`~histo2expr.tl.embed_patches`, with its defaults (4 views,
+        no context view, the mean of the 6 nearest spots, no stain normalisation). A model fitted on
+        these features predicts only slides embedded with the same options (``predict_cohort``
+        checks it before any work).
     spot_diameter_um, spacing_um
         Whole-slide images only: pseudo-spot size and spacing in µm (see :func:`~histo2expr.pp.tile_slide`).
     slide_mpp
@@ -536,8 +546,9 @@ def embed_cohort(
         The embeddings and their description, as :func:`~histo2expr.tl.embed_patches` sets them.
     ``.uns["histo2expr_cohort"]``
         Provenance: ``step`` (``"embed"``), ``input``, ``slide``, ``histo2expr_version``,
-        ``parameters`` (JSON of the arguments that determine the values), ``run`` (JSON: batch size,
-        workers, engine flags), ``encoder`` (``name``, ``weights``, ``weights_sha1``: a hash of the
+        ``parameters`` (JSON of the arguments that determine the values: encoder, weights, patch
+        geometry, the feature options ``tta``, ``context``, ``neighbours`` and
+        ``stain_normalization``, ...), ``run`` (JSON: batch size, workers, engine flags), ``encoder`` (``name``, ``weights``, ``weights_sha1``: a hash of the
         encoder's weights).
 
     Examples
@@ -556,11 +567,19 @@ def embed_cohort(
         raise FileNotFoundError(msg)
     if tokens is not None:
         positive_int(tokens, "tokens")
+    views = {
+        "tta": tta,
+        "context": context,
+        "neighbours": neighbours,
+        "stain_normalization": stain_normalization,
+    }
+    check_feature_options(**views)
     embedding = {
         "encoder": encoder,
         "weights": weights,
         "patch_size": patch_size,
         "mpp": mpp,
+        **views,
         "tokens": tokens,
         "seed": seed_value(seed),
         "key_added": key_added,
@@ -587,8 +606,11 @@ def embed_cohort(
     return _start(job, slides)
 
 
-def _start(job: CohortJob, inputs: Inputs) -> pd.DataFrame:
+def _start(job: CohortJob, inputs: Inputs, model: Histo2ExprModel | None = None) -> pd.DataFrame:
+    """Check the inputs against the outputs there are (and ``model``), before any work; then run the job."""
     slides = cohort_slides(inputs, slide_key=job.slide_key)
+    if model is not None:
+        _check_input_features(slides, model)
     if job.format == "zarr":
         for unit in slides:
             check_element_name(unit.slide)
@@ -597,6 +619,40 @@ def _start(job: CohortJob, inputs: Inputs) -> pd.DataFrame:
         raise NotADirectoryError(msg)
     _check_existing(job, slides)
     return _launch(job, slides, {k: job.run[k] for k in ("accelerator", "devices", "strategy", "num_nodes")})
+
+
+#: The embedding call named when the features of a cohort's inputs do not match a model's.
+_EMBED_COHORT_CALL = "hx.tl.embed_cohort(slides, out_dir"
+
+
+def _stored_features(path: Path, rep: str) -> dict[str, Any] | None:
+    """The record ``uns[rep]`` of an .h5ad file that holds ``obsm[rep]`` (None when it has no such features)."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as handle:
+        if f"obsm/{rep}" not in handle:
+            return None
+        record = handle.get(f"uns/{rep}")
+        return {} if record is None else read_elem(record)
+
+
+def _check_input_features(slides: list[CohortSlide], model: Histo2ExprModel) -> None:
+    """Refuse, before any work, .h5ad inputs whose features were embedded otherwise than the model's training slides."""
+    if model.use_rep is None:
+        return
+    for path in dict.fromkeys(unit.path for unit in slides if unit.reader == "h5ad"):
+        record = _stored_features(path, model.use_rep)
+        if record is None:
+            continue  # embedded here, as the model's slides were
+        try:
+            check_feature_record(record, model, call=_EMBED_COHORT_CALL)
+        except ValueError as error:
+            msg = (
+                f"{path}: {str(error).rstrip('.')} (`histo2expr embed` takes the same options), or give predict_cohort the slide "
+                "images or Visium folders: it embeds them as the model's training slides were."
+            )
+            raise ValueError(msg) from None
 
 
 def _file_sha256(path: Path) -> str:
@@ -632,8 +688,11 @@ def predict_cohort(
     """Predict expression on every slide of a cohort into its own output file, sharded over processes, resumable.
 
     Like :func:`embed_cohort`, whose outputs it reads as well as slide files: a slide without the
-    model's frozen features (``obsm[model.use_rep]``) is embedded first with the encoder, weights
-    and patch geometry the model was trained on; then :func:`~histo2expr.tl.predict_expression`
+    model's frozen features (``obsm[model.use_rep]``) is embedded first with the encoder, weights,
+    patch geometry and feature options (``tta``, ``context``, ``neighbours``,
+    ``stain_normalization``) the model was trained on, and an ``.h5ad`` input that holds features
+    embedded otherwise (e.g. by :func:`embed_cohort` with other options) is refused before any
+    work, naming the :func:`embed_cohort` call that matches the model; then :func:`~histo2expr.tl.predict_expression`
     predicts it, and the slide's AnnData with features and predictions is written to
     ``out_dir/{slide}.h5ad`` (or ``.zarr``). Pseudo-spots of whole-slide images take the model's
     spot size and spacing unless given.
@@ -659,6 +718,7 @@ def predict_cohort(
     :func:`~histo2expr.tl.predict_expression` sets (``.obsm[key_added]``, ``.uns[key_added]``, ...;
     read them with :func:`histo2expr.get.predictions`), the features when it embedded them, and
     ``.uns["histo2expr_cohort"]`` as in :func:`embed_cohort` with ``step`` ``"predict"`` and
+    ``parameters`` holding ``features`` (the embedding arguments of the model's features) and
     ``model`` (``sha256``: the hash of the model file, or of the saved model when an object was
     passed; ``method``, ``path``).
     """
@@ -674,11 +734,10 @@ def predict_cohort(
         path = Path(model)
         loaded = Histo2ExprModel.load(path)
         model_hash = _file_sha256(path)
-    embedding = None
-    if loaded.use_rep is not None:
-        embedding = frozen_encoder_arguments(loaded)
-        if embedding is not None:
-            embedding.update(batch_size=batch_size, num_workers=num_workers)
+    features = None if loaded.use_rep is None else frozen_encoder_arguments(loaded)
+    embedding = (
+        None if features is None else {**features, "batch_size": batch_size, "num_workers": num_workers}
+    )
     engine = _engine(accelerator, devices, strategy, num_nodes)
     tiling = _tiling(spot_diameter_um, spacing_um, slide_mpp)
     prediction = {"key_added": key_added, "scale": scale, "library_size": library_size}
@@ -689,7 +748,7 @@ def predict_cohort(
         step="predict",
         out_dir=Path(out_dir),
         format=_checked_format(format),
-        parameters={"model_sha256": model_hash, **prediction, **tiling},
+        parameters={"model_sha256": model_hash, "features": features or {}, **prediction, **tiling},
         run={"batch_size": batch_size, "num_workers": num_workers, **engine},
         slide_key=slide_key,
         embedding=embedding,
@@ -700,4 +759,4 @@ def predict_cohort(
         model_record=record,
         prediction=prediction,
     )
-    return _start(job, slides)
+    return _start(job, slides, loaded)

@@ -26,6 +26,17 @@ if TYPE_CHECKING:
 TTA_VIEWS = {1: (0,), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 
 
+def check_feature_options(*, tta: Any, context: Any, neighbours: Any, stain_normalization: Any) -> None:
+    """Raise the error :func:`embed_patches` would raise for these feature options, before any work."""
+    from ..patches import PatchSource
+
+    if isinstance(tta, bool) or tta not in TTA_VIEWS:
+        msg = f"`tta` must be the number of views averaged, one of {sorted(TTA_VIEWS)}, got {tta!r}."
+        raise ValueError(msg)
+    positive_int_or_none(neighbours, "neighbours", what="the number of nearest spots, e.g. 6")
+    PatchSource.check_view(1.0 if context is None else context, stain_normalization)
+
+
 def embed_patches(
     data: AnnData | SpatialData,
     *,
@@ -151,10 +162,9 @@ def embed_patches(
 
     positive_int(batch_size, "batch_size")
     positive_int_or_none(tokens, "tokens", what="the side of the token grid, e.g. 3")
-    if isinstance(tta, bool) or tta not in TTA_VIEWS:
-        msg = f"`tta` must be the number of views averaged, one of {sorted(TTA_VIEWS)}, got {tta!r}."
-        raise ValueError(msg)
-    positive_int_or_none(neighbours, "neighbours", what="the number of nearest spots, e.g. 6")
+    check_feature_options(
+        tta=tta, context=context, neighbours=neighbours, stain_normalization=stain_normalization
+    )
     table = get_table(data, table_key)
     geometry: dict[str, Any] = {
         "patch_size": patch_size,

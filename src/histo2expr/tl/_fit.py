@@ -287,6 +287,7 @@ def fit_histo2expr(
     intervals: bool | str = False,
     level: float = 0.9,
     calibration_folds: int = 5,
+    interval_calibration: str = "pooled",
     device: str | None = None,
     **method_params: Any,
 ) -> Histo2ExprModel | None:
@@ -375,6 +376,10 @@ def fit_histo2expr(
     calibration_folds
         Inner folds of whole training slides (2 to 5) the calibration residuals come from; fewer folds
         cost less.
+    interval_calibration
+        ``"pooled"``: each gene's half-width is the conformal quantile of all calibration spots'
+        scores; ``"per_slide"``: the largest of every calibration slide's own quantile, so that the
+        level holds on each calibration slide, not only on average (wider intervals).
     device
         Deprecated: pass ``accelerator`` and ``devices`` (``device="cuda:1"`` is
         ``accelerator="cuda", devices=[1]``).
@@ -460,7 +465,7 @@ def fit_histo2expr(
     slides = slide_labels(table, slide_key)
     uses_coordinates = method_class(**method_params).uses_coordinates  # also checks the parameters now
     check_log_normalised(table)
-    settings = interval_settings(intervals, level, calibration_folds)
+    settings = interval_settings(intervals, level, calibration_folds, interval_calibration)
     coords = coordinates(table, needed_by=method if uses_coordinates else None)
     regime = "frozen" if use_rep is not None else "end2end"
     if regime not in method_class.regimes:
@@ -531,6 +536,7 @@ def fit_histo2expr(
             "intervals": settings.kind if settings else "",
             "level": level,
             "calibration_folds": calibration_folds,
+            "interval_calibration": interval_calibration,
         }
     )
     kind, protocol = ("fit", "") if cv is None else ("cross_validation", protocol_name(cv, patient_key))

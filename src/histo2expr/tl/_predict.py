@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,53 +66,63 @@ def frozen_encoder_arguments(model: Histo2ExprModel) -> dict[str, Any] | None:
     return {"encoder": trained.get("name"), **arguments, "key_added": model.use_rep}
 
 
-def _reembed_hint(model: Histo2ExprModel) -> str:
-    """How to embed new slides with the encoder weights the model was trained on (a call that works)."""
+#: The call that embeds one AnnData, named in the errors of :func:`predict_expression`.
+EMBED_CALL = "hx.tl.embed_patches(adata"
+
+
+def _reembed_hint(model: Histo2ExprModel, call: str = EMBED_CALL) -> str:
+    """How to embed new slides with the encoder weights the model was trained on (a call that works).
+
+    ``call``: the embedding call up to its first keyword argument, e.g. ``"hx.tl.embed_patches(adata"``.
+    """
     trained = model.encoder or {}
     weights, name = trained.get("weights"), trained.get("name")
     arguments = frozen_encoder_arguments(model)
     if arguments is not None:
-        from ._embed import embed_patches
-
-        defaults = inspect.signature(embed_patches).parameters
         listed = ", ".join(
             f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value!r}"
             for key, value in arguments.items()
-            if key not in _EMBEDDING_OPTIONS or value != defaults[key].default  # options: those that differ
+            if key not in _EMBEDDING_OPTIONS or key in _differing_options(arguments)
         )
-        return f"Re-embed with `hx.tl.embed_patches(adata, {listed})`."
+        return f"Re-embed with `{call}, {listed})`."
     if weights == "random":
         return (
             "The model's random encoder weights carry no seed and cannot be re-created; refit the model on "
-            f"features embedded with `hx.tl.embed_patches(adata, encoder={name!r}, weights=None, seed=0, "
+            f"features embedded with `{call}, encoder={name!r}, weights=None, seed=0, "
             f"key_added={model.use_rep!r})` and embed new slides the same way."
         )
+    differing = _differing_options(model.patches or {})
     return (  # a state dict or a module's own weights: only the user has them
         f"Re-embed with the encoder and weights the model was trained on ({name}, {weights}, weights hash "
-        f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..."
-        f"{_embedding_arguments(model.patches or {})}, key_added={model.use_rep!r})`."
+        f"{trained.get('weights_sha1', '')[:12]}): `{call}, encoder=..., weights=..."
+        f"{''.join(f', {k}={v!r}' for k, v in differing.items())}, key_added={model.use_rep!r})`."
     )
 
 
-def _embedding_arguments(geometry: dict) -> str:
-    """``", tta=1, neighbours=None"``: the model's embedding options that differ from embed_patches' defaults."""
+def _differing_options(geometry: Mapping[str, Any]) -> dict[str, Any]:
+    """The embedding options recorded in ``geometry`` that differ from :func:`~histo2expr.tl.embed_patches`' defaults."""
     from ._embed import embed_patches
 
     defaults = inspect.signature(embed_patches).parameters
     trained = {option: geometry.get(option, absent) for option, absent in _EMBEDDING_OPTIONS.items()}
-    return "".join(f", {k}={v!r}" for k, v in trained.items() if v != defaults[k].default)
+    return {k: v for k, v in trained.items() if v != defaults[k].default}
 
 
-def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
-    features = features_of(table, model.use_rep)
-    record = table.uns.get(model.use_rep, {})
+def check_feature_record(
+    record: Mapping[str, Any], model: Histo2ExprModel, *, call: str = EMBED_CALL
+) -> None:
+    """Refuse features whose record (``uns[model.use_rep]``) differs from those the model was trained on.
+
+    Encoder weights, patch scale and embedding options are compared; the error names the problem
+    and the embedding call (``call``, see :func:`_reembed_hint`) that gives matching features.
+    """
     trained, current = model.encoder or {}, record.get("encoder") or {}
     if trained.get("weights_sha1") and current.get("weights_sha1") != trained["weights_sha1"]:
         msg = (
             f"`obsm[{model.use_rep!r}]` was embedded with other encoder weights ({current.get('name', 'unknown')}, "
             f"weights {current.get('weights', 'unknown')}, hash {str(current.get('weights_sha1', ''))[:12]}) than "
             f"the model was trained on ({trained.get('name')}, weights {trained.get('weights')}, hash "
-            f"{trained['weights_sha1'][:12]}). {_reembed_hint(model)}"
+            f"{trained['weights_sha1'][:12]}). {_reembed_hint(model, call)}"
         )
         raise ValueError(msg)
     trained_mpp = (model.patches or {}).get("mpp")
@@ -120,7 +131,7 @@ def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray
         msg = (
             f"The features were embedded at {current_mpp:.3g} µm/px but the model was trained at "
             f"{trained_mpp:.3g} µm/px; morphology at another scale gives wrong predictions. Re-embed with "
-            f"`hx.tl.embed_patches(adata, mpp={trained_mpp:.4g}, key_added={model.use_rep!r})`."
+            f"`{call}, mpp={trained_mpp:.4g}, key_added={model.use_rep!r})`."
         )
         raise ValueError(msg)
     for option, default in _EMBEDDING_OPTIONS.items():
@@ -129,9 +140,14 @@ def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray
         if trained_value != current_value:
             msg = (
                 f"The features were embedded with `{option}={current_value!r}` but the model was trained on "
-                f"features embedded with `{option}={trained_value!r}`. {_reembed_hint(model)}"
+                f"features embedded with `{option}={trained_value!r}`. {_reembed_hint(model, call)}"
             )
             raise ValueError(msg)
+
+
+def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
+    features = features_of(table, model.use_rep)
+    check_feature_record(table.uns.get(model.use_rep, {}), model)
     if model.token_rep:
         return _check_tokens(table, model)
     if features.shape[1] != model.params["n_features"]:
