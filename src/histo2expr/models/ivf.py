@@ -1,18 +1,21 @@
 """Approximate cosine top-k for galleries of millions of spots: a faiss IVF index, re-ranked exactly.
 
 :class:`IVFIndex` clusters the L2-normalised gallery keys into ``n_lists`` inverted lists
-(k-means on a seeded sample) and stores each key as 8-bit scalar-quantised codes
-(faiss ``IVF{n_lists},SQ8``, inner product): a quarter of the float32 keys. A query scans
-the ``n_probe`` lists nearest to it and keeps the ``RERANK_FACTOR * k`` best codes; these
-candidates are re-scored exactly in float32 against the gallery's own keys, so the
-similarities returned are exact cosines and only the candidate set is approximate (recall
-against :func:`~histo2expr.models.retrieval.cosine_topk`, measured in
-benchmarks/results/retrieval.md).
+(k-means on a seeded sample) and stores each key's residual to its list centre as 4-bit
+product-quantisation codes scanned with SIMD lookup tables (faiss ``IVF{n_lists},PQ{m}x4fs``,
+inner product, ``m = d / 2`` sub-quantisers of two features each: ``d / 4`` bytes per key, a
+sixteenth of the float32 key). A query scans the ``n_probe`` lists nearest to it and keeps the
+``RERANK_FACTOR * k`` best codes; these candidates are re-scored exactly in float32 against
+the gallery's own keys, so the similarities returned are exact cosines and only the candidate
+set is approximate (recall against :func:`~histo2expr.models.retrieval.cosine_topk`, measured
+in benchmarks/results/retrieval.md). 8-bit scalar codes (``SQ8``) were measured as accurate
+but about ten times slower to scan, hardly faster than the exact search.
 
-Memory: the codes (``n * d`` bytes), the list ids (``8 * n`` bytes) and the centroids
-(``n_lists * d * 4`` bytes), beside the keys that the gallery holds anyway. Building reads
-the keys ``BUILD_BLOCK`` rows at a time. faiss is optional: ``pip install faiss-cpu``
-(the ``faiss`` extra).
+Memory: the codes (``n * d / 4`` bytes), the list ids (``8 * n`` bytes) and the centroids
+(``n_lists * d * 4`` bytes), beside the keys that the gallery holds anyway; a search block
+of ``RERANK_QUERIES`` queries gathers ``RERANK_QUERIES * RERANK_FACTOR * k * d * 4`` bytes of
+candidate keys. Building reads the keys ``BUILD_BLOCK`` rows at a time. faiss is optional:
+``pip install faiss-cpu`` (the ``faiss`` extra).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 #: Candidates re-ranked exactly per query, as a multiple of ``k``.
-RERANK_FACTOR = 4
+RERANK_FACTOR = 8
 #: Keys sampled per list to train the k-means clustering and the scalar quantiser.
 TRAIN_PER_LIST = 64
 #: Gallery rows normalised and added to the index at a time.
@@ -44,8 +47,13 @@ def default_n_lists(n: int) -> int:
 
 
 def default_n_probe(n_lists: int) -> int:
-    """Lists scanned per query by default: one in 16 (at least 8, at most all of them)."""
-    return min(n_lists, max(8, math.ceil(n_lists / 16)))
+    """Lists scanned per query by default: one in 8 (at least 16, at most all of them)."""
+    return min(n_lists, max(16, math.ceil(n_lists / 8)))
+
+
+def factory_string(n_lists: int, d: int) -> str:
+    """The faiss index of ``d`` features: ``IVF{n_lists},PQ{m}x4fs`` with ``m = d / 2`` (``d`` if odd)."""
+    return f"IVF{n_lists},PQ{d // 2 if d % 2 == 0 else d}x4fs"
 
 
 def import_faiss() -> Any:
@@ -62,7 +70,7 @@ def import_faiss() -> Any:
 
 
 class IVFIndex:
-    """faiss ``IVF{n_lists},SQ8`` index of L2-normalised keys, searched with an exact float32 re-rank.
+    """faiss IVF index with 4-bit PQ codes of L2-normalised keys, searched with an exact float32 re-rank.
 
     Parameters
     ----------
@@ -91,7 +99,7 @@ class IVFIndex:
         self.n_probe = default_n_probe(self.n_lists) if n_probe is None else positive_int(n_probe, "n_probe")
         self.seed = seed_value(seed)
         rng = np.random.default_rng(self.seed)
-        index = faiss.index_factory(d, f"IVF{self.n_lists},SQ8", faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(d, factory_string(self.n_lists, d), faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = int(rng.integers(2**31))  # k-means initialisation
         sample = rng.choice(n, size=min(n, TRAIN_PER_LIST * self.n_lists), replace=False)
         index.train(
