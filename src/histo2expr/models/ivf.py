@@ -77,10 +77,10 @@ class IVFIndex:
     keys
         ``(n, d)`` gallery keys: a float32 tensor, numpy array or memmap, read in blocks.
     n_lists
-        Inverted lists (k-means clusters); default :func:`default_n_lists`. More lists make
+        Inverted lists (k-means clusters); default ``round(sqrt(n))``. More lists make
         queries faster and building slower.
     n_probe
-        Lists scanned per query; default :func:`default_n_probe`. The recall knob: more
+        Lists scanned per query; default one list in 8 (at least 16). The recall knob: more
         lists scanned, higher recall, slower queries. Can be changed after building.
     seed
         Seed of the training sample and of the k-means initialisation: the same keys and seed

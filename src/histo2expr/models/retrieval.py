@@ -122,7 +122,7 @@ def cosine_topk(
         Torch device on which the similarities are computed (``"auto"``, ``"cpu"``,
         ``"cuda"``, ``"mps"`` or a :class:`torch.device`); blocks are moved there,
         results come back to the CPU. On the CPU the block products run in the BLAS
-        measured faster for the CPU's vendor (see :func:`cpu_block_product`), with
+        measured faster for the CPU's vendor (``cpu_block_product`` in this module), with
         ``torch.get_num_threads()`` threads. The running top k was measured 2.2 to 2.5
         times faster than faiss's ``IndexFlatIP`` on the same data and threads
         (benchmarks/results/retrieval.md), so there is no faiss backend for exact search;
