@@ -11,6 +11,9 @@ from .._validation import non_negative_number, one_of, positive_int
 from .ivf import IVFIndex
 from .retrieval import aggregate, cosine_topk
 
+#: The gallery indexes: ``index`` of :class:`Gallery`.
+GALLERY_INDEXES = ("exact", "ivf")
+
 
 class Gallery:
     """Spots fitted on, by their key embedding and standardised expression; queries retrieve the nearest.
@@ -71,7 +74,7 @@ class Gallery:
         self.temperature = (
             None if temperature is None else non_negative_number(temperature, "temperature", positive=True)
         )
-        index = one_of(index, ("exact", "ivf"), "index")
+        index = one_of(index, GALLERY_INDEXES, "index")
         #: The approximate index (``index="ivf"``), else None.
         self.ivf = (
             IVFIndex(self.keys, n_lists=n_lists, n_probe=n_probe, seed=seed) if index == "ivf" else None
