@@ -117,6 +117,14 @@ def test_argument_errors(clustered, kwargs, error, message):
 
 
 @needs_faiss
+def test_ivf_queries_of_another_width_are_an_error(clustered):
+    keys, queries, values = clustered
+    gallery = Gallery(keys, values, top_k=5, index="ivf", n_lists=10)
+    with pytest.raises(ValueError, match="queries have 15 features but the gallery has 16"):
+        gallery.search(queries[:, :15])
+
+
+@needs_faiss
 def test_ivf_refuses_exclusions(clustered):
     keys, _, values = clustered
     gallery = Gallery(keys, values, top_k=5, index="ivf", n_lists=10)

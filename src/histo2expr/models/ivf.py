@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._validation import positive_int, seed_value
-from .retrieval import _normalised_rows, _order, cosine_topk
+from .retrieval import NORM_FLOOR, _normalised_rows, _order, _shape_2d, cosine_topk
 
 if TYPE_CHECKING:
     import torch
 
 #: Candidates re-ranked exactly per query, as a multiple of ``k``.
 RERANK_FACTOR = 8
-#: Keys sampled per list to train the k-means clustering and the scalar quantiser.
+#: Keys sampled per list to train the k-means clustering and the product quantiser.
 TRAIN_PER_LIST = 64
 #: Gallery rows normalised and added to the index at a time.
 BUILD_BLOCK = 65536
@@ -117,8 +117,14 @@ class IVFIndex:
         """
         import torch
 
+        n_queries, d = _shape_2d(queries, "queries")
+        if d != self._index.d:
+            msg = (
+                f"queries have {d} features but the gallery has {self._index.d}; both must be embedded by the "
+                "same encoder / projection head."
+            )
+            raise ValueError(msg)
         self._index.nprobe = min(self.n_probe, self.n_lists)
-        n_queries = len(queries)
         sims = np.empty((n_queries, k), dtype=np.float32)
         indices = np.empty((n_queries, k), dtype=np.int64)
         for start in range(0, n_queries, RERANK_QUERIES):
@@ -128,7 +134,7 @@ class IVFIndex:
             candidates = torch.from_numpy(candidates)
             found = candidates >= 0
             rows = keys[candidates.clamp_min(0).flatten()].float()
-            rows = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(1e-12)
+            rows = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(NORM_FLOOR)
             scores = torch.einsum("qd,qcd->qc", q_rows, rows.view(*candidates.shape, -1))
             scores = scores.masked_fill(~found, -torch.inf)
             block_sims, block_idx = _order(scores, candidates)
