@@ -123,9 +123,9 @@ def cosine_topk(
         ``"cuda"``, ``"mps"`` or a :class:`torch.device`); blocks are moved there,
         results come back to the CPU. On the CPU the block products run in the BLAS
         measured faster for the CPU's vendor (``cpu_block_product`` in this module), with
-        ``torch.get_num_threads()`` threads. The running top k was measured 2.2 to 2.5
-        times faster than faiss's ``IndexFlatIP`` on the same data and threads
-        (benchmarks/results/retrieval.md), so there is no faiss backend for exact search;
+        ``torch.get_num_threads()`` threads. It was measured as fast as faiss's exact
+        ``IndexFlatIP`` on the same data and threads (1.00 to 1.11 times faster;
+        benchmarks/results/retrieval.md), so there is no faiss backend for exact search;
         faiss serves the approximate index of :class:`~histo2expr.models.gallery.Gallery`.
 
     Returns
