@@ -101,7 +101,7 @@ def api_embed(inputs, out, **options):
     )
 
 
-def test_embed_cohort_writes_one_output_per_slide_with_provenance(cohort, tmp_path, capsys):
+def test_embed_cohort_writes_one_output_per_slide_with_provenance(cohort, tmp_path, capsys, histo2expr_log):
     folder, files, adata = cohort
     table = hx.tl.embed_cohort(
         [files[0], str(folder / "S2.h5ad")],
@@ -115,6 +115,9 @@ def test_embed_cohort_writes_one_output_per_slide_with_provenance(cohort, tmp_pa
     n_spots = int((adata.obs["slide"] == "S1").sum())
     assert len(lines) == 3 and lines[0].startswith(f"histo2expr embed: S1 (1/2): {n_spots} spots in ")
     assert lines[2].startswith("histo2expr embed: 2 slides: 2 written, 0 skipped, 0 failed, in ")
+    logged = [record.getMessage() for record in histo2expr_log.records]  # the calls per slide: from "hint" on
+    assert logged[0] == f"embed a cohort of 2 slides into {tmp_path}" and len(logged) == 2
+    assert re.fullmatch(r"    finished \(0:\d\d:\d\d\)", logged[1])
     one = ad.read_h5ad(tmp_path / "S1.h5ad")
     direct = adata[adata.obs["slide"] == "S1"].copy()
     hx.tl.embed_patches(direct, encoder="colour_texture", patch_size=32, progress=False, device="cpu")
@@ -231,7 +234,7 @@ def test_zarr_outputs_are_spatialdata(cohort, tmp_path):
         (["nothing*.svs"], {}, FileNotFoundError, "matches no file"),
         ([], {}, ValueError, "No slides given"),
         (["S1.h5ad", "all.h5ad"], {}, ValueError, "Two inputs hold slide 'S1'"),
-        (["S1.h5ad"], {"format": "loom"}, ValueError, "is not one of"),
+        (["S1.h5ad"], {"format": "loom"}, ValueError, "`format` must be one of"),
         (["S1.h5ad"], {"batch_size": 0}, ValueError, "batch_size"),
         (["."], {}, ValueError, "no Space Ranger output"),
         (["S1.h5ad"], {"weights": "missing.pt"}, FileNotFoundError, "is no file"),
@@ -263,6 +266,7 @@ def test_embed_and_predict_commands(cohort, tmp_path, capsys):
         ad.read_h5ad(files[0]).n_obs,
         10,
     )
+    capsys.readouterr()  # what the calls above logged
     assert cli.main([*argv[:-1], "--scale", "magic"]) == 2
     assert capsys.readouterr().err.startswith("histo2expr")
     (tmp_path / "broken.tif").write_bytes(b"not an image")

@@ -330,7 +330,7 @@ def test_spatial_uncertainty_colours_every_spot_of_the_slide(imaged, value, gene
     }[value]
     np.testing.assert_allclose(spots.get_array(), expected, rtol=1e-6)
     assert len(spots.get_paths()) == new.n_obs and len(ax.images) == 1
-    with pytest.raises(ValueError, match="`value='noise'` is not one of"):
+    with pytest.raises(ValueError, match=r"`value` must be one of .*, got 'noise'"):
         hx.pl.spatial_uncertainty(new, key="histo2expr_pred", value="noise", show=False)
 
 

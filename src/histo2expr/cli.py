@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._hest_benchmark import PROTOCOLS
+from ._keys import EMBEDDING_KEY, Key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -321,7 +322,7 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _embedding_options(adata: AnnData) -> dict[str, Any]:
     """What the features of ``obsm["X_histo"]`` average and append (``tta``, ``neighbours``), for the report."""
-    patches = adata.uns["X_histo"]["patches"]
+    patches = adata.uns[Key.uns.record(EMBEDDING_KEY)]["patches"]
     return {"tta": patches["tta"], "neighbours": patches.get("neighbours")}
 
 
@@ -827,7 +828,7 @@ def _add_fit_options(add: Any) -> None:
         default="frozen",
         help="frozen features or end-to-end (default frozen)",
     )
-    add("--use-rep", default="X_histo", help="obsm key of the frozen features (default X_histo)")
+    add("--use-rep", default=EMBEDDING_KEY, help=f"obsm key of the frozen features (default {EMBEDDING_KEY})")
     add(
         "--encoder",
         default="efficientnet_lite0",

@@ -18,8 +18,7 @@ from histo2expr._validation import (
     get_table,
     spatial_coordinates,
 )
-from histo2expr.io import slide_images
-from histo2expr.io._image import PAD_VALUE, LazyImage
+from histo2expr.io import ArrayImage, slide_images
 
 from ._stain import REFERENCE_STAINS, StainVectors, macenko_stains, normalize_stains
 
@@ -141,7 +140,7 @@ class PatchSource:
     from the slide image and resized to ``patch_size`` pixels (Pillow bilinear, which averages over
     the footprint when shrinking); a slide whose pixel size is within 2 % of ``mpp`` is read at its
     own resolution, without resampling.
-    Pixels outside the image are padded with white (``PAD_VALUE = 255``, like the glass around
+    Pixels outside the image are padded with white (``hx.io.ArrayImage.pad_value``, 255, like the glass around
     tissue); spots near the border keep their centre in the middle of the patch.
     With ``field > 1`` the patch is a *context view*: a square ``field`` times wider around the
     spot, shrunk to ``patch_size`` pixels (so its pixels are ``field * mpp`` micrometres wide).
@@ -419,8 +418,8 @@ class PatchSource:
         codes = np.unique(self._codes if indices is None else self._codes[check_indices(indices, len(self))])
         for code in codes:
             image = copy.copy(self._images[int(code)].image)
-            if isinstance(image, LazyImage):
-                _ = image.pixels  # decodes into the cache when needed; the map is dropped on return
+            if hasattr(image, "prepare"):  # an image of `hx.io` (any object with `read_region` serves)
+                image.prepare()
 
     def describe(self) -> dict[str, Any]:
         """The patch geometry, for model records.
@@ -444,6 +443,6 @@ class PatchSource:
             "mpp": self.mpp,
             "field": self.field,
             "stain_normalization": self.stain_normalization,
-            "pad_value": PAD_VALUE,
+            "pad_value": ArrayImage.pad_value,
             "slides": slides,
         }

@@ -22,13 +22,18 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pandas as pd
 
+from .. import _logging as logg
 from .._cache import atomic_path, remove_temporaries
-from .._records import PREDICT_KEY, SCALES
+from .._keys import EMBEDDING_KEY, PREDICT_KEY, Key
+from .._logging import Verbosity
+from .._records import SCALES
+from .._settings import settings
 from .._validation import (
     check_element_name,
     check_patch_size,
     check_slide_id,
     non_negative_number,
+    one_of,
     positive_int,
     seed_value,
 )
@@ -40,8 +45,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from lightning.fabric import Fabric
 
-#: Key of ``uns`` holding the provenance of a cohort output.
-PROVENANCE_KEY = "histo2expr_cohort"
 #: Output formats and the suffix of their files.
 FORMATS = {"h5ad": ".h5ad", "zarr": ".zarr"}
 #: Characters that make an input a glob pattern (unless a file of that name exists).
@@ -201,9 +204,9 @@ def _read_table(unit: CohortSlide, job: CohortJob, model: Histo2ExprModel | None
         table = backed[(backed.obs[job.slide_key].astype(str) == unit.subset).to_numpy()].to_memory()
     finally:
         backed.file.close()
-    spatial = table.uns.get("spatial")
+    spatial = table.uns.get(Key.uns.spatial)
     if isinstance(spatial, dict) and unit.subset in spatial:  # this slide's image only
-        table.uns["spatial"] = {unit.subset: spatial[unit.subset]}
+        table.uns[Key.uns.spatial] = {unit.subset: spatial[unit.subset]}
     return table
 
 
@@ -242,7 +245,7 @@ def _write(table: AnnData, target: Path, fmt: str) -> None:
 
 def _stored_parameters(target: Path) -> str | None:
     """The parameters recorded in an existing output (None when it records none); nothing else is read."""
-    name = f"uns/{PROVENANCE_KEY}/parameters"
+    name = f"uns/{Key.uns.cohort_provenance}/parameters"
     if target.suffix == ".zarr":
         import zarr
 
@@ -288,11 +291,18 @@ def _process_slide(job: CohortJob, unit: CohortSlide, model: Histo2ExprModel | N
     from ._predict import predict_expression
 
     table = _read_table(unit, job, model)
-    if job.embedding is not None and (job.step == "embed" or job.embedding["key_added"] not in table.obsm):
-        embed_patches(table, **job.embedding, slide_key=job.slide_key, device=device, progress=False)
-    if model is not None:
-        predict_expression(table, model, slide_key=job.slide_key, **job.prediction)
-    table.uns[PROVENANCE_KEY] = _provenance(job, unit, table)
+    # one line per slide tells the progress; the messages of each call show from verbosity "hint" on
+    verbosity = settings.verbosity
+    with settings.override(
+        verbosity=verbosity if verbosity >= Verbosity.hint else min(verbosity, Verbosity.warning)
+    ):
+        if job.embedding is not None and (
+            job.step == "embed" or job.embedding["key_added"] not in table.obsm
+        ):
+            embed_patches(table, **job.embedding, slide_key=job.slide_key, device=device, progress=False)
+        if model is not None:
+            predict_expression(table, model, slide_key=job.slide_key, **job.prediction)
+    table.uns[Key.uns.cohort_provenance] = _provenance(job, unit, table)
     _write(table, job.target(unit), job.format)
     return table.n_obs
 
@@ -304,8 +314,13 @@ def _say(job: CohortJob, text: str) -> None:
 
 def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.DataFrame:
     """Run in every process: take this process's share of the slides still to do; the table of all slides."""
-    start = time.perf_counter()
+    start = time.monotonic()  # as the package logger's timings
     rank, world = fabric.global_rank, fabric.world_size
+    if rank == 0:
+        processes = f" ({world} processes)" if world > 1 else ""
+        logg.info(
+            f"{job.step} a cohort of {logg.counted(len(slides), 'slide')} into {job.out_dir}{processes}"
+        )
     done: list[bool] | None = None
     if rank == 0:  # one process decides, before any writes, which outputs are finished
         job.out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,7 +359,7 @@ def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.
         _say(
             job,
             f"{len(table)} slides: {counts.get('written', 0)} written, {counts.get('skipped', 0)} skipped, "
-            f"{len(failed)} failed, in {time.perf_counter() - start:.1f} s ({world} process{'es' if world > 1 else ''}); "
+            f"{len(failed)} failed, in {time.monotonic() - start:.1f} s ({world} process{'es' if world > 1 else ''}); "
             f"outputs in {job.out_dir}",
         )
     if len(failed):
@@ -354,6 +369,8 @@ def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.
             "slides and run the same command again: finished slides are skipped."
         )
         raise SlidesFailedError(msg)
+    if rank == 0:
+        logg.info("    finished", time=start)
     return table
 
 
@@ -418,11 +435,7 @@ def _engine(
 
 
 def _checked_format(format: str) -> str:
-    if format not in FORMATS:
-        msg = (
-            f"`format={format!r}` is not one of {sorted(FORMATS)}: 'h5ad' (AnnData) or 'zarr' (SpatialData)."
-        )
-        raise ValueError(msg)
+    one_of(format, FORMATS, "format", fix="'h5ad' writes AnnData files, 'zarr' SpatialData.")
     return format
 
 
@@ -450,7 +463,7 @@ def embed_cohort(
     mpp: float | None = None,
     tokens: int | None = None,
     seed: int = 0,
-    key_added: str = "X_histo",
+    key_added: str = EMBEDDING_KEY,
     spot_diameter_um: float | None = None,
     spacing_um: float | None = None,
     slide_mpp: float | None = None,
@@ -649,9 +662,7 @@ def predict_cohort(
     ``model`` (``sha256``: the hash of the model file, or of the saved model when an object was
     passed; ``method``, ``path``).
     """
-    if scale not in SCALES:
-        msg = f"`scale={scale!r}` is not one of {sorted(SCALES)}; see `hx.tl.predict_expression`."
-        raise ValueError(msg)
+    one_of(scale, SCALES, "scale", fix="See `hx.tl.predict_expression` for what each means.")
     positive_int(batch_size, "batch_size")
     if isinstance(model, Histo2ExprModel):
         loaded = model

@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._records import EXTERNAL_PROTOCOL, PREDICT_KEY, SCALES
+from .. import _logging as logg
+from .._keys import PREDICT_KEY, Key
+from .._records import EXTERNAL_PROTOCOL, SCALES
 from .._settings import cpu_threads
-from .._validation import check_not_empty, check_unique_var_names, get_table, slide_labels
+from .._validation import check_not_empty, check_unique_var_names, get_table, one_of, slide_labels
 from ..models.base import SpotSet
 from ._data import coordinates, features_of, tokens_of
 from ._intervals import Calibration, new_spots, standardized_bounds
@@ -245,14 +247,16 @@ def predict_expression(
         raise TypeError(msg)
     check_not_empty(table, what="prediction", genes=False)
     check_unique_var_names(table)
-    if scale not in SCALES:
-        msg = f"`scale={scale!r}` is not one of {sorted(SCALES)}; see the docstring for what each means."
-        raise ValueError(msg)
+    one_of(scale, SCALES, "scale", fix="See the docstring for what each means.")
     check_key(table, key_added, kind="prediction", method=model.method.name, protocol=EXTERNAL_PROTOCOL)
     slides = slide_labels(table, slide_key, required=False)
     training = model.params.get("training_data")
     if scale == "depth":
         check_depth_inputs(table, training, library_size)
+    start = logg.info(
+        f"predicting {logg.counted(len(model.genes), 'gene')} with {model.method.name} on "
+        f"{logg.counted(table.n_obs, 'spot')} of {logg.counted(len(set(slides)), 'slide')} ({scale} scale)"
+    )
     with cpu_threads(0):
         if model.use_rep is not None:
             spots = SpotSet(
@@ -287,11 +291,11 @@ def predict_expression(
     )
     warn_if_unlike_training(table, slides, training, scale=scale)
     trust = new_spots(model.trust, embedding, predicted)
-    obs, obsm, extra = {}, {f"X_{key_added}": embedding}, {}
+    obs, obsm, extra = {}, {Key.obsm.embedding(key_added): embedding}, {}
     if trust is not None:
         extra["shift"] = slide_shift(trust.p_value, trust.difficulty, slides)
         warn_if_out_of_distribution(extra["shift"], key_added)
-        obs = {f"{key_added}_ood_pvalue": trust.p_value, f"{key_added}_difficulty": trust.difficulty}
+        obs = {Key.obs.ood_pvalue(key_added): trust.p_value, Key.obs.difficulty(key_added): trust.difficulty}
     if trust is not None and trust.lower is not None:
         bounds = [trust.lower, trust.upper]
         if scale == "standardized":
@@ -302,10 +306,10 @@ def predict_expression(
                 for b in bounds
             ]
         extra["intervals"] = Calibration.from_state_dict(model.trust["calibration"]).describe()
-        for name, bound in zip(("lower", "upper"), bounds, strict=True):
-            obsm[f"{key_added}_{name}"] = prediction_frame(bound, table.obs_names, model.genes)
+        for name, bound in zip((Key.obsm.lower(key_added), Key.obsm.upper(key_added)), bounds, strict=True):
+            obsm[name] = prediction_frame(bound, table.obs_names, model.genes)
     if similarity is not None:
-        obs[f"{key_added}_similarity"] = similarity
+        obs[Key.obs.similarity(key_added)] = similarity
     cv_pcc = pd.DataFrame(
         {"cv_pcc": pd.Series(model.cv_gene_pcc or {}, dtype=np.float64).reindex(model.genes).to_numpy()},
         index=pd.Index(model.genes, name="gene"),
@@ -331,5 +335,6 @@ def predict_expression(
         predictions=prediction_frame(values, target.obs_names, model.genes),
         obs=obs,
         obsm=obsm,
+        start=start,
     )
     return target if copy else None
