@@ -292,7 +292,7 @@ def _cross_validate_in_worker(
     job: _MethodJob,
 ) -> tuple[MethodRun, dict[str, dict[str, Any]], list[tuple[str, type[Warning]]]]:
     """:func:`_cross_validate` in a process of :func:`_run_jobs`: the run, the result fields it wrote, its warnings."""
-    from ._records import result_fields
+    from ._keys import result_fields
     from .models import register_method
 
     if _worker_adata is None:
@@ -317,17 +317,16 @@ def _cross_validate_in_worker(
 
 def _set_result_fields(adata: AnnData, key: str, fields: Mapping[str, Mapping[str, Any]]) -> None:
     """Give ``adata`` the result fields of ``key`` that a fit on a copy of it wrote (removing those it left out)."""
-    from ._records import result_fields
+    from ._keys import result_fields, write_fields
 
-    for attribute, names in result_fields(key).items():
-        mapping = getattr(adata, attribute)
-        for name in names:
-            if name not in fields.get(attribute, {}) and name in mapping:
-                del mapping[name]
-    for attribute, values in fields.items():
-        mapping = getattr(adata, attribute)
-        for name, value in values.items():
-            mapping[name] = value
+    write_fields(
+        adata,
+        obs=fields.get("obs"),
+        var=fields.get("var"),
+        obsm=fields.get("obsm"),
+        uns=fields.get("uns"),
+        remove=result_fields(key),
+    )
 
 
 def machine_description() -> dict[str, Any]:
