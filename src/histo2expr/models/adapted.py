@@ -87,12 +87,18 @@ class TopBlocks(nn.Module):
     BatchNorm layers keep the encoder's running statistics (they stay in evaluation mode while
     the rest trains; their scale and shift train): cached activations of a few hundred spots per
     batch would give noisy statistics, and each spot's features then depend on that spot alone.
+    The pretrained weights train at a tenth of the method's learning rate (:attr:`lr_scale`, read by
+    :class:`~histo2expr.models.TrainingPlan`), the heads at the full rate.
 
     Attributes
     ----------
     feature_dim
         Length of the pooled features.
+    lr_scale
+        Learning rate of these weights relative to the method's.
     """
+
+    lr_scale = 0.1
 
     def __init__(self, encoder: Encoder, trainable_blocks: int) -> None:
         super().__init__()
