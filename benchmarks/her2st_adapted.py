@@ -25,11 +25,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 from _her2st import HERE
-from her2st_features import CACHE, ROWS, build, cohort
+from her2st_features import CACHE, ROWS, _summary, build, cohort
 
 import histo2expr as hx
 
@@ -117,30 +116,16 @@ def report(args: argparse.Namespace) -> None:
     adapted = _per_slide(ADAPTED, ["method", "trainable_blocks", "views", "stain_copies", "epochs", "seed"])
     frozen = _per_slide(ROWS, ["setting", "method", "seed"])
     frozen = frozen[(frozen["setting"] == FROZEN_DEFAULT) & frozen["method"].isin(adapted["method"])]
-    adapted["regime"] = adapted.apply(
+    adapted["setting"] = adapted.apply(
         lambda r: (
-            f"adapted tb={r.trainable_blocks} views={r.views}"
+            f"adapted tb={r.trainable_blocks} views={r.views} epochs={r.epochs}"
             + (f"+{r.stain_copies} stain" if r.stain_copies else "")
         ),
         axis=1,
     )
-    frozen["regime"] = f"frozen {FROZEN_DEFAULT}"
+    frozen["setting"] = f"frozen {FROZEN_DEFAULT}"
     rows = pd.concat([frozen, adapted], ignore_index=True)
-    per_seed = rows.groupby(["method", "regime", "seed"])[["pcc_acg", "pcc_heg50"]].mean()
-
-    def spread(values: pd.Series) -> str:
-        return (
-            f"{values.mean():.4f}" if len(values) < 2 else f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
-        )
-
-    summary = per_seed.groupby(["method", "regime"]).agg(["size", spread])
-    summary = pd.DataFrame(
-        {
-            "seeds": summary[("pcc_acg", "size")],
-            "PCC(ACG)": summary[("pcc_acg", "spread")],
-            "HEG@50": summary[("pcc_heg50", "spread")],
-        }
-    ).reset_index()
+    summary = _summary(rows)
     runs = [json.loads(line) for line in ADAPTED.read_text().splitlines()] if ADAPTED.exists() else []
     cost = pd.DataFrame(
         [
@@ -175,13 +160,13 @@ def report(args: argparse.Namespace) -> None:
         "",
         "## PCC(ACG) per held-out slide",
         "",
-        rows.pivot_table(index=["method", "regime", "seed"], columns="slide", values="pcc_acg")
+        rows.pivot_table(index=["method", "setting", "seed"], columns="slide", values="pcc_acg")
         .round(4)
         .to_markdown(),
         "",
         "## HEG@50 per held-out slide",
         "",
-        rows.pivot_table(index=["method", "regime", "seed"], columns="slide", values="pcc_heg50")
+        rows.pivot_table(index=["method", "setting", "seed"], columns="slide", values="pcc_heg50")
         .round(4)
         .to_markdown(),
         "",
@@ -198,7 +183,6 @@ def report(args: argparse.Namespace) -> None:
     out = HERE / "results" / "her2st_adapted.md"
     out.write_text("\n".join(lines))
     print(out.read_text())
-    print(np.round(per_seed, 4))
 
 
 def main() -> None:
