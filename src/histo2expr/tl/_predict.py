@@ -161,16 +161,13 @@ def _adapted_spots(table: AnnData, model: Histo2ExprModel, spots: SpotSet) -> Sp
     """The spots of a model of the adapted regime: activations of its encoder's lower blocks, and its frozen blocks."""
     from ._adapted import inference_cache, side_features
 
-    features = None
-    if model.use_rep is not None:
-        width = features_of(table, model.use_rep).shape[1]
-        if width != model.params["n_features"]:
-            msg = (
-                f"`obsm[{model.use_rep!r}]` has {width} features per spot; the model was trained next to "
-                f"{model.params['n_features']}. {_reembed_hint(model)}"
-            )
-            raise ValueError(msg)
-        features = side_features(table, model.use_rep)
+    features = side_features(table, model.use_rep)
+    if model.use_rep is not None and table.obsm[model.use_rep].shape[1] != model.params["n_features"]:
+        msg = (
+            f"`obsm[{model.use_rep!r}]` has {table.obsm[model.use_rep].shape[1]} features per spot; the model was "
+            f"trained next to {model.params['n_features']}. {_reembed_hint(model)}"
+        )
+        raise ValueError(msg)
     state = model.method.network.image_input.to_state()
     activations = inference_cache(state, model.encoder or {}, spots.patches)
     return dataclasses.replace(spots, patches=None, features=features, activations=activations)
