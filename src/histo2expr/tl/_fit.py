@@ -527,7 +527,9 @@ def fit_histo2expr(
             encoder = encoder_record(activations, seed)
             if use_rep is not None:  # how the frozen blocks were embedded, to embed new slides alike
                 embedded = plain_value(table.uns.get(use_rep, {})).get("patches", {})
-                patch_geometry.update({k: embedded[k] for k in ("tta", "context", "neighbours") if k in embedded})
+                patch_geometry.update(
+                    {k: embedded[k] for k in ("tta", "context", "neighbours") if k in embedded}
+                )
     patch_geometry = {**(patch_geometry or {}), **spot_geometry_um(table)}
     inputs = _Inputs(table, slides, coords, features, patches, activations)
     fit_args = {
