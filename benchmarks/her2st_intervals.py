@@ -3,9 +3,10 @@
 Run on demand (needs the her2st cohort, ``HISTO2EXPR_HER2ST``):
 
     python benchmarks/her2st_intervals.py [--methods ridge,bleep] [--kinds adaptive,constant]
-        [--level 0.9] [--genes 250] [--seed 0] [--threads 1]
+        [--calibrations pooled,per_slide] [--level 0.9] [--genes 250] [--seed 0] [--threads 1]
+        [--out her2st_intervals.md]
 
-Every row cross-validates one method with ``intervals=kind`` (the frozen EfficientNet-Lite0 features of
+Every row cross-validates one method with ``intervals=kind`` and ``interval_calibration`` (the frozen EfficientNet-Lite0 features of
 ``_her2st.embedded_her2st``). Per held-out slide it reads the empirical coverage and mean width that
 ``fit_histo2expr`` records, and compares the width with the narrowest *constant* per-gene interval
 around the same predictions that reaches the same coverage on that slide (an oracle: it is sized on
@@ -72,6 +73,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="ridge,bleep")
     parser.add_argument("--kinds", default="adaptive,constant")
+    parser.add_argument(
+        "--calibrations", default="pooled", help="interval_calibration values, comma-separated"
+    )
+    parser.add_argument("--out", default="her2st_intervals.md", help="file name under benchmarks/results")
     parser.add_argument("--level", type=float, default=0.9)
     parser.add_argument("--genes", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
@@ -82,42 +87,49 @@ def main() -> None:
     start = time.perf_counter()
     adata, _ = embedded_her2st()
     summary, details = [], []
-    for method in args.methods.split(","):
-        for kind in args.kinds.split(","):
-            key = f"{method}_{kind}"
-            tic = time.perf_counter()
-            hx.tl.fit_histo2expr(
-                adata,
-                method=method,
-                genes=args.genes,
-                cv="leave_one_slide_out",
-                intervals=kind,
-                level=args.level,
-                seed=args.seed,
-                key_added=key,
-                refit=False,
-                progress=False,
-            )
-            seconds = time.perf_counter() - tic
-            table = per_slide(adata, key)
-            patient_c = table.drop(index="B4", errors="ignore")
-            summary.append(
-                {
-                    "method": method,
-                    "intervals": kind,
-                    "mean coverage": table["coverage"].mean(),
-                    "worst slide": table["coverage"].min(),
-                    "mean coverage C2-C6": patient_c["coverage"].mean(),
-                    "worst C2-C6": patient_c["coverage"].min(),
-                    "width": table["width"].mean(),
-                    "constant width": table["constant width"].mean(),
-                    "width / constant (C2-C6)": (patient_c["width"] / patient_c["constant width"]).mean(),
-                    "predictable genes": int(adata.var[f"{key}_predictable"].sum()),
-                    "seconds": seconds,
-                }
-            )
-            details.append(table.round(3).assign(row=key))
-            print(summary[-1], flush=True)
+    rows = [
+        (method, kind, calibration)
+        for method in args.methods.split(",")
+        for kind in args.kinds.split(",")
+        for calibration in args.calibrations.split(",")
+    ]
+    for method, kind, calibration in rows:
+        key = f"{method}_{kind}" + ("" if calibration == "pooled" else f"_{calibration}")
+        tic = time.perf_counter()
+        hx.tl.fit_histo2expr(
+            adata,
+            method=method,
+            genes=args.genes,
+            cv="leave_one_slide_out",
+            intervals=kind,
+            interval_calibration=calibration,
+            level=args.level,
+            seed=args.seed,
+            key_added=key,
+            refit=False,
+            progress=False,
+        )
+        seconds = time.perf_counter() - tic
+        table = per_slide(adata, key)
+        patient_c = table.drop(index="B4", errors="ignore")
+        summary.append(
+            {
+                "method": method,
+                "intervals": kind,
+                "calibration": calibration,
+                "mean coverage": table["coverage"].mean(),
+                "worst slide": table["coverage"].min(),
+                "mean coverage C2-C6": patient_c["coverage"].mean(),
+                "worst C2-C6": patient_c["coverage"].min(),
+                "width": table["width"].mean(),
+                "constant width": table["constant width"].mean(),
+                "width / constant (C2-C6)": (patient_c["width"] / patient_c["constant width"]).mean(),
+                "predictable genes": int(adata.var[f"{key}_predictable"].sum()),
+                "seconds": seconds,
+            }
+        )
+        details.append(table.round(3).assign(row=key))
+        print(summary[-1], flush=True)
     machine = machine_description()
     per_slide_text = [
         f"### {frame['row'].iloc[0]}\n\n{frame.drop(columns='row').to_markdown()}\n" for frame in details
@@ -127,7 +139,7 @@ def main() -> None:
             "# Conformal prediction intervals on her2st (leave-one-slide-out)",
             "",
             f"Command: `python benchmarks/her2st_intervals.py --methods {args.methods} --kinds {args.kinds} "
-            f"--level {args.level} --genes {args.genes} --seed {args.seed} --threads {args.threads}` on "
+            f"--calibrations {args.calibrations} --out {args.out} --level {args.level} --genes {args.genes} --seed {args.seed} --threads {args.threads}` on "
             f"{machine['cpu_cores']} CPU cores (shared), {machine['platform']}, torch {torch.__version__}.",
             "",
             f"Nominal level {args.level}; frozen EfficientNet-Lite0 (ImageNet) features; {args.genes} genes chosen "
@@ -148,7 +160,7 @@ def main() -> None:
         ]
     )
     print(text)
-    (HERE / "results" / "her2st_intervals.md").write_text(text)
+    (HERE / "results" / args.out).write_text(text)
 
 
 if __name__ == "__main__":

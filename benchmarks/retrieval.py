@@ -1,18 +1,27 @@
-"""Benchmark of exact cosine top-k retrieval (histo2expr.models.retrieval.cosine_topk).
+"""Benchmark of cosine top-k retrieval: the exact path against faiss, and the approximate IVF index.
 
-Run on demand, not a test::
+Run on demand, not a test (each part rewrites its own section of
+``benchmarks/results/retrieval.md``)::
 
-    python benchmarks/retrieval.py
+    python benchmarks/retrieval.py --part exact
+    python benchmarks/retrieval.py --part ivf --n-gallery 10000000 --n-queries 1000
 
-Default case: 10,000 queries against a 1,000,000-row gallery of d = 256 float32
-features (256 is the projection dimension of BLEEP and CMRCNet), k = 50, on the
-CPU with 2 torch threads. The gallery is a ``np.memmap`` in a temporary file.
-Each backend runs in its own subprocess so that its peak memory is its own; a
-sampling thread reads ``/proc/self/status`` (resident memory split into
-anonymous memory and file-backed pages, the latter being the memory-mapped
-gallery) and the kernel's high-water mark ``VmHWM``. Rows of 20 queries are
-checked against an exact float64 brute force. The results are written to
-``benchmarks/results/retrieval.md``.
+*exact*: ``n_queries`` queries (default 10,000) against a gallery of ``n_gallery`` rows
+(default 1,000,000) of d = 256 float32 features (256 is the width of the BLEEP and CMRCNet
+galleries, their projection dimension), k = 50, with the same threads for everyone.
+:func:`~histo2expr.models.retrieval.cosine_topk` reads the gallery from a ``np.memmap``
+(*memmap*) or from memory (*memory*); faiss's ``IndexFlatIP`` searches the same rows,
+normalised, from memory. The ratio is faiss's time over the package's.
+
+*ivf*: :class:`~histo2expr.models.gallery.Gallery` with ``index="ivf"`` built over a
+memory-mapped gallery (default 10,000,000 rows), its build time and memory, and its query
+time and recall@k against the exact path over the same queries, for several ``n_probe``.
+
+The data are a Gaussian mixture of 2,000 centres of unequal sizes and spreads along a
+shared 32-dimensional subspace (:data:`DATA`). Each run is a
+subprocess, so that its peak memory is its own; a sampling thread reads
+``/proc/self/status`` (resident memory split into anonymous memory and file-backed pages,
+the latter being the memory-mapped gallery) and the kernel's high-water mark ``VmHWM``.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,69 +42,82 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "retrieval.md"
 N_CHECKED = 20
+N_CENTRES = 2000
+INTRINSIC_DIM = 32
+#: How the data are made, for the results.
+DATA = (
+    f"a Gaussian mixture of {N_CENTRES:,} centres (standard normal) with Zipf-like sizes (weight of centre i "
+    f"proportional to i^-0.5); each point spreads around its centre along a shared {INTRINSIC_DIM}-dimensional "
+    "subspace (scale 0.6-1.4 per centre, as large as the centres) plus isotropic noise of scale 0.1: "
+    "clustered, overlapping embeddings of low intrinsic dimension"
+)
+PARTS = ("exact", "ivf")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--n-queries", type=int, default=10_000)
-    parser.add_argument("--n-gallery", type=int, default=1_000_000)
+    parser.add_argument("--part", choices=PARTS, default="exact")
+    parser.add_argument("--n-queries", type=int, help="default: 10,000 (exact), 1,000 (ivf)")
+    parser.add_argument("--n-gallery", type=int, help="default: 1,000,000 (exact), 10,000,000 (ivf)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--query-chunk", type=int, default=None, help="default: the library default")
-    parser.add_argument("--gallery-chunk", type=int, default=None, help="default: the library default")
     parser.add_argument(
         "--runs",
         nargs="+",
-        default=["torch:memmap", "faiss:memmap", "torch:read"],
-        help="backend:gallery pairs; gallery 'memmap' (np.memmap) or 'read' (plain file reads, no memory map)",
+        default=["package:memmap", "package:memory", "faiss:memory"],
+        help="exact part: who:gallery pairs; who 'package' or 'faiss' (IndexFlatIP), gallery 'memmap' or 'memory'",
     )
+    parser.add_argument(
+        "--n-probe", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512, 1024], help="ivf part"
+    )
+    parser.add_argument("--n-lists", type=int, help="ivf part; default: the library default")
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    exact = args.part == "exact"
+    args.n_queries = args.n_queries or (10_000 if exact else 1_000)
+    args.n_gallery = args.n_gallery or (1_000_000 if exact else 10_000_000)
+    return args
 
 
 # --- data ----------------------------------------------------------------------------------------
 
 
 def make_data(folder: Path, n_queries: int, n_gallery: int, dim: int, seed: int = 0) -> None:
-    """Gaussian-mixture features (2,000 centres), so that neighbours are meaningful; written in blocks."""
+    """Clustered embeddings of low intrinsic dimension, written in blocks (see :data:`DATA`)."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((2000, dim), dtype=np.float32)
+    centres = rng.standard_normal((N_CENTRES, dim), dtype=np.float32)
+    weights = 1.0 / np.arange(1, N_CENTRES + 1) ** 0.5
+    weights /= weights.sum()
+    scales = rng.uniform(0.6, 1.4, N_CENTRES).astype(np.float32)
+    basis = rng.standard_normal((INTRINSIC_DIM, dim), dtype=np.float32) * np.float32(
+        np.sqrt(dim / INTRINSIC_DIM)
+    )
+
+    def draw(n: int) -> np.ndarray:
+        which = rng.choice(N_CENTRES, size=n, p=weights)
+        spread = rng.standard_normal((n, INTRINSIC_DIM), dtype=np.float32) @ basis
+        return (
+            centres[which]
+            + scales[which, None] * spread
+            + np.float32(0.1) * rng.standard_normal((n, dim), dtype=np.float32)
+        )
+
     gallery = np.memmap(folder / "gallery.f32", dtype=np.float32, mode="w+", shape=(n_gallery, dim))
     for start in range(0, n_gallery, 65536):
-        stop = min(start + 65536, n_gallery)
-        noise = rng.standard_normal((stop - start, dim), dtype=np.float32)
-        gallery[start:stop] = centres[rng.integers(0, 2000, stop - start)] + noise
+        gallery[start : start + 65536] = draw(min(65536, n_gallery - start))
     gallery.flush()
     del gallery
-    queries = centres[rng.integers(0, 2000, n_queries)] + rng.standard_normal(
-        (n_queries, dim), dtype=np.float32
-    )
-    np.save(folder / "queries.npy", queries)
+    np.save(folder / "queries.npy", draw(n_queries))
 
 
 def open_gallery(folder: Path, n_gallery: int, dim: int) -> np.memmap:
-    return np.memmap(folder / "gallery.f32", dtype=np.float32, mode="r", shape=(n_gallery, dim))
-
-
-class FileRows:
-    """Gallery rows read from the raw float32 file by plain reads: no memory map, so the pages
-    read stay in the kernel's page cache and are not resident in the process."""
-
-    def __init__(self, path: Path, shape: tuple[int, int]) -> None:
-        self.path, self.shape = path, shape
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        start, stop, _ = rows.indices(self.shape[0])
-        width = self.shape[1]
-        flat = np.fromfile(
-            self.path, dtype=np.float32, count=(stop - start) * width, offset=start * width * 4
-        )
-        return flat.reshape(-1, width)
+    """The gallery file as a copy-on-write memory map (writable for torch, never written)."""
+    return np.memmap(folder / "gallery.f32", dtype=np.float32, mode="c", shape=(n_gallery, dim))
 
 
 def exact_reference(queries: np.ndarray, gallery: np.memmap, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +130,13 @@ def exact_reference(queries: np.ndarray, gallery: np.memmap, k: int) -> tuple[np
         sims[:, start : start + len(g)] = q @ (g / np.linalg.norm(g, axis=1, keepdims=True)).T
     idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(sims, idx, axis=1), idx
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of each row's exact neighbours that were found."""
+    return float(
+        np.mean([len(np.intersect1d(a, b)) / exact.shape[1] for a, b in zip(found, exact, strict=True)])
+    )
 
 
 # --- memory --------------------------------------------------------------------------------------
@@ -145,53 +175,101 @@ class MemorySampler(threading.Thread):
         return self.peak
 
 
-# --- one backend, in its own process ----------------------------------------------------------
-
-
-def worker(args: argparse.Namespace) -> None:
-    import torch
-
-    from histo2expr.models.retrieval import DEFAULT_GALLERY_CHUNK, DEFAULT_QUERY_CHUNK, cosine_topk
-
-    backend, access = args.worker.split(":")
-    torch.set_num_threads(args.threads)
-    if backend == "faiss":
-        import faiss
-
-        faiss.omp_set_num_threads(args.threads)
-    queries = np.load(args.data / "queries.npy")
-    if access == "memmap":
-        gallery = open_gallery(args.data, args.n_gallery, args.dim)
-    else:
-        gallery = FileRows(args.data / "gallery.f32", (args.n_gallery, args.dim))
-    query_chunk = args.query_chunk or DEFAULT_QUERY_CHUNK
-    gallery_chunk = args.gallery_chunk or DEFAULT_GALLERY_CHUNK
-    before = proc_status()
+def measured(function: object, *args: object, **kwargs: object) -> tuple[object, dict[str, float]]:
+    """Call ``function``; its result and wall time, CPU time and peak memory (anonymous, file-backed)."""
     sampler = MemorySampler()
     sampler.start()
     wall, cpu = time.perf_counter(), time.process_time()
-    sims, idx = cosine_topk(
-        queries, gallery, args.k, query_chunk=query_chunk, gallery_chunk=gallery_chunk, backend=backend
-    )
+    result = function(*args, **kwargs)  # type: ignore[operator]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = sampler.stop()
-    np.save(args.data / f"sims_{backend}_{access}.npy", sims)
-    np.save(args.data / f"idx_{backend}_{access}.npy", idx)
-    result = {
-        "run": args.worker,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "query_chunk": query_chunk,
-        "gallery_chunk": gallery_chunk,
-        "rss_before": before["VmRSS"],
-        "anon_before": before["RssAnon"],
-        "file_before": before["RssFile"],
-        "peak_rss_sampled": peak["VmRSS"],
-        "peak_anon_sampled": peak["RssAnon"],
-        "peak_file_sampled": peak["RssFile"],
-        "vm_hwm": proc_status()["VmHWM"],
-    }
-    print(json.dumps(result))
+    return result, {"wall_s": wall, "cpu_s": cpu, "peak_anon": peak["RssAnon"], "peak_file": peak["RssFile"]}
+
+
+# --- workers, each in its own process -----------------------------------------------------------
+
+
+def set_threads(threads: int) -> None:
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def exact_worker(args: argparse.Namespace) -> dict:
+    """One exact search of every query: the package's cosine_topk or faiss's IndexFlatIP."""
+    import faiss
+
+    from histo2expr.models.retrieval import (
+        DEFAULT_GALLERY_CHUNK,
+        DEFAULT_QUERY_CHUNK,
+        cosine_topk,
+        cpu_block_product,
+    )
+
+    who, access = args.worker.split(":")
+    set_threads(args.threads)
+    queries = np.load(args.data / "queries.npy")
+    gallery = open_gallery(args.data, args.n_gallery, args.dim)
+    if access == "memory":
+        gallery = np.array(gallery)  # read into anonymous memory
+    before = proc_status()
+    result = {"run": args.worker, "rss_before": before["VmRSS"], "anon_before": before["RssAnon"]}
+    if who == "package":
+        (sims, idx), result["search"] = measured(cosine_topk, queries, gallery, args.k)
+        result["chunks"] = f"{DEFAULT_QUERY_CHUNK:,} x {DEFAULT_GALLERY_CHUNK:,}"
+        result["block_product"] = cpu_block_product()
+    else:
+
+        def build() -> faiss.IndexFlatIP:
+            faiss.normalize_L2(gallery)  # in place: the memory copy of the gallery
+            index = faiss.IndexFlatIP(args.dim)
+            index.add(gallery)
+            return index
+
+        def search(index: faiss.IndexFlatIP) -> tuple[np.ndarray, np.ndarray]:
+            normalised = queries.copy()
+            faiss.normalize_L2(normalised)
+            return index.search(normalised, args.k)
+
+        index, result["build"] = measured(build)
+        (sims, idx), result["search"] = measured(search, index)
+    result["vm_hwm"] = proc_status()["VmHWM"]
+    np.save(args.data / f"idx_{who}_{access}.npy", idx)
+    np.save(args.data / f"sims_{who}_{access}.npy", sims)
+    return result
+
+
+def ivf_worker(args: argparse.Namespace) -> dict:
+    """Build the IVF gallery over the memory-mapped gallery, search at several n_probe, and exactly."""
+    import torch
+
+    from histo2expr.models.gallery import Gallery
+    from histo2expr.models.ivf import RERANK_FACTOR, factory_string
+    from histo2expr.models.retrieval import cosine_topk
+
+    set_threads(args.threads)
+    queries = np.load(args.data / "queries.npy")
+    keys = open_gallery(args.data, args.n_gallery, args.dim)
+    values = np.zeros((args.n_gallery, 1), dtype=np.float32)  # one gene: the values play no part in search
+    before = proc_status()
+    result: dict = {"run": "ivf", "rss_before": before["VmRSS"], "anon_before": before["RssAnon"]}
+    gallery, result["build"] = measured(
+        Gallery, keys, values, top_k=args.k, index="ivf", n_lists=args.n_lists, seed=0
+    )
+    result["n_lists"], result["default_n_probe"] = gallery.ivf.n_lists, gallery.ivf.n_probe
+    result["factory"], result["rerank"] = factory_string(gallery.ivf.n_lists, args.dim), RERANK_FACTOR
+    (_, exact), result["exact"] = measured(cosine_topk, queries, keys, args.k)
+    result["searches"] = []
+    for n_probe in sorted({*args.n_probe, gallery.ivf.n_probe}):
+        gallery.ivf.n_probe = n_probe
+        (_, found), timing = measured(gallery.search, queries)
+        result["searches"].append({"n_probe": n_probe, "recall": recall(found, exact), **timing})
+    result["vm_hwm"] = proc_status()["VmHWM"]
+    result["torch_threads"] = torch.get_num_threads()
+    result["index_bytes"] = int(gallery.ivf.state_dict()["faiss_index"].numel())  # after the peak: a copy
+    return result
 
 
 # --- driver ------------------------------------------------------------------------------------
@@ -207,16 +285,13 @@ def machine() -> str:
 
 
 def versions() -> str:
+    import faiss
     import torch
 
-    parts = [f"python {platform.python_version()}", f"numpy {np.__version__}", f"torch {torch.__version__}"]
-    try:
-        import faiss
-
-        parts.append(f"faiss-cpu {faiss.__version__}")
-    except ImportError:
-        parts.append("faiss not installed")
-    return ", ".join(parts)
+    return (
+        f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
+        f"faiss-cpu {faiss.__version__}"
+    )
 
 
 def gib(n_bytes: float) -> str:
@@ -224,154 +299,172 @@ def gib(n_bytes: float) -> str:
 
 
 def run_worker(run: str, folder: Path, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", run, "--data", str(folder)]
-    for name in ("n_queries", "n_gallery", "dim", "k", "threads", "query_chunk", "gallery_chunk"):
+    command = [sys.executable, __file__, "--worker", run, "--data", str(folder), "--part", args.part]
+    for name in ("n_queries", "n_gallery", "dim", "k", "threads", "n_lists"):
         if getattr(args, name) is not None:
             command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    load_before = os.getloadavg()[0]
+    command += ["--n-probe", *map(str, args.n_probe)]
+    load_before = os.getloadavg()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"the {run} worker failed:\n{done.stderr}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["load"] = (load_before, os.getloadavg()[0])
+    result["load"] = (load_before[0], os.getloadavg()[0])
     print(result, flush=True)
     return result
 
 
-def check(folder: Path, run: str, checked: np.ndarray, ref_sims: np.ndarray, ref_idx: np.ndarray) -> dict:
-    """Compare the rows of ``checked`` queries with the exact reference."""
-    name = run.replace(":", "_")
-    sims, idx = np.load(folder / f"sims_{name}.npy"), np.load(folder / f"idx_{name}.npy")
-    k = ref_idx.shape[1]
-    return {
-        "rows_equal": int((idx[checked] == ref_idx).all(axis=1).sum()),
-        "recall": float(
-            np.mean([len(set(a) & set(b)) / k for a, b in zip(idx[checked], ref_idx, strict=True)])
-        ),
-        "max_sim_error": float(np.abs(sims[checked] - ref_sims).max()),
-        "idx": idx,
-    }
+def header(args: argparse.Namespace, argv: list[str] | None) -> list[str]:
+    command = " ".join(["python", "benchmarks/retrieval.py", *(argv if argv is not None else sys.argv[1:])])
+    return [
+        f"Written by `benchmarks/retrieval.py` on {time.strftime('%Y-%m-%d %H:%M %Z')}.",
+        "",
+        f"- Command: `nice {command}` (from the repository root, with the project's virtual environment)",
+        f"- Machine: {machine()}; no GPU; the CPUs were shared with other jobs (load averages below).",
+        f"- Software: {versions()}",
+        f"- Case: {args.n_queries:,} queries x {args.n_gallery:,} gallery rows, d = {args.dim} float32 (the width "
+        f"of the BLEEP / CMRCNet galleries), k = {args.k}, {args.threads} threads for torch, numpy's BLAS and faiss",
+        f"- Data: {args.n_gallery * args.dim * 4 / 2**30:.2f} GiB of float32 in a temporary file, {DATA}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        worker(args)
+        print(json.dumps(exact_worker(args) if args.part == "exact" else ivf_worker(args)))
         return
-    from histo2expr.models.retrieval import faiss_available
-
-    runs = [run for run in args.runs if not run.startswith("faiss") or faiss_available()]
-    skipped = sorted(set(args.runs) - set(runs))
     with tempfile.TemporaryDirectory(prefix="h2e-retrieval-") as tmp:
         folder = Path(tmp)
         start = time.perf_counter()
         make_data(folder, args.n_queries, args.n_gallery, args.dim)
         print(f"data written in {time.perf_counter() - start:.1f} s", flush=True)
-        results = [run_worker(run, folder, args) for run in runs]
-        queries = np.load(folder / "queries.npy")
-        checked = np.random.default_rng(1).choice(
-            args.n_queries, size=min(N_CHECKED, args.n_queries), replace=False
-        )
-        ref_sims, ref_idx = exact_reference(
-            queries[checked], open_gallery(folder, args.n_gallery, args.dim), args.k
-        )
-        checks = {run: check(folder, run, checked, ref_sims, ref_idx) for run in runs}
-    agreement = {}
-    for run in runs[1:]:
-        a, b = checks[runs[0]]["idx"], checks[run]["idx"]
-        agreement[run] = (
-            float((a == b).all(axis=1).mean()),
-            float((np.sort(a, 1) == np.sort(b, 1)).all(axis=1).mean()),
-        )
-    write_report(args, argv, results, checks, agreement, skipped)
+        if args.part == "ivf":
+            section = ivf_section(args, argv, run_worker("ivf", folder, args))
+        else:
+            results = [run_worker(run, folder, args) for run in args.runs]
+            section = exact_section(args, argv, results, exact_checks(folder, args))
+    write_section(args.output, args.part, section)
 
 
-def write_report(
-    args: argparse.Namespace,
-    argv: list[str] | None,
-    results: list[dict],
-    checks: dict[str, dict],
-    agreement: dict[str, tuple[float, float]],
-    skipped: list[str],
-) -> None:
-    command = " ".join(["python", "benchmarks/retrieval.py", *(argv if argv is not None else sys.argv[1:])])
-    block = results[0]["query_chunk"] * results[0]["gallery_chunk"] * 4 if results else 0
+def exact_checks(folder: Path, args: argparse.Namespace) -> list[str]:
+    """Each run against a float64 brute force on a few queries, and the runs against each other."""
+    queries = np.load(folder / "queries.npy")
+    checked = np.random.default_rng(1).choice(
+        args.n_queries, size=min(N_CHECKED, args.n_queries), replace=False
+    )
+    ref_sims, ref_idx = exact_reference(
+        queries[checked], open_gallery(folder, args.n_gallery, args.dim), args.k
+    )
+    found = {run: np.load(folder / f"idx_{run.replace(':', '_')}.npy") for run in args.runs}
+    lines = []
+    for run in args.runs:
+        sims = np.load(folder / f"sims_{run.replace(':', '_')}.npy")
+        lines.append(
+            f"- {run}: {int((found[run][checked] == ref_idx).all(axis=1).sum())}/{len(checked)} rows with identical "
+            f"indices in identical order, recall@{args.k} {recall(found[run][checked], ref_idx):.4f}, "
+            f"max |similarity error| {np.abs(sims[checked] - ref_sims).max():.2e}"
+        )
+    first = args.runs[0]
+    for run in args.runs[1:]:
+        same_rows = (found[run] == found[first]).all(axis=1).mean()
+        lines.append(
+            f"- {run} vs {first}, all {args.n_queries:,} queries: {same_rows:.4f} of rows identical, recall@{args.k} "
+            f"{recall(found[run], found[first]):.4f} (differences: float32 near-ties)"
+        )
+    return lines
+
+
+def exact_section(
+    args: argparse.Namespace, argv: list[str] | None, results: list[dict], checks: list[str]
+) -> str:
     lines = [
-        "# Retrieval benchmark: exact cosine top-k",
+        "## Exact top-k: the package against faiss `IndexFlatIP`",
         "",
-        f"Written by `benchmarks/retrieval.py` on {time.strftime('%Y-%m-%d %H:%M %Z')}.",
+        *header(args, argv),
         "",
-        f"- Command: `{command}` (from the repository root, with the project's virtual environment)",
-        f"- Machine: {machine()}; no GPU; the CPUs were shared with other jobs (load averages below).",
-        f"- Software: {versions()}",
-        f"- Case: {args.n_queries:,} queries x {args.n_gallery:,} gallery rows, d = {args.dim} float32 "
-        "(256 = the projection dimension of BLEEP / CMRCNet), "
-        f"k = {args.k}, device cpu, torch.set_num_threads({args.threads})"
-        + (
-            f", faiss.omp_set_num_threads({args.threads})"
-            if any(r.startswith("faiss") for r in checks)
-            else ""
-        ),
-        f"- Gallery: {args.n_gallery * args.dim * 4 / 2**30:.2f} GiB of float32 in a temporary file "
-        "(Gaussian mixture, 2,000 centres), passed either as a `np.memmap` (*memmap*) or as an array-like "
-        "whose row slices are plain file reads (*read*, no memory map); queries: an in-memory array.",
-        "- Targets: under 60 s wall time and under 2 GB peak memory.",
-        "",
-        "| backend:gallery | query_chunk x gallery_chunk | wall (s) | CPU (s) | load avg before / after | "
-        "peak RSS (GiB) | peak anonymous (GiB) | peak file-backed (GiB) | before the call: RSS / anonymous / "
-        "file-backed (GiB) |",
+        "| run | build (s) | search wall (s) | search CPU (s) | load avg before / after | peak RSS (GiB) | "
+        "peak anonymous (GiB) | peak file-backed (GiB) | before: RSS / anonymous (GiB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for result in results:
+    for r in results:
+        build = r.get("build", {"wall_s": 0.0})
         lines.append(
-            f"| {result['run']} | {result['query_chunk']:,} x {result['gallery_chunk']:,} | "
-            f"{result['wall_s']:.1f} | {result['cpu_s']:.1f} | {result['load'][0]:.1f} / {result['load'][1]:.1f} | "
-            f"{gib(result['vm_hwm'])} | {gib(result['peak_anon_sampled'])} | {gib(result['peak_file_sampled'])} | "
-            f"{gib(result['rss_before'])} / {gib(result['anon_before'])} / {gib(result['file_before'])} |"
+            f"| {r['run']} | {build['wall_s']:.1f} | {r['search']['wall_s']:.1f} | {r['search']['cpu_s']:.1f} | "
+            f"{r['load'][0]:.1f} / {r['load'][1]:.1f} | {gib(r['vm_hwm'])} | {gib(r['search']['peak_anon'])} | "
+            f"{gib(r['search']['peak_file'])} | {gib(r['rss_before'])} / {gib(r['anon_before'])} |"
         )
+    package = [r for r in results if r["run"].startswith("package")]
     lines += [
         "",
-        "Memory columns: *peak RSS* is the kernel's high-water mark `VmHWM` of the worker process: the "
-        "whole process, i.e. Python, the torch / numpy / faiss libraries, the queries, the retrieval, and the "
-        "gallery pages read through the memory map. *Peak anonymous* and *peak file-backed* are the maxima "
-        "of `RssAnon` and `RssFile` sampled every 20 ms. File-backed pages are the shared libraries (the "
-        "file-backed column before the call) and, with *memmap*, the gallery pages read so far: page cache "
-        "that the kernel can drop at any time, not memory that the retrieval allocates. CPU time is user + "
-        "system time of the worker; with 2 threads on 2 free cores, wall time would be about half of it. "
-        f"The torch backend holds one block of similarities ({gib(block)} GiB at these chunk sizes), a "
-        "normalised copy of a gallery block and the running top k; faiss needs no similarity block.",
+        "*build*: faiss's normalisation of the in-memory gallery and `IndexFlatIP.add`; the package needs none "
+        "(cosine_topk normalises each block as it reads it, inside its search time). *Peak RSS* is the kernel's "
+        "high-water mark `VmHWM` of the worker process (Python, libraries, queries, the gallery copy in memory for "
+        "*memory* runs, the search); *peak anonymous* / *file-backed* are sampled every 20 ms during the search, "
+        "file-backed pages being the libraries and, for *memmap*, the gallery pages read: page cache the kernel "
+        f"can drop. Package chunks: {package[0]['chunks'] if package else '?'} rows (query x gallery); CPU "
+        f"block product: {package[0]['block_product'] if package else '?'}.",
         "",
-        "Against the targets (wall < 60 s; memory < 2 GB = 1.86 GiB):",
+        "Ratios (faiss / package, > 1: the package is faster), same data, same threads, same run:",
         "",
     ]
-    for result in results:
-        verdicts = [
-            f"wall {'meets' if result['wall_s'] < 60 else 'misses'} (CPU time / {args.threads} threads = "
-            f"{result['cpu_s'] / args.threads:.0f} s)",
-            f"peak RSS {'meets' if result['vm_hwm'] < 2e9 else 'misses'}",
-            f"peak anonymous memory {'meets' if result['peak_anon_sampled'] < 2e9 else 'misses'}",
-        ]
-        lines.append(f"- {result['run']}: " + "; ".join(verdicts))
-    lines += [
+    faiss_runs = [r for r in results if r["run"].startswith("faiss")]
+    for f in faiss_runs:
+        for p in package:
+            total = f["build"]["wall_s"] + f["search"]["wall_s"]
+            lines.append(
+                f"- {f['run']} / {p['run']}: search wall {f['search']['wall_s'] / p['search']['wall_s']:.2f}, "
+                f"search CPU {f['search']['cpu_s'] / p['search']['cpu_s']:.2f}, build + search wall "
+                f"{total / p['search']['wall_s']:.2f}"
+            )
+    lines += ["", f"Correctness, {N_CHECKED} random queries against a float64 brute force:", "", *checks]
+    return "\n".join(lines)
+
+
+def ivf_section(args: argparse.Namespace, argv: list[str] | None, r: dict) -> str:
+    build, exact = r["build"], r["exact"]
+    lines = [
+        '## Approximate top-k: `Gallery(index="ivf")` (faiss IVF, 4-bit PQ codes, exact re-rank)',
         "",
-        f"Correctness, {N_CHECKED} random queries against an exact float64 brute force:",
+        *header(args, argv),
+        f"- Index: {r['factory']} (n_lists by default sqrt(n)), trained on a seeded sample, built over the "
+        f"memory-mapped gallery; serialised size {gib(r['index_bytes'])} GiB; {r['rerank']} x k candidates "
+        "re-ranked exactly per query",
         "",
+        f"Build: {build['wall_s']:.1f} s wall, {build['cpu_s']:.1f} s CPU, peak anonymous memory "
+        f"{gib(build['peak_anon'])} GiB (before: {gib(r['anon_before'])} GiB), peak file-backed "
+        f"{gib(build['peak_file'])} GiB (gallery pages read through the memory map); load "
+        f"{r['load'][0]:.1f} before, {r['load'][1]:.1f} after the worker. Worker peak RSS (`VmHWM`, including "
+        f"the memory-mapped gallery): {gib(r['vm_hwm'])} GiB.",
+        "",
+        f"Exact search of the same queries (cosine_topk over the memory map): {exact['wall_s']:.1f} s wall, "
+        f"{exact['cpu_s']:.1f} s CPU.",
+        "",
+        f"| n_probe | recall@{args.k} vs exact | search wall (s) | search CPU (s) | CPU speed-up vs exact | "
+        "peak anonymous (GiB) |",
+        "|---|---|---|---|---|---|",
     ]
-    for run, result in checks.items():
+    for s in r["searches"]:
+        default = " (default)" if s["n_probe"] == r["default_n_probe"] else ""
         lines.append(
-            f"- {run}: {result['rows_equal']}/{N_CHECKED} rows with identical indices in identical order, "
-            f"recall@{args.k} {result['recall']:.4f}, max |similarity error| {result['max_sim_error']:.2e}"
+            f"| {s['n_probe']}{default} | {s['recall']:.4f} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | "
+            f"{exact['cpu_s'] / s['cpu_s']:.1f} | {gib(s['peak_anon'])} |"
         )
-    for run, (same_rows, same_sets) in agreement.items():
-        lines.append(
-            f"- {run} vs {next(iter(checks))}, all {args.n_queries:,} queries: {same_rows:.4f} of rows "
-            f"identical, {same_sets:.4f} with the same set of k neighbours (differences: float32 near-ties)"
-        )
-    if skipped:
-        lines.append(f"- not run: {', '.join(skipped)} (faiss is not installed; `pip install faiss-cpu`)")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.output}")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, part: str, section: str) -> None:
+    """Rewrite this part's section of the results file, keeping the other part's."""
+    sections = dict.fromkeys(PARTS, "")
+    if path.exists():
+        for name, text in re.findall(r"<!-- part: (\w+) -->\n(.*?)<!-- end -->", path.read_text(), re.S):
+            sections[name] = text
+    sections[part] = section + "\n"
+    body = "".join(
+        f"<!-- part: {name} -->\n{text}<!-- end -->\n\n" for name, text in sections.items() if text
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Retrieval benchmark\n\n" + body.rstrip() + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,19 @@ def her2st_path() -> Path:
 
 
 @pytest.fixture
+def histo2expr_log(caplog: pytest.LogCaptureFixture):
+    """``caplog`` with the messages of the package logger, which does not pass them on to the root logger."""
+    import logging
+
+    logger = logging.getLogger("histo2expr")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 

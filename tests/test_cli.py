@@ -1,4 +1,5 @@
 import json
+import re
 import time
 
 import numpy as np
@@ -43,7 +44,12 @@ def test_demo_compares_methods_and_writes_report_and_figures(tmp_path, capsys):
     assert ridge["seconds"] > 0 and ridge["peak_memory_mib"] > 0
     assert f"{ridge['mean']['pcc_acg']:.3f}" in markdown
     assert results["settings"]["command"].startswith("histo2expr demo --n-slides 2")
-    assert results["settings"]["embedding"] == {"tta": 4, "neighbours": 6}  # embed_patches' defaults
+    assert results["settings"]["embedding"] == {  # embed_patches' defaults
+        "tta": 4,
+        "context": None,
+        "neighbours": 6,
+        "stain_normalization": None,
+    }
     assert "averaged over 4 views of each patch, then the mean of the 6 nearest spots" in markdown
     for figure in ("gene_pcc_boxplot.png", "heg_curve.png"):
         assert (tmp_path / figure).stat().st_size > 1000
@@ -83,7 +89,8 @@ def test_benchmark_reads_h5ad_keeps_chosen_slides_and_writes_results(cohort_h5ad
     results, markdown = read_results(tmp_path)
     assert results["settings"]["slides"] == ["S1", "S3"] and results["settings"]["reader"] == "auto"
     assert (
-        results["settings"]["embedding"] == {"tta": 1, "neighbours": None}
+        results["settings"]["embedding"]
+        == {"tta": 1, "context": None, "neighbours": None, "stain_normalization": None}
         and "Features: one view of each patch;" in markdown
     )
     assert [row["slide"] for row in results["methods"]["ridge"]["per_slide"]] == ["S1", "S3"]
@@ -134,6 +141,50 @@ def test_benchmark_bad_input_is_one_clear_line(cohort_h5ad, tmp_path, capsys, ex
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_benchmark_with_intervals_reports_coverage_per_held_out_slide(cohort_h5ad, tmp_path):
+    argv = ["benchmark", "--data", str(cohort_h5ad), "--cv", "leave_one_slide_out", "--methods", "ridge",
+            "--genes", "20", "--intervals", "constant", "--level", "0.8", "--calibration-folds", "2",
+            "--interval-calibration", "per_slide"]  # fmt: skip
+    assert cli.main([*argv, *FAST, "--out", str(tmp_path)]) == 0
+    results, markdown = read_results(tmp_path)
+    assert results["settings"]["intervals"] == {
+        "intervals": "constant",
+        "level": 0.8,
+        "calibration_folds": 2,
+        "interval_calibration": "per_slide",
+    }
+    rows = results["methods"]["ridge"]["per_slide"]
+    assert len(rows) == 3 and all(0 <= row["coverage"] <= 1 and row["interval_width"] > 0 for row in rows)
+    assert "## prediction intervals per held-out slide" in markdown
+    worst = min(row["coverage"] for row in rows)
+    assert re.search(rf"\| worst slide +\| +{worst:.3f} +\| +\|", markdown), markdown
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--intervals", "adaptive", "--level", "1.5"],
+            "`level` must be a probability strictly between 0 and 1",
+        ),
+        (
+            ["--intervals", "adaptive", "--calibration-folds", "9"],
+            "`calibration_folds` must be an integer between 2",
+        ),
+        (["--level", "0.8"], "--level set the intervals; add --intervals adaptive"),
+        (["--intervals", "wide"], "invalid choice: 'wide'"),
+        (["--interval-calibration", "per_slide"], "--interval-calibration set the intervals"),
+        (["--context", "20"], "--context: must be a number from 1 to 8"),
+        (["--stain-normalization", "reinhard"], "invalid choice: 'reinhard'"),
+    ],
+)
+def test_interval_and_feature_options_are_checked_before_any_work(tmp_path, capsys, extra, message):
+    argv = ["benchmark", "--data", str(tmp_path / "nowhere"), *extra, "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2  # refused for the option, before the missing data is read
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
 
 
 def test_benchmark_refuses_a_missing_path(tmp_path, capsys):

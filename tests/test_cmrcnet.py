@@ -352,7 +352,7 @@ def test_embed_patches_writes_pooled_tokens(token_cnn):
         hx.tl.embed_patches(adata, encoder=token_cnn(), patch_size=32, tokens=5, progress=False)
     hx.tl.embed_patches(adata, encoder=token_cnn(), patch_size=32, progress=False)
     assert "X_histo_tokens" not in adata.obsm and "tokens" not in adata.uns["X_histo"]
-    with pytest.raises(ValueError, match="`tokens` must be None or the side"):
+    with pytest.raises(ValueError, match="`tokens` must be None or a positive integer \\(the side"):
         hx.tl.embed_patches(adata, tokens=0)
     with pytest.raises(ValueError, match="has no token map"):
         hx.tl.embed_patches(adata, encoder="colour_texture", patch_size=32, tokens=1, progress=False)

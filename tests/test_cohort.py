@@ -101,7 +101,7 @@ def api_embed(inputs, out, **options):
     )
 
 
-def test_embed_cohort_writes_one_output_per_slide_with_provenance(cohort, tmp_path, capsys):
+def test_embed_cohort_writes_one_output_per_slide_with_provenance(cohort, tmp_path, capsys, histo2expr_log):
     folder, files, adata = cohort
     table = hx.tl.embed_cohort(
         [files[0], str(folder / "S2.h5ad")],
@@ -115,6 +115,9 @@ def test_embed_cohort_writes_one_output_per_slide_with_provenance(cohort, tmp_pa
     n_spots = int((adata.obs["slide"] == "S1").sum())
     assert len(lines) == 3 and lines[0].startswith(f"histo2expr embed: S1 (1/2): {n_spots} spots in ")
     assert lines[2].startswith("histo2expr embed: 2 slides: 2 written, 0 skipped, 0 failed, in ")
+    logged = [record.getMessage() for record in histo2expr_log.records]  # the calls per slide: from "hint" on
+    assert logged[0] == f"embed a cohort of 2 slides into {tmp_path}" and len(logged) == 2
+    assert re.fullmatch(r"    finished \(0:\d\d:\d\d\)", logged[1])
     one = ad.read_h5ad(tmp_path / "S1.h5ad")
     direct = adata[adata.obs["slide"] == "S1"].copy()
     hx.tl.embed_patches(direct, encoder="colour_texture", patch_size=32, progress=False, device="cpu")
@@ -211,6 +214,58 @@ def test_predict_cohort_embeds_with_the_models_encoder_and_predicts_like_predict
     assert "path" not in table.uns["histo2expr_cohort"]["model"]
 
 
+def test_embed_cohort_takes_the_feature_options_of_embed_patches_and_records_them(cohort, tmp_path):
+    import inspect
+
+    _, files, adata = cohort
+    ours, theirs = (inspect.signature(f).parameters for f in (hx.tl.embed_cohort, hx.tl.embed_patches))
+    for option in ("tta", "context", "neighbours", "stain_normalization"):
+        assert ours[option].default == theirs[option].default
+    options = {"tta": 1, "context": 2.0, "neighbours": None, "stain_normalization": "macenko"}
+    api_embed(files[:1], tmp_path, **options)
+    out = ad.read_h5ad(tmp_path / "S1.h5ad")
+    direct = adata[adata.obs["slide"] == "S1"].copy()
+    hx.tl.embed_patches(
+        direct, encoder="colour_texture", patch_size=32, progress=False, device="cpu", **options
+    )
+    np.testing.assert_array_equal(out.obsm["X_histo"], direct.obsm["X_histo"])
+    parameters = json.loads(out.uns["histo2expr_cohort"]["parameters"])
+    assert {option: parameters[option] for option in options} == options
+    with pytest.raises(
+        ValueError, match=r"S1.h5ad exists but was not written by `embed` with these parameters"
+    ):
+        api_embed(files[:1], tmp_path)  # embed_patches' defaults: 4 views, 6 neighbours
+
+
+def test_predict_cohort_refuses_inputs_embedded_unlike_the_models_slides_before_any_work(cohort, tmp_path):
+    _, files, adata = cohort
+    train = adata[adata.obs["slide"].isin(["S1", "S2"])].copy()
+    hx.tl.embed_patches(
+        train, encoder="colour_texture", patch_size=32, tta=1, neighbours=None, progress=False, device="cpu"
+    )
+    model = hx.tl.fit_histo2expr(train, method="ridge", genes=10, progress=False)
+    api_embed(files[2:3], tmp_path / "default")  # embed_patches' defaults: 4 views, 6 neighbours
+    call = "hx.tl.embed_cohort(slides, out_dir, encoder='colour_texture', patch_size=32, mpp=1, tta=1, neighbours=None, key_added='X_histo')"
+    with pytest.raises(
+        ValueError,
+        match=r"S3.h5ad: The features were embedded with `tta=4` but the model was trained on features embedded "
+        rf"with `tta=1`\. Re-embed with `{re.escape(call)}` \(`histo2expr embed` takes the same options\), or give "
+        "predict_cohort the slide images",
+    ):
+        hx.tl.predict_cohort(
+            [files[3], tmp_path / "default" / "S3.h5ad"],
+            model,
+            tmp_path / "p",
+            accelerator="cpu",
+            progress=False,
+        )
+    assert not (tmp_path / "p").exists()
+    table = hx.tl.predict_cohort(files[3], model, tmp_path / "p", accelerator="cpu", progress=False)
+    assert list(table["status"]) == ["written"]  # a slide file is embedded as the model's slides were
+    parameters = json.loads(ad.read_h5ad(tmp_path / "p" / "S4.h5ad").uns["histo2expr_cohort"]["parameters"])
+    assert parameters["features"]["tta"] == 1 and parameters["features"]["neighbours"] is None
+
+
 def test_zarr_outputs_are_spatialdata(cohort, tmp_path):
     from spatialdata import read_zarr
 
@@ -231,11 +286,20 @@ def test_zarr_outputs_are_spatialdata(cohort, tmp_path):
         (["nothing*.svs"], {}, FileNotFoundError, "matches no file"),
         ([], {}, ValueError, "No slides given"),
         (["S1.h5ad", "all.h5ad"], {}, ValueError, "Two inputs hold slide 'S1'"),
-        (["S1.h5ad"], {"format": "loom"}, ValueError, "is not one of"),
+        (["S1.h5ad"], {"format": "loom"}, ValueError, "`format` must be one of"),
         (["S1.h5ad"], {"batch_size": 0}, ValueError, "batch_size"),
         (["."], {}, ValueError, "no Space Ranger output"),
         (["S1.h5ad"], {"weights": "missing.pt"}, FileNotFoundError, "is no file"),
         (["S1.h5ad"], {"tokens": 0}, ValueError, "tokens"),
+        (["S1.h5ad"], {"tta": 2}, ValueError, "`tta` must be the number of views"),
+        (["S1.h5ad"], {"neighbours": 0}, ValueError, "`neighbours` must be None or a positive integer"),
+        (["S1.h5ad"], {"context": 20}, ValueError, "`field=20` is out of range"),
+        (
+            ["S1.h5ad"],
+            {"stain_normalization": "reinhard"},
+            ValueError,
+            "`stain_normalization` must be one of",
+        ),
     ],
 )
 def test_embed_cohort_refuses_bad_input(cohort, tmp_path, monkeypatch, inputs, options, error, message):
@@ -263,6 +327,7 @@ def test_embed_and_predict_commands(cohort, tmp_path, capsys):
         ad.read_h5ad(files[0]).n_obs,
         10,
     )
+    capsys.readouterr()  # what the calls above logged
     assert cli.main([*argv[:-1], "--scale", "magic"]) == 2
     assert capsys.readouterr().err.startswith("histo2expr")
     (tmp_path / "broken.tif").write_bytes(b"not an image")
@@ -271,6 +336,15 @@ def test_embed_and_predict_commands(cohort, tmp_path, capsys):
     assert cli.main(argv) == 1  # S1 skipped, broken failed
     err = capsys.readouterr().err
     assert err.startswith("histo2expr: 1 of 2 slides failed: broken (") and err.count("\n") == 1
+    argv = ["embed", str(files[1]), "--out", str(tmp_path / "views"), "--encoder", "colour_texture", "--patch-size",
+            "32", "--accelerator", "cpu", "--quiet", "--tta", "1", "--neighbours", "0", "--context", "2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    parameters = json.loads(
+        ad.read_h5ad(tmp_path / "views" / "S2.h5ad").uns["histo2expr_cohort"]["parameters"]
+    )
+    assert (parameters["tta"], parameters["neighbours"], parameters["context"]) == (1, None, 2.0)
+    assert cli.main([*argv[:-2], "--context", "20"]) == 2
+    assert "--context: must be a number from 1 to 8" in capsys.readouterr().err
     argv = ["predict", str(files[0]), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]
     assert cli.main(argv) == 2
     assert "No model file" in capsys.readouterr().err

@@ -135,7 +135,12 @@ def test_benchmark_hest_protocol_end_to_end(hest_folder, tmp_path, capsys):
         "leave_one_patient_out",
     )
     assert settings["patch_mpp"] == 0.5 and len(settings["genes"]) == 2
-    assert settings["embedding"] == {"tta": 1, "neighbours": None}  # each patch once, alone, as HEST embeds
+    assert settings["embedding"] == {  # each patch once, alone, as HEST embeds
+        "tta": 1,
+        "context": None,
+        "neighbours": None,
+        "stain_normalization": None,
+    }
     assert set(results["hest_pearson"]) == {"hest_ridge", "ridge"}
     folds = [row["fold"] for row in results["hest_pearson"]["hest_ridge"]]
     assert sorted(folds) == ["Study A | P1", "Study B | patient unknown"]  # patients held out, not slides

@@ -10,7 +10,7 @@ from histo2expr.metrics import pcc_acg
 from histo2expr.models.base import SpotSet, TrainConfig, get_method
 from histo2expr.models.layers import ProjectionHead
 from histo2expr.models.losses import bleep_loss, pcc_loss
-from histo2expr.models.retrieval import cosine_topk
+from histo2expr.models.retrieval import cosine_topk, faiss_available
 from histo2expr.patches import dihedral
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -250,6 +250,26 @@ def test_bleep_frozen_beats_the_mean_predictor_on_clusters(rng):
     assert np.mean((pred - test.targets) ** 2) < 0.5 * mean_mse
     assert pcc_acg(test.targets, pred) > 0.7
     assert method.embed(test).shape == (len(test), 32)
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss is not installed (pip install faiss-cpu)")
+def test_bleep_predicts_with_the_ivf_gallery_index(rng, round_trip):
+    train, validation, test = clustered_cohort(rng)
+    exact = get_method("bleep")(projection_dim=32, top_k=10)
+    exact.fit(train, validation, config(epochs=5))
+    method = get_method("bleep")(projection_dim=32, top_k=10, gallery_index="ivf")
+    method.fit(train, validation, config(epochs=5))
+    assert (method.gallery.index, exact.gallery.index) == ("ivf", "exact")
+    np.testing.assert_array_equal(method.gallery.keys.numpy(), exact.gallery.keys.numpy())  # same seeded fit
+    # a gallery this small has fewer than 16 lists, all scanned: only the 4-bit codes' ranking is approximate
+    assert np.mean(np.abs(method.predict(test) - exact.predict(test))) < 0.1 * np.mean(
+        np.abs(exact.predict(test))
+    )
+    loaded = round_trip(method)
+    assert loaded.gallery.index == "ivf"
+    np.testing.assert_array_equal(loaded.predict(test), method.predict(test))
+    with pytest.raises(ValueError, match="`gallery_index` must be one of"):
+        get_method("bleep")(gallery_index="hnsw")
 
 
 def test_bleep_top_k_larger_than_the_gallery_is_an_error(rng):

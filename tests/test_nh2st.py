@@ -293,6 +293,14 @@ def test_end2end_one_epoch_flattens_the_feature_map_and_round_trips(patch_cohort
     np.testing.assert_array_equal(loaded.predict(test), pred)
 
 
+def test_end2end_grid_beyond_the_feature_map_is_a_clear_error_before_training(patch_cohort, map_encoder):
+    train, validation, _ = patch_cohort
+    method = nh2st(encoder=map_encoder(), weights=None, token_grid=20)
+    with pytest.raises(ValueError, match=r"32 px patches give a \d+ x \d+ map; pass `token_grid="):
+        method.fit(train, validation, config(epochs=1, batch_size=8))
+    assert method.report is None  # refused before any epoch
+
+
 def test_end2end_encoder_without_a_feature_map(patch_cohort, tiny_encoder):
     train, validation, test = patch_cohort
     with pytest.raises(ValueError, match="token_grid=1"):

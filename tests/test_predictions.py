@@ -281,7 +281,7 @@ def test_prediction_scales_and_warnings_about_unlike_slides(cohort):
         hx.tl.predict_expression(he_only, model, scale="depth")
     assert_unchanged(he_only, before)
     hx.tl.predict_expression(he_only, model, scale="depth", library_size=2000)
-    with pytest.raises(ValueError, match="is not one of"):
+    with pytest.raises(ValueError, match="`scale` must be one of"):
         hx.tl.predict_expression(he_only, model, scale="counts")
 
 

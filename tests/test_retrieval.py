@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import scipy.sparse
 import torch
 
-from histo2expr.models.retrieval import aggregate, cosine_topk, faiss_available
+from histo2expr.models.retrieval import aggregate, cosine_topk
 
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "faiss",
-        marks=pytest.mark.skipif(
-            not faiss_available(), reason="faiss is not installed (pip install faiss-cpu)"
-        ),
-    ),
-]
 CHUNKS = [(4096, 65536), (37, 101), (16, 33), (5, 7), (3, 2), (1, 1)]
 
 
@@ -36,19 +25,23 @@ def brute_force(queries, gallery, k, excluded=None):
     return np.take_along_axis(sims, idx, axis=1), idx
 
 
+@pytest.fixture(params=["torch", "numpy"])
+def block_product(request, monkeypatch):
+    """Each CPU block product: a machine uses one of them (``cpu_block_product``)."""
+    monkeypatch.setattr("histo2expr.models.retrieval.cpu_block_product", lambda: request.param)
+    return request.param
+
+
 @pytest.fixture
 def data(rng):
     return rng.standard_normal((37, 8)).astype(np.float32), rng.standard_normal((101, 8)).astype(np.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("query_chunk", "gallery_chunk"), CHUNKS)
-def test_matches_brute_force(data, backend, query_chunk, gallery_chunk):
+def test_matches_brute_force(data, block_product, query_chunk, gallery_chunk):
     queries, gallery = data
     before = queries.copy(), gallery.copy()
-    sims, idx = cosine_topk(
-        queries, gallery, 10, query_chunk=query_chunk, gallery_chunk=gallery_chunk, backend=backend
-    )
+    sims, idx = cosine_topk(queries, gallery, 10, query_chunk=query_chunk, gallery_chunk=gallery_chunk)
     ref_sims, ref_idx = brute_force(queries, gallery, 10)
     assert sims.dtype == np.float32 and idx.dtype == np.int64 and sims.shape == idx.shape == (37, 10)
     np.testing.assert_array_equal(idx, ref_idx)
@@ -58,13 +51,12 @@ def test_matches_brute_force(data, backend, query_chunk, gallery_chunk):
     np.testing.assert_array_equal(gallery, before[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_and_float64_inputs(data, backend):
+def test_torch_and_float64_inputs(data):
     queries, gallery = data
-    expected = cosine_topk(queries, gallery, 5, backend="torch")
+    expected = cosine_topk(queries, gallery, 5)
     q_tensor, g_tensor = torch.from_numpy(queries.copy()), torch.from_numpy(gallery.copy())
     for q, g in [(q_tensor, g_tensor), (queries.astype(np.float64), gallery.tolist())]:
-        sims, idx = cosine_topk(q, g, 5, gallery_chunk=13, backend=backend)
+        sims, idx = cosine_topk(q, g, 5, gallery_chunk=13)
         np.testing.assert_array_equal(idx, expected[1])
         np.testing.assert_allclose(sims, expected[0], atol=1e-6)
     # float32 CPU tensors are used without conversion: they must not be normalised in place
@@ -74,13 +66,12 @@ def test_torch_and_float64_inputs(data, backend):
 
 def test_k_equal_to_gallery_size_returns_everything_sorted(data):
     queries, gallery = data
-    _sims, idx = cosine_topk(queries, gallery, 101, gallery_chunk=40, backend="torch")
+    _sims, idx = cosine_topk(queries, gallery, 101, gallery_chunk=40)
     np.testing.assert_array_equal(idx, brute_force(queries, gallery, 101)[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("query_chunk", "gallery_chunk"), [(4096, 65536), (16, 33), (3, 2)])
-def test_exclude_self(data, backend, query_chunk, gallery_chunk):
+def test_exclude_self(data, query_chunk, gallery_chunk):
     _, gallery = data
     _sims, idx = cosine_topk(
         gallery,
@@ -89,16 +80,14 @@ def test_exclude_self(data, backend, query_chunk, gallery_chunk):
         exclude_self=True,
         query_chunk=query_chunk,
         gallery_chunk=gallery_chunk,
-        backend=backend,
     )
     assert not (idx == np.arange(101)[:, None]).any()
     np.testing.assert_array_equal(idx, brute_force(gallery, gallery, 10, excluded=np.eye(101, dtype=bool))[1])
     # without exclusion every row finds itself first
-    np.testing.assert_array_equal(cosine_topk(gallery, gallery, 1, backend=backend)[1][:, 0], np.arange(101))
+    np.testing.assert_array_equal(cosine_topk(gallery, gallery, 1)[1][:, 0], np.arange(101))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_exclude_ids_of_a_query_subset(data, backend):
+def test_exclude_ids_of_a_query_subset(data):
     _, gallery = data
     names = np.array([f"spot{i}" for i in range(101)])
     subset = np.array([3, 50, 50, 99, 0])
@@ -109,16 +98,14 @@ def test_exclude_ids_of_a_query_subset(data, backend):
         query_ids=names[subset],
         gallery_ids=names,
         gallery_chunk=16,
-        backend=backend,
     )
     excluded = subset[:, None] == np.arange(101)[None, :]
     np.testing.assert_array_equal(idx, brute_force(gallery[subset], gallery, 4, excluded=excluded)[1])
     assert not (idx == subset[:, None]).any()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("query_chunk", "gallery_chunk"), [(4096, 65536), (7, 9)])
-def test_group_exclusion(data, rng, backend, query_chunk, gallery_chunk):
+def test_group_exclusion(data, rng, query_chunk, gallery_chunk):
     queries, gallery = data
     query_slides = rng.choice(["A", "B", "C"], size=37)
     gallery_slides = rng.choice(["A", "B", "C", "D"], size=101)
@@ -130,15 +117,13 @@ def test_group_exclusion(data, rng, backend, query_chunk, gallery_chunk):
         gallery_groups=gallery_slides,
         query_chunk=query_chunk,
         gallery_chunk=gallery_chunk,
-        backend=backend,
     )
     same_slide = query_slides[:, None] == gallery_slides[None, :]
     assert not np.take_along_axis(same_slide, idx, axis=1).any()
     np.testing.assert_array_equal(idx, brute_force(queries, gallery, 8, excluded=same_slide)[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_self_and_group_exclusion_together(data, rng, backend):
+def test_self_and_group_exclusion_together(data, rng):
     _, gallery = data
     slides = rng.integers(0, 3, size=101)
     _, idx = cosine_topk(
@@ -149,19 +134,17 @@ def test_self_and_group_exclusion_together(data, rng, backend):
         query_groups=slides,
         gallery_groups=slides,
         gallery_chunk=20,
-        backend=backend,
     )
     excluded = (slides[:, None] == slides[None, :]) | np.eye(101, dtype=bool)
     np.testing.assert_array_equal(idx, brute_force(gallery, gallery, 6, excluded=excluded)[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_vectors_have_similarity_zero(data, backend):
+def test_zero_vectors_have_similarity_zero(data):
     queries, gallery = data
     gallery = gallery.copy()
     gallery[[4, 60]] = 0.0
     queries = np.vstack([np.zeros((1, 8), np.float32), queries])
-    sims, idx = cosine_topk(queries, gallery, 101, gallery_chunk=16, backend=backend)
+    sims, idx = cosine_topk(queries, gallery, 101, gallery_chunk=16)
     assert np.isfinite(sims).all()
     np.testing.assert_array_equal(sims[0], 0.0)  # a zero query ties everywhere: lowest indices first
     np.testing.assert_array_equal(idx[0], np.arange(101))
@@ -171,7 +154,7 @@ def test_zero_vectors_have_similarity_zero(data, backend):
 
 def exactly_tied_data(rng):
     """Rows whose normalised entries are 0, ±1/4, ±1/2 or 1: every dot product is exact in float32,
-    whatever the summation order, so equal similarities are equal bit for bit on every backend."""
+    whatever the summation order, so equal similarities are equal bit for bit on every device."""
     distinct = np.zeros((7, 16), dtype=np.float32)
     distinct[0, 0] = distinct[1, 5] = distinct[2, 10] = 1.0
     distinct[3, :4] = 1.0
@@ -182,19 +165,17 @@ def exactly_tied_data(rng):
     return queries, gallery
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gallery_chunk", [65536, 10, 4, 3])
-def test_ties_go_to_the_lower_gallery_index(rng, backend, gallery_chunk):
+def test_ties_go_to_the_lower_gallery_index(rng, block_product, gallery_chunk):
     queries, gallery = exactly_tied_data(rng)
     for k in (1, 5, 17, 40):
-        sims, idx = cosine_topk(queries, gallery, k, gallery_chunk=gallery_chunk, backend=backend)
+        sims, idx = cosine_topk(queries, gallery, k, gallery_chunk=gallery_chunk)
         ref_sims, ref_idx = brute_force(queries, gallery, k)
         np.testing.assert_array_equal(idx, ref_idx)
         np.testing.assert_array_equal(sims, ref_sims)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ties_with_exclusions(rng, backend):
+def test_ties_with_exclusions(rng, block_product):
     queries, gallery = exactly_tied_data(rng)
     slides = np.arange(40) % 3
     query_slides = np.array([0, 1, 2, 0, 1])
@@ -205,7 +186,6 @@ def test_ties_with_exclusions(rng, backend):
         query_groups=query_slides,
         gallery_groups=slides,
         gallery_chunk=7,
-        backend=backend,
     )
     excluded = query_slides[:, None] == slides[None, :]
     np.testing.assert_array_equal(idx, brute_force(queries, gallery, 9, excluded=excluded)[1])
@@ -213,8 +193,8 @@ def test_ties_with_exclusions(rng, backend):
 
 def test_identical_calls_are_deterministic(data):
     queries, gallery = data
-    first = cosine_topk(queries, gallery, 7, gallery_chunk=9, backend="torch")
-    second = cosine_topk(queries, gallery, 7, gallery_chunk=9, backend="torch")
+    first = cosine_topk(queries, gallery, 7, gallery_chunk=9)
+    second = cosine_topk(queries, gallery, 7, gallery_chunk=9)
     np.testing.assert_array_equal(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])
 
@@ -230,8 +210,7 @@ class _SliceRecorder:
         return self.array[key]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gallery_is_streamed_in_chunks(tmp_path, data, backend):
+def test_gallery_is_streamed_in_chunks(tmp_path, data):
     queries, gallery = data
     memmap = np.memmap(tmp_path / "gallery.f32", dtype=np.float32, mode="w+", shape=gallery.shape)
     memmap[:] = gallery
@@ -239,7 +218,7 @@ def test_gallery_is_streamed_in_chunks(tmp_path, data, backend):
     recorder = _SliceRecorder(
         np.memmap(tmp_path / "gallery.f32", dtype=np.float32, mode="r", shape=gallery.shape)
     )
-    _sims, idx = cosine_topk(queries, recorder, 10, gallery_chunk=30, backend=backend)
+    _sims, idx = cosine_topk(queries, recorder, 10, gallery_chunk=30)
     np.testing.assert_array_equal(idx, brute_force(queries, gallery, 10)[1])
     assert recorder.reads == [(0, 30), (30, 60), (60, 90), (90, 101)]  # each block read once
 
@@ -247,8 +226,8 @@ def test_gallery_is_streamed_in_chunks(tmp_path, data, backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(data):
     queries, gallery = data
-    cpu = cosine_topk(queries, gallery, 10, gallery_chunk=16, backend="torch")
-    gpu = cosine_topk(queries, gallery, 10, gallery_chunk=16, device="cuda", backend="torch")
+    cpu = cosine_topk(queries, gallery, 10, gallery_chunk=16)
+    gpu = cosine_topk(queries, gallery, 10, gallery_chunk=16, device="cuda")
     np.testing.assert_array_equal(gpu[1], cpu[1])
     np.testing.assert_allclose(gpu[0], cpu[0], atol=1e-5)
 
@@ -264,7 +243,6 @@ def test_cuda_matches_cpu(data):
         ({"k": 5, "exclude_self": True}, "pass `query_ids` and `gallery_ids`"),
         ({"k": 5, "query_groups": np.zeros(37)}, "Pass both `query_groups` and `gallery_groups`"),
         ({"k": 5, "query_ids": np.arange(37), "gallery_ids": np.arange(100)}, "one label per gallery row"),
-        ({"k": 5, "backend": "annoy"}, "`backend` must be"),
     ],
 )
 def test_argument_errors(data, kwargs, message):
@@ -300,23 +278,6 @@ def test_shape_and_value_errors(data):
     bad[5, 0] = np.inf
     with pytest.raises(ValueError, match="queries row 5 contains NaN or infinite"):
         cosine_topk(bad, gallery, 3)
-
-
-def test_faiss_backend_missing(data, monkeypatch):
-    queries, gallery = data
-    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
-    with pytest.raises(ImportError, match="pip install faiss-cpu"):
-        cosine_topk(queries, gallery, 3, backend="faiss")
-    _, idx = cosine_topk(queries, gallery, 3, backend="auto")  # falls back to torch
-    np.testing.assert_array_equal(idx, brute_force(queries, gallery, 3)[1])
-
-
-@pytest.mark.skipif(not faiss_available(), reason="faiss is not installed (pip install faiss-cpu)")
-def test_faiss_backend_refuses_a_gpu_device(data, monkeypatch):
-    queries, gallery = data
-    monkeypatch.setattr("histo2expr.models.retrieval.resolve_device", lambda device: torch.device("cuda"))
-    with pytest.raises(ValueError, match="faiss backend runs on the CPU"):
-        cosine_topk(queries, gallery, 3, backend="faiss", device="cuda")
 
 
 # --- aggregate ---------------------------------------------------------------------------------
@@ -368,7 +329,7 @@ def test_aggregate_from_memmap_and_cosine_topk(tmp_path, data, rng):
     expression = rng.random((101, 5)).astype(np.float32)
     memmap = np.memmap(tmp_path / "expr.f32", dtype=np.float32, mode="w+", shape=expression.shape)
     memmap[:] = expression
-    sims, idx = cosine_topk(queries, gallery, 4, backend="torch")
+    sims, idx = cosine_topk(queries, gallery, 4)
     out = aggregate(memmap, idx, sims, weighting="softmax", temperature=0.1, query_chunk=5)
     w = np.exp(sims / 0.1)
     w /= w.sum(axis=1, keepdims=True)

@@ -93,6 +93,21 @@ def test_two_processes_keep_the_quality_of_special_batch_orders(cohort, tmp_path
     assert abs(scores[1] - scores[0]) < CHREP_TOLERANCE
 
 
+def test_fit_command_calibrates_intervals_through_the_api(cohort, tmp_path, capsys):
+    path, held_out = cohort
+    options = ("--intervals", "constant", "--level", "0.8", "--calibration-folds", "2")
+    model = fit_in_one_process(path, tmp_path / "ridge.pt", "ridge", *options, capsys=capsys)
+    calibration = model.trust["calibration"]
+    assert calibration["kind"] == "constant" and calibration["level"] == 0.8 and calibration["n_slides"] == 2
+    predicted = hx.tl.predict_expression(held_out, model, copy=True)
+    lower, upper = hx.get.intervals(predicted, "histo2expr_pred")
+    assert lower.shape == (held_out.n_obs, 30) and (upper.to_numpy() >= lower.to_numpy()).all()
+    argv = fit_command(path, tmp_path / "m.pt", "ridge", "--intervals", "adaptive", "--level", "0")
+    assert cli.main(argv) == 2
+    assert "`level` must be a probability" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_fit_command_saves_a_model_and_refuses_bad_input(cohort, tmp_path, capsys):
     path, held_out = cohort
     model = fit_in_one_process(path, tmp_path / "ridge.pt", "ridge", capsys=capsys)

@@ -34,7 +34,7 @@ def files_in(folder: Path) -> list[str]:
 
 
 def test_settings_validate_and_print():
-    with pytest.raises(ValueError, match="positive integer or None"):
+    with pytest.raises(ValueError, match="None or a positive integer"):
         hx.settings.n_threads = 0
     with pytest.raises(ValueError, match="positive number of bytes"):
         hx.settings.cache_max_bytes = None

@@ -97,7 +97,7 @@ def test_tile_slide_bad_input(new_slide, tmp_path):
     with pytest.raises(ValueError, match=r"No tissue found.*threshold 0\.050.*tissue_mask=None"):
         hx.pp.tile_slide(blank)
     assert hx.pp.tile_slide(blank, tissue_mask=None).n_obs > 0
-    with pytest.raises(ValueError, match="'hex' or 'grid'"):
+    with pytest.raises(ValueError, match=r"`layout` must be one of \['hex', 'grid'\]"):
         hx.pp.tile_slide(new_slide, layout="square")
     with pytest.raises(ValueError, match="aspect ratio"):
         hx.pp.tile_slide(new_slide, tissue_mask=np.ones((10, 30), dtype=bool))

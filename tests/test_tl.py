@@ -478,7 +478,7 @@ def test_embed_patches_appends_context_and_neighbour_blocks(cohort, token_cnn):
     ]  # spot tokens, each followed by the spot's context and neighbour blocks
     assert tokens.shape == (adata.n_obs, 4, 6 + 12)
     np.testing.assert_allclose(tokens[:, 2, 6:], features[:, 6:], rtol=1e-6)
-    with pytest.raises(ValueError, match="`neighbours` must be None or a positive number"):
+    with pytest.raises(ValueError, match="`neighbours` must be None or a positive integer"):
         hx.tl.embed_patches(adata, neighbours=0)
     # more neighbours than a slide has spots: the mean of the slide's other spots
     one = adata[adata.obs["slide"] == "S1"].copy()

@@ -330,7 +330,7 @@ def test_spatial_uncertainty_colours_every_spot_of_the_slide(imaged, value, gene
     }[value]
     np.testing.assert_allclose(spots.get_array(), expected, rtol=1e-6)
     assert len(spots.get_paths()) == new.n_obs and len(ax.images) == 1
-    with pytest.raises(ValueError, match="`value='noise'` is not one of"):
+    with pytest.raises(ValueError, match=r"`value` must be one of .*, got 'noise'"):
         hx.pl.spatial_uncertainty(new, key="histo2expr_pred", value="noise", show=False)
 
 
@@ -405,3 +405,36 @@ def test_a_model_fitted_without_cv_is_calibrated_on_all_its_slides(cohort):
     width = (upper - lower)[(lower > 0).all(axis=1)]
     np.testing.assert_allclose(width.iloc[0].to_numpy(), 2 * np.asarray(calibration["quantile"]), rtol=1e-5)
     assert not hx.get.predicted_adata(new).var["predictable"].any()
+
+
+def test_per_slide_calibration_takes_the_largest_quantile_of_the_calibration_slides():
+    adata = exchangeable_cohort(2, spots=60, seed=4)
+    both = {"method": "ridge", "genes": 8, "progress": False, "intervals": "constant", "level": 0.8}
+    pooled = hx.tl.fit_histo2expr(adata.copy(), **both)
+    per_slide = hx.tl.fit_histo2expr(adata.copy(), interval_calibration="per_slide", **both)
+    # the calibration residuals: each slide predicted by the method fitted on the other one
+    genes = list(per_slide.genes)
+    hx.tl.fit_histo2expr(
+        adata, method="ridge", genes=genes, cv="leave_one_slide_out", refit=False, progress=False
+    )
+    residual = np.abs(adata[:, genes].X.toarray() - hx.get.predictions(adata)[genes].to_numpy())
+    slides = adata.obs["slide"].to_numpy()
+    per_slide_quantiles = [conformal_quantile(residual[slides == s], 0.8) for s in np.unique(slides)]
+    np.testing.assert_allclose(
+        per_slide.trust["calibration"]["quantile"], np.max(per_slide_quantiles, axis=0)
+    )
+    np.testing.assert_allclose(pooled.trust["calibration"]["quantile"], conformal_quantile(residual, 0.8))
+    assert adata.uns["histo2expr"]["params"]["interval_calibration"] == "pooled"
+
+
+def test_per_slide_calibration_needs_enough_spots_on_every_slide(refuses):
+    adata = exchangeable_cohort(3, spots=40)
+    adata = adata[
+        ~adata.obs_names.isin(adata.obs_names[adata.obs["slide"] == "S0"][5:])
+    ].copy()  # S0: 5 spots
+    refuses(
+        adata,
+        lambda a: hx.tl.fit_histo2expr(a, intervals=True, interval_calibration="per_slide", **FIT),
+        ValueError,
+        r"Slide 'S0': 5 calibration spots are too few for intervals at level 0.9.*interval_calibration='pooled'",
+    )

@@ -252,6 +252,29 @@ def _protocol_tables(protocol: str, runs: Sequence[MethodRun], *, several: bool)
         "",
         per_slide.map(lambda v: f"{v:.3f}").to_markdown(),
         "",
+        *_coverage_table(runs, named),
+    ]
+
+
+def _coverage_table(runs: Sequence[MethodRun], named: str) -> list[str]:
+    """With intervals: each method's coverage and mean interval width per held-out slide, and their mean and worst."""
+    runs = [run for run in runs if "coverage" in run.folds]
+    if not runs:
+        return []
+    table = pd.concat(
+        {run.method: run.folds.set_index("slide")[["coverage", "interval_width"]] for run in runs}, axis=1
+    )
+    worst = table.min().where([column == "coverage" for _, column in table.columns])
+    table = pd.concat([table, table.mean().to_frame("mean").T, worst.to_frame("worst slide").T])
+    table.index.name = "held-out slide"
+    table.columns = [f"{method} {column.replace('_', ' ')}" for method, column in table.columns]
+    return [
+        f"## {named}prediction intervals per held-out slide",
+        "",
+        "Empirical coverage of the conformal intervals and their mean width (log-normalised expression).",
+        "",
+        table.astype(object).where(table.notna(), None).to_markdown(floatfmt=".3f", missingval=""),
+        "",
     ]
 
 

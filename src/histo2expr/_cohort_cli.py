@@ -7,7 +7,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import CommandError, _check_encoder, _int_at_least, _one_line, add_engine_options, engine_options
+from ._keys import EMBEDDING_KEY, PREDICT_KEY
+from .cli import (
+    CommandError,
+    _check_encoder,
+    _int_at_least,
+    _one_line,
+    add_engine_options,
+    add_feature_options,
+    engine_options,
+    feature_options,
+)
 
 
 def _weights(text: str) -> str | None:
@@ -30,12 +40,14 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _run(call: Any) -> int:
-    """Run ``call``; slides that failed (the others are written) give one line on stderr and exit status 1."""
+def _run(call: Any, *, quiet: bool) -> int:
+    """Run ``call``, with warnings and errors only when ``quiet``; failed slides give one line on stderr, status 1."""
+    from ._settings import settings
     from .tl import SlidesFailedError
 
     try:
-        call()
+        with settings.override(verbosity=min(settings.verbosity, 1) if quiet else settings.verbosity):
+            call()
     except SlidesFailedError as error:
         print(f"histo2expr: {_one_line(error)}", file=sys.stderr)
         return 1
@@ -54,11 +66,13 @@ def _embed(args: argparse.Namespace) -> int:
             weights=args.weights,
             patch_size=args.patch_size,
             mpp=args.mpp,
+            **feature_options(args),
             tokens=args.tokens,
             seed=args.seed,
             key_added=args.key_added,
             **_common(args),
-        )
+        ),
+        quiet=args.quiet,
     )
 
 
@@ -78,7 +92,8 @@ def _predict(args: argparse.Namespace) -> int:
             scale=args.scale,
             library_size=args.library_size,
             **_common(args),
-        )
+        ),
+        quiet=args.quiet,
     )
 
 
@@ -129,12 +144,12 @@ def _add_shared(add: Any) -> None:
     add(
         "--overwrite", action="store_true", help="redo every slide (default: skip slides whose output exists)"
     )
-    add("--quiet", action="store_true", help="no line per slide")
+    add("--quiet", action="store_true", help="no line per slide, no messages but warnings and errors")
 
 
 def add_cohort_commands(commands: Any) -> None:
     """Add ``embed`` and ``predict`` to the sub-commands of ``histo2expr``."""
-    from ._records import PREDICT_KEY, SCALES
+    from ._records import SCALES
 
     embed = commands.add_parser(
         "embed", help="embed every slide of a cohort, one output per slide, resumable"
@@ -154,6 +169,7 @@ def add_cohort_commands(commands: Any) -> None:
     )
     add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
     add("--mpp", type=_positive_float, default=None, help="µm per patch pixel (default: the slide's own)")
+    add_feature_options(add)
     add(
         "--tokens",
         type=_int_at_least(1),
@@ -161,7 +177,7 @@ def add_cohort_commands(commands: Any) -> None:
         help="also keep a TOKENS x TOKENS grid of image tokens",
     )
     add("--seed", type=_int_at_least(0), default=0, help="seed of random weights (default 0)")
-    add("--key-added", default="X_histo", help="obsm key of the features (default X_histo)")
+    add("--key-added", default=EMBEDDING_KEY, help=f"obsm key of the features (default {EMBEDDING_KEY})")
     embed.set_defaults(func=_embed)
 
     predict = commands.add_parser(

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._keys import Key, write_fields
 from .metrics import gene_pcc
 
 if TYPE_CHECKING:
@@ -48,20 +49,22 @@ def _counts(adata: AnnData, counts_layer: str) -> sp.csr_matrix:
     return sp.csr_matrix(counts, dtype=np.float32)
 
 
-def hest_log_expression(adata: AnnData, *, counts_layer: str = "counts") -> None:
+def hest_log_expression(adata: AnnData, *, counts_layer: str = Key.layers.counts) -> None:
     """Make ``X`` HEST-Benchmark's targets: ``log1p`` of the raw counts, without depth normalisation.
 
     Sets ``.layers[counts_layer]`` (the raw counts), ``.X`` (``log1p(counts)``, float32 CSR) and
     ``.uns["log1p"]`` (``{"base": None}``, scanpy's mark of logged data).
     """
     counts = _counts(adata, counts_layer)
-    adata.layers[counts_layer] = counts
-    adata.X = counts.log1p()
-    adata.uns["log1p"] = {"base": None}
+    write_fields(adata, X=counts.log1p(), layers={counts_layer: counts}, uns={Key.uns.log1p: {"base": None}})
 
 
 def hest_genes(
-    adata: AnnData, n_top: int = HEST_GENES, *, slide_key: str = "slide", counts_layer: str = "counts"
+    adata: AnnData,
+    n_top: int = HEST_GENES,
+    *,
+    slide_key: str = "slide",
+    counts_layer: str = Key.layers.counts,
 ) -> list[str]:
     """HEST-Benchmark's genes of a task: the ``n_top`` highly variable genes over all its samples.
 
@@ -123,7 +126,7 @@ def hest_fold_pearson(adata: AnnData, key: str, genes: list[str]) -> pd.DataFram
     predictions = stored_predictions(adata, key)[list(genes)].to_numpy()
     truth = adata.X[:, columns]
     truth = truth.toarray() if sp.issparse(truth) else np.asarray(truth)
-    folds = adata.obs[f"{key}_fold"]
+    folds = adata.obs[Key.obs.fold(key)]
     rows = []
     for fold in folds.cat.categories:
         held_out = np.flatnonzero(folds.to_numpy() == fold)

@@ -19,8 +19,9 @@ one key, its ``key_added``, and writes (see ``docs/data_model.md``):
 ``var[f"{key}_cv_pcc"]``, ``var[f"{key}_cv_pcc_low"]``, ``var[f"{key}_cv_pcc_high"]``, ``var[f"{key}_predictable"]``
     Each gene's cross-validated PCC with its confidence interval and predictability flag.
 
-``tl`` writes them (``tl/_predictions.py``); :mod:`histo2expr.get` and :mod:`histo2expr.pl` read
-them through the functions here.
+The keys are built by :class:`histo2expr._keys.Key`; ``tl`` writes them (``tl/_predictions.py``, through
+:func:`histo2expr._keys.write_fields`); :mod:`histo2expr.get` and :mod:`histo2expr.pl` read them through
+the functions here.
 """
 
 from __future__ import annotations
@@ -34,25 +35,10 @@ from anndata import AnnData
 
 from ._predictability import COLUMNS, gene_predictability
 
-#: Default ``key_added`` of :func:`~histo2expr.tl.fit_histo2expr`.
-FIT_KEY = "histo2expr"
-#: Default ``key_added`` of :func:`~histo2expr.tl.predict_expression` and ``evaluate_expression``.
-PREDICT_KEY = "histo2expr_pred"
-#: ``uns`` key of the marker of an AnnData made by :func:`histo2expr.get.predicted_adata`.
-PREDICTED_MARKER = "predicted_expression"
 #: The kinds of record and the function family that writes each.
 KINDS = {"cross_validation": "fit_histo2expr", "fit": "fit_histo2expr", "prediction": "predict_expression"}
 #: Protocol of predictions of a model on slides it was not fitted on.
 EXTERNAL_PROTOCOL = "external slides"
-
-
-def result_fields(key: str) -> dict[str, list[str]]:
-    """Every field a call with ``key_added=key`` may write, besides ``uns[key]``."""
-    return {
-        "obsm": [key, f"X_{key}", f"{key}_lower", f"{key}_upper"],
-        "obs": [f"{key}_fold", f"{key}_similarity", f"{key}_ood_pvalue", f"{key}_difficulty"],
-        "var": [f"{key}_{column}" for column in COLUMNS],
-    }
 
 
 def is_record(value: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Package settings, ``hx.settings``: CPU threads, the decoded-image cache, the image-size guard.
+"""Package settings, ``hx.settings``: verbosity, CPU threads, the decoded-image cache, the image-size guard.
 
 The thread policy lives here as one function, :func:`cpu_threads`, that every compute entry point
 (embedding, fitting, predicting; whatever engine trains) runs inside, so that torch, the BLAS
@@ -12,6 +12,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from . import _logging as logg
+from ._logging import LEVELS, Verbosity, logger
+from ._validation import level, positive_int_or_none
 
 CACHE_ENV = "HISTO2EXPR_CACHE_DIR"
 #: Default bound of the decoded-image cache, in bytes.
@@ -22,27 +27,43 @@ DEFAULT_MAX_IMAGE_PIXELS = 2**31
 _LOAD_SAMPLE_SECONDS = 0.1
 
 
-def _positive_int_or_none(value: object, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"`hx.settings.{name}` must be a positive integer or None, got {value!r}."
-        raise ValueError(msg)
-    return int(value)
-
-
 class Histo2ExprSettings:
     """Settings of histo2expr, as ``hx.settings`` (like ``scanpy.settings``).
 
     Change an attribute to change the behaviour of every later call, e.g.
-    ``hx.settings.n_threads = 4``; ``print(hx.settings)`` shows the current values.
+    ``hx.settings.n_threads = 4``, or of a block only, with :meth:`override`;
+    ``print(hx.settings)`` shows the current values.
     """
 
+    #: The settings, in the order ``print(hx.settings)`` shows them.
+    _FIELDS = ("verbosity", "n_threads", "cache_dir", "cache_max_bytes", "max_image_pixels")
+
     def __init__(self) -> None:
+        self._verbosity = Verbosity.info
         self._n_threads: int | None = None
         self._cache_dir: Path | None = None
         self._cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
         self._max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+
+    @property
+    def verbosity(self) -> Verbosity:
+        """How much histo2expr tells, from 0 (``"error"``) to 4 (``"debug"``); 2 (``"info"``) by default.
+
+        Set a number or a name: 0 ``"error"``, 1 ``"warning"``, 2 ``"info"``, 3 ``"hint"``, 4
+        ``"debug"``. At ``"info"`` every call says what it computes and how long it took
+        (``finished (0:00:12)``), and which fields of the AnnData it added, updated or removed;
+        ``"hint"`` adds what a call chose by itself (e.g. the number of CPU threads) and what the
+        calls made for each slide of a cohort say; ``"warning"`` or ``"error"`` keep calls quiet.
+        The messages go to ``logging.getLogger("histo2expr")`` (see :doc:`/logging`); warnings are
+        Python warnings whatever the verbosity, and progress bars are turned off per call
+        (``progress=False``).
+        """
+        return self._verbosity
+
+    @verbosity.setter
+    def verbosity(self, value: int | str) -> None:
+        self._verbosity = Verbosity(level(value, tuple(LEVELS), "hx.settings.verbosity"))
+        logger.setLevel(self._verbosity.logging_level)
 
     @property
     def n_threads(self) -> int | None:
@@ -58,7 +79,7 @@ class Histo2ExprSettings:
 
     @n_threads.setter
     def n_threads(self, value: int | None) -> None:
-        self._n_threads = _positive_int_or_none(value, "n_threads")
+        self._n_threads = positive_int_or_none(value, "hx.settings.n_threads")
 
     @property
     def cache_dir(self) -> Path:
@@ -87,7 +108,7 @@ class Histo2ExprSettings:
 
     @cache_max_bytes.setter
     def cache_max_bytes(self, value: int) -> None:
-        checked = _positive_int_or_none(value, "cache_max_bytes")
+        checked = positive_int_or_none(value, "hx.settings.cache_max_bytes")
         if checked is None:
             msg = "`hx.settings.cache_max_bytes` must be a positive number of bytes, e.g. 50 * 2**30."
             raise ValueError(msg)
@@ -106,11 +127,32 @@ class Histo2ExprSettings:
 
     @max_image_pixels.setter
     def max_image_pixels(self, value: int | None) -> None:
-        self._max_image_pixels = _positive_int_or_none(value, "max_image_pixels")
+        self._max_image_pixels = positive_int_or_none(value, "hx.settings.max_image_pixels")
+
+    @contextmanager
+    def override(self, **values: Any) -> Iterator[Histo2ExprSettings]:
+        """Change settings for a ``with`` block only; the previous values come back afterwards.
+
+        Examples
+        --------
+        >>> with hx.settings.override(verbosity="warning", n_threads=2):
+        ...     hx.tl.fit_histo2expr(adata, cv="leave_one_slide_out")  # doctest: +SKIP
+        """
+        unknown = sorted(set(values) - set(self._FIELDS))
+        if unknown:
+            msg = f"`hx.settings` has no setting {unknown}; the settings are {list(self._FIELDS)}."
+            raise AttributeError(msg)
+        previous = {name: getattr(self, f"_{name}") for name in values}
+        try:
+            for name, value in values.items():
+                setattr(self, name, value)
+            yield self
+        finally:
+            for name, value in previous.items():
+                setattr(self, name, value)
 
     def __repr__(self) -> str:
-        fields = ("n_threads", "cache_dir", "cache_max_bytes", "max_image_pixels")
-        lines = [f"    {name} = {getattr(self, name)!r}" for name in fields]
+        lines = [f"    {name} = {getattr(self, name)!r}" for name in self._FIELDS]
         return "histo2expr settings:\n" + "\n".join(lines)
 
 
@@ -210,6 +252,7 @@ def cpu_threads(num_workers: int = 0) -> Iterator[int]:
         yield _active_threads
         return
     threads = compute_threads(num_workers)
+    logg.hint(f"    computing on {threads} CPU thread{'s' if threads > 1 else ''} (hx.settings.n_threads)")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     _active_threads = threads

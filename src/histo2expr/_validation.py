@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+
+from ._keys import Key
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -62,7 +64,7 @@ def check_obs_key(adata: AnnData, key: str, *, what: str = "slide") -> pd.Series
     return values
 
 
-def spatial_coordinates(adata: AnnData, key: str = "spatial") -> np.ndarray:
+def spatial_coordinates(adata: AnnData, key: str = Key.obsm.spatial) -> np.ndarray:
     """Return the ``(n_spots, 2)`` spot centres (x, y) in full-resolution pixels."""
     if key not in adata.obsm:
         msg = (
@@ -111,6 +113,16 @@ def positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def positive_int_or_none(value: Any, name: str, *, what: str = "") -> int | None:
+    """``value`` as an int, None as None; raise naming the parameter (and ``what`` it counts) otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        msg = f"`{name}` must be None or a positive integer{f' ({what})' if what else ''}, got {value!r}."
+        raise ValueError(msg)
+    return int(value)
+
+
 def non_negative_number(value: Any, name: str, *, positive: bool = False) -> float:
     """Return ``value`` as a float, or raise naming the parameter when it is not a finite number >= 0 (> 0)."""
     bad = (
@@ -130,12 +142,24 @@ def probability(value: Any, name: str) -> float:
     return float(value)
 
 
-def one_of(value: Any, choices: tuple[str, ...], name: str) -> str:
-    """Return ``value``, or raise naming the parameter and its choices when it is not one of them."""
+def one_of(value: Any, choices: Iterable[str], name: str, *, fix: str = "") -> str:
+    """Return ``value``, or raise naming the parameter and its choices (and ``fix``) when it is not one of them."""
+    choices = list(choices)
     if not isinstance(value, str) or value not in choices:
-        msg = f"`{name}` must be one of {list(choices)}, got {value!r}."
+        msg = f"`{name}` must be one of {choices}, got {value!r}.{f' {fix}' if fix else ''}"
         raise ValueError(msg)
     return value
+
+
+def level(value: Any, levels: Sequence[str], name: str) -> int:
+    """The position of ``value`` in ``levels``, given as a level's name or its position; raise naming both forms."""
+    if isinstance(value, str) and value.lower() in levels:
+        return list(levels).index(value.lower())
+    if not isinstance(value, bool) and isinstance(value, int | np.integer) and 0 <= value < len(levels):
+        return int(value)
+    choices = ", ".join(f"{i} ({n!r})" for i, n in enumerate(levels))
+    msg = f"`{name}` must be one of {choices}: the number or the name, got {value!r}."
+    raise ValueError(msg)
 
 
 def flag(value: Any, name: str) -> bool:
@@ -260,7 +284,7 @@ _CHECKED_ENTRIES = 2_000_000
 _RATIO_TOLERANCE = 0.01
 
 
-def check_log_normalised(adata: AnnData, *, counts_layer: str = "counts") -> None:
+def check_log_normalised(adata: AnnData, *, counts_layer: str = Key.layers.counts) -> None:
     """Raise unless ``adata.X`` holds log1p of counts normalised per spot (:func:`histo2expr.pp.normalize`).
 
     Checked on evenly spaced spots (up to 1000, fewer with many genes), by properties that hold for any cohort, depth
@@ -431,3 +455,45 @@ def check_level(value: Any, name: str = "level") -> float:
         msg = f"`{name}` must be a probability strictly between 0 and 1 (e.g. 0.9 for 90% intervals), got {value!r}."
         raise ValueError(msg)
     return float(value)
+
+
+#: The kinds of prediction interval of ``fit_histo2expr(intervals=...)`` and how each is made
+#: (recorded in ``uns[key]["intervals"]["method"]``).
+KINDS = {
+    "adaptive": "split conformal per gene, scaled per spot by its distance to the training spots",
+    "constant": "split conformal per gene (one half-width per gene)",
+}
+#: Most inner folds of training slides the calibration residuals come from.
+MAX_CALIBRATION_FOLDS = 5
+#: How the per-gene quantile is taken from the calibration scores (``interval_calibration``).
+CALIBRATIONS = {
+    "pooled": "the conformal quantile of the scores of all calibration spots",
+    "per_slide": "the largest of the calibration slides' own conformal quantiles (coverage on each slide)",
+}
+
+
+def check_intervals(
+    intervals: Any, level: Any, folds: Any, calibration: Any = "pooled"
+) -> tuple[str | None, float, int]:
+    """The interval options of ``fit_histo2expr``, checked: the kind (None: no intervals), level and folds."""
+    level = check_level(level)
+    if calibration not in CALIBRATIONS:
+        msg = f"`interval_calibration` must be one of {sorted(CALIBRATIONS)}, got {calibration!r}."
+        raise ValueError(msg)
+    if intervals is None or intervals is False:
+        return None, level, folds
+    kind = "adaptive" if intervals is True else intervals
+    if kind not in KINDS:
+        msg = f"`intervals` must be True, False, or one of {sorted(KINDS)}, got {intervals!r}."
+        raise ValueError(msg)
+    if (
+        isinstance(folds, bool)
+        or not isinstance(folds, int | np.integer)
+        or not 2 <= folds <= MAX_CALIBRATION_FOLDS
+    ):
+        msg = (
+            f"`calibration_folds` must be an integer between 2 and {MAX_CALIBRATION_FOLDS}, got {folds!r}: the "
+            "method is refitted once per fold, so fewer folds cost less and calibrate on fewer slides per refit."
+        )
+        raise ValueError(msg)
+    return kind, level, int(folds)

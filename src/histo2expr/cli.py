@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._hest_benchmark import PROTOCOLS
+from ._keys import EMBEDDING_KEY, Key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -161,7 +162,7 @@ def _embed(
 ) -> float:
     """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them); seconds taken.
 
-    ``--tta`` and ``--neighbours`` override :func:`~histo2expr.tl.embed_patches`' defaults (``--neighbours 0``: none).
+    The feature options (:func:`feature_options`) override :func:`~histo2expr.tl.embed_patches`' defaults.
 
     ``mpp``: pixel size of the patches (None: the slides' native resolution).
     """
@@ -172,13 +173,10 @@ def _embed(
     if any(getattr(get_method(m), "token_input", False) for m in methods):
         grid = _token_grid(build_encoder(args.encoder, weights=None), args.patch_size)
     tic = time.perf_counter()
-    views = {} if args.tta is None else {"tta": args.tta}
-    if args.neighbours is not None:
-        views["neighbours"] = args.neighbours or None
     tl.embed_patches(
         adata,
         tokens=grid,
-        **views,
+        **feature_options(args),
         encoder=args.encoder,
         patch_size=args.patch_size,
         mpp=mpp,
@@ -241,6 +239,7 @@ def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         _check_encoder(args.encoder)
         method_params.setdefault("encoder", args.encoder)
     method_class(**method_params)  # the settings' own checks
+    interval_options(args)
     try:
         check_engine_flags(TrainConfig(**_training_options(args), progress=False))
     except ValueError as error:
@@ -302,6 +301,7 @@ def _fit_model(adata: AnnData, args: argparse.Namespace, *, use_rep: str | None,
         patch_size=args.patch_size,
         progress=not args.quiet,
         **_training_options(args),
+        **interval_options(args),
         **method_params,
     )
 
@@ -320,9 +320,9 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _embedding_options(adata: AnnData) -> dict[str, Any]:
-    """What the features of ``obsm["X_histo"]`` average and append (``tta``, ``neighbours``), for the report."""
-    patches = adata.uns["X_histo"]["patches"]
-    return {"tta": patches["tta"], "neighbours": patches.get("neighbours")}
+    """The feature options ``obsm["X_histo"]`` was embedded with (``tta``, ``context``, ...), for the report."""
+    patches = adata.uns[Key.uns.record(EMBEDDING_KEY)]["patches"]
+    return {option: patches.get(option) for option in FEATURE_OPTIONS}
 
 
 def _embedding_note(options: Mapping[str, Any]) -> str:
@@ -332,8 +332,10 @@ def _embedding_note(options: Mapping[str, Any]) -> str:
         if options["tta"] > 1
         else "one view of each patch"
     )
+    stain = ", Macenko stain-normalised" if options.get("stain_normalization") else ""
+    context = f", with a context view {options['context']:g} times wider" if options.get("context") else ""
     near = f", then the mean of the {options['neighbours']} nearest spots" if options["neighbours"] else ""
-    return f"{views}{near}"
+    return f"{views}{stain}{context}{near}"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -558,6 +560,7 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     methods = _check_common(args)
+    intervals = interval_options(args)
     cv, n_genes, mpp = _protocol(args)
     hest = args.protocol == "hest"
     if methods is None:
@@ -598,6 +601,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "num_workers": args.workers,
         **_device_flags(args.device),
+        **intervals,
     }
     embed_seconds, embedding = None, None
     if args.regime == "frozen":
@@ -669,12 +673,129 @@ def _benchmark(args: argparse.Namespace) -> int:
             "genes": genes,
             "epochs": args.epochs,
             "seed": args.seed,
+            "intervals": intervals or None,
             "embedding_seconds": embed_seconds,
             "total_seconds": total,
         },
         extra=None if hest_results is None else {"hest_pearson": hest_results},
     )
     return 0
+
+
+#: The feature options of :func:`~histo2expr.tl.embed_patches` the commands that embed take.
+FEATURE_OPTIONS = ("tta", "context", "neighbours", "stain_normalization")
+
+
+def _context(text: str) -> float:
+    """``--context``: the side of the context view in patch sides, checked as :class:`~histo2expr.patches.PatchSource` does."""
+    from .patches import PatchSource
+
+    try:
+        return PatchSource.check_view(float(text))
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"must be a number from 1 to 8 such as 3, got {text!r}") from error
+
+
+def add_feature_options(add: Any, *, hest: bool = False) -> None:
+    """``--tta``, ``--context``, ``--neighbours`` and ``--stain-normalization`` (``hest``: note the protocol's defaults)."""
+    tta_default, neighbours_default = (
+        ("4; 1 with --protocol hest", "6; 0 with --protocol hest") if hest else (4, 6)
+    )
+    add(
+        "--tta",
+        type=int,
+        choices=(1, 4, 8),
+        default=None,
+        help=f"views averaged per patch: 1, its 4 quarter turns, or 8 with their mirror images (default {tta_default})",
+    )
+    add(
+        "--context",
+        type=_context,
+        default=None,
+        help="also embed a context view CONTEXT times wider than the patch, 1 to 8 (default: none)",
+    )
+    add(
+        "--neighbours",
+        type=_int_at_least(0),
+        default=None,
+        help="append the mean features of each spot's N nearest spots on its slide; 0: none "
+        f"(default {neighbours_default})",
+    )
+    add(
+        "--stain-normalization",
+        choices=("macenko",),
+        default=None,
+        help="re-stain every slide's patches to reference stain vectors (default: none)",
+    )
+
+
+def add_interval_options(add: Any) -> None:
+    """``--intervals``, ``--level`` and ``--calibration-folds``: the conformal intervals of fit_histo2expr."""
+    from ._validation import CALIBRATIONS, KINDS, MAX_CALIBRATION_FOLDS
+
+    add(
+        "--intervals",
+        choices=("none", *KINDS),
+        default="none",
+        help="conformal prediction intervals per spot and gene, calibrated on inner folds of the training slides: "
+        "adaptive (scaled per spot by its distance to the training spots), constant (one half-width per gene) "
+        "or none (default none)",
+    )
+    add(
+        "--level", type=float, default=None, help="nominal coverage of the intervals, in (0, 1) (default 0.9)"
+    )
+    add(
+        "--calibration-folds",
+        type=int,
+        default=None,
+        help=f"inner folds of whole training slides the calibration residuals come from, 2 to "
+        f"{MAX_CALIBRATION_FOLDS}; each costs one more fit (default {MAX_CALIBRATION_FOLDS})",
+    )
+    add(
+        "--interval-calibration",
+        choices=tuple(CALIBRATIONS),
+        default=None,
+        help="pooled: one quantile over all calibration spots; per_slide: the largest of the calibration slides' "
+        "own quantiles, the level on every calibration slide (wider) (default pooled)",
+    )
+
+
+def interval_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of :func:`add_interval_options` as :func:`~histo2expr.tl.fit_histo2expr` names them, checked as it does."""
+    import inspect
+
+    from . import tl
+    from ._validation import check_intervals
+
+    given = {
+        "level": args.level,
+        "calibration_folds": args.calibration_folds,
+        "interval_calibration": args.interval_calibration,
+    }
+    if args.intervals == "none":
+        flags = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+        if flags:
+            raise CommandError(
+                f"{' and '.join(flags)} set the intervals; add --intervals adaptive (or constant)."
+            )
+        return {}
+    defaults = inspect.signature(tl.fit_histo2expr).parameters
+    options = {name: defaults[name].default if value is None else value for name, value in given.items()}
+    check_intervals(
+        args.intervals, options["level"], options["calibration_folds"], options["interval_calibration"]
+    )
+    return {"intervals": args.intervals, **options}
+
+
+def feature_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The feature options given on the command line, as :func:`~histo2expr.tl.embed_patches` names them.
+
+    Options not given are left out (the API's defaults apply); ``--neighbours 0`` is ``neighbours=None``.
+    """
+    given = {option: getattr(args, option) for option in FEATURE_OPTIONS if getattr(args, option) is not None}
+    if "neighbours" in given:
+        given["neighbours"] = given["neighbours"] or None
+    return given
 
 
 def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None, out: str) -> None:
@@ -705,21 +826,7 @@ def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None
         default=epochs,
         help=f"maximum training epochs of the torch methods (default {epochs})",
     )
-    add(
-        "--tta",
-        type=int,
-        choices=(1, 4, 8),
-        default=None,
-        help="views averaged per patch: 1, its 4 quarter turns, or 8 with their mirror images (default 4; 1 with "
-        "--protocol hest)",
-    )
-    add(
-        "--neighbours",
-        type=_int_at_least(0),
-        default=None,
-        help="append the mean features of each spot's N nearest spots on its slide; 0: none (default 6; 0 with "
-        "--protocol hest)",
-    )
+    add_feature_options(add, hest=True)
     add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
     add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers reading patches (default 0)")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default auto)")
@@ -772,6 +879,7 @@ def _parser() -> argparse.ArgumentParser:
         help="frozen features or end-to-end (default frozen)",
     )
     _add_common(add, genes=None, epochs=50, methods=None, out="histo2expr-benchmark")
+    add_interval_options(add)
     bench.set_defaults(func=_benchmark)
 
     fit = commands.add_parser("fit", help="fit one method on every slide of a dataset and save the model")
@@ -827,7 +935,7 @@ def _add_fit_options(add: Any) -> None:
         default="frozen",
         help="frozen features or end-to-end (default frozen)",
     )
-    add("--use-rep", default="X_histo", help="obsm key of the frozen features (default X_histo)")
+    add("--use-rep", default=EMBEDDING_KEY, help=f"obsm key of the frozen features (default {EMBEDDING_KEY})")
     add(
         "--encoder",
         default="efficientnet_lite0",
@@ -853,6 +961,7 @@ def _add_fit_options(add: Any) -> None:
         metavar="NAME=VALUE",
         help="a method setting, repeatable (e.g. --param top_k=20)",
     )
+    add_interval_options(add)
     add_engine_options(add, nodes="machines training together, e.g. under SLURM (default 1)")
     add(
         "--precision",

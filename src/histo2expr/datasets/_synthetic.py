@@ -13,7 +13,7 @@ from anndata import AnnData
 from scipy import ndimage
 
 from .._cache import atomic_path, cache_dir
-from ..io._slides import downscale_pixels
+from ..io import ArrayImage
 
 #: Bump when the generator changes, so cached images are not reused.
 _VERSION = 2
@@ -171,7 +171,7 @@ def synthetic(
 
             with atomic_path(image_path) as tmp:
                 tifffile.imwrite(tmp, pixels, photometric="rgb")
-        hires, scalef = downscale_pixels(pixels, max_px=2000)
+        hires, scalef = ArrayImage(pixels).downscaled(max_px=2000)
         obs = pd.DataFrame(
             {
                 "slide": slide,

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._records import PREDICTED_MARKER, default_key, fit_record, gene_scores
+from .._keys import Key
+from .._records import default_key, fit_record, gene_scores
 from .._validation import log_expression
 from ..models.base import plain_value
 
@@ -34,14 +35,15 @@ def predictions(adata: AnnData, key: str | None = None) -> pd.DataFrame:
     """
     key = default_key(adata, key)
     record = fit_record(adata, key)
-    if key not in adata.obsm:
+    name = Key.obsm.predictions(key)
+    if name not in adata.obsm:
         msg = (
             f"`adata.uns[{key!r}]` ({record.get('kind', 'fit')}) has no predictions in `adata.obsm[{key!r}]`: "
             "a fit without `cv` predicts nothing. Cross-validate with `hx.tl.fit_histo2expr(adata, cv=...)` or "
             "predict with `hx.tl.predict_expression(adata, model)`."
         )
         raise KeyError(msg)
-    frame = adata.obsm[key]
+    frame = adata.obsm[name]
     if not isinstance(frame, pd.DataFrame):
         msg = f"`adata.obsm[{key!r}]` is not a DataFrame of predictions (genes as columns); refit or predict again."
         raise TypeError(msg)
@@ -69,7 +71,7 @@ def intervals(adata: AnnData, key: str | None = None) -> tuple[pd.DataFrame, pd.
     """
     key = default_key(adata, key)
     record = fit_record(adata, key)
-    names = (f"{key}_lower", f"{key}_upper")
+    names = (Key.obsm.lower(key), Key.obsm.upper(key))
     if not all(isinstance(adata.obsm.get(name), pd.DataFrame) for name in names):
         msg = (
             f"`adata.uns[{key!r}]` ({record.get('kind', 'fit')}) has no prediction intervals. Fit with "
@@ -139,17 +141,20 @@ def predicted_adata(adata: AnnData, key: str | None = None, *, genes: Sequence[s
         obs=adata.obs.copy(),
         var=gene_scores(record, genes).rename_axis("gene"),
     )
-    if "log1p" in adata.uns and all(g in adata.var_names for g in genes):
-        out.layers["measured"] = log_expression(adata, genes)
-    if f"{key}_lower" in adata.obsm:
+    if Key.uns.log1p in adata.uns and all(g in adata.var_names for g in genes):
+        out.layers[Key.layers.measured] = log_expression(adata, genes)
+    if Key.obsm.lower(key) in adata.obsm:
         lower, upper = intervals(adata, key)
-        out.layers["lower"], out.layers["upper"] = lower[genes].to_numpy(), upper[genes].to_numpy()
+        out.layers[Key.layers.lower], out.layers[Key.layers.upper] = (
+            lower[genes].to_numpy(),
+            upper[genes].to_numpy(),
+        )
     for name, values in adata.obsm.items():
         if not isinstance(values, pd.DataFrame):
             out.obsm[name] = values.copy()
-    if "spatial" in adata.uns:
-        out.uns["spatial"] = adata.uns["spatial"]
-    out.uns[PREDICTED_MARKER] = plain_value(
+    if Key.uns.spatial in adata.uns:
+        out.uns[Key.uns.spatial] = adata.uns[Key.uns.spatial]
+    out.uns[Key.uns.predicted] = plain_value(
         {
             "predicted": True,
             "source_key": key,

@@ -21,7 +21,8 @@ import pandas as pd
 from anndata import AnnData
 
 from .._validation import check_microns_per_pixel
-from ._slides import check_spots_inside, downscale_pixels, spatial_entry, spot_table
+from ._image import downscale_pixels
+from ._slides import check_spots_inside, spatial_entry, spot_table
 from ._wsi import slide_thumbnail
 from ._wsi_image import open_slide_image
 

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -292,6 +293,30 @@ def _tiff_memmap(path: Path) -> np.ndarray | None:
     return pixels
 
 
+def _shrink(image: Any, size: tuple[int, int]) -> np.ndarray:  # image: PIL.Image.Image
+    from PIL import Image
+
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return np.array(image)
+
+
+def _target_size(width: int, height: int, max_px: int) -> tuple[tuple[int, int], float]:
+    if max_px < 1:
+        msg = f"`hires_max_px` must be a positive number of pixels, got {max_px}."
+        raise ValueError(msg)
+    scale = min(1.0, max_px / max(width, height))
+    return (max(1, round(width * scale)), max(1, round(height * scale))), scale
+
+
+def downscale_pixels(pixels: np.ndarray, *, max_px: int = 2000) -> tuple[np.ndarray, float]:
+    """Like :func:`histo2expr.io._slides.downscale_image` for an ``(h, w, 3)`` uint8 array already in memory."""
+    from PIL import Image
+
+    size, scale = _target_size(pixels.shape[1], pixels.shape[0], max_px)
+    return _shrink(Image.fromarray(pixels), size), scale
+
+
 class ArrayImage:
     """An RGB image held as an array (e.g. a downscaled ``uns`` image), read region by region.
 
@@ -305,6 +330,9 @@ class ArrayImage:
         the three channels (with a warning), an alpha channel is composited over white.
     """
 
+    #: Every channel of a pixel outside the image in :meth:`read_region`: white, as the glass around tissue.
+    pad_value = PAD_VALUE
+
     def __init__(self, pixels: np.ndarray) -> None:
         self._pixels = to_rgb_uint8(pixels, source="the stored image")
 
@@ -317,6 +345,17 @@ class ArrayImage:
     def shape(self) -> tuple[int, int]:
         """``(height, width)`` in pixels."""
         return tuple(self.pixels.shape[:2])
+
+    def downscaled(self, max_px: int = 2000) -> tuple[np.ndarray, float]:
+        """The image shrunk (Lanczos) so that its long side is at most ``max_px``, and its scale factor.
+
+        The scale factor is downscaled pixels per pixel of this image: what ``uns["spatial"][slide]
+        ["scalefactors"]["tissue_hires_scalef"]`` records beside the ``"hires"`` image.
+        """
+        return downscale_pixels(self.pixels, max_px=max_px)
+
+    def prepare(self) -> None:
+        """Make the first region read fast: nothing to do for pixels in memory or read tile by tile."""
 
     def read_region(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         """Return the ``(height, width, 3)`` uint8 region; pixels outside the image are white."""
@@ -364,6 +403,12 @@ class LazyImage(ArrayImage):
     def close(self) -> None:
         """Drop the memory map; the next read maps the image again."""
         self._pixels = None
+
+    def prepare(self) -> None:
+        """Decode a compressed image file into the histo2expr cache now, once, instead of on its first read."""
+        if self._pixels is None:
+            _ = self.pixels
+            self.close()
 
     @property
     def pixels(self) -> np.ndarray:

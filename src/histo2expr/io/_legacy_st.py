@@ -16,7 +16,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from histo2expr._validation import MPP_FIX, check_counts, check_microns_per_pixel, check_slide_id
+from histo2expr._validation import MPP_FIX, check_counts, check_microns_per_pixel, check_slide_id, one_of
 from histo2expr.io._image import read_image_size
 from histo2expr.io._slides import check_spots_inside, downscale_image, spatial_entry
 
@@ -484,9 +484,7 @@ def read_legacy_st(
     >>> adata = hx.io.read_legacy_st("her2st/")  # doctest: +SKIP
     >>> adata.obs["slide"].value_counts()  # doctest: +SKIP
     """
-    if genes not in ("intersection", "union"):
-        msg = f"`genes` must be 'intersection' or 'union', got {genes!r}."
-        raise ValueError(msg)
+    one_of(genes, ("intersection", "union"), "genes")
     if microns_per_pixel is not None:
         check_microns_per_pixel(microns_per_pixel, where="`microns_per_pixel`", fix=MPP_FIX)
     path = Path(path)

@@ -23,6 +23,8 @@ from histo2expr.io._image import (
     PAD_VALUE,
     ArrayImage,
     _pil_to_rgb,
+    _shrink,
+    _target_size,
     check_pixel_count,
     no_pixel_limit,
     read_image_size,
@@ -75,22 +77,6 @@ class SlideImage:
 # --- writing: what every reader stores per slide -------------------------------------------------
 
 
-def _shrink(image: Any, size: tuple[int, int]) -> np.ndarray:  # image: PIL.Image.Image
-    from PIL import Image
-
-    if image.size != size:
-        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
-    return np.array(image)
-
-
-def _target_size(width: int, height: int, max_px: int) -> tuple[tuple[int, int], float]:
-    if max_px < 1:
-        msg = f"`hires_max_px` must be a positive number of pixels, got {max_px}."
-        raise ValueError(msg)
-    scale = min(1.0, max_px / max(width, height))
-    return (max(1, round(width * scale)), max(1, round(height * scale))), scale
-
-
 def downscale_image(path: str | Path, *, max_px: int = 2000) -> tuple[np.ndarray, float]:
     """Decode an image file shrunk so that its long side is at most ``max_px`` pixels.
 
@@ -119,19 +105,10 @@ def downscale_image(path: str | Path, *, max_px: int = 2000) -> tuple[np.ndarray
             size, scale = _target_size(*image.size, max_px)
             image.draft(None, size)
             check_pixel_count(path, image.size[1], image.size[0])  # what is decoded, after the draft
-            if image.mode != "RGB":
-                image = Image.fromarray(_pil_to_rgb(image, path))
-            return _shrink(image, size), scale
+            rgb = image if image.mode == "RGB" else Image.fromarray(_pil_to_rgb(image, path))
+            return _shrink(rgb, size), scale
     except OSError as error:  # e.g. damaged compressed data inside a complete-looking file
         raise unreadable_image(path, error) from error
-
-
-def downscale_pixels(pixels: np.ndarray, *, max_px: int = 2000) -> tuple[np.ndarray, float]:
-    """Like :func:`downscale_image` for an ``(h, w, 3)`` uint8 array already in memory."""
-    from PIL import Image
-
-    size, scale = _target_size(pixels.shape[1], pixels.shape[0], max_px)
-    return _shrink(Image.fromarray(pixels), size), scale
 
 
 def check_spots_inside(
@@ -176,7 +153,7 @@ def spatial_entry(
     scalefactors["microns_per_pixel"] = float(microns_per_pixel)
     if spot_spacing_fullres is not None:
         scalefactors["spot_spacing_fullres"] = float(spot_spacing_fullres)
-    metadata = {"microns_per_pixel_source": microns_per_pixel_source}
+    metadata: dict[str, str | int] = {"microns_per_pixel_source": microns_per_pixel_source}
     if source_image_path is not None:
         metadata["source_image_path"] = str(Path(source_image_path).resolve())
     if source_image_level is not None:
@@ -400,7 +377,7 @@ def _image_element(
     names = list(sdata.images)
     if image_key is not None:
         name = image_key if isinstance(image_key, str) else image_key.get(slide)
-        if name not in sdata.images:
+        if name is None or name not in sdata.images:
             msg = (
                 f"`image_key` names no image element for slide {slide!r} (got {name!r}); the image "
                 f"elements are {names}."

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._docs import fill_docs
+from .._keys import Key
 from .._validation import check_element_name, check_obs_key, check_slide_id, spatial_coordinates
 from ._slides import SlideImage, slide_images
 from ._wsi_image import PyramidImage, open_slide_image
@@ -62,10 +63,6 @@ def _image_element(slide: SlideImage, system: str) -> Any:
     set_transformation(tree, {system: to_fullres}, set_all=True)
     Image2DModel().validate(tree)
     return tree
-
-
-#: Key of the table's ``uns`` entry recording the export.
-PROVENANCE_KEY = "histo2expr_to_spatialdata"
 
 
 @fill_docs
@@ -164,19 +161,19 @@ def to_spatialdata(adata: AnnData, *, slide_key: str = "slide") -> SpatialData:
 
         table = adata.copy()
         table.uns.pop(TableModel.ATTRS_KEY, None)  # a table of another SpatialData: annotate these elements
-        table.uns[PROVENANCE_KEY] = {
+        table.uns[Key.uns.spatialdata_provenance] = {
             "histo2expr_version": __version__,
             "slide_key": slide_key,
             "images": {name: f"{name}_image" for name in images},
             "regions": {name: f"{name}_spots" for name in images if f"{name}_spots" in elements_shapes},
         }
-        table.obs["region"] = pd.Categorical(region, categories=sorted(elements_shapes))
-        table.obs["spot_id"] = spot_id
+        table.obs[Key.obs.region] = pd.Categorical(region, categories=sorted(elements_shapes))
+        table.obs[Key.obs.spot_id] = spot_id
         regions = sorted(elements_shapes)
         tables["table"] = TableModel.parse(
             table,
             region=regions[0] if len(regions) == 1 else regions,
-            region_key="region",
-            instance_key="spot_id",
+            region_key=Key.obs.region,
+            instance_key=Key.obs.spot_id,
         )
     return SpatialData(images=elements_images, shapes=elements_shapes, tables=tables)

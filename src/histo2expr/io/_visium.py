@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from anndata import AnnData
 
 from histo2expr._validation import MPP_FIX, check_microns_per_pixel, check_slide_id, check_spot_spacing
-from histo2expr.io._image import read_image_size, to_rgb_uint8
-from histo2expr.io._slides import check_spots_inside, downscale_pixels, spatial_entry, spot_table
+from histo2expr.io._image import downscale_pixels, read_image_size, to_rgb_uint8
+from histo2expr.io._slides import check_spots_inside, spatial_entry, spot_table
 from histo2expr.io._spaceranger import counts_present, library_id_of, positions_file, read_space_ranger
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def _check_files(path: Path, counts_file: str | None) -> tuple[Path, Path]:
             "(Space Ranger 1), tissue_hires_image.png and tissue_lowres_image.png."
         )
         raise FileNotFoundError(msg)
-    return path / counts_file, positions
+    return path / counts_file, cast("Path", positions)  # None is refused above
 
 
 def _size_matches(size: tuple[int, int], expected: np.ndarray, scalef: float) -> bool:

@@ -12,8 +12,8 @@ import pandas as pd
 from anndata import AnnData
 
 from .._validation import check_microns_per_pixel
-from ._image import read_image_size, to_rgb_uint8
-from ._slides import check_spots_inside, downscale_pixels, spatial_entry, spot_table
+from ._image import downscale_pixels, read_image_size, to_rgb_uint8
+from ._slides import check_spots_inside, spatial_entry, spot_table
 from ._visium import _size_matches
 
 #: Folder of the binned outputs of Space Ranger for Visium HD.

@@ -19,8 +19,8 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._validation import PLAUSIBLE_MPP, check_microns_per_pixel, check_slide_id
-from ._image import LazyImage, no_pixel_limit
-from ._slides import downscale_image, downscale_pixels, spatial_entry
+from ._image import LazyImage, downscale_pixels, no_pixel_limit
+from ._slides import downscale_image, spatial_entry
 from ._wsi_image import (
     OPENSLIDE_SUFFIXES,
     PLAIN_SUFFIXES,

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .handcrafted import ColourTextureStats
     from .hest_probe import HESTProbeMethod, HESTProbeSettings
     from .inference import resolve_device
+    from .ivf import IVFIndex
     from .layers import pool_token_grid
     from .losses import bleep_loss, info_nce, pcc_loss, regression_loss, topology_loss, topology_prior
     from .nh2st import NH2STMethod, NH2STSettings
@@ -68,6 +69,7 @@ _LAZY = {
     "train_network": ".training",
     "check_engine_flags": ".training",
     "Gallery": ".gallery",
+    "IVFIndex": ".ivf",
     "RidgeMethod": ".ridge",
     "HESTProbeMethod": ".hest_probe",
     "HESTProbeSettings": ".hest_probe",
@@ -110,6 +112,7 @@ __all__ = [
     "Gallery",
     "HESTProbeMethod",
     "HESTProbeSettings",
+    "IVFIndex",
     "LossOutput",
     "Method",
     "MethodSettings",

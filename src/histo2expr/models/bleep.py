@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import non_negative_number, positive_int, probability
+from .._validation import non_negative_number, one_of, positive_int, probability
 from .base import FitReport, SpotSet, TrainConfig, register_method
-from .gallery import Gallery
+from .gallery import GALLERY_INDEXES, Gallery
 from .layers import EncoderSettings, ImageInput, ProjectionHead, TorchMethod
 from .losses import bleep_loss
 from .training import LossOutput, SpotNetwork
@@ -27,9 +27,11 @@ class BLEEPSettings(EncoderSettings):
     dropout: float = 0.1
     temperature: float = 1.0
     top_k: int = 50
+    gallery_index: str = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        one_of(self.gallery_index, GALLERY_INDEXES, "gallery_index")
         object.__setattr__(self, "projection_dim", positive_int(self.projection_dim, "projection_dim"))
         object.__setattr__(self, "dropout", probability(self.dropout, "dropout"))
         object.__setattr__(
@@ -95,6 +97,9 @@ class BLEEPMethod(TorchMethod):
         ``τ`` of the loss (BLEEP: 1.0).
     top_k
         Gallery spots averaged per prediction (BLEEP: 50); at most the number of spots fitted on.
+    gallery_index
+        ``"exact"`` (default) or ``"ivf"``: the approximate index of
+        :class:`~histo2expr.models.Gallery`, for galleries of millions of spots (needs faiss).
 
     Notes
     -----
@@ -139,7 +144,7 @@ class BLEEPMethod(TorchMethod):
                     for chunk in torch.from_numpy(expression).split(_GALLERY_CHUNK)
                 ]
             )
-        self.gallery = Gallery(keys, expression, top_k=self.settings.top_k)
+        self.gallery = Gallery(keys, expression, top_k=self.settings.top_k, index=self.settings.gallery_index)
         return self.report
 
     def embed(self, data: SpotSet) -> np.ndarray:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .._validation import flag, non_negative_number, one_of, positive_int, probability
 from .base import FitReport, SpotSet, TrainConfig, register_method
-from .gallery import Gallery
+from .gallery import GALLERY_INDEXES, Gallery
 from .inference import predict_batches
 from .layers import EncoderSettings, ImageInput, ProjectionHead, RegressionHead, TorchMethod
 from .losses import info_nce, regression_loss, topology_loss
@@ -250,12 +250,14 @@ class CHRepSettings(EncoderSettings):
     correction_hidden: int = 64
     correction_penalty: float = 1.0
     exclude_own_slide: bool = True
+    gallery_index: str = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         set_ = object.__setattr__
         set_(self, "losses", _check_losses(self.losses))
         one_of(self.calibration, CALIBRATIONS, "calibration")
+        one_of(self.gallery_index, GALLERY_INDEXES, "gallery_index")
         for name in ("regression_weight", "alignment_weight", "topology_weight", "correction_penalty"):
             set_(self, name, non_negative_number(getattr(self, name), name))
         set_(
@@ -570,6 +572,10 @@ class CHRepMethod(TorchMethod):
         ``lambda_r`` of the magnitude constraint (1; only with ``"...+constraint"``).
     exclude_own_slide
         While the correction trains, a fit spot never retrieves spots of its own slide (True).
+    gallery_index
+        Index of the gallery the fitted model predicts with: ``"exact"`` (default) or ``"ivf"``,
+        the approximate index of :class:`~histo2expr.models.Gallery` for galleries of millions of
+        spots (needs faiss). Fitting (validation and the correction's estimates) is always exact.
 
     Notes
     -----
@@ -621,6 +627,7 @@ class CHRepMethod(TorchMethod):
             top_k=self.settings.top_k,
             weighting="softmax",
             temperature=self.settings.estimate_temperature,
+            index=self.settings.gallery_index,
         )
         return self.report
 

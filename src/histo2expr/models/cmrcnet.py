@@ -362,6 +362,8 @@ class CMRCNetMethod(BLEEPMethod):
         As for :class:`~histo2expr.models.BLEEPMethod` (paper: ViT-B, 256, BLEEP's dropout 0.1, 1.0).
     top_k
         Gallery spots averaged per prediction (paper: 50; 500 in its second setting).
+    gallery_index
+        As for :class:`~histo2expr.models.BLEEPMethod` (``"exact"``).
     reconstruction
         Train with the masked reconstruction; `False` is contrastive learning alone (BLEEP).
     mask_rate

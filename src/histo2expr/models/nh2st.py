@@ -97,6 +97,25 @@ class PathologyProjection(nn.Module):
         in_dim = image_input.dim if self.grid is None else image_input.token_dim * self.grid**2
         self.linear = nn.Linear(in_dim, dim)
 
+    def check_grid(self, image_input: ImageInput, patch_size: int) -> None:
+        """Raise a clear error, before any training, when the feature map of ``patch_size`` px patches is smaller than the grid."""
+        if self.grid is None or self.grid == 1:
+            return
+        encoder = image_input.encoder
+        training = encoder.training
+        encoder.eval()  # one blank patch through the encoder; its batch statistics stay as they are
+        with torch.no_grad():
+            blank = torch.zeros(1, 3, patch_size, patch_size, dtype=torch.uint8)
+            side = math.isqrt(image_input.tokens({"image": blank}).shape[1])
+        encoder.train(training)
+        if side < self.grid:
+            msg = (
+                f"NH2ST flattens a {self.grid} x {self.grid} grid of the encoder's feature map, but "
+                f"{patch_size} px patches give a {side} x {side} map; pass `token_grid={side}` (or 1) or larger "
+                "patches (`patch_size`)."
+            )
+            raise ValueError(msg)
+
     def forward(self, image_input: ImageInput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(B, dim)`` h_p of a batch."""
         if self.grid is None:
@@ -384,6 +403,8 @@ class NH2STMethod(TorchMethod):
                 neighbour_batches, neighbours=neighbours, batch_size=config.batch_size, seed=config.seed
             )
         network = self.start_fit(train, validation, config)
+        if train.regime == "end2end":
+            network.pathology.check_grid(network.image_input, train.patches.patch_size)
         self.report = self.fit_network(network, train, validation, config, train_batches=order)
         return self.report
 

@@ -10,12 +10,13 @@ is reduced to its top k, which are merged into a running top k per query, so the
 memory used is ``O(query_chunk * gallery_chunk + n_queries * k)`` whatever the
 size of the gallery; a gallery stored in a :class:`numpy.memmap` (or any array
 supporting row slicing) is read one block at a time. Equal similarities are
-ordered by gallery index, on every backend. :func:`aggregate` turns the
+ordered by gallery index, on every device. :func:`aggregate` turns the
 retrieved indices into predictions.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,16 +42,31 @@ NORM_FLOOR = 1e-12
 #: Upper bound on the gathered ``(queries, k, genes)`` block in :func:`aggregate`.
 _AGGREGATE_BLOCK_BYTES = 256 * 2**20
 
-Backend = Literal["auto", "torch", "faiss"]
-
 
 def faiss_available() -> bool:
-    """Return whether the optional faiss backend can be imported."""
+    """Return whether faiss, needed by the approximate gallery index (``index="ivf"``), can be imported."""
     try:
         import faiss  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def cpu_block_product() -> Literal["torch", "numpy"]:
+    """The library that multiplies blocks on the CPU: ``"torch"`` on Intel CPUs, else ``"numpy"``.
+
+    torch's x86 wheels use Intel's MKL, numpy's use OpenBLAS. On the Intel Xeon (Sapphire
+    Rapids) of the benchmark torch's product was 1.3 times faster; on an AMD EPYC numpy's
+    was 1.5 times faster (benchmarks/results/retrieval.md). The vendor is read from
+    ``/proc/cpuinfo``; where it cannot be read (not Linux), numpy's BLAS is used.
+    """
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in cpuinfo)
+    except OSError:
+        intel = False
+    return "torch" if intel else "numpy"
 
 
 def cosine_topk(
@@ -66,7 +82,6 @@ def cosine_topk(
     query_chunk: int = DEFAULT_QUERY_CHUNK,
     gallery_chunk: int = DEFAULT_GALLERY_CHUNK,
     device: str | torch.device = "cpu",
-    backend: Backend = "torch",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Find the ``k`` gallery rows most cosine-similar to each query row, exactly.
 
@@ -98,29 +113,20 @@ def cosine_topk(
         ``(n_queries,)`` and ``(n_gallery,)`` group labels, e.g. slides: a query never
         retrieves a gallery row of its own group. Pass both.
     query_chunk, gallery_chunk
-        Rows per block. Both backends hold one normalised float32 copy of a gallery
-        block (``gallery_chunk * d * 4`` bytes) and of a query block; the torch
-        backend also holds the block of ``query_chunk * gallery_chunk`` float32
-        similarities (512 MiB with the defaults) and, when exclusions are given, a
-        boolean mask of the same shape (a quarter of that). faiss works in its own
-        small blocks.
+        Rows per block. Memory: one normalised float32 copy of a gallery block
+        (``gallery_chunk * d * 4`` bytes) and of a query block, the block of
+        ``query_chunk * gallery_chunk`` float32 similarities (512 MiB with the defaults),
+        with exclusions a boolean mask of the same shape (a quarter of that), and the
+        running top k (``n_queries * k * 12`` bytes). Nothing grows with the gallery.
     device
         Torch device on which the similarities are computed (``"auto"``, ``"cpu"``,
         ``"cuda"``, ``"mps"`` or a :class:`torch.device`); blocks are moved there,
-        results come back to the CPU.
-    backend
-        ``"torch"``: block matrix products and :func:`torch.topk` on ``device`` (on the
-        CPU the product runs in numpy's BLAS, limited to ``torch.get_num_threads()``
-        threads: numpy's OpenBLAS was 1.5 times faster than torch's MKL on the AMD CPU
-        of the benchmark). ``"faiss"``: faiss's exact inner-product search (the kernel
-        of ``IndexFlatIP``, without building an index) per gallery block, on the CPU
-        only; needs ``pip install faiss-cpu``. Exclusions are handled by fetching
-        ``k`` plus the number of excluded rows of the block, then filtering; it
-        needs no similarity block. ``"auto"``: faiss when it is installed and
-        ``device`` is the CPU, torch otherwise. The backends return the same
-        neighbours up to float32 rounding of near-ties. **Decision**: the default is
-        torch, which was 1.5 to 2 times faster than faiss with two threads on the
-        benchmark machine (benchmarks/results/retrieval.md).
+        results come back to the CPU. On the CPU the block products run in the BLAS
+        measured faster for the CPU's vendor (``cpu_block_product`` in this module), with
+        ``torch.get_num_threads()`` threads. It was measured as fast as faiss's exact
+        ``IndexFlatIP`` on the same data and threads (1.00 to 1.11 times faster;
+        benchmarks/results/retrieval.md), so there is no faiss backend for exact search;
+        faiss serves the approximate index of :class:`~histo2expr.models.gallery.Gallery`.
 
     Returns
     -------
@@ -149,14 +155,13 @@ def cosine_topk(
     query_chunk = positive_int(query_chunk, "query_chunk")
     gallery_chunk = positive_int(gallery_chunk, "gallery_chunk")
     device = resolve_device(device)
-    use_faiss = _use_faiss(backend, device)
     exclusions = _exclusions(nq, ng, exclude_self, query_ids, gallery_ids, query_groups, gallery_groups)
     _check_enough_eligible(k, ng, exclusions)
 
-    # On the CPU the block products run in numpy's BLAS, with as many threads as torch uses.
+    # numpy's BLAS (when it does the block products) gets as many threads as torch uses.
     with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
         vals, idx = _chunked_topk(
-            queries, gallery, (nq, ng, k), exclusions, (query_chunk, gallery_chunk), device, use_faiss
+            queries, gallery, (nq, ng, k), exclusions, (query_chunk, gallery_chunk), device
         )
     return vals.cpu().numpy(), idx.cpu().numpy()
 
@@ -168,7 +173,6 @@ def _chunked_topk(
     exclusions: list[_Exclusion],
     chunks: tuple[int, int],
     device: torch.device,
-    use_faiss: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Running top k over gallery blocks (outer loop: each is read once) and query blocks."""
     import torch
@@ -180,19 +184,11 @@ def _chunked_topk(
     for g_start in range(0, ng, gallery_chunk):
         g_stop = min(g_start + gallery_chunk, ng)
         g_rows = _normalised_rows(gallery, g_start, g_stop, device, "gallery")
-        chunk_counts = [ex.gallery_counts(g_start, g_stop) for ex in exclusions] if use_faiss else []
         for q_start in range(0, nq, query_chunk):
             q_stop = min(q_start + query_chunk, nq)
             q_rows = _normalised_rows(queries, q_start, q_stop, device, "queries")
             block = _Block(q_rows, g_rows, (q_start, q_stop), (g_start, g_stop), exclusions)
-            if use_faiss:
-                n_excluded = sum(
-                    counts[ex.query_codes[q_start:q_stop]]
-                    for ex, counts in zip(exclusions, chunk_counts, strict=True)
-                )
-                vals, idx = block.faiss_topk(k, int(np.max(n_excluded, initial=0)), buffer)
-            else:
-                vals, idx = block.torch_topk(k, buffer)
+            vals, idx = block.topk(k, buffer)
             merged_vals = torch.cat([run_vals[q_start:q_stop], vals], dim=1)
             merged_idx = torch.cat([run_idx[q_start:q_stop], idx + g_start], dim=1)
             merged_vals, order = torch.sort(merged_vals, dim=1, descending=True, stable=True)
@@ -334,7 +330,7 @@ class _Block:
 
         shape = (len(self.q_rows), len(self.g_rows))
         sims = buffer[: shape[0] * shape[1]].view(shape)
-        if sims.device.type == "cpu":  # OpenBLAS in numpy: 1.5x faster than torch's MKL on AMD CPUs
+        if sims.device.type == "cpu" and cpu_block_product() == "numpy":
             np.matmul(self.q_rows.numpy(), self.g_rows.numpy().T, out=sims.numpy())
         else:
             torch.mm(self.q_rows, self.g_rows.T, out=sims)
@@ -342,7 +338,7 @@ class _Block:
             sims.masked_fill_(exclusion.mask(*self.q_range, *self.g_range, sims.device), -torch.inf)
         return sims
 
-    def torch_topk(self, k: int, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, k: int, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top k of the block by matrix product and :func:`torch.topk`."""
         import torch
 
@@ -353,32 +349,6 @@ class _Block:
         return _resolve_boundary_ties(
             vals, idx, k, lambda rows: torch.sort(sims[rows], dim=1, descending=True, stable=True)
         )
-
-    def faiss_topk(self, k: int, n_excluded: int, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top k of the block by faiss, over-fetching the excluded rows and filtering them."""
-        if k + n_excluded + 1 >= len(self.g_rows):
-            return self.torch_topk(k, buffer)
-        vals, idx = self._faiss_search(slice(None), k + n_excluded + 1)
-        return _resolve_boundary_ties(
-            vals[:, : k + 1], idx[:, : k + 1], k, lambda rows: self._faiss_search(rows, len(self.g_rows))
-        )
-
-    def _faiss_search(self, rows: slice | torch.Tensor, fetch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Faiss's ``fetch`` best of some query rows, excluded pairs at -inf, ordered by :func:`_order`."""
-        import faiss
-        import torch
-
-        queries = self.q_rows[rows]
-        dist, labels = faiss.knn(
-            queries.numpy(), self.g_rows.numpy(), fetch, metric=faiss.METRIC_INNER_PRODUCT
-        )
-        vals, idx = torch.from_numpy(dist), torch.from_numpy(labels)
-        q_start, q_stop = self.q_range
-        for exclusion in self.exclusions:
-            q_codes = torch.from_numpy(exclusion.query_codes[q_start:q_stop])[rows]
-            g_codes = torch.from_numpy(exclusion.gallery_codes[self.g_range[0] : self.g_range[1]])
-            vals.masked_fill_(q_codes[:, None] == g_codes[idx], -torch.inf)
-        return _order(vals, idx)
 
 
 def _resolve_boundary_ties(
@@ -412,23 +382,6 @@ def _order(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.T
     idx, by_index = torch.sort(idx, dim=1)
     vals, by_value = torch.sort(vals.gather(1, by_index), dim=1, descending=True, stable=True)
     return vals, idx.gather(1, by_value)
-
-
-def _use_faiss(backend: str, device: torch.device) -> bool:
-    if backend not in ("auto", "torch", "faiss"):
-        msg = f"`backend` must be 'auto', 'torch' or 'faiss', got {backend!r}."
-        raise ValueError(msg)
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return device.type == "cpu" and faiss_available()
-    if not faiss_available():
-        msg = "backend='faiss' needs the faiss package: `pip install faiss-cpu` (or use backend='torch')."
-        raise ImportError(msg)
-    if device.type != "cpu":
-        msg = f"The faiss backend runs on the CPU (faiss-cpu), but device={str(device)!r}; use backend='torch' on {device.type}."
-        raise ValueError(msg)
-    return True
 
 
 def _exclusions(

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._validation import positive_int, seed_value
 from ._augment import Augment, augment_rng
 from ._source import check_indices
 
@@ -15,13 +16,6 @@ if TYPE_CHECKING:
     import torch
 
     from ._source import PatchSource
-
-
-def _check_seed(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        msg = f"`{name}` must be a non-negative integer, got {value!r}."
-        raise ValueError(msg)
-    return int(value)
 
 
 class PatchDataset:
@@ -69,7 +63,7 @@ class PatchDataset:
             msg = f"`augment` must be True, False or an `Augment(...)`, got {augment!r}."
             raise TypeError(msg)
         self.augment: Augment | None = augment or None
-        self.seed = _check_seed(seed, "seed")
+        self.seed = seed_value(seed, "seed")
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -77,7 +71,7 @@ class PatchDataset:
 
     def set_epoch(self, epoch: int) -> None:
         """Use the augmentations of ``epoch`` for items requested without an epoch."""
-        self.epoch = _check_seed(epoch, "epoch")
+        self.epoch = seed_value(epoch, "epoch")
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         import torch
@@ -113,7 +107,7 @@ class EpochSampler:
     def __init__(self, order: np.ndarray, *, shuffle: bool, seed: int) -> None:
         self.order = np.asarray(order, dtype=np.int64)
         self.shuffle = shuffle
-        self.seed = _check_seed(seed, "seed")
+        self.seed = seed_value(seed, "seed")
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -121,7 +115,7 @@ class EpochSampler:
 
     def set_epoch(self, epoch: int) -> None:
         """Serve ``epoch`` at the next iteration."""
-        self.epoch = _check_seed(epoch, "epoch")
+        self.epoch = seed_value(epoch, "epoch")
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
@@ -178,9 +172,7 @@ def patch_loader(
     """
     from torch.utils.data import DataLoader
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        msg = f"`batch_size` must be a positive integer, got {batch_size!r}."
-        raise ValueError(msg)
+    positive_int(batch_size, "batch_size")
     dataset = PatchDataset(source, indices=indices, augment=augment, seed=seed)
     if num_workers > 0:
         source.prepare(dataset.indices)  # decode compressed images once, before the workers start

@@ -18,8 +18,7 @@ from histo2expr._validation import (
     get_table,
     spatial_coordinates,
 )
-from histo2expr.io import slide_images
-from histo2expr.io._image import PAD_VALUE, LazyImage
+from histo2expr.io import ArrayImage, slide_images
 
 from ._stain import REFERENCE_STAINS, StainVectors, macenko_stains, normalize_stains
 
@@ -141,7 +140,7 @@ class PatchSource:
     from the slide image and resized to ``patch_size`` pixels (Pillow bilinear, which averages over
     the footprint when shrinking); a slide whose pixel size is within 2 % of ``mpp`` is read at its
     own resolution, without resampling.
-    Pixels outside the image are padded with white (``PAD_VALUE = 255``, like the glass around
+    Pixels outside the image are padded with white (``hx.io.ArrayImage.pad_value``, 255, like the glass around
     tissue); spots near the border keep their centre in the middle of the patch.
     With ``field > 1`` the patch is a *context view*: a square ``field`` times wider around the
     spot, shrunk to ``patch_size`` pixels (so its pixels are ``field * mpp`` micrometres wide).
@@ -222,10 +221,7 @@ class PatchSource:
         image_key: str | Mapping[str, str] | None = None,
     ) -> None:
         self.patch_size = check_patch_size(patch_size)
-        self.field = _check_field(field)
-        if stain_normalization not in STAIN_NORMALIZATIONS:
-            msg = f"`stain_normalization` must be one of {STAIN_NORMALIZATIONS}, got {stain_normalization!r}."
-            raise ValueError(msg)
+        self.field = self.check_view(field, stain_normalization)
         self.stain_normalization = stain_normalization
         table = get_table(data, table_key)
         slide_column = check_obs_key(table, slide_key)
@@ -307,6 +303,14 @@ class PatchSource:
             )
             raise ValueError(msg)
         return max(1, round(self.patch_size * zoom * self.field))
+
+    @staticmethod
+    def check_view(field: Any = 1.0, stain_normalization: str | None = None) -> float:
+        """Check ``field`` and ``stain_normalization`` as the constructor does, without data; the field as a float."""
+        if stain_normalization not in STAIN_NORMALIZATIONS:
+            msg = f"`stain_normalization` must be one of {STAIN_NORMALIZATIONS}, got {stain_normalization!r}."
+            raise ValueError(msg)
+        return _check_field(field)
 
     def __len__(self) -> int:
         return len(self._codes)
@@ -426,8 +430,8 @@ class PatchSource:
         codes = np.unique(self._codes if indices is None else self._codes[check_indices(indices, len(self))])
         for code in codes:
             image = copy.copy(self._images[int(code)].image)
-            if isinstance(image, LazyImage):
-                _ = image.pixels  # decodes into the cache when needed; the map is dropped on return
+            if hasattr(image, "prepare"):  # an image of `hx.io` (any object with `read_region` serves)
+                image.prepare()
 
     def describe(self) -> dict[str, Any]:
         """The patch geometry, for model records.
@@ -451,6 +455,6 @@ class PatchSource:
             "mpp": self.mpp,
             "field": self.field,
             "stain_normalization": self.stain_normalization,
-            "pad_value": PAD_VALUE,
+            "pad_value": ArrayImage.pad_value,
             "slides": slides,
         }

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import metrics
 from .._docs import fill_docs
-from .._records import FIT_KEY
+from .._keys import FIT_KEY
 from .._validation import positive_int
 from ._utils import (
     check_genes,

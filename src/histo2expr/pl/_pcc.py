@@ -10,7 +10,7 @@ import pandas as pd
 
 from .. import metrics
 from .._docs import fill_docs
-from .._records import FIT_KEY
+from .._keys import FIT_KEY
 from .._validation import positive_int
 from ._utils import (
     as_keys,

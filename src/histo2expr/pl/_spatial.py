@@ -12,7 +12,8 @@ import pandas as pd
 
 from .. import metrics
 from .._docs import fill_docs
-from .._records import FIT_KEY, SCALES
+from .._keys import FIT_KEY
+from .._records import SCALES
 from .._validation import spatial_coordinates
 from ._utils import (
     check_genes,

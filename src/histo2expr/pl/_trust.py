@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._docs import fill_docs
-from .._records import FIT_KEY, gene_scores
+from .._keys import FIT_KEY, Key
+from .._records import gene_scores
+from .._validation import one_of, positive_int
 from ..get import intervals
 from ._spatial import colour_limit, panel_axes, scatter, slide_view
 from ._utils import axes, check_genes, finish, fit_record, predicted_genes, protocol_of, slide_spots, titled
@@ -91,7 +93,7 @@ def _uncertainty_values(
             return (upper[gene] - lower[gene]).to_numpy()[spots], f"{gene}: interval width"
         width = (upper - lower).iloc[spots]
         return width.mean(axis=1, skipna=True).to_numpy(), "mean interval width over genes"
-    column = f"{key}_{'ood_pvalue' if value == 'ood' else 'difficulty'}"
+    column = Key.obs.ood_pvalue(key) if value == "ood" else Key.obs.difficulty(key)
     if column not in adata.obs:
         msg = (
             f"`adata.obs[{column!r}]` is missing: it is written by `hx.tl.predict_expression` and by "
@@ -149,9 +151,7 @@ def spatial_uncertainty(
     """
     from matplotlib.colors import Normalize
 
-    if value not in UNCERTAINTY:
-        msg = f"`value={value!r}` is not one of {sorted(UNCERTAINTY)}."
-        raise ValueError(msg)
+    one_of(value, UNCERTAINTY, "value")
     record = fit_record(adata, key)
     if gene is not None:
         gene = check_genes(gene, predicted_genes(record), key)[0]
@@ -205,9 +205,7 @@ def gene_predictability(
     {plot_returns}, else None. Reads ``uns[key]["gene_pcc"]`` (cross-validation) or
     ``uns[key]["cv_pcc"]`` (predictions).
     """
-    if isinstance(n_genes, bool) or not isinstance(n_genes, int) or n_genes < 1:
-        msg = f"`n_genes` must be a positive integer, got {n_genes!r}."
-        raise ValueError(msg)
+    positive_int(n_genes, "n_genes")
     record = fit_record(adata, key)
     scores = gene_scores(record, predicted_genes(record)).dropna(subset=["cv_pcc"])
     if scores.empty:

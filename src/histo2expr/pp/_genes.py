@@ -9,8 +9,10 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .. import _logging as logg
 from .._docs import fill_docs
-from .._validation import check_log_normalised, check_obs_key, positive_int
+from .._keys import SELECTED_KEY, Key, write_fields
+from .._validation import check_log_normalised, check_obs_key, one_of, positive_int
 
 _FLAVORS = ("heg", "hvg")
 
@@ -45,7 +47,7 @@ def select_genes(
     slides: Sequence[str] | None = None,
     slide_key: str = "slide",
     layer: str | None = None,
-    key_added: str = "histo2expr_selected",
+    key_added: str = SELECTED_KEY,
     inplace: bool = True,
 ) -> list[str] | None:
     """Choose the genes to predict, from the chosen slides only.
@@ -85,9 +87,7 @@ def select_genes(
     ``.uns[key_added]``
         ``{"flavor", "n_top", "slides"}``.
     """
-    if flavor not in _FLAVORS:
-        msg = f"`flavor` must be one of {_FLAVORS}, got {flavor!r}."
-        raise ValueError(msg)
+    one_of(flavor, _FLAVORS, "flavor")
     n_top = positive_int(n_top, "n_top")
     if not n_top <= adata.n_vars:
         msg = f"`n_top={n_top}` must be between 1 and the number of genes ({adata.n_vars}); lower it."
@@ -112,9 +112,12 @@ def select_genes(
     genes = list(adata.var_names[order])
     if not inplace:
         return genes
+    logg.info(f"selected {logg.counted(n_top, 'gene')} by {flavor} on {logg.counted(len(chosen), 'slide')}")
     rank = pd.Series(-1, index=adata.var_names, dtype=np.int64)
     rank.iloc[order] = np.arange(n_top)
-    adata.var[key_added] = rank.values >= 0
-    adata.var[f"{key_added}_rank"] = rank.values
-    adata.uns[key_added] = {"flavor": flavor, "n_top": int(n_top), "slides": chosen}
+    write_fields(
+        adata,
+        var={Key.var.selected(key_added): rank.values >= 0, Key.var.rank(key_added): rank.values},
+        uns={Key.uns.record(key_added): {"flavor": flavor, "n_top": int(n_top), "slides": chosen}},
+    )
     return None

@@ -6,6 +6,8 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .. import _logging as logg
+from .._keys import Key, write_fields
 from .._validation import check_counts, check_not_empty, non_negative_number
 
 
@@ -13,7 +15,7 @@ def normalize(
     adata: AnnData,
     *,
     target_sum: float = 1e4,
-    counts_layer: str = "counts",
+    counts_layer: str = Key.layers.counts,
     copy: bool = False,
 ) -> AnnData | None:
     """Normalise every spot to ``target_sum`` counts and take ``log1p``.
@@ -51,13 +53,14 @@ def normalize(
     target_sum = non_negative_number(target_sum, "target_sum", positive=True)
     check_not_empty(adata, what="normalisation")
     adata = adata.copy() if copy else adata
-    if counts_layer not in adata.layers and "log1p" in adata.uns:
+    if counts_layer not in adata.layers and Key.uns.log1p in adata.uns:
         msg = (
             f"`adata.X` is already log-normalised (`uns['log1p']` is set) and `layers[{counts_layer!r}]` with the "
             "raw counts is gone, so normalising again would log it twice. Use the data as they are, or put the "
             f"raw counts back into `layers[{counts_layer!r}]` (or pass `counts_layer=` naming the layer with them)."
         )
         raise ValueError(msg)
+    start = logg.info(f"normalizing counts per spot to {target_sum:g}, then log1p")
     counts = adata.layers[counts_layer] if counts_layer in adata.layers else adata.X
     where = f"`adata.layers[{counts_layer!r}]`" if counts_layer in adata.layers else "`adata.X`"
     check_counts(counts, where=where)
@@ -79,8 +82,12 @@ def normalize(
         logged = sp.csr_matrix(logged, dtype=np.float32)
     else:
         logged = np.log1p(counts * scale[:, None]).astype(np.float32)
-    adata.layers[counts_layer] = counts
-    adata.X = logged
-    adata.obs["total_counts"] = totals
-    adata.uns["log1p"] = {"base": None}
+    write_fields(
+        adata,
+        X=logged,
+        layers={counts_layer: counts},
+        obs={Key.obs.total_counts: totals},
+        uns={Key.uns.log1p: {"base": None}},
+        start=start,
+    )
     return adata if copy else None

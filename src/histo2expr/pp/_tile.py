@@ -13,6 +13,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._keys import Key
+from .._validation import one_of
+
 #: Spot diameter (µm) when neither the argument nor ``geometry`` gives one: a Visium spot.
 DEFAULT_SPOT_DIAMETER_UM = 55.0
 #: Otsu thresholds of saturation below this (0-1) are raised to it: blank glass has no second class.
@@ -277,9 +280,7 @@ def tile_slide(
         spacing_um if spacing_um is not None else geometry.get("spot_spacing_um", spot_diameter_um),
         "spacing_um",
     )
-    if layout not in ("hex", "grid"):
-        msg = f"`layout` must be 'hex' or 'grid', got {layout!r}."
-        raise ValueError(msg)
+    one_of(layout, ("hex", "grid"), "layout")
     if isinstance(min_tissue_fraction, bool) or not 0 < min_tissue_fraction <= 1:
         msg = f"`min_tissue_fraction` must be in (0, 1], got {min_tissue_fraction!r}."
         raise ValueError(msg)
@@ -343,12 +344,12 @@ def tile_slide(
         index=pd.Index([f"{slide}_{r}x{c}" for r, c in zip(rows, cols, strict=True)]),
     )
     out = AnnData(X=sp.csr_matrix((len(obs), 0), dtype=np.float32), obs=obs)
-    out.obsm["spatial"] = centres.astype(np.float64)
+    out.obsm[Key.obsm.spatial] = centres.astype(np.float64)
     tiled = copy.deepcopy(entry)
     tiled["scalefactors"]["spot_diameter_fullres"] = 2 * radius
     tiled["scalefactors"]["spot_spacing_fullres"] = spacing
-    out.uns["spatial"] = {slide: tiled}
-    out.uns["tile_slide"] = {
+    out.uns[Key.uns.spatial] = {slide: tiled}
+    out.uns[Key.uns.tile_slide] = {
         "params": {
             "spot_diameter_um": spot_diameter_um,
             "spacing_um": spacing_um,

@@ -22,26 +22,30 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pandas as pd
 
+from .. import _logging as logg
 from .._cache import atomic_path, remove_temporaries
-from .._records import PREDICT_KEY, SCALES
+from .._keys import EMBEDDING_KEY, PREDICT_KEY, Key
+from .._logging import Verbosity
+from .._records import SCALES
+from .._settings import settings
 from .._validation import (
     check_element_name,
     check_patch_size,
     check_slide_id,
     non_negative_number,
+    one_of,
     positive_int,
     seed_value,
 )
 from ..models.base import plain_value
+from ._embed import check_feature_options
 from ._model import Histo2ExprModel
-from ._predict import frozen_encoder_arguments
+from ._predict import check_feature_record, frozen_encoder_arguments
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from lightning.fabric import Fabric
 
-#: Key of ``uns`` holding the provenance of a cohort output.
-PROVENANCE_KEY = "histo2expr_cohort"
 #: Output formats and the suffix of their files.
 FORMATS = {"h5ad": ".h5ad", "zarr": ".zarr"}
 #: Characters that make an input a glob pattern (unless a file of that name exists).
@@ -201,9 +205,9 @@ def _read_table(unit: CohortSlide, job: CohortJob, model: Histo2ExprModel | None
         table = backed[(backed.obs[job.slide_key].astype(str) == unit.subset).to_numpy()].to_memory()
     finally:
         backed.file.close()
-    spatial = table.uns.get("spatial")
+    spatial = table.uns.get(Key.uns.spatial)
     if isinstance(spatial, dict) and unit.subset in spatial:  # this slide's image only
-        table.uns["spatial"] = {unit.subset: spatial[unit.subset]}
+        table.uns[Key.uns.spatial] = {unit.subset: spatial[unit.subset]}
     return table
 
 
@@ -242,7 +246,7 @@ def _write(table: AnnData, target: Path, fmt: str) -> None:
 
 def _stored_parameters(target: Path) -> str | None:
     """The parameters recorded in an existing output (None when it records none); nothing else is read."""
-    name = f"uns/{PROVENANCE_KEY}/parameters"
+    name = f"uns/{Key.uns.cohort_provenance}/parameters"
     if target.suffix == ".zarr":
         import zarr
 
@@ -288,11 +292,18 @@ def _process_slide(job: CohortJob, unit: CohortSlide, model: Histo2ExprModel | N
     from ._predict import predict_expression
 
     table = _read_table(unit, job, model)
-    if job.embedding is not None and (job.step == "embed" or job.embedding["key_added"] not in table.obsm):
-        embed_patches(table, **job.embedding, slide_key=job.slide_key, device=device, progress=False)
-    if model is not None:
-        predict_expression(table, model, slide_key=job.slide_key, **job.prediction)
-    table.uns[PROVENANCE_KEY] = _provenance(job, unit, table)
+    # one line per slide tells the progress; the messages of each call show from verbosity "hint" on
+    verbosity = settings.verbosity
+    with settings.override(
+        verbosity=verbosity if verbosity >= Verbosity.hint else min(verbosity, Verbosity.warning)
+    ):
+        if job.embedding is not None and (
+            job.step == "embed" or job.embedding["key_added"] not in table.obsm
+        ):
+            embed_patches(table, **job.embedding, slide_key=job.slide_key, device=device, progress=False)
+        if model is not None:
+            predict_expression(table, model, slide_key=job.slide_key, **job.prediction)
+    table.uns[Key.uns.cohort_provenance] = _provenance(job, unit, table)
     _write(table, job.target(unit), job.format)
     return table.n_obs
 
@@ -304,8 +315,13 @@ def _say(job: CohortJob, text: str) -> None:
 
 def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.DataFrame:
     """Run in every process: take this process's share of the slides still to do; the table of all slides."""
-    start = time.perf_counter()
+    start = time.monotonic()  # as the package logger's timings
     rank, world = fabric.global_rank, fabric.world_size
+    if rank == 0:
+        processes = f" ({world} processes)" if world > 1 else ""
+        logg.info(
+            f"{job.step} a cohort of {logg.counted(len(slides), 'slide')} into {job.out_dir}{processes}"
+        )
     done: list[bool] | None = None
     if rank == 0:  # one process decides, before any writes, which outputs are finished
         job.out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,7 +360,7 @@ def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.
         _say(
             job,
             f"{len(table)} slides: {counts.get('written', 0)} written, {counts.get('skipped', 0)} skipped, "
-            f"{len(failed)} failed, in {time.perf_counter() - start:.1f} s ({world} process{'es' if world > 1 else ''}); "
+            f"{len(failed)} failed, in {time.monotonic() - start:.1f} s ({world} process{'es' if world > 1 else ''}); "
             f"outputs in {job.out_dir}",
         )
     if len(failed):
@@ -354,6 +370,8 @@ def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.
             "slides and run the same command again: finished slides are skipped."
         )
         raise SlidesFailedError(msg)
+    if rank == 0:
+        logg.info("    finished", time=start)
     return table
 
 
@@ -418,11 +436,7 @@ def _engine(
 
 
 def _checked_format(format: str) -> str:
-    if format not in FORMATS:
-        msg = (
-            f"`format={format!r}` is not one of {sorted(FORMATS)}: 'h5ad' (AnnData) or 'zarr' (SpatialData)."
-        )
-        raise ValueError(msg)
+    one_of(format, FORMATS, "format", fix="'h5ad' writes AnnData files, 'zarr' SpatialData.")
     return format
 
 
@@ -448,9 +462,13 @@ def embed_cohort(
     weights: str | os.PathLike[str] | None = "default",
     patch_size: int = 224,
     mpp: float | None = None,
+    tta: int = 4,
+    context: float | None = None,
+    neighbours: int | None = 6,
+    stain_normalization: str | None = None,
     tokens: int | None = None,
     seed: int = 0,
-    key_added: str = "X_histo",
+    key_added: str = EMBEDDING_KEY,
     spot_diameter_um: float | None = None,
     spacing_um: float | None = None,
     slide_mpp: float | None = None,
@@ -490,6 +508,11 @@ def embed_cohort(
     encoder, weights, patch_size, mpp, tokens, seed, key_added
         As in :func:`~histo2expr.tl.embed_patches` (``weights``: ``"default"``, ``"imagenet"``,
         ``None`` for random weights from ``seed``, or a checkpoint path).
+    tta, context, neighbours, stain_normalization
+        The feature options of :func:`~histo2expr.tl.embed_patches`, with its defaults (4 views,
+        no context view, the mean of the 6 nearest spots, no stain normalisation). A model fitted on
+        these features predicts only slides embedded with the same options (``predict_cohort``
+        checks it before any work).
     spot_diameter_um, spacing_um
         Whole-slide images only: pseudo-spot size and spacing in µm (see :func:`~histo2expr.pp.tile_slide`).
     slide_mpp
@@ -523,8 +546,9 @@ def embed_cohort(
         The embeddings and their description, as :func:`~histo2expr.tl.embed_patches` sets them.
     ``.uns["histo2expr_cohort"]``
         Provenance: ``step`` (``"embed"``), ``input``, ``slide``, ``histo2expr_version``,
-        ``parameters`` (JSON of the arguments that determine the values), ``run`` (JSON: batch size,
-        workers, engine flags), ``encoder`` (``name``, ``weights``, ``weights_sha1``: a hash of the
+        ``parameters`` (JSON of the arguments that determine the values: encoder, weights, patch
+        geometry, the feature options ``tta``, ``context``, ``neighbours`` and
+        ``stain_normalization``, ...), ``run`` (JSON: batch size, workers, engine flags), ``encoder`` (``name``, ``weights``, ``weights_sha1``: a hash of the
         encoder's weights).
 
     Examples
@@ -543,11 +567,19 @@ def embed_cohort(
         raise FileNotFoundError(msg)
     if tokens is not None:
         positive_int(tokens, "tokens")
+    views = {
+        "tta": tta,
+        "context": context,
+        "neighbours": neighbours,
+        "stain_normalization": stain_normalization,
+    }
+    check_feature_options(**views)
     embedding = {
         "encoder": encoder,
         "weights": weights,
         "patch_size": patch_size,
         "mpp": mpp,
+        **views,
         "tokens": tokens,
         "seed": seed_value(seed),
         "key_added": key_added,
@@ -574,8 +606,11 @@ def embed_cohort(
     return _start(job, slides)
 
 
-def _start(job: CohortJob, inputs: Inputs) -> pd.DataFrame:
+def _start(job: CohortJob, inputs: Inputs, model: Histo2ExprModel | None = None) -> pd.DataFrame:
+    """Check the inputs against the outputs there are (and ``model``), before any work; then run the job."""
     slides = cohort_slides(inputs, slide_key=job.slide_key)
+    if model is not None:
+        _check_input_features(slides, model)
     if job.format == "zarr":
         for unit in slides:
             check_element_name(unit.slide)
@@ -584,6 +619,40 @@ def _start(job: CohortJob, inputs: Inputs) -> pd.DataFrame:
         raise NotADirectoryError(msg)
     _check_existing(job, slides)
     return _launch(job, slides, {k: job.run[k] for k in ("accelerator", "devices", "strategy", "num_nodes")})
+
+
+#: The embedding call named when the features of a cohort's inputs do not match a model's.
+_EMBED_COHORT_CALL = "hx.tl.embed_cohort(slides, out_dir"
+
+
+def _stored_features(path: Path, rep: str) -> dict[str, Any] | None:
+    """The record ``uns[rep]`` of an .h5ad file that holds ``obsm[rep]`` (None when it has no such features)."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as handle:
+        if f"obsm/{rep}" not in handle:
+            return None
+        record = handle.get(f"uns/{rep}")
+        return {} if record is None else read_elem(record)
+
+
+def _check_input_features(slides: list[CohortSlide], model: Histo2ExprModel) -> None:
+    """Refuse, before any work, .h5ad inputs whose features were embedded otherwise than the model's training slides."""
+    if model.use_rep is None:
+        return
+    for path in dict.fromkeys(unit.path for unit in slides if unit.reader == "h5ad"):
+        record = _stored_features(path, model.use_rep)
+        if record is None:
+            continue  # embedded here, as the model's slides were
+        try:
+            check_feature_record(record, model, call=_EMBED_COHORT_CALL)
+        except ValueError as error:
+            msg = (
+                f"{path}: {str(error).rstrip('.')} (`histo2expr embed` takes the same options), or give predict_cohort the slide "
+                "images or Visium folders: it embeds them as the model's training slides were."
+            )
+            raise ValueError(msg) from None
 
 
 def _file_sha256(path: Path) -> str:
@@ -619,8 +688,11 @@ def predict_cohort(
     """Predict expression on every slide of a cohort into its own output file, sharded over processes, resumable.
 
     Like :func:`embed_cohort`, whose outputs it reads as well as slide files: a slide without the
-    model's frozen features (``obsm[model.use_rep]``) is embedded first with the encoder, weights
-    and patch geometry the model was trained on; then :func:`~histo2expr.tl.predict_expression`
+    model's frozen features (``obsm[model.use_rep]``) is embedded first with the encoder, weights,
+    patch geometry and feature options (``tta``, ``context``, ``neighbours``,
+    ``stain_normalization``) the model was trained on, and an ``.h5ad`` input that holds features
+    embedded otherwise (e.g. by :func:`embed_cohort` with other options) is refused before any
+    work, naming the :func:`embed_cohort` call that matches the model; then :func:`~histo2expr.tl.predict_expression`
     predicts it, and the slide's AnnData with features and predictions is written to
     ``out_dir/{slide}.h5ad`` (or ``.zarr``). Pseudo-spots of whole-slide images take the model's
     spot size and spacing unless given.
@@ -646,12 +718,11 @@ def predict_cohort(
     :func:`~histo2expr.tl.predict_expression` sets (``.obsm[key_added]``, ``.uns[key_added]``, ...;
     read them with :func:`histo2expr.get.predictions`), the features when it embedded them, and
     ``.uns["histo2expr_cohort"]`` as in :func:`embed_cohort` with ``step`` ``"predict"`` and
+    ``parameters`` holding ``features`` (the embedding arguments of the model's features) and
     ``model`` (``sha256``: the hash of the model file, or of the saved model when an object was
     passed; ``method``, ``path``).
     """
-    if scale not in SCALES:
-        msg = f"`scale={scale!r}` is not one of {sorted(SCALES)}; see `hx.tl.predict_expression`."
-        raise ValueError(msg)
+    one_of(scale, SCALES, "scale", fix="See `hx.tl.predict_expression` for what each means.")
     positive_int(batch_size, "batch_size")
     if isinstance(model, Histo2ExprModel):
         loaded = model
@@ -663,11 +734,10 @@ def predict_cohort(
         path = Path(model)
         loaded = Histo2ExprModel.load(path)
         model_hash = _file_sha256(path)
-    embedding = None
-    if loaded.use_rep is not None:
-        embedding = frozen_encoder_arguments(loaded)
-        if embedding is not None:
-            embedding.update(batch_size=batch_size, num_workers=num_workers)
+    features = None if loaded.use_rep is None else frozen_encoder_arguments(loaded)
+    embedding = (
+        None if features is None else {**features, "batch_size": batch_size, "num_workers": num_workers}
+    )
     engine = _engine(accelerator, devices, strategy, num_nodes)
     tiling = _tiling(spot_diameter_um, spacing_um, slide_mpp)
     prediction = {"key_added": key_added, "scale": scale, "library_size": library_size}
@@ -678,7 +748,7 @@ def predict_cohort(
         step="predict",
         out_dir=Path(out_dir),
         format=_checked_format(format),
-        parameters={"model_sha256": model_hash, **prediction, **tiling},
+        parameters={"model_sha256": model_hash, "features": features or {}, **prediction, **tiling},
         run={"batch_size": batch_size, "num_workers": num_workers, **engine},
         slide_key=slide_key,
         embedding=embedding,
@@ -689,4 +759,4 @@ def predict_cohort(
         model_record=record,
         prediction=prediction,
     )
-    return _start(job, slides)
+    return _start(job, slides, loaded)

@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .. import metrics
+from .._keys import Key
 from .._validation import spatial_coordinates
 
 
@@ -64,7 +65,7 @@ def features_of(adata: AnnData, use_rep: str) -> np.ndarray:
 
 def tokens_of(adata: AnnData, use_rep: str) -> np.ndarray:
     """The frozen image tokens ``obsm[f"{use_rep}_tokens"]`` as float32 ``(n_spots, n_tokens, n_features)``, checked."""
-    key = f"{use_rep}_tokens"
+    key = Key.obsm.tokens(use_rep)
     if key not in adata.obsm:
         msg = (
             f"`adata.obsm[{key!r}]` is missing. Embed the image tokens with "
@@ -87,7 +88,7 @@ def frozen_inputs(
     there; otherwise the pooled ``obsm[use_rep]`` serve as a single token, with a warning that
     says how to embed real tokens. Other methods get the pooled features.
     """
-    key = f"{use_rep}_tokens"
+    key = Key.obsm.tokens(use_rep)
     if tokens and key in adata.obsm:
         return tokens_of(adata, use_rep), key
     if tokens:

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from .. import _logging as logg
+from .._keys import EMBEDDING_KEY, Key, write_fields
 from .._progress import progress_bar
 from .._settings import cpu_threads
-from .._validation import get_table, spatial_coordinates
+from .._validation import get_table, positive_int, positive_int_or_none, spatial_coordinates
 
 if TYPE_CHECKING:
     import torch
@@ -22,6 +24,17 @@ if TYPE_CHECKING:
 
 #: Test-time augmentation: the dihedral views (see :func:`histo2expr.patches.dihedral`) averaged.
 TTA_VIEWS = {1: (0,), 4: (0, 1, 2, 3), 8: tuple(range(8))}
+
+
+def check_feature_options(*, tta: Any, context: Any, neighbours: Any, stain_normalization: Any) -> None:
+    """Raise the error :func:`embed_patches` would raise for these feature options, before any work."""
+    from ..patches import PatchSource
+
+    if isinstance(tta, bool) or tta not in TTA_VIEWS:
+        msg = f"`tta` must be the number of views averaged, one of {sorted(TTA_VIEWS)}, got {tta!r}."
+        raise ValueError(msg)
+    positive_int_or_none(neighbours, "neighbours", what="the number of nearest spots, e.g. 6")
+    PatchSource.check_view(1.0 if context is None else context, stain_normalization)
 
 
 def embed_patches(
@@ -41,7 +54,7 @@ def embed_patches(
     slide_key: str = "slide",
     table_key: str = "table",
     image_key: str | Mapping[str, str] | None = None,
-    key_added: str = "X_histo",
+    key_added: str = EMBEDDING_KEY,
     tokens: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -147,20 +160,11 @@ def embed_patches(
     from ..models.inference import inference_fabric
     from ..patches import PatchSource
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        msg = f"`batch_size` must be a positive integer, got {batch_size!r}."
-        raise ValueError(msg)
-    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-        msg = f"`tokens` must be None or the side of the token grid, a positive integer (e.g. 3), got {tokens!r}."
-        raise ValueError(msg)
-    if isinstance(tta, bool) or tta not in TTA_VIEWS:
-        msg = f"`tta` must be the number of views averaged, one of {sorted(TTA_VIEWS)}, got {tta!r}."
-        raise ValueError(msg)
-    if neighbours is not None and (
-        isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1
-    ):
-        msg = f"`neighbours` must be None or a positive number of nearest spots (e.g. 6), got {neighbours!r}."
-        raise ValueError(msg)
+    positive_int(batch_size, "batch_size")
+    positive_int_or_none(tokens, "tokens", what="the side of the token grid, e.g. 3")
+    check_feature_options(
+        tta=tta, context=context, neighbours=neighbours, stain_normalization=stain_normalization
+    )
     table = get_table(data, table_key)
     geometry: dict[str, Any] = {
         "patch_size": patch_size,
@@ -186,6 +190,9 @@ def embed_patches(
             "`num_features`); embed without `tokens`, or use a timm encoder."
         )
         raise ValueError(msg)
+    start = logg.info(
+        f"embedding the patches of {logg.counted(len(source), 'spot')} with {model.name} ({logg.counted(tta, 'view')} each)"
+    )
     run = {"model": model, "views": TTA_VIEWS[tta], "batch_size": batch_size, "num_workers": num_workers}
     run.update(fabric=fabric, memory_format=memory_format, progress=progress)
     features, token_array = _embed_views(source, tokens=tokens, desc="embedding", **run)
@@ -196,29 +203,29 @@ def embed_patches(
         blocks["neighbours"] = _neighbour_mean(features, coords, table.obs[slide_key].to_numpy(), neighbours)
     widths = np.cumsum([0] + [block.shape[1] for block in blocks.values()])
     extra = [block for name, block in blocks.items() if name != "spot"]
-    table.obsm[key_added] = np.concatenate(list(blocks.values()), axis=1)
+    embedding = np.concatenate(list(blocks.values()), axis=1)
     patches = {**source.describe(), "tta": tta, "context": context, "neighbours": neighbours}
     description = model.describe()
     if description["weights"] == "random":
         description["seed"] = seed  # what re-creates these weights: `weights=None, seed=seed`
-    table.uns[key_added] = {
+    record: dict[str, Any] = {
         "encoder": description,
         "patches": {k: v for k, v in patches.items() if v is not None},
         "blocks": {name: [int(widths[i]), int(widths[i + 1])] for i, name in enumerate(blocks)},
     }
-    token_key = f"{key_added}_tokens"
-    if token_array is None:
-        if token_key in table.obsm:
-            del table.obsm[token_key]
-        return
-    if extra:
-        shared = np.concatenate(extra, axis=1)[:, None, :]
-        token_array = np.concatenate(
-            [token_array, np.broadcast_to(shared, (*token_array.shape[:2], shared.shape[2]))], axis=2
-        )
-    table.obsm[token_key] = token_array
-    n_tokens = token_array.shape[1]  # tokens * tokens
-    table.uns[key_added]["tokens"] = {"key": token_key, "grid": tokens, "n_tokens": n_tokens}
+    obsm, token_key = {Key.obsm.features(key_added): embedding}, Key.obsm.tokens(key_added)
+    if token_array is not None:
+        if extra:
+            shared = np.concatenate(extra, axis=1)[:, None, :]
+            token_array = np.concatenate(
+                [token_array, np.broadcast_to(shared, (*token_array.shape[:2], shared.shape[2]))], axis=2
+            )
+        obsm[token_key] = token_array
+        n_tokens = token_array.shape[1]  # tokens * tokens
+        record["tokens"] = {"key": token_key, "grid": tokens, "n_tokens": n_tokens}
+    write_fields(
+        table, obsm=obsm, uns={Key.uns.record(key_added): record}, remove={"obsm": [token_key]}, start=start
+    )
 
 
 def _embed_views(

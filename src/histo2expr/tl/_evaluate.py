@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .._records import PREDICT_KEY
+from .. import _logging as logg
+from .._keys import PREDICT_KEY, Key, write_fields
 from .._validation import (
     check_log_normalised,
     check_not_empty,
@@ -77,24 +78,30 @@ def evaluate_expression(
     check_unique_var_names(table)
     check_log_normalised(table)
     truth = log_expression(table, model.genes)
+    start = logg.info(
+        f"evaluating {model.method.name} on {logg.counted(table.n_obs, 'spot')} with measured expression"
+    )
     predict_expression(
         data, model, key_added=key_added, slide_key=slide_key, table_key=table_key, device=device
     )
-    predicted = table.obsm[key_added][model.genes].to_numpy()
+    predicted = table.obsm[Key.obsm.predictions(key_added)][model.genes].to_numpy()
     slides = slide_labels(table, slide_key, required=False)
     rows, pccs = score_slides(
         truth, predicted, slides, genes=model.genes, mean=model.scaler.mean_, std=model.scaler.scale_
     )
     scores = {"gene_pcc": gene_pcc_table(pccs)}
-    if f"{key_added}_lower" in table.obsm:  # a model calibrated with intervals: their coverage here
+    lower, upper = Key.obsm.lower(key_added), Key.obsm.upper(key_added)
+    if lower in table.obsm:  # a model calibrated with intervals: their coverage here
         spots = HeldOut(
-            *(table.obsm[f"{key_added}_{b}"][model.genes].to_numpy() for b in ("lower", "upper")),
-            difficulty=table.obs[f"{key_added}_difficulty"].to_numpy(),
-            p_value=table.obs[f"{key_added}_ood_pvalue"].to_numpy(),
+            lower=table.obsm[lower][model.genes].to_numpy(),
+            upper=table.obsm[upper][model.genes].to_numpy(),
+            difficulty=table.obs[Key.obs.difficulty(key_added)].to_numpy(),
+            p_value=table.obs[Key.obs.ood_pvalue(key_added)].to_numpy(),
         )
         per_slide, coverage, width = score_intervals(truth, spots, slides, model.genes)
         rows = [{**row, **per_slide.loc[row["slide"]].to_dict()} for row in rows]
         scores.update(interval_coverage=gene_pcc_table(coverage), interval_width=gene_pcc_table(width))
     folds = pd.DataFrame(rows)
-    table.uns[key_added] = {**table.uns[key_added], "folds": folds, **scores}
+    record = Key.uns.record(key_added)
+    write_fields(table, uns={record: {**table.uns[record], "folds": folds, **scores}}, start=start)
     return folds

@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .. import _logging as logg
+from .._keys import EMBEDDING_KEY, FIT_KEY, Key
 from .._predictability import gene_predictability
 from .._progress import progress_bar
-from .._records import FIT_KEY, SCALES, is_record
+from .._records import SCALES, is_record
 from .._settings import cpu_threads
 from .._validation import (
     check_log_normalised,
@@ -214,6 +216,9 @@ def _cross_validate(
     held: list[tuple[np.ndarray, list[str], HeldOut]] = []
     trust: dict[str, Any] = {"coverage": {}, "width": {}}
     for fold in folds:
+        start = logg.info(
+            f"    fold {fold.name}: {logg.counted(len(fold.train), 'training spot')}, {len(fold.test):,} held out"
+        )
         fitted = _fit_on(inputs, fold.train, **fit_args)
         predicted = fitted.scaler.inverse_transform(fitted.method.predict(inputs.spots(fold.test)))
         predicted_by_fold.append((fold.test, fitted.genes, predicted))
@@ -242,6 +247,8 @@ def _cross_validate(
             trust["width"].update(width)
         rows += [{"slide": row["slide"], "fold": fold.name, **row} for row in fold_rows]
         pccs.update(fold_pccs)
+        mean_pcc = pd.concat(list(fold_pccs.values())).mean()
+        logg.info(f"    fold {fold.name}: mean held-out gene PCC {mean_pcc:.3f}", time=start)
         progress.update(1)
     if intervals is not None:
         for name in ("lower", "upper"):
@@ -262,7 +269,7 @@ def fit_histo2expr(
     slide_key: str = "slide",
     patient_key: str | None = None,
     cv: str | int | None = None,
-    use_rep: str | None = "X_histo",
+    use_rep: str | None = EMBEDDING_KEY,
     regime: str | None = None,
     trainable_blocks: int = 1,
     views: int = 8,
@@ -289,6 +296,7 @@ def fit_histo2expr(
     intervals: bool | str = False,
     level: float = 0.9,
     calibration_folds: int = 5,
+    interval_calibration: str = "pooled",
     device: str | None = None,
     **method_params: Any,
 ) -> Histo2ExprModel | None:
@@ -394,6 +402,10 @@ def fit_histo2expr(
     calibration_folds
         Inner folds of whole training slides (2 to 5) the calibration residuals come from; fewer folds
         cost less.
+    interval_calibration
+        ``"pooled"``: each gene's half-width is the conformal quantile of all calibration spots'
+        scores; ``"per_slide"``: the largest of every calibration slide's own quantile, so that the
+        level holds on each calibration slide, not only on average (wider intervals).
     device
         Deprecated: pass ``accelerator`` and ``devices`` (``device="cuda:1"`` is
         ``accelerator="cuda", devices=[1]``).
@@ -479,7 +491,7 @@ def fit_histo2expr(
     slides = slide_labels(table, slide_key)
     uses_coordinates = method_class(**method_params).uses_coordinates  # also checks the parameters now
     check_log_normalised(table)
-    settings = interval_settings(intervals, level, calibration_folds)
+    settings = interval_settings(intervals, level, calibration_folds, interval_calibration)
     coords = coordinates(table, needed_by=method if uses_coordinates else None)
     regime = _regime(regime, use_rep, method, method_class.regimes)
     if regime == "frozen" and stain_normalization is not None:
@@ -564,6 +576,7 @@ def fit_histo2expr(
             "intervals": settings.kind if settings else "",
             "level": level,
             "calibration_folds": calibration_folds,
+            "interval_calibration": interval_calibration,
         }
     )
     kind, protocol = ("fit", "") if cv is None else ("cross_validation", protocol_name(cv, patient_key))
@@ -578,6 +591,11 @@ def fit_histo2expr(
         for v in table.uns.values()
     ):
         warnings.warn(warning, UserWarning, stacklevel=2)
+    start = logg.info(
+        f"fitting {method} ({regime}) on {logg.counted(table.n_obs, 'spot')} of "
+        f"{logg.counted(len(set(slides)), 'slide')}"
+        + (f", {protocol}: {logg.counted(len(folds), 'fold')}" if folds else "")
+    )
     record: dict[str, Any] = {
         "kind": kind,
         "method": method,
@@ -604,12 +622,12 @@ def fit_histo2expr(
             results = {
                 "predictions": frame,
                 "obs": {
-                    f"{key_added}_fold": pd.Categorical(
+                    Key.obs.fold(key_added): pd.Categorical(
                         fold_of.astype(str), categories=[f.name for f in folds]
                     )
                 },
                 "var": {
-                    f"{key_added}_{column}": predictability[column]
+                    Key.var.predictability(key_added, column): predictability[column]
                     .reindex(table.var_names, fill_value=False if column == "predictable" else np.nan)
                     .to_numpy(dtype=bool if column == "predictable" else np.float32)
                     for column in predictability
@@ -621,23 +639,33 @@ def fit_histo2expr(
                     interval_coverage=gene_pcc_table(trust["coverage"]),
                     interval_width=gene_pcc_table(trust["width"]),
                 )
-                for name in ("ood_pvalue", "difficulty"):
-                    results["obs"][f"{key_added}_{name}"] = trust[name]
-                results["obsm"] = {f"{key_added}_lower": trust["lower"], f"{key_added}_upper": trust["upper"]}
+                results["obs"][Key.obs.ood_pvalue(key_added)] = trust["ood_pvalue"]
+                results["obs"][Key.obs.difficulty(key_added)] = trust["difficulty"]
+                results["obsm"] = {
+                    Key.obsm.lower(key_added): trust["lower"],
+                    Key.obsm.upper(key_added): trust["upper"],
+                }
             cv_gene_pcc = {
                 str(g): float(v) for g, v in gene_pcc.mean(axis=1, skipna=True).items() if np.isfinite(v)
             }
+        refit_start = (
+            logg.info(f"    final model: fitting on all {logg.counted(table.n_obs, 'spot')}")
+            if refit
+            else None
+        )
         final = _fit_on(inputs, np.arange(table.n_obs), **fit_args) if refit else None
         model_trust = (
             None if final is None else _model_trust(inputs, final, fit_args, settings, predictability)
         )
         bar.update(int(refit))
+        if refit_start is not None:
+            logg.info("    final model: finished", time=refit_start)
     if final is None:
-        write_results(table, key_added, record=record, **results)
+        write_results(table, key_added, record=record, **results, start=start)
         return None
     record["genes"] = list(final.genes)
     model_params = {**params, "protocol": protocol, "training_data": training_statistics(table, slides)}
-    write_results(table, key_added, record=record, **results)
+    write_results(table, key_added, record=record, **results, start=start)
     return Histo2ExprModel(
         method=final.method,
         genes=final.genes,

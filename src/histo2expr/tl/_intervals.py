@@ -2,7 +2,7 @@
 
 Split conformal prediction (Vovk et al. 2005; Lei et al. 2018) needs residuals of spots the model
 did not see. Here they come from an inner grouped cross-validation over the *training* slides of
-the model being calibrated (at most :data:`MAX_CALIBRATION_FOLDS` folds of whole slides: with five
+the model being calibrated (at most ``MAX_CALIBRATION_FOLDS`` folds of whole slides: with five
 training slides or fewer, leave-one-slide-out): the method is refitted on each inner fold's
 training slides, with the outer model's genes, and predicts the inner held-out slides. A held-out
 slide of the outer cross-validation never enters. The score of a calibration spot and gene is the
@@ -24,20 +24,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._validation import check_level, log_expression
+from .._validation import CALIBRATIONS, KINDS, check_intervals, log_expression
 from ..splits import grouped_kfold
 from ._ood import NeighbourReference, slide_shift
 
 if TYPE_CHECKING:
     from ._fit import _FoldFit, _Inputs
-
-#: The kinds of interval and how each is made (recorded in ``uns[key]["intervals"]["method"]``).
-KINDS = {
-    "adaptive": "split conformal per gene, scaled per spot by its distance to the training spots",
-    "constant": "split conformal per gene (one half-width per gene)",
-}
-#: Most inner folds of training slides the calibration residuals come from.
-MAX_CALIBRATION_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -47,6 +39,7 @@ class IntervalSettings:
     level: float
     kind: str
     folds: int
+    calibration: str = "pooled"
 
     def describe(self) -> dict[str, Any]:
         """The ``uns[key]["intervals"]`` record."""
@@ -56,31 +49,19 @@ class IntervalSettings:
             "method": KINDS[self.kind],
             "calibration": (
                 f"inner grouped cross-validation over the training slides (at most {self.folds} folds of whole "
-                "slides), the method refitted on each"
+                f"slides), the method refitted on each; {CALIBRATIONS[self.calibration]}"
             ),
         }
 
 
-def interval_settings(intervals: bool | str | None, level: float, folds: int) -> IntervalSettings | None:
-    """The interval parameters, checked: None when no intervals are asked for."""
-    level = check_level(level)
-    if intervals is None or intervals is False:
+def interval_settings(
+    intervals: bool | str | None, level: float, folds: int, calibration: str = "pooled"
+) -> IntervalSettings | None:
+    """The interval parameters, checked (:func:`histo2expr._validation.check_intervals`): None when none are asked for."""
+    kind, level, folds = check_intervals(intervals, level, folds, calibration)
+    if kind is None:
         return None
-    kind = "adaptive" if intervals is True else intervals
-    if kind not in KINDS:
-        msg = f"`intervals` must be True, False, or one of {sorted(KINDS)}, got {intervals!r}."
-        raise ValueError(msg)
-    if (
-        isinstance(folds, bool)
-        or not isinstance(folds, int | np.integer)
-        or not 2 <= folds <= MAX_CALIBRATION_FOLDS
-    ):
-        msg = (
-            f"`calibration_folds` must be an integer between 2 and {MAX_CALIBRATION_FOLDS}, got {folds!r}: the "
-            "method is refitted once per fold, so fewer folds cost less and calibrate on fewer slides per refit."
-        )
-        raise ValueError(msg)
-    return IntervalSettings(level=level, kind=kind, folds=int(folds))
+    return IntervalSettings(level=level, kind=kind, folds=folds, calibration=calibration)
 
 
 def check_calibration_slides(slides: np.ndarray, folds: list, settings: IntervalSettings | None) -> None:
@@ -101,6 +82,13 @@ def check_calibration_slides(slides: np.ndarray, folds: list, settings: Interval
         )
         raise ValueError(msg)
     _conformal_rank(min(len(t) for t in training), settings.level)
+    if settings.calibration == "per_slide":
+        spots = pd.Series(slides).value_counts()
+        try:
+            _conformal_rank(int(spots.min()), settings.level)
+        except ValueError as error:
+            msg = f"Slide {spots.idxmin()!r}: {error} (per-slide calibration), or pass `interval_calibration='pooled'`."
+            raise ValueError(msg) from None
 
 
 def _conformal_rank(n: int, level: float) -> int:
@@ -205,7 +193,7 @@ def calibrate(
     """
     slides = inputs.slides[train]
     n_slides = len(set(slides))
-    scores = []
+    scores, score_slides = [], []
     for inner in grouped_kfold(slides, min(settings.folds, n_slides), seed=seed):
         fit_part, calibration_part = train[inner.train], train[inner.test]
         fitted = fit(fit_part, genes)
@@ -218,13 +206,17 @@ def calibrate(
             difficulty, _ = reference.scores(fitted.method.embed(inputs.spots(calibration_part)))
             residual = residual / np.maximum(difficulty, 1e-6)[:, None]
         scores.append(residual)
-    scores = np.concatenate(scores)
+        score_slides.append(slides[inner.test])
+    scores, by_slide = np.concatenate(scores), np.concatenate(score_slides)
+    if settings.calibration == "pooled":
+        quantile = conformal_quantile(scores, settings.level)
+    else:  # Mondrian by slide: coverage on every calibration slide
+        quantile = np.max(
+            [conformal_quantile(scores[by_slide == s], settings.level) for s in dict.fromkeys(by_slide)],
+            axis=0,
+        )
     return Calibration(
-        level=settings.level,
-        kind=settings.kind,
-        quantile=conformal_quantile(scores, settings.level),
-        n_spots=len(scores),
-        n_slides=n_slides,
+        level=settings.level, kind=settings.kind, quantile=quantile, n_spots=len(scores), n_slides=n_slides
     )
 
 

@@ -51,7 +51,7 @@ def mean_neighbour_distance(
         squared = (
             (query[block] ** 2).sum(axis=1)[:, None] + gallery_norms[None] - 2.0 * query[block] @ gallery.T
         )
-        if query_groups is not None:
+        if query_groups is not None and gallery_groups is not None:
             squared[query_groups[block][:, None] == gallery_groups[None]] = np.inf
         n = min(k, int(np.isfinite(squared).sum(axis=1).min()))
         nearest = np.partition(squared, n - 1, axis=1)[:, :n]

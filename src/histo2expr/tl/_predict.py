@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from .._records import EXTERNAL_PROTOCOL, PREDICT_KEY, SCALES
+from .. import _logging as logg
+from .._keys import PREDICT_KEY, Key
+from .._records import EXTERNAL_PROTOCOL, SCALES
 from .._settings import cpu_threads
-from .._validation import check_not_empty, check_unique_var_names, get_table, slide_labels
+from .._validation import check_not_empty, check_unique_var_names, get_table, one_of, slide_labels
 from ..models.base import SpotSet
 from ._data import coordinates, features_of, tokens_of
 from ._intervals import Calibration, new_spots, standardized_bounds
@@ -64,53 +67,63 @@ def frozen_encoder_arguments(model: Histo2ExprModel) -> dict[str, Any] | None:
     return {"encoder": trained.get("name"), **arguments, "key_added": model.use_rep}
 
 
-def _reembed_hint(model: Histo2ExprModel) -> str:
-    """How to embed new slides with the encoder weights the model was trained on (a call that works)."""
+#: The call that embeds one AnnData, named in the errors of :func:`predict_expression`.
+EMBED_CALL = "hx.tl.embed_patches(adata"
+
+
+def _reembed_hint(model: Histo2ExprModel, call: str = EMBED_CALL) -> str:
+    """How to embed new slides with the encoder weights the model was trained on (a call that works).
+
+    ``call``: the embedding call up to its first keyword argument, e.g. ``"hx.tl.embed_patches(adata"``.
+    """
     trained = model.encoder or {}
     weights, name = trained.get("weights"), trained.get("name")
     arguments = frozen_encoder_arguments(model)
     if arguments is not None:
-        from ._embed import embed_patches
-
-        defaults = inspect.signature(embed_patches).parameters
         listed = ", ".join(
             f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value!r}"
             for key, value in arguments.items()
-            if key not in _EMBEDDING_OPTIONS or value != defaults[key].default  # options: those that differ
+            if key not in _EMBEDDING_OPTIONS or key in _differing_options(arguments)
         )
-        return f"Re-embed with `hx.tl.embed_patches(adata, {listed})`."
+        return f"Re-embed with `{call}, {listed})`."
     if weights == "random":
         return (
             "The model's random encoder weights carry no seed and cannot be re-created; refit the model on "
-            f"features embedded with `hx.tl.embed_patches(adata, encoder={name!r}, weights=None, seed=0, "
+            f"features embedded with `{call}, encoder={name!r}, weights=None, seed=0, "
             f"key_added={model.use_rep!r})` and embed new slides the same way."
         )
+    differing = _differing_options(model.patches or {})
     return (  # a state dict or a module's own weights: only the user has them
         f"Re-embed with the encoder and weights the model was trained on ({name}, {weights}, weights hash "
-        f"{trained.get('weights_sha1', '')[:12]}): `hx.tl.embed_patches(adata, encoder=..., weights=..."
-        f"{_embedding_arguments(model.patches or {})}, key_added={model.use_rep!r})`."
+        f"{trained.get('weights_sha1', '')[:12]}): `{call}, encoder=..., weights=..."
+        f"{''.join(f', {k}={v!r}' for k, v in differing.items())}, key_added={model.use_rep!r})`."
     )
 
 
-def _embedding_arguments(geometry: dict) -> str:
-    """``", tta=1, neighbours=None"``: the model's embedding options that differ from embed_patches' defaults."""
+def _differing_options(geometry: Mapping[str, Any]) -> dict[str, Any]:
+    """The embedding options recorded in ``geometry`` that differ from :func:`~histo2expr.tl.embed_patches`' defaults."""
     from ._embed import embed_patches
 
     defaults = inspect.signature(embed_patches).parameters
     trained = {option: geometry.get(option, absent) for option, absent in _EMBEDDING_OPTIONS.items()}
-    return "".join(f", {k}={v!r}" for k, v in trained.items() if v != defaults[k].default)
+    return {k: v for k, v in trained.items() if v != defaults[k].default}
 
 
-def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
-    features = features_of(table, model.use_rep)
-    record = table.uns.get(model.use_rep, {})
+def check_feature_record(
+    record: Mapping[str, Any], model: Histo2ExprModel, *, call: str = EMBED_CALL
+) -> None:
+    """Refuse features whose record (``uns[model.use_rep]``) differs from those the model was trained on.
+
+    Encoder weights, patch scale and embedding options are compared; the error names the problem
+    and the embedding call (``call``, see :func:`_reembed_hint`) that gives matching features.
+    """
     trained, current = model.encoder or {}, record.get("encoder") or {}
     if trained.get("weights_sha1") and current.get("weights_sha1") != trained["weights_sha1"]:
         msg = (
             f"`obsm[{model.use_rep!r}]` was embedded with other encoder weights ({current.get('name', 'unknown')}, "
             f"weights {current.get('weights', 'unknown')}, hash {str(current.get('weights_sha1', ''))[:12]}) than "
             f"the model was trained on ({trained.get('name')}, weights {trained.get('weights')}, hash "
-            f"{trained['weights_sha1'][:12]}). {_reembed_hint(model)}"
+            f"{trained['weights_sha1'][:12]}). {_reembed_hint(model, call)}"
         )
         raise ValueError(msg)
     trained_mpp = (model.patches or {}).get("mpp")
@@ -119,7 +132,7 @@ def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray
         msg = (
             f"The features were embedded at {current_mpp:.3g} µm/px but the model was trained at "
             f"{trained_mpp:.3g} µm/px; morphology at another scale gives wrong predictions. Re-embed with "
-            f"`hx.tl.embed_patches(adata, mpp={trained_mpp:.4g}, key_added={model.use_rep!r})`."
+            f"`{call}, mpp={trained_mpp:.4g}, key_added={model.use_rep!r})`."
         )
         raise ValueError(msg)
     for option, default in _EMBEDDING_OPTIONS.items():
@@ -128,9 +141,14 @@ def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray
         if trained_value != current_value:
             msg = (
                 f"The features were embedded with `{option}={current_value!r}` but the model was trained on "
-                f"features embedded with `{option}={trained_value!r}`. {_reembed_hint(model)}"
+                f"features embedded with `{option}={trained_value!r}`. {_reembed_hint(model, call)}"
             )
             raise ValueError(msg)
+
+
+def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
+    features = features_of(table, model.use_rep)
+    check_feature_record(table.uns.get(model.use_rep, {}), model)
     if model.token_rep:
         return _check_tokens(table, model)
     if features.shape[1] != model.params["n_features"]:
@@ -262,14 +280,16 @@ def predict_expression(
         raise TypeError(msg)
     check_not_empty(table, what="prediction", genes=False)
     check_unique_var_names(table)
-    if scale not in SCALES:
-        msg = f"`scale={scale!r}` is not one of {sorted(SCALES)}; see the docstring for what each means."
-        raise ValueError(msg)
+    one_of(scale, SCALES, "scale", fix="See the docstring for what each means.")
     check_key(table, key_added, kind="prediction", method=model.method.name, protocol=EXTERNAL_PROTOCOL)
     slides = slide_labels(table, slide_key, required=False)
     training = model.params.get("training_data")
     if scale == "depth":
         check_depth_inputs(table, training, library_size)
+    start = logg.info(
+        f"predicting {logg.counted(len(model.genes), 'gene')} with {model.method.name} on "
+        f"{logg.counted(table.n_obs, 'spot')} of {logg.counted(len(set(slides)), 'slide')} ({scale} scale)"
+    )
     with cpu_threads(0):
         if model.regime == "frozen":
             spots = SpotSet(
@@ -306,11 +326,11 @@ def predict_expression(
     )
     warn_if_unlike_training(table, slides, training, scale=scale)
     trust = new_spots(model.trust, embedding, predicted)
-    obs, obsm, extra = {}, {f"X_{key_added}": embedding}, {}
+    obs, obsm, extra = {}, {Key.obsm.embedding(key_added): embedding}, {}
     if trust is not None:
         extra["shift"] = slide_shift(trust.p_value, trust.difficulty, slides)
         warn_if_out_of_distribution(extra["shift"], key_added)
-        obs = {f"{key_added}_ood_pvalue": trust.p_value, f"{key_added}_difficulty": trust.difficulty}
+        obs = {Key.obs.ood_pvalue(key_added): trust.p_value, Key.obs.difficulty(key_added): trust.difficulty}
     if trust is not None and trust.lower is not None:
         bounds = [trust.lower, trust.upper]
         if scale == "standardized":
@@ -321,10 +341,10 @@ def predict_expression(
                 for b in bounds
             ]
         extra["intervals"] = Calibration.from_state_dict(model.trust["calibration"]).describe()
-        for name, bound in zip(("lower", "upper"), bounds, strict=True):
-            obsm[f"{key_added}_{name}"] = prediction_frame(bound, table.obs_names, model.genes)
+        for name, bound in zip((Key.obsm.lower(key_added), Key.obsm.upper(key_added)), bounds, strict=True):
+            obsm[name] = prediction_frame(bound, table.obs_names, model.genes)
     if similarity is not None:
-        obs[f"{key_added}_similarity"] = similarity
+        obs[Key.obs.similarity(key_added)] = similarity
     cv_pcc = pd.DataFrame(
         {"cv_pcc": pd.Series(model.cv_gene_pcc or {}, dtype=np.float64).reindex(model.genes).to_numpy()},
         index=pd.Index(model.genes, name="gene"),
@@ -350,5 +370,6 @@ def predict_expression(
         predictions=prediction_frame(values, target.obs_names, model.genes),
         obs=obs,
         obsm=obsm,
+        start=start,
     )
     return target if copy else None

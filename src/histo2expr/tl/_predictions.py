@@ -1,4 +1,4 @@
-"""How :mod:`histo2expr.tl` writes its results into an AnnData (where they live: ``histo2expr._records``)."""
+"""How :mod:`histo2expr.tl` writes its results into an AnnData (the keys: ``histo2expr._keys``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._records import FIT_KEY, KINDS, PREDICT_KEY, is_record, result_fields
+from .._keys import FIT_KEY, PREDICT_KEY, Key, result_fields, write_fields
+from .._records import KINDS, is_record
 from ..models.base import plain_value
 
 
@@ -54,25 +55,23 @@ def write_results(
     obs: Mapping[str, Any] | None = None,
     obsm: Mapping[str, np.ndarray] | None = None,
     var: Mapping[str, Any] | None = None,
+    start: float | None = None,
 ) -> None:
     """Write one call's results under ``key`` at once, removing what an earlier call left there.
 
-    Called after everything is computed, so that a failed call leaves the AnnData as it was.
+    Called after everything is computed, so that a failed call leaves the AnnData as it was; every
+    field is logged (:func:`histo2expr._keys.write_fields`), then the time since ``start``.
     """
-    for attribute, names in result_fields(key).items():
-        mapping = getattr(adata, attribute)
-        for name in names:
-            if name in mapping:
-                del mapping[name]
-    if predictions is not None:
-        adata.obsm[key] = predictions
-    for name, values in (obs or {}).items():
-        adata.obs[name] = values
-    for name, values in (obsm or {}).items():
-        adata.obsm[name] = values
-    for name, values in (var or {}).items():
-        adata.var[name] = values
-    adata.uns[key] = plain_value(record)
+    obsm = {**({} if predictions is None else {Key.obsm.predictions(key): predictions}), **(obsm or {})}
+    write_fields(
+        adata,
+        obs=obs,
+        var=var,
+        obsm=obsm,
+        uns={Key.uns.record(key): plain_value(record)},
+        remove=result_fields(key),
+        start=start,
+    )
 
 
 def prediction_frame(values: np.ndarray, obs_names: pd.Index, genes: Sequence[str]) -> pd.DataFrame:

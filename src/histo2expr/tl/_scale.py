@@ -16,7 +16,7 @@ import functools
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -245,14 +245,15 @@ def to_scale(
                 spread > 0, (values - values.mean(axis=0)) / np.where(spread > 0, spread, 1.0), 0.0
             )
         return out
-    sizes = check_depth_inputs(adata, training, library_size)
+    sizes = check_depth_inputs(adata, training, library_size)  # None when `library_size` is given
+    recorded = training or {}  # its depth is checked above
     for slide in dict.fromkeys(slides):
         rows = slides == slide
-        depth = float(library_size) if library_size is not None else float(np.median(sizes[rows]))
+        depth = float(cast("float", library_size)) if sizes is None else float(np.median(sizes[rows]))
         out[rows] = match_depth(
             predicted[rows],
-            training_depth=float(training["library_size"]),  # checked above
+            training_depth=float(recorded["library_size"]),
             depth=depth,
-            target=float(training["target_sum"]),
+            target=float(recorded["target_sum"]),
         )
     return out
