@@ -13,6 +13,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .adapted import ActivationCache, AdaptedViews, TopBlocks
     from .base import (
         FitReport,
         Method,
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
     from .training import LossOutput, SpotNetwork, TrainingPlan, check_engine_flags, train_network
 
 _LAZY = {
+    "ActivationCache": ".adapted",
+    "AdaptedViews": ".adapted",
+    "TopBlocks": ".adapted",
     "BUILTIN_ENCODERS": ".encoders",
     "Encoder": ".encoders",
     "build_encoder": ".encoders",
@@ -93,6 +97,8 @@ _LAZY = {
 __all__ = [
     "BUILTIN_ENCODERS",
     "ENCODER_PRESETS",
+    "ActivationCache",
+    "AdaptedViews",
     "BLEEPMethod",
     "BLEEPSettings",
     "CHRepMethod",
@@ -118,6 +124,7 @@ __all__ = [
     "STNetSettings",
     "SpotNetwork",
     "SpotSet",
+    "TopBlocks",
     "TrainConfig",
     "TrainingPlan",
     "aggregate",
