@@ -260,6 +260,58 @@ def test_end_to_end_fit_and_round_trip(name, patch_spots):
 
 
 @pytest.fixture(scope="module")
+def adapted_spots(patch_spots):
+    """``(spots(positions), slides, cache)``: adapted SpotSets over the lower-block activations of a random
+    EfficientNet-Lite0 at 32 px (4 dihedral views and a stain-jittered copy cached)."""
+    from histo2expr.models import build_encoder
+    from histo2expr.models.adapted import ActivationCache, AdaptedViews
+
+    spots, slides, source = patch_spots(5, 12)
+    encoder = build_encoder("efficientnet_lite0", weights=None, seed=0)
+    views = AdaptedViews(dihedral=4, stain_copies=1, tta=4)
+    cache = ActivationCache.build(source, encoder, trainable_blocks=1, views=views, progress=False)
+
+    def adapted(positions):
+        return dataclasses.replace(spots(positions), patches=None, activations=cache)
+
+    return adapted, slides, cache
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_adapted_fit_trains_the_top_and_round_trips(name, adapted_spots):
+    cls = get_method(name)
+    if "adapted" not in cls.regimes:
+        pytest.skip(f"{name} has no adapted regime")
+    spots, slides, cache = adapted_spots
+    names = sorted(set(slides))
+    train = spots(np.flatnonzero(np.isin(slides, names[:3])))
+    validation, test = (spots(np.flatnonzero(slides == name)) for name in names[3:])
+    method = cls(**TINY_PATCH_SETTINGS.get(name, {}))
+    method.fit(train, validation, config(epochs=2, batch_size=8, patience=5))
+    top = method.network.image_input.top
+    untrained = cache.top_blocks()
+    trained_weights, start_weights = top.state_dict(), untrained.state_dict()
+    running = [k for k in start_weights if "running" in k]
+    assert running and all(
+        torch.equal(trained_weights[k], start_weights[k]) for k in running
+    )  # BatchNorm kept
+    if name != "chrep" or method.report.best_epoch is not None:  # chrep may keep its untrained encoder
+        assert any(
+            not torch.equal(trained_weights[k], start_weights[k]) for k in start_weights if k not in running
+        )
+    predicted = method.predict(without_targets(test))
+    assert predicted.shape == test.targets.shape and np.isfinite(predicted).all()
+    assert_same_outputs(outputs(state_round_trip(method), test), outputs(method, test))
+    alone = method.predict(without_targets(test.subset(np.arange(3))))  # each spot from its own image
+    np.testing.assert_allclose(
+        alone, predicted[:3], rtol=1e-4, atol=1e-4
+    )  # convolutions differ by batch size
+    frozen = SpotSet(coords=test.coords, groups=test.groups, features=np.zeros((len(test), 4), np.float32))
+    with pytest.raises(ValueError, match="adapted"):
+        method.predict(frozen)
+
+
+@pytest.fixture(scope="module")
 def small_adata():
     adata = hx.datasets.synthetic(n_slides=2, seed=0, spots_per_side=10, n_genes=30)
     hx.pp.normalize(adata)

@@ -260,6 +260,83 @@ def test_end_to_end_regime_fit_predict_save_load(tmp_path):
     )
 
 
+#: The adapted regime on a random EfficientNet-Lite0 and 32 px patches: seconds on a CPU.
+ADAPTED = {
+    "regime": "adapted",
+    "encoder": "efficientnet_lite0",
+    "weights": None,
+    "patch_size": 32,
+    "views": 4,
+    "epochs": 2,
+    "batch_size": 16,
+    "progress": False,
+}
+
+
+def test_adapted_regime_fit_predict_save_load(cohort, tmp_path):
+    adata = cohort.copy()
+    model = hx.tl.fit_histo2expr(adata, method="stnet", genes=10, cv="leave_one_slide_out", **ADAPTED)
+    params = adata.uns["histo2expr"]["params"]
+    assert model.regime == "adapted" and params["regime"] == "adapted" and params["trainable_blocks"] == 1
+    assert list(params["activation_cache"]["shape"][:2]) == [adata.n_obs, 4]
+    assert np.isfinite(adata.uns["histo2expr"]["folds"]["pcc_acg"]).all()
+    # the adapted spot view (1280 features), then the frozen neighbour block of obsm["X_histo"] (32)
+    assert model.method.network.image_input.dim == 1280 + 32
+    model.save(tmp_path / "adapted.pt")
+    loaded = hx.tl.Histo2ExprModel.load(tmp_path / "adapted.pt")
+    assert loaded.regime == "adapted"
+    new = adata[:, :0].copy()
+    out = hx.tl.predict_expression(new, loaded, copy=True)
+    direct = hx.tl.predict_expression(new, model, copy=True)
+    pd.testing.assert_frame_equal(
+        out.obsm["histo2expr_pred"], direct.obsm["histo2expr_pred"], rtol=1e-5, atol=1e-6
+    )
+    del new.obsm["X_histo"]
+    with pytest.raises(KeyError, match="adapted regime"):
+        hx.tl.predict_expression(new, loaded)
+    alone = hx.tl.fit_histo2expr(adata.copy(), method="stnet", genes=10, use_rep=None, **ADAPTED)
+    assert alone.method.network.image_input.dim == 1280 and alone.use_rep is None
+    hx.tl.predict_expression(new, alone)  # needs no frozen features
+    assert np.isfinite(hx.get.predictions(new, "histo2expr_pred").to_numpy()).all()
+
+
+def test_adapted_regime_refuses_what_it_cannot_do(cohort):
+    without_encoder = {k: v for k, v in ADAPTED.items() if k not in ("encoder", "weights")}
+    with pytest.raises(ValueError, match="supports the"):
+        hx.tl.fit_histo2expr(cohort.copy(), method="ridge", genes=5, **without_encoder)
+    with pytest.raises(ValueError, match="trainable_blocks=7"):
+        hx.tl.fit_histo2expr(cohort.copy(), method="stnet", genes=5, trainable_blocks=7, **ADAPTED)
+    with pytest.raises(ValueError, match="EfficientNet-like"):
+        hx.tl.fit_histo2expr(cohort.copy(), method="stnet", genes=5, **{**ADAPTED, "encoder": "test_resnet"})
+    with pytest.raises(ValueError, match="views"):
+        hx.tl.fit_histo2expr(cohort.copy(), method="stnet", genes=5, **{**ADAPTED, "views": 3})
+    with pytest.raises(ValueError, match="is not one of"):
+        hx.tl.fit_histo2expr(cohort.copy(), method="stnet", genes=5, **{**ADAPTED, "regime": "adaptive"})
+    with pytest.raises(ValueError, match="use_rep=None"):
+        hx.tl.fit_histo2expr(cohort.copy(), method="stnet", genes=5, regime="end2end")
+
+
+@pytest.mark.parametrize("method", ["stnet", "chrep"])
+def test_adapted_regime_held_out_expression_cannot_influence_its_fold(method, cohort):
+    """The held-out slide's activations are cached with the others (only its image), but its expression
+    and its patches' training views reach no fit of its fold: its predictions do not move when its
+    expression changes."""
+    kwargs = {"method": method, "genes": 10, "cv": "leave_one_slide_out", "refit": False, **ADAPTED}
+    clean = cohort.copy()
+    hx.tl.fit_histo2expr(clean, **kwargs)
+    poisoned = cohort.copy()
+    held_out = np.flatnonzero((poisoned.obs["slide"] == poisoned.obs["slide"].iloc[-1]).to_numpy())
+    counts = poisoned.layers["counts"].toarray()
+    counts[held_out] = np.random.default_rng(1).permutation(counts[held_out].T).T * 3.0
+    poisoned.layers["counts"] = counts
+    hx.pp.normalize(poisoned)
+    hx.tl.fit_histo2expr(poisoned, **kwargs)
+    clean_kept, poisoned_kept = (
+        hx.get.predictions(a).iloc[held_out].dropna(axis=1) for a in (clean, poisoned)
+    )
+    pd.testing.assert_frame_equal(clean_kept, poisoned_kept[clean_kept.columns])
+
+
 def test_end_to_end_stain_normalization_is_recorded_and_used_to_predict(cohort):
     adata = hx.datasets.synthetic(n_slides=2, seed=0, spots_per_side=5, n_genes=12)
     hx.pp.normalize(adata)

@@ -60,6 +60,16 @@ def test_loss_terms_are_reported_per_epoch():
     )
 
 
+def test_a_submodule_with_an_lr_scale_trains_at_that_fraction_of_the_rate():
+    from histo2expr.models import TrainingPlan
+
+    network = Drifting()
+    network.head.lr_scale = 0.1
+    optimizer = TrainingPlan(network, lr=0.5, weight_decay=0.0).configure_optimizers()
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert rates == {id(network.w): 0.5, **{id(p): pytest.approx(0.05) for p in network.head.parameters()}}
+
+
 def test_the_untrained_weights_stay_when_no_epoch_beats_them():
     network = Drifting()
     report, _ = train_network(network, spots(), spots(seed=1), config(patience=2), validate_untrained=True)

@@ -13,6 +13,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .adapted import ActivationCache, AdaptedViews, TopBlocks
     from .backends import InferenceEncoder
     from .base import (
         FitReport,
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
     from .training import LossOutput, SpotNetwork, TrainingPlan, check_engine_flags, train_network
 
 _LAZY = {
+    "ActivationCache": ".adapted",
+    "AdaptedViews": ".adapted",
+    "TopBlocks": ".adapted",
     "BUILTIN_ENCODERS": ".encoders",
     "Encoder": ".encoders",
     "build_encoder": ".encoders",
@@ -95,6 +99,8 @@ _LAZY = {
 __all__ = [
     "BUILTIN_ENCODERS",
     "ENCODER_PRESETS",
+    "ActivationCache",
+    "AdaptedViews",
     "BLEEPMethod",
     "BLEEPSettings",
     "CHRepMethod",
@@ -121,6 +127,7 @@ __all__ = [
     "STNetSettings",
     "SpotNetwork",
     "SpotSet",
+    "TopBlocks",
     "TrainConfig",
     "TrainingPlan",
     "aggregate",

@@ -25,14 +25,16 @@ if TYPE_CHECKING:
     import torch
 
     from ..patches import PatchSource
+    from .adapted import ActivationCache
 
-#: The two training regimes (docs/methods/index.md): cached frozen features, or the backbone trained too.
-REGIMES = ("frozen", "end2end")
+#: The training regimes (docs/methods/index.md): cached frozen features, the backbone trained too, or
+#: its top blocks trained on cached activations of its lower blocks.
+REGIMES = ("frozen", "end2end", "adapted")
 
 
 @dataclass
 class SpotSet:
-    """The spots a method is fitted on or predicts, in one of the two regimes.
+    """The spots a method is fitted on or predicts, in one of the three regimes.
 
     Attributes
     ----------
@@ -43,10 +45,15 @@ class SpotSet:
     features
         ``(n, d)`` frozen image features (frozen regime), else None; ``(n, t, d)`` for methods
         that take image tokens (``Method.token_input``): ``t`` tokens of ``d`` features per spot.
+        Adapted regime: optional ``(n, d)`` frozen features appended to the adapted ones (e.g. the
+        context and neighbour blocks of :func:`~histo2expr.tl.embed_patches`).
     patches
         Where image patches are cut (end-to-end regime), else None.
+    activations
+        The cached lower-block activations of the encoder (adapted regime,
+        :class:`~histo2expr.models.ActivationCache`), else None.
     indices
-        ``(n,)`` positions of these spots in ``patches`` (end-to-end regime).
+        ``(n,)`` positions of these spots in ``patches`` or ``activations``.
     targets
         ``(n, g)`` standardised expression (training and validation), else None.
     """
@@ -57,14 +64,21 @@ class SpotSet:
     patches: PatchSource | None = None
     indices: np.ndarray | None = None
     targets: np.ndarray | None = None
+    activations: ActivationCache | None = None
 
     def __post_init__(self) -> None:
         n = len(self.coords)
-        if (self.features is None) == (self.patches is None):
+        if self.activations is not None:
+            if self.patches is not None or (self.features is not None and np.ndim(self.features) != 2):
+                msg = "An adapted SpotSet has `activations` and optional 2-D `features`, not `patches`."
+                raise ValueError(msg)
+        elif (self.features is None) == (self.patches is None):
             msg = "A SpotSet needs either frozen `features` or a `patches` source (end-to-end), not both or neither."
             raise ValueError(msg)
-        if self.patches is not None and (self.indices is None or len(self.indices) != n):
-            msg = "An end-to-end SpotSet needs `indices` into its patch source, one per spot."
+        if (self.patches is not None or self.activations is not None) and (
+            self.indices is None or len(self.indices) != n
+        ):
+            msg = "An end-to-end or adapted SpotSet needs `indices` into its patch source or activations, one per spot."
             raise ValueError(msg)
         if self.features is not None and np.ndim(self.features) not in (2, 3):
             msg = (
@@ -83,7 +97,9 @@ class SpotSet:
 
     @property
     def regime(self) -> str:
-        """``"frozen"`` or ``"end2end"``."""
+        """``"frozen"``, ``"end2end"`` or ``"adapted"``."""
+        if self.activations is not None:
+            return "adapted"
         return "frozen" if self.features is not None else "end2end"
 
     def subset(self, positions: np.ndarray) -> SpotSet:
@@ -96,11 +112,12 @@ class SpotSet:
             patches=self.patches,
             indices=None if self.indices is None else self.indices[positions],
             targets=None if self.targets is None else self.targets[positions],
+            activations=self.activations,
         )
 
 
 def concat_spots(parts: list[SpotSet]) -> SpotSet:
-    """One SpotSet of several of the same regime (and the same patch source)."""
+    """One SpotSet of several of the same regime (and the same patch source or activations)."""
     first = parts[0]
 
     def stack(name: str) -> np.ndarray | None:
@@ -114,6 +131,7 @@ def concat_spots(parts: list[SpotSet]) -> SpotSet:
         patches=first.patches,
         indices=stack("indices"),
         targets=stack("targets"),
+        activations=first.activations,
     )
 
 
@@ -336,7 +354,7 @@ class Method(ABC):
 
     #: Registry name, e.g. ``"ridge"``.
     name: ClassVar[str] = ""
-    #: The regimes the method supports, ``"frozen"`` (cached features) and / or ``"end2end"`` (patches).
+    #: The regimes the method supports: ``"frozen"`` (cached features), ``"end2end"`` (patches), ``"adapted"``.
     regimes: ClassVar[tuple[str, ...]] = REGIMES
     #: Whether the method takes frozen image *tokens*, ``(n, t, d)`` features (see :class:`SpotSet`).
     token_input: ClassVar[bool] = False

@@ -1,8 +1,9 @@
-"""Spots served to torch in whole batches, in both regimes, in the orders methods ask for.
+"""Spots served to torch in whole batches, in every regime, in the orders methods ask for.
 
 - :class:`SpotBatches`: a dataset whose items are whole batches, ``(rows, epoch)`` ->
-  ``{"position", "coords", "features" or "image", "targets"}``: frozen features from memory, or
-  image patches through :class:`~histo2expr.patches.PatchDataset` (augmented for training).
+  ``{"position", "coords", "features" and / or "image" or "activations", "targets"}``: frozen
+  features from memory, image patches through :class:`~histo2expr.patches.PatchDataset`
+  (augmented for training), or cached lower-block activations (one view per spot for training).
 - :class:`BatchOrder`: the sampler of those items. It draws the batches of an epoch from a
   function of the epoch (shuffled batches by default, spatially coherent ones for methods that
   need them), takes this process's share of them under data-parallel training, and follows
@@ -54,14 +55,17 @@ class SpotBatches:
 
     Item ``(rows, epoch)`` is ``{"position": rows, "coords", "slide", "targets"}`` (``slide``: integer
     codes of the spots' groups; targets when the spots have them) plus ``"features"`` (frozen regime) or ``"image"`` (end-to-end regime: uint8
-    ``(B, 3, H, W)`` patches, augmented from ``(seed, epoch, spot)`` when ``augment``).
+    ``(B, 3, H, W)`` patches, augmented from ``(seed, epoch, spot)`` when ``augment``) or
+    ``"activations"`` (adapted regime: ``(B, C, h, w)``, one cached view per spot drawn from
+    ``(seed, epoch, spot)`` when ``augment``, else ``(B, tta, C, h, w)``, the views inference
+    averages; with the optional frozen ``"features"``).
 
     Parameters
     ----------
     spots
         The spots.
     augment
-        Training augmentations of the patches (end-to-end regime only).
+        Training augmentations of the patches, or a random cached view (end-to-end and adapted regimes).
     seed
         Seed of the augmentations.
     """
@@ -70,6 +74,7 @@ class SpotBatches:
         from ..patches import PatchDataset
 
         self.spots = spots
+        self.augment, self.seed = augment, seed
         self.slides = np.unique(np.asarray(spots.groups), return_inverse=True)[1].reshape(-1)
         self.patches = None
         if spots.patches is not None:
@@ -89,6 +94,13 @@ class SpotBatches:
             batch["targets"] = torch.as_tensor(spots.targets[rows], dtype=torch.float32)
         if self.patches is not None:
             batch["image"] = torch.stack([self.patches[(int(row), epoch)]["image"] for row in rows])
+        if spots.activations is not None:
+            indices = spots.indices[rows]
+            batch["activations"] = (
+                spots.activations.training_views(indices, epoch=epoch, seed=self.seed)
+                if self.augment
+                else spots.activations.inference_views(indices)
+            )
         return batch
 
 
@@ -162,7 +174,7 @@ class SpotDataModule(lightning.LightningDataModule):
 
     Training batches are shuffled every epoch (``(seed, epoch)``; a smaller last batch is
     dropped) unless ``train_batches`` gives a method's own order; end-to-end patches are
-    augmented. Validation batches are the validation spots in order, never augmented. Under
+    augmented, and adapted spots serve a random cached view. Validation batches are the validation spots in order, never augmented. Under
     data-parallel training every process takes its share of the batches (:class:`BatchOrder`).
 
     Parameters
@@ -205,7 +217,7 @@ class SpotDataModule(lightning.LightningDataModule):
         return batch_loader(
             self.train,
             BatchOrder(self.train_batches, **self._shard()),
-            augment=self.train.regime == "end2end",
+            augment=self.train.regime != "frozen",
             seed=self.seed,
             num_workers=self.num_workers,
             persistent=True,

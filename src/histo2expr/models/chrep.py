@@ -294,7 +294,7 @@ class _CHRepNetwork(SpotNetwork):
     """All of CHRep's trainable parts, and the representation objective.
 
     - ``image_input`` and ``adapter``: the image encoder f (the encoder end to end; a
-      :class:`ResidualAdapter` on the frozen features). Its output is h, also the calibration
+      :class:`ResidualAdapter` on the standardised frozen or adapted features). Its output is h, also the calibration
       query q.
     - ``head``: the regression head g (dropped at inference).
     - ``position`` and ``fuse``: the coordinate branch p and the fusion m = fuse(h + p).
@@ -312,7 +312,7 @@ class _CHRepNetwork(SpotNetwork):
         self.image_input = image_input
         dropout, width = settings.dropout, settings.embedding_dim
         dim = image_input.dim
-        if image_input.regime == "frozen":
+        if image_input.scaler is not None:  # frozen and adapted regimes: standardised features
             scaler = image_input.scaler
             self.adapter: nn.Module = ResidualAdapter(
                 scaler.mean_, scaler.scale_, settings.adapter_hidden, dropout
@@ -461,7 +461,7 @@ class CHRepMethod(TorchMethod):
     """``method="chrep"``: structure-aware representation learning, then post-hoc calibration (CHRep).
 
     **Training phase** (representation). The image encoder f gives h = f(x): end to end the
-    encoder itself; in the frozen regime a residual adapter (``chrep.ResidualAdapter``) on the cached features,
+    encoder itself; in the frozen and adapted regimes a residual adapter (``chrep.ResidualAdapter``) on the cached features,
     h = features + MLP(standardised features), starting as the identity. The objective is
     ``L = regression_weight * L_reg + alignment_weight * L_align + topology_weight * L_topo``
     over the terms named in ``losses``:

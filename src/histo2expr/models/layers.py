@@ -3,8 +3,9 @@
 - :class:`ProjectionHead`: BLEEP's projection head (also CMRCNet's).
 - :class:`RegressionHead`: a linear layer to the genes, optionally after one hidden layer.
 - :class:`ImageInput`: where a method's image side starts — the features of a trainable
-  :class:`~histo2expr.models.encoders.Encoder` (end-to-end regime) or the cached frozen
-  features standardised with statistics of the training spots (frozen regime) — and how
+  :class:`~histo2expr.models.encoders.Encoder` (end-to-end regime), the cached frozen
+  features standardised with statistics of the training spots (frozen regime), or the trainable
+  top blocks of the encoder on cached activations of its lower blocks (adapted regime) — and how
   that is saved and rebuilt.
 - :class:`TorchMethod`: the plumbing of a method built on an :class:`ImageInput` — fit
   preliminaries, the device and batches of inference, the state dict and its reload.
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapted import TopBlocks, adapted_encoder
 from .base import (
     FitReport,
     Method,
@@ -122,7 +124,9 @@ class EncoderSettings(MethodSettings):
     encoder
         End-to-end regime: an encoder name (``"efficientnet_lite0"``, the offline ImageNet
         EfficientNet-Lite0; any timm name) or a :class:`torch.nn.Module` returning ``(B, D)``
-        features (copied, never trained in place). Ignored in the frozen regime.
+        features (copied, never trained in place). Adapted regime: the encoder whose lower blocks'
+        activations :func:`~histo2expr.tl.fit_histo2expr` caches (a timm EfficientNet); its top
+        blocks train. Ignored in the frozen regime.
     weights
         Initial encoder weights (``"default"``, ``"imagenet"``, `None`, a path or a state dict),
         see :func:`~histo2expr.models.build_encoder`. Ignored in the frozen regime.
@@ -189,6 +193,14 @@ def pool_token_grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(maps, side).flatten(2).transpose(1, 2)
 
 
+def _view_mean(top: nn.Module, activations: torch.Tensor) -> torch.Tensor:
+    """``top`` of ``(B, C, h, w)`` activations, or its mean over the views of ``(B, V, C, h, w)`` ones."""
+    if activations.ndim == 4:
+        return top(activations)
+    batch, views = activations.shape[:2]
+    return top(activations.flatten(0, 1)).unflatten(0, (batch, views)).mean(dim=1)
+
+
 class ImageInput(nn.Module):
     """The image side of a torch method, in either regime: one feature vector (or a few tokens) per spot.
 
@@ -206,28 +218,52 @@ class ImageInput(nn.Module):
     :meth:`~histo2expr.models.encoders.Encoder.forward_tokens` end to end (the encoder's pooled
     features as a single token when its backbone has no ``forward_features``).
 
+    - Adapted: the encoder's :class:`~histo2expr.models.TopBlocks`, trained with the
+      method, on ``batch["activations"]`` (one cached view per spot in training; the mean of the
+      features of the ``tta`` inference views otherwise), followed by the optional frozen
+      ``batch["features"]``; the vector is standardised in the network with statistics of the
+      training spots under the untrained top blocks, so training starts from the frozen regime's
+      standardised features.
+
     Make one with :meth:`fit` (training) or :meth:`from_state` (loading).
 
     Parameters
     ----------
     regime
-        ``"frozen"`` or ``"end2end"``.
+        ``"frozen"``, ``"end2end"`` or ``"adapted"``.
     dim
         Length of the feature vectors.
     encoder
         The encoder (end-to-end regime).
     scaler
-        The fitted feature standardisation (frozen regime).
+        The fitted feature standardisation (frozen and adapted regimes).
+    top
+        The trainable top blocks (adapted regime).
+    adapted
+        Adapted regime: the encoder's description, ``trainable_blocks`` and the cached views
+        (:class:`~histo2expr.models.AdaptedViews` as a dict), for the state.
     """
 
     def __init__(
-        self, regime: str, dim: int, *, encoder: Encoder | None = None, scaler: Standardizer | None = None
+        self,
+        regime: str,
+        dim: int,
+        *,
+        encoder: Encoder | None = None,
+        scaler: Standardizer | None = None,
+        top: TopBlocks | None = None,
+        adapted: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.regime = regime
         self.dim = int(dim)
         self.encoder = encoder
         self.scaler = scaler
+        self.top = top
+        self.adapted = adapted
+        if top is not None:
+            self.register_buffer("mean", torch.as_tensor(scaler.mean_, dtype=torch.float32))
+            self.register_buffer("scale", torch.as_tensor(scaler.scale_, dtype=torch.float32))
 
     @classmethod
     def fit(cls, train: SpotSet, *, encoder: str | nn.Module, weights: Any) -> ImageInput:
@@ -246,6 +282,8 @@ class ImageInput(nn.Module):
             dim = train.features.shape[-1]
             scaler = Standardizer().fit(train.features.reshape(-1, dim))
             return cls("frozen", dim, scaler=scaler)
+        if train.regime == "adapted":
+            return cls._fit_adapted(train)
         if isinstance(encoder, nn.Module):
             encoder = copy.deepcopy(encoder)
         built = build_encoder(encoder, weights=weights)
@@ -254,14 +292,17 @@ class ImageInput(nn.Module):
     def prepare(self, data: SpotSet) -> SpotSet:
         """``data`` ready for :meth:`forward`: frozen features standardised (a new SpotSet), patches as they are."""
         if data.regime != self.regime:
-            fix = (
-                "pass cached features (frozen regime) of the same encoder"
-                if self.regime == "frozen"
-                else "pass a patch source and indices (end-to-end regime)"
-            )
+            fix = {
+                "frozen": "pass cached features (frozen regime) of the same encoder",
+                "end2end": "pass a patch source and indices (end-to-end regime)",
+                "adapted": "pass cached activations and indices (adapted regime)",
+            }[self.regime]
             msg = f"This method was fitted in the {self.regime!r} regime but got {data.regime!r} data; {fix}, or refit."
             raise ValueError(msg)
         if self.regime == "end2end":
+            return data
+        if self.regime == "adapted":
+            self._check_adapted(data)
             return data
         if data.features.ndim not in (2, 3) or data.features.shape[-1] != self.dim:
             msg = (
@@ -273,6 +314,8 @@ class ImageInput(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(B, dim)`` features of a batch (``histo2expr.models.batches.SpotBatches``)."""
+        if self.top is not None:
+            return self._adapted_features(batch)
         if self.encoder is None:
             return batch["features"]
         return self.encoder(batch["image"])
@@ -290,7 +333,12 @@ class ImageInput(nn.Module):
         return hasattr(backbone, "forward_features") and self.encoder.token_dim is not None
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(B, t, token_dim)`` image tokens of a batch: frozen tokens (2-D features are one token) or the encoder's."""
+        """``(B, t, token_dim)`` image tokens of a batch: frozen tokens (2-D features are one token) or the encoder's.
+
+        In the adapted regime the adapted features are one token.
+        """
+        if self.top is not None:
+            return self(batch)[:, None, :]
         if self.encoder is None:
             features = batch["features"]
             return features if features.ndim == 3 else features[:, None, :]
@@ -298,8 +346,65 @@ class ImageInput(nn.Module):
             return self.encoder.forward_tokens(batch["image"])
         return self.encoder(batch["image"])[:, None, :]
 
+    @classmethod
+    def _fit_adapted(cls, train: SpotSet) -> ImageInput:
+        """The encoder's top blocks above ``train``'s cached activations, and the standardisation of their features."""
+        cache = train.activations
+        top = cache.top_blocks().eval()
+        side = 0 if train.features is None else train.features.shape[1]
+        adapted = {
+            "encoder": cache.encoder,
+            "trainable_blocks": cache.trainable_blocks,
+            "views": cache.views.plain(),
+        }
+        with torch.no_grad():
+            own = predict_batches(
+                lambda batch: _view_mean(top, batch["activations"]), train, batch_size=64, device="cpu"
+            )
+        values = own if train.features is None else np.concatenate([own, train.features], axis=1)
+        scaler = Standardizer().fit(values)
+        return cls("adapted", top.feature_dim + side, scaler=scaler, top=top, adapted=adapted)
+
+    def _check_adapted(self, data: SpotSet) -> None:
+        """Raise when ``data``'s activations or frozen features do not fit this input."""
+        cache = data.activations
+        trained = self.adapted
+        if (
+            cache.encoder["weights_sha1"] != trained["encoder"]["weights_sha1"]
+            or cache.trainable_blocks != trained["trainable_blocks"]
+            or cache.views.tta != trained["views"]["tta"]
+        ):
+            msg = (
+                f"These activations were cached with encoder {cache.encoder['name']!r}, trainable_blocks="
+                f"{cache.trainable_blocks}, tta={cache.views.tta}; the method was trained on "
+                f"{trained['encoder']['name']!r}, trainable_blocks={trained['trainable_blocks']}, "
+                f"tta={trained['views']['tta']}. Cache them as for training."
+            )
+            raise ValueError(msg)
+        side = 0 if data.features is None else data.features.shape[1]
+        if side != self.dim - self.top.feature_dim:
+            msg = (
+                f"The method was trained with {self.dim - self.top.feature_dim} frozen features next to the "
+                f"adapted ones, got {side}; pass the same frozen blocks as for training."
+            )
+            raise ValueError(msg)
+
+    def _adapted_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Standardised ``[top(activations), features]`` of a batch (the mean over the views of an inference batch)."""
+        features = _view_mean(self.top, batch["activations"])
+        if "features" in batch:
+            features = torch.cat([features, batch["features"]], dim=1)
+        return ((features - self.mean) / self.scale).clamp(-self.scaler.clip, self.scaler.clip)
+
     def to_state(self) -> dict[str, Any]:
         """Plain values describing this input (weights are part of the owner's module state)."""
+        if self.top is not None:
+            return {
+                "regime": self.regime,
+                "dim": self.dim,
+                "scaler": self.scaler.state_dict(),
+                **self.adapted,
+            }
         if self.encoder is None:
             return {"regime": self.regime, "dim": self.dim, "scaler": self.scaler.state_dict()}
         return {"regime": self.regime, "dim": self.dim, "encoder": self.encoder.describe()}
@@ -318,6 +423,11 @@ class ImageInput(nn.Module):
         """
         if state["regime"] == "frozen":
             return cls("frozen", state["dim"], scaler=Standardizer.from_state_dict(state["scaler"]))
+        if state["regime"] == "adapted":
+            adapted = {k: state[k] for k in ("encoder", "trainable_blocks", "views")}
+            top = TopBlocks(adapted_encoder(state["encoder"]), int(state["trainable_blocks"]))
+            scaler = Standardizer.from_state_dict(state["scaler"])
+            return cls("adapted", state["dim"], scaler=scaler, top=top, adapted=adapted)
         description = state["encoder"]
         stats = {"mean": description["mean"], "std": description["std"]}
         if description["timm_name"] is not None:

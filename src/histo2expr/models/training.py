@@ -155,9 +155,21 @@ class TrainingPlan(lightning.LightningModule):
             self.report.validation_loss.append(value)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW on the trainable parameters."""
-        trainable = [p for p in self.network.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        """AdamW on the trainable parameters; those of a submodule with an ``lr_scale`` at ``lr * lr_scale``."""
+        scaled: dict[int, float] = {}
+        for module in self.network.modules():
+            scale = getattr(module, "lr_scale", None)
+            if scale is not None:
+                scaled.update({id(p): float(scale) for p in module.parameters()})
+        groups: dict[float, list[nn.Parameter]] = {}
+        for parameter in self.network.parameters():
+            if parameter.requires_grad:
+                groups.setdefault(scaled.get(id(parameter), 1.0), []).append(parameter)
+        return torch.optim.AdamW(
+            [{"params": params, "lr": self.lr * scale} for scale, params in groups.items()],
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+        )
 
 
 def _fitting(trainer: lightning.Trainer) -> bool:

@@ -334,6 +334,13 @@ class PatchSource:
         view.flags.writeable = False
         return view
 
+    @property
+    def centres(self) -> np.ndarray:
+        """Spot centres in the pixels of their slide image, shape ``(n_spots, 2)`` (read-only)."""
+        view = self._centres.view()
+        view.flags.writeable = False
+        return view
+
     def _image(self, code: int) -> Any:
         """The image of slide ``code``, opened here; the previously opened slide is closed."""
         opened = self._open  # one read of a (code, image) tuple: safe when threads share the source

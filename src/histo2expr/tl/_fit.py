@@ -28,6 +28,7 @@ from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method, p
 from ..models.scaling import Standardizer
 from ..pp import select_genes
 from ..splits import inner_validation_split, make_folds
+from ._adapted import activation_cache, adapted_views, encoder_record, side_features
 from ._data import (
     check_genes,
     coordinates,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
+    from ..models.adapted import ActivationCache
     from ..patches import PatchSource
 
 #: Per-gene scale floor of the targets, relative to the median gene scale.
@@ -69,15 +71,18 @@ class _Inputs:
     coords: np.ndarray
     features: np.ndarray | None
     patches: PatchSource | None
+    activations: ActivationCache | None = None
 
     def spots(self, positions: np.ndarray, targets: np.ndarray | None = None) -> SpotSet:
+        indexed = self.patches is not None or self.activations is not None
         return SpotSet(
             coords=self.coords[positions],
             groups=self.slides[positions],
             features=None if self.features is None else self.features[positions],
             patches=self.patches,
-            indices=None if self.patches is None else positions,
+            indices=positions if indexed else None,
             targets=targets,
+            activations=self.activations,
         )
 
 
@@ -265,6 +270,10 @@ def fit_histo2expr(
     patient_key: str | None = None,
     cv: str | int | None = None,
     use_rep: str | None = EMBEDDING_KEY,
+    regime: str | None = None,
+    trainable_blocks: int = 1,
+    views: int = 8,
+    stain_copies: int = 0,
     patch_size: int = 224,
     mpp: float | None = None,
     stain_normalization: str | None = None,
@@ -329,9 +338,26 @@ def fit_histo2expr(
         (``"cmrcnet"``) uses ``obsm[f"{use_rep}_tokens"]`` (``embed_patches(..., tokens=3)``)
         when present, else the pooled features as a single token (with a warning).
         ``None``: end-to-end regime, the method trains its encoder on patches cut at
-        ``patch_size`` / ``mpp``.
+        ``patch_size`` / ``mpp``. Adapted regime: the context and neighbour blocks of
+        ``obsm[use_rep]`` (not its spot view) join the adapted features; ``None``: none.
+    regime
+        ``None``: ``"frozen"`` with ``use_rep``, else ``"end2end"``. ``"adapted"``: the method trains
+        the top ``trainable_blocks`` stages of its encoder (``encoder=``, ImageNet
+        EfficientNet-Lite0 by default) with its heads and losses, on activations of the lower
+        stages computed once per patch and view and cached on disk (float16, in
+        ``hx.settings.cache_dir``, bounded by ``hx.settings.cache_max_bytes``; held-out slides'
+        activations are computed too, from their images only). Training draws one cached view per
+        spot and epoch; prediction averages the top's features over the four quarter turns, as
+        ``embed_patches(tta=4)``. Runs on a CPU; see the methods docs page for time and memory.
+    trainable_blocks
+        Adapted regime: stages of the encoder that train (1: EfficientNet-Lite0's last stage and head
+        convolution). Their BatchNorm layers keep the encoder's running statistics.
+    views, stain_copies
+        Adapted regime: the training views cached per patch — ``views`` dihedral views (1, 4 or 8)
+        and ``stain_copies`` HED stain-jittered copies (strength 0.2, each under a random
+        flip / rotation). Each view costs one pass of the lower stages, once.
     patch_size, mpp, stain_normalization
-        Patches of the end-to-end regime: side, micrometres per pixel, and ``None`` or
+        Patches of the end-to-end and adapted regimes: side, micrometres per pixel, and ``None`` or
         ``"macenko"`` (each slide re-stained from its own stain vectors, see
         :class:`~histo2expr.patches.PatchSource`). In the frozen regime these are choices of
         :func:`~histo2expr.tl.embed_patches`.
@@ -467,23 +493,16 @@ def fit_histo2expr(
     check_log_normalised(table)
     settings = interval_settings(intervals, level, calibration_folds, interval_calibration)
     coords = coordinates(table, needed_by=method if uses_coordinates else None)
-    regime = "frozen" if use_rep is not None else "end2end"
-    if regime not in method_class.regimes:
-        msg = f"Method {method!r} supports the {method_class.regimes} regime(s); " + (
-            "pass `use_rep=None` to train end to end."
-            if regime == "frozen"
-            else "pass `use_rep=` with frozen features."
-        )
-        raise ValueError(msg)
-    if use_rep is not None and stain_normalization is not None:
+    regime = _regime(regime, use_rep, method, method_class.regimes)
+    if regime == "frozen" and stain_normalization is not None:
         msg = (
             "`stain_normalization` applies to the patches of the end-to-end regime (`use_rep=None`); for frozen "
             "features pass it to `hx.tl.embed_patches(..., stain_normalization=...)`."
         )
         raise ValueError(msg)
-    features = patches = token_rep = None
+    features = patches = token_rep = activations = None
     encoder = patch_geometry = None
-    if use_rep is not None:
+    if regime == "frozen":
         features, token_rep = frozen_inputs(table, use_rep, tokens=method_class.token_input, method=method)
         embedded = plain_value(
             table.uns.get(use_rep, {})
@@ -503,8 +522,28 @@ def fit_histo2expr(
         patch_geometry = {"patch_size": patches.patch_size, "mpp": patches.mpp}
         if stain_normalization is not None:
             patch_geometry["stain_normalization"] = stain_normalization
+        if regime == "adapted":
+            settings_of_method = method_class(**method_params).settings
+            with cpu_threads(num_workers):
+                activations = activation_cache(
+                    patches,
+                    encoder=settings_of_method.encoder,
+                    weights=settings_of_method.weights,
+                    trainable_blocks=trainable_blocks,
+                    views=adapted_views(views, stain_copies, seed),
+                    seed=seed,
+                    batch_size=batch_size,
+                    progress=progress,
+                )
+            features, patches = side_features(table, use_rep), None
+            encoder = encoder_record(activations, seed)
+            if use_rep is not None:  # how the frozen blocks were embedded, to embed new slides alike
+                embedded = plain_value(table.uns.get(use_rep, {})).get("patches", {})
+                patch_geometry.update(
+                    {k: embedded[k] for k in ("tta", "context", "neighbours") if k in embedded}
+                )
     patch_geometry = {**(patch_geometry or {}), **spot_geometry_um(table)}
-    inputs = _Inputs(table, slides, coords, features, patches)
+    inputs = _Inputs(table, slides, coords, features, patches, activations)
     fit_args = {
         "method": method,
         "method_params": method_params,
@@ -530,7 +569,8 @@ def fit_histo2expr(
             "weight_decay": weight_decay,
             "patience": patience,
             "seed": seed,
-            "n_features": 0 if features is None else int(features.shape[-1]),
+            "n_features": _n_features(table, use_rep, features, regime),
+            **_adapted_params(activations),
             "token_rep": token_rep or "",
             "n_tokens": int(features.shape[1]) if token_rep else 0,
             "intervals": settings.kind if settings else "",
@@ -637,6 +677,53 @@ def fit_histo2expr(
         cv_gene_pcc=cv_gene_pcc,
         trust=model_trust,
     )
+
+
+def _regime(regime: str | None, use_rep: str | None, method: str, supported: tuple[str, ...]) -> str:
+    """The regime of a fit: ``regime``, or frozen / end-to-end by ``use_rep``; a clear error when unsupported."""
+    from ..models.base import REGIMES
+
+    if regime is None:
+        regime = "frozen" if use_rep is not None else "end2end"
+    if regime not in REGIMES:
+        msg = (
+            f"`regime={regime!r}` is not one of {REGIMES} (or None: frozen with `use_rep`, else end to end)."
+        )
+        raise ValueError(msg)
+    if regime == "frozen" and use_rep is None:
+        msg = "The frozen regime needs `use_rep`, the `obsm` key of the frozen features (e.g. 'X_histo')."
+        raise ValueError(msg)
+    if regime == "end2end" and use_rep is not None:
+        msg = "The end-to-end regime reads patches, not frozen features; pass `use_rep=None`."
+        raise ValueError(msg)
+    if regime not in supported:
+        msg = f"Method {method!r} supports the {supported} regime(s), not {regime!r}; " + (
+            "pass `use_rep=` with frozen features." if "frozen" in supported else "choose one of those."
+        )
+        raise ValueError(msg)
+    return regime
+
+
+def _n_features(table: AnnData, use_rep: str | None, features: np.ndarray | None, regime: str) -> int:
+    """Width of the frozen features the model reads: ``obsm[use_rep]`` as a whole in the adapted regime."""
+    if regime == "adapted":
+        return 0 if use_rep is None else int(table.obsm[use_rep].shape[1])
+    return 0 if features is None else int(features.shape[-1])
+
+
+def _adapted_params(activations: ActivationCache | None) -> dict[str, Any]:
+    """The adapted regime's record: trainable blocks, views, and the size and build time of the activation cache."""
+    if activations is None:
+        return {}
+    return {
+        "trainable_blocks": activations.trainable_blocks,
+        "views": activations.views.plain(),
+        "activation_cache": {
+            "bytes": activations.nbytes,
+            "seconds": activations.seconds,
+            "shape": list(activations.shape),
+        },
+    }
 
 
 def _model_trust(

@@ -32,10 +32,11 @@ class Histo2ExprModel:
     scaler
         Per-gene mean and scale of the training slides' log-normalised expression.
     use_rep
-        Key of ``obsm`` with the frozen features it was trained on (frozen regime), or
-        None (end-to-end regime: it reads patches itself).
+        Key of ``obsm`` with the frozen features it was trained on (frozen regime; adapted regime: their
+        context and neighbour blocks), or None (end-to-end regime: it reads patches itself).
     encoder
-        Description of the frozen encoder (from ``uns[use_rep]``), incl. its weights hash.
+        Description of the frozen encoder (from ``uns[use_rep]``; adapted regime: of the encoder whose
+        lower blocks it reads), incl. its weights hash.
     patches
         Patch geometry: ``patch_size`` and ``mpp`` (micrometres per pixel), and the training
         spots' median ``spot_diameter_um`` and ``spot_spacing_um`` when the slides record them
@@ -83,8 +84,8 @@ class Histo2ExprModel:
 
     @property
     def regime(self) -> str:
-        """``"frozen"`` or ``"end2end"``."""
-        return "frozen" if self.use_rep is not None else "end2end"
+        """``"frozen"``, ``"end2end"`` or ``"adapted"`` (models saved before the adapted regime: by ``use_rep``)."""
+        return self.params.get("regime") or ("frozen" if self.use_rep is not None else "end2end")
 
     def __repr__(self) -> str:
         return (

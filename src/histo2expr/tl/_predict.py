@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Mapping
@@ -174,6 +175,22 @@ def _check_tokens(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
     return tokens
 
 
+def _adapted_spots(table: AnnData, model: Histo2ExprModel, spots: SpotSet) -> SpotSet:
+    """The spots of a model of the adapted regime: activations of its encoder's lower blocks, and its frozen blocks."""
+    from ._adapted import inference_cache, side_features
+
+    features = side_features(table, model.use_rep)
+    if model.use_rep is not None and table.obsm[model.use_rep].shape[1] != model.params["n_features"]:
+        msg = (
+            f"`obsm[{model.use_rep!r}]` has {table.obsm[model.use_rep].shape[1]} features per spot; the model was "
+            f"trained next to {model.params['n_features']}. {_reembed_hint(model)}"
+        )
+        raise ValueError(msg)
+    state = model.method.network.image_input.to_state()
+    activations = inference_cache(state, model.encoder or {}, spots.patches)
+    return dataclasses.replace(spots, patches=None, features=features, activations=activations)
+
+
 def predict_expression(
     data: AnnData | SpatialData,
     model: Histo2ExprModel,
@@ -274,7 +291,7 @@ def predict_expression(
         f"{logg.counted(table.n_obs, 'spot')} of {logg.counted(len(set(slides)), 'slide')} ({scale} scale)"
     )
     with cpu_threads(0):
-        if model.use_rep is not None:
+        if model.regime == "frozen":
             spots = SpotSet(
                 coords=coordinates(table), groups=slides, features=_check_frozen_features(table, model)
             )
@@ -293,6 +310,8 @@ def predict_expression(
             spots = SpotSet(
                 coords=coordinates(table), groups=slides, patches=source, indices=np.arange(table.n_obs)
             )
+            if model.regime == "adapted":
+                spots = _adapted_spots(table, model, spots)
         own_device = model.device
         try:
             if device is not None:

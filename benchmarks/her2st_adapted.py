@@ -1,0 +1,211 @@
+"""her2st, leave-one-slide-out: the adapted-encoder regime against the frozen default, per method.
+
+Run on demand (needs ../shared/data/her2st or $HISTO2EXPR_HER2ST); every row is one
+``hx.tl.fit_histo2expr(regime="adapted", ...)`` run in a process of its own (so that its peak memory is
+its own), appended to a JSON-lines file in the histo2expr cache; the lower blocks' activations are
+cached by the package itself, so the first row of a (trainable_blocks, views) pair pays for them:
+
+    python benchmarks/her2st_adapted.py run --methods chrep,stnet --trainable-blocks 1 --seeds 0
+    python benchmarks/her2st_adapted.py report
+
+The protocol is ``her2st_features.py``'s: 1193 spots on 6 sections, 250 highly expressed genes chosen
+on the training slides of each fold, ImageNet EfficientNet-Lite0 at 224 px, every method at its
+defaults, one torch thread. The adapted rows get the neighbour block of the frozen default features
+(``f1:4+nbr6``, what ``hx.tl.embed_patches`` computes by default) next to the adapted spot view, so
+that they differ from the frozen default rows only in the spot view's encoder top. The frozen rows
+are read from ``her2st_features.py``'s cached rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import torch
+from _her2st import HERE
+from her2st_features import CACHE, ROWS, _summary, build, cohort
+
+import histo2expr as hx
+
+ADAPTED = CACHE / "adapted.jsonl"
+FROZEN_DEFAULT = "f1:4+nbr6"
+COLUMNS = ["pcc_acg", "pcc_heg50", "pcc_hvg50", "mse", "mae"]
+
+
+def row(args: argparse.Namespace) -> None:
+    """One (method, trainable_blocks, views, seed) run, in this process."""
+    torch.set_num_threads(args.threads)
+    adata = cohort()
+    slides = adata.obs["slide"].astype(str).to_numpy()
+    features, _ = build(FROZEN_DEFAULT, adata.obsm["spatial"], slides)
+    adata.obsm["X_histo"] = features
+    adata.uns["X_histo"] = {"blocks": {"spot": [0, 1280], "neighbours": [1280, 2560]}}
+    tic, cpu = time.perf_counter(), time.process_time()
+    hx.tl.fit_histo2expr(
+        adata, method=args.method, regime="adapted", trainable_blocks=args.trainable_blocks, views=args.views,
+        stain_copies=args.stain_copies, cv="leave_one_slide_out", genes=250, seed=args.seed, key_added="row",
+        progress=False, refit=False, epochs=args.epochs,
+    )  # fmt: skip
+    record = adata.uns["row"]
+    cache = record["params"]["activation_cache"]
+    folds = record["folds"]
+    result = {
+        "method": args.method,
+        "trainable_blocks": args.trainable_blocks,
+        "views": args.views,
+        "stain_copies": args.stain_copies,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "seconds": time.perf_counter() - tic - cache["seconds"],
+        "cpu_seconds": time.process_time() - cpu,
+        "cache_seconds": float(cache["seconds"]),
+        "cache_bytes": int(cache["bytes"]),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "per_slide": folds[["slide", *COLUMNS]].to_dict(orient="records"),
+    }
+    with ADAPTED.open("a") as handle:
+        handle.write(json.dumps(result) + "\n")
+    print(
+        args.method, args.trainable_blocks, args.seed, f"PCC(ACG) {folds['pcc_acg'].mean():.4f}", flush=True
+    )
+
+
+def _done() -> set[tuple]:
+    if not ADAPTED.exists():
+        return set()
+    keys = ("method", "trainable_blocks", "views", "stain_copies", "epochs", "seed")
+    return {tuple(r[k] for k in keys) for r in map(json.loads, ADAPTED.read_text().splitlines())}
+
+
+def run(args: argparse.Namespace) -> None:
+    """Every requested row not yet done, each in a fresh process."""
+    done = _done()
+    for seed in map(int, args.seeds.split(",")):
+        for method in args.methods.split(","):
+            key = (method, args.trainable_blocks, args.views, args.stain_copies, args.epochs, seed)
+            if key in done:
+                continue
+            command = [sys.executable, __file__, "--threads", str(args.threads), "row", "--method", method]
+            command += ["--trainable-blocks", str(args.trainable_blocks), "--views", str(args.views)]
+            command += [
+                "--stain-copies",
+                str(args.stain_copies),
+                "--epochs",
+                str(args.epochs),
+                "--seed",
+                str(seed),
+            ]
+            subprocess.run(command, check=True)
+
+
+def _per_slide(path, keys: list[str]) -> pd.DataFrame:
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        entry = json.loads(line)
+        for slide in entry["per_slide"]:
+            records.append({**{k: entry[k] for k in keys}, **slide})
+    return pd.DataFrame(records)
+
+
+def report(args: argparse.Namespace) -> None:
+    adapted = _per_slide(ADAPTED, ["method", "trainable_blocks", "views", "stain_copies", "epochs", "seed"])
+    frozen = _per_slide(ROWS, ["setting", "method", "seed"])
+    frozen = frozen[(frozen["setting"] == FROZEN_DEFAULT) & frozen["method"].isin(adapted["method"])]
+    adapted["setting"] = adapted.apply(
+        lambda r: (
+            f"adapted tb={r.trainable_blocks} views={r.views} epochs={r.epochs}"
+            + (f"+{r.stain_copies} stain" if r.stain_copies else "")
+        ),
+        axis=1,
+    )
+    frozen["setting"] = f"frozen {FROZEN_DEFAULT}"
+    rows = pd.concat([frozen, adapted], ignore_index=True)
+    summary = _summary(rows)
+    runs = [json.loads(line) for line in ADAPTED.read_text().splitlines()] if ADAPTED.exists() else []
+    cost = pd.DataFrame(
+        [
+            {
+                "method": r["method"],
+                "trainable_blocks": r["trainable_blocks"],
+                "views": r["views"],
+                "seed": r["seed"],
+                "s per fold (wall)": round(r["seconds"] / 6),
+                "CPU s per fold": round((r["cpu_seconds"] - r["cache_seconds"]) / 6),
+                "peak RSS GiB": round(r["peak_rss_bytes"] / 2**30, 2),
+                "cache MiB": round(r["cache_bytes"] / 2**20),
+                "cache build s": round(r["cache_seconds"]) if r["cache_seconds"] else "cached",
+            }
+            for r in runs
+        ]
+    )
+    lines = [
+        "# her2st, leave-one-slide-out: adapted encoder (top blocks trained on cached activations) vs frozen",
+        "",
+        "Made with `benchmarks/her2st_adapted.py` (its docstring has the commands). 1193 spots on 6 sections, "
+        "250 highly expressed genes chosen on the training slides of each fold, ImageNet EfficientNet-Lite0 at "
+        "224 px, every method at its defaults, one torch thread on a 2-core machine shared with other jobs "
+        "(load 8-12). The frozen rows are `her2st_features.py`'s `f1:4+nbr6` rows (the default features of "
+        "`hx.tl.embed_patches`); the adapted rows train the top `trainable_blocks` stages of the encoder on "
+        "the cached activations of the others (one of `views` dihedral views per spot and epoch; inference "
+        "averages the 4 quarter turns), next to the same frozen neighbour block.",
+        "",
+        "## Mean over held-out slides (mean ± sd over seeds)",
+        "",
+        summary.to_markdown(index=False),
+        "",
+        "## PCC(ACG) per held-out slide",
+        "",
+        rows.pivot_table(index=["method", "setting", "seed"], columns="slide", values="pcc_acg")
+        .round(4)
+        .to_markdown(),
+        "",
+        "## HEG@50 per held-out slide",
+        "",
+        rows.pivot_table(index=["method", "setting", "seed"], columns="slide", values="pcc_heg50")
+        .round(4)
+        .to_markdown(),
+        "",
+        "## Time and memory of the adapted rows",
+        "",
+        "Seconds per fold without the activation cache's build (wall time on the shared machine, and the "
+        "process CPU time, about the time on a core of its own); peak resident memory of the whole process "
+        "(cohort, cache pages read, training); the cache's size on disk (float16) and its one-off build time "
+        "(`cached`: read from an earlier row's build).",
+        "",
+        cost.to_markdown(index=False) if not cost.empty else "(no rows yet)",
+        "",
+    ]
+    out = HERE / "results" / "her2st_adapted.md"
+    out.write_text("\n".join(lines))
+    print(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    steps = parser.add_subparsers(dest="step", required=True)
+    for name, func in (("run", run), ("row", row)):
+        step = steps.add_parser(name)
+        if name == "run":
+            step.add_argument("--methods", default="chrep,stnet")
+            step.add_argument("--seeds", default="0")
+        else:
+            step.add_argument("--method", required=True)
+            step.add_argument("--seed", type=int, default=0)
+        step.add_argument("--trainable-blocks", type=int, default=1)
+        step.add_argument("--views", type=int, default=8)
+        step.add_argument("--stain-copies", type=int, default=0)
+        step.add_argument("--epochs", type=int, default=50)
+        step.set_defaults(func=func)
+    steps.add_parser("report").set_defaults(func=report)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
