@@ -88,6 +88,7 @@ def test_benchmark_reads_h5ad_keeps_chosen_slides_and_writes_results(cohort_h5ad
     assert cli.main([*argv, *FAST, "--out", str(tmp_path)]) == 0
     results, markdown = read_results(tmp_path)
     assert results["settings"]["slides"] == ["S1", "S3"] and results["settings"]["reader"] == "auto"
+    assert results["settings"]["backend"] == "torch"  # what ran the encoder, with "auto" resolved
     assert (
         results["settings"]["embedding"]
         == {"tta": 1, "context": None, "neighbours": None, "stain_normalization": None}

@@ -13,7 +13,8 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ from . import metrics
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+    from .models import Method
 
 #: Metrics reported per method, in this order.
 METRICS = ("pcc_acg", "pcc_heg50", "pcc_hvg50", "mse", "mae")
@@ -91,89 +94,239 @@ class PeakMemory:
         self.peak_mib = peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
 
 
+@dataclass(frozen=True)
+class Scheme:
+    """A cross-validation scheme of :func:`compare_methods`: ``cv`` and ``patient_key`` of the fits, and their keys' suffix."""
+
+    cv: str | int = "leave_one_slide_out"
+    key_suffix: str = ""
+    patient_key: str | None = None
+
+
 def compare_methods(
     adata: AnnData,
     methods: Sequence[str],
     *,
-    cv: str | int = "leave_one_slide_out",
+    schemes: Sequence[Scheme] = (Scheme(),),
     genes: int | Sequence[str] = 250,
     seed: int = 0,
     progress: bool = True,
     method_params: Mapping[str, Mapping[str, Any]] | None = None,
-    key_suffix: str = "",
+    n_jobs: int = 1,
     **fit_kwargs: Any,
 ) -> list[MethodRun]:
-    """Cross-validate every method on identical folds and genes, one after the other.
+    """Cross-validate every method on identical folds and genes, under each scheme.
 
     Parameters
     ----------
     adata
         Log-normalised AnnData (with frozen features for the frozen regime).
     methods
-        Registered method names; each one's results go to ``uns[method + key_suffix]``.
-    cv, genes, seed
+        Registered method names; each one's results go to ``uns[method + scheme.key_suffix]``.
+    schemes
+        The cross-validation schemes (``cv``, ``patient_key`` of :func:`~histo2expr.tl.fit_histo2expr`
+        and the suffix that keeps their keys apart); leave-one-slide-out alone by default.
+    genes, seed
         Passed to :func:`~histo2expr.tl.fit_histo2expr` for every method alike.
     progress
         Show one progress bar over the methods and print each one's result.
     method_params
         Extra parameters of single methods, by method name.
-    key_suffix
-        Appended to the method name to make the ``key_added`` of its fit (to keep the runs of
-        several protocols apart).
+    n_jobs
+        Cross-validations (of a method under a scheme) run at once. 1: one after the other in this
+        process. More: each in a fresh process (at most ``n_jobs`` at a time) on a copy of ``adata``,
+        with :attr:`hx.settings.n_threads <histo2expr._settings.Histo2ExprSettings.n_threads>`
+        threads when set, else the available CPUs divided by ``n_jobs`` (at least one); the results
+        are those of a serial run with the same thread count. ``-1``: one job per available CPU.
     **fit_kwargs
         Further arguments of :func:`~histo2expr.tl.fit_histo2expr` for every method
-        (e.g. ``use_rep``, ``epochs``, ``device``).
+        (e.g. ``use_rep``, ``epochs``, ``accelerator``).
 
     Returns
     -------
-    One :class:`MethodRun` per method. Sets, per method, the fields of
-    :func:`~histo2expr.tl.fit_histo2expr` with ``key = method + key_suffix``:
+    One :class:`MethodRun` per scheme and method, in that order. Sets, per scheme and method, the
+    fields of :func:`~histo2expr.tl.fit_histo2expr` with ``key = method + scheme.key_suffix``:
     ``.obsm[key]``, ``.obs[f"{key}_fold"]`` and ``.uns[key]``.
     """
-    from . import tl
     from ._progress import progress_bar
+    from ._settings import available_cpus
     from .models import get_method
 
     methods = list(methods)
     if not methods:
         msg = "No methods to compare; pass at least one, e.g. ['ridge']."
         raise ValueError(msg)
-    for method in methods:
-        get_method(method)  # unknown names fail before anything runs
+    classes = [get_method(method) for method in methods]  # unknown names fail before anything runs
     if len(set(methods)) != len(methods):
         msg = f"Methods are listed twice in {methods}; each method is run once."
         raise ValueError(msg)
-    runs = []
-    bar = progress_bar(methods, desc=f"methods ({cv})", disable=not progress)
-    for method in bar:
-        bar.set_postfix_str(method)
-        key = method + key_suffix
-        tic = time.perf_counter()
-        with PeakMemory() as memory:
-            tl.fit_histo2expr(
-                adata,
-                method=method,
-                cv=cv,
-                genes=genes,
-                seed=seed,
-                key_added=key,
-                progress=False,
-                refit=False,
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
+        msg = (
+            f"`n_jobs` must be a positive number of processes or -1 (one per available CPU), got {n_jobs!r}."
+        )
+        raise ValueError(msg)
+    jobs = [
+        _MethodJob(
+            cls,
+            method + scheme.key_suffix,
+            {
+                "cv": scheme.cv,
+                "patient_key": scheme.patient_key,
+                "genes": genes,
+                "seed": seed,
                 **fit_kwargs,
                 **(method_params or {}).get(method, {}),
-            )
-        record = adata.uns[key]
-        run = MethodRun(
-            method, record["folds"], time.perf_counter() - tic, memory.peak_mib, record["protocol"], key
+            },
         )
-        runs.append(run)
-        if progress:
-            n_counted = int(metrics.counted_slides(run.folds).sum())
-            bar.write(
-                f"{method}: PCC(ACG) {metrics.summarize(run.folds)['pcc_acg']:.3f} over {n_counted} held-out "
-                f"slides ({run.protocol}) in {run.seconds:.1f} s"
+        for scheme in schemes
+        for method, cls in zip(methods, classes, strict=True)
+    ]
+    n_jobs = min(available_cpus() if n_jobs == -1 else n_jobs, len(jobs))
+    runs: dict[str, MethodRun] = {}
+    with progress_bar(total=len(jobs), desc="methods", disable=not progress) as bar:
+        for job, run in _run_jobs(adata, jobs, n_jobs):
+            runs[job.key] = run
+            bar.update(1)
+            if progress:
+                n_counted = int(metrics.counted_slides(run.folds).sum())
+                bar.write(
+                    f"{run.method}: PCC(ACG) {metrics.summarize(run.folds)['pcc_acg']:.3f} over {n_counted} "
+                    f"held-out slides ({run.protocol}) in {run.seconds:.1f} s"
+                )
+    return [runs[job.key] for job in jobs]
+
+
+@dataclass
+class _MethodJob:
+    """One method's cross-validation: its class, ``key_added`` and the other arguments of ``fit_histo2expr``."""
+
+    method_class: type[Method]
+    key: str
+    fit_kwargs: dict[str, Any]
+
+
+def _run_jobs(
+    adata: AnnData, jobs: Sequence[_MethodJob], n_jobs: int
+) -> Iterator[tuple[_MethodJob, MethodRun]]:
+    """Run ``jobs`` on ``adata``, here one by one or in ``n_jobs`` fresh processes; yield each in order."""
+    if n_jobs == 1:
+        for job in jobs:
+            yield job, _cross_validate(adata, job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ._settings import available_cpus, settings
+
+    for job in jobs:
+        if job.method_class.__module__ == "__main__":
+            msg = (
+                f"Method {job.method_class.name!r} is defined in __main__, which the processes of `n_jobs` > 1 "
+                "cannot import; define it in a module (or a package with a `histo2expr.methods` entry point), "
+                "or pass `n_jobs=1`."
             )
-    return runs
+            raise ValueError(msg)
+    n_threads = settings.n_threads or max(1, available_cpus() // n_jobs)
+    # fresh interpreters ("spawn"): forking a process whose torch / OpenMP threads already ran can hang
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(n_jobs, context, initializer=_start_worker, initargs=(adata, n_threads))
+    with pool:
+        futures = [pool.submit(_cross_validate_in_worker, job) for job in jobs]
+        try:
+            for job, future in zip(jobs, futures, strict=True):  # in order: the AnnData of a serial run
+                run, fields, caught = future.result()
+                for message, category in caught:  # as if raised here, at the caller of compare_methods
+                    warnings.warn(message, category, stacklevel=3)
+                _set_result_fields(adata, job.key, fields)
+                yield job, run
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _cross_validate(adata: AnnData, job: _MethodJob) -> MethodRun:
+    """Cross-validate one method on ``adata`` (its results written there), timed."""
+    from . import tl
+
+    tic = time.perf_counter()
+    with PeakMemory() as memory:
+        tl.fit_histo2expr(
+            adata,
+            method=job.method_class.name,
+            key_added=job.key,
+            progress=False,
+            refit=False,
+            **job.fit_kwargs,
+        )
+    record = adata.uns[job.key]
+    seconds = time.perf_counter() - tic
+    return MethodRun(
+        job.method_class.name, record["folds"], seconds, memory.peak_mib, record["protocol"], job.key
+    )
+
+
+#: Warnings of a process started by :func:`_run_jobs` that are not passed on to the caller.
+_NOT_PASSED_ON = (DeprecationWarning, PendingDeprecationWarning, ImportWarning)
+#: The AnnData of a process started by :func:`_run_jobs` (a copy of the caller's, sent once per process).
+_worker_adata: AnnData | None = None
+
+
+def _start_worker(adata: AnnData, n_threads: int) -> None:
+    """Set up a process of :func:`_run_jobs`: its AnnData, its threads, and its end with the caller's process."""
+    from ._settings import settings
+
+    global _worker_adata
+    _worker_adata = adata
+    settings.n_threads = n_threads
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, seconds: float = 1.0) -> None:
+    """End this process once its parent ``parent`` has ended (killed, it cannot shut down its pool)."""
+    while os.getppid() == parent:
+        time.sleep(seconds)
+    os._exit(1)
+
+
+def _cross_validate_in_worker(
+    job: _MethodJob,
+) -> tuple[MethodRun, dict[str, dict[str, Any]], list[tuple[str, type[Warning]]]]:
+    """:func:`_cross_validate` in a process of :func:`_run_jobs`: the run, the result fields it wrote, its warnings."""
+    from ._keys import result_fields
+    from .models import register_method
+
+    if _worker_adata is None:
+        msg = "_cross_validate_in_worker runs in the processes of _run_jobs only."
+        raise RuntimeError(msg)
+    adata = _worker_adata  # with the results of this process's earlier jobs, as in a serial run
+    register_method(job.method_class)  # a method registered at run time is not in this process's registry
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # all of them to the caller, whose filters decide
+        run = _cross_validate(adata, job)
+    fields = {
+        attribute: {
+            name: getattr(adata, attribute)[name] for name in names if name in getattr(adata, attribute)
+        }
+        for attribute, names in result_fields(job.key).items()
+    }
+    fields["uns"] = {job.key: adata.uns[job.key]}
+    # the libraries' deprecation notes (often raised on their first import, in this fresh process) stay here
+    passed_on = [w for w in caught if not issubclass(w.category, _NOT_PASSED_ON)]
+    return run, fields, [(str(w.message), w.category) for w in passed_on]
+
+
+def _set_result_fields(adata: AnnData, key: str, fields: Mapping[str, Mapping[str, Any]]) -> None:
+    """Give ``adata`` the result fields of ``key`` that a fit on a copy of it wrote (removing those it left out)."""
+    from ._keys import result_fields, write_fields
+
+    write_fields(
+        adata,
+        obs=fields.get("obs"),
+        var=fields.get("var"),
+        obsm=fields.get("obsm"),
+        uns=fields.get("uns"),
+        remove=result_fields(key),
+    )
 
 
 def machine_description() -> dict[str, Any]:

@@ -27,7 +27,7 @@ def cache_dir(sub: str) -> Path:
     """Return (and create) a sub-folder of the cache folder :attr:`hx.settings.cache_dir`.
 
     The cache only ever holds files that can be rebuilt from the user's data (decoded images,
-    the synthetic cohort), so deleting it is safe.
+    the synthetic cohort, ONNX exports of encoders), so deleting it is safe.
     """
     path = settings.cache_dir / sub
     path.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ class Histo2ExprSettings:
 
     @property
     def cache_dir(self) -> Path:
-        """The cache folder, which holds decoded slide images and synthetic cohorts (safe to delete).
+        """The cache folder, which holds decoded slide images, synthetic cohorts and ONNX exports (safe to delete).
 
         Default: ``$HISTO2EXPR_CACHE_DIR`` when set, else ``~/.cache/histo2expr``.
         """

@@ -77,6 +77,7 @@ def _check_common(args: argparse.Namespace) -> list[str] | None:
     """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
     from ._validation import check_patch_size
     from .models import get_method, resolve_device
+    from .models.backends import check_backend
 
     check_patch_size(args.patch_size)
     methods = None if args.methods is None else _method_list(args.methods)
@@ -89,9 +90,13 @@ def _check_common(args: argparse.Namespace) -> list[str] | None:
             raise CommandError(f"--methods lists a method twice ({args.methods}); give each once.")
     _check_encoder(args.encoder)
     try:
-        resolve_device(args.device)
+        device = resolve_device(args.device)
     except RuntimeError as error:
         raise CommandError(f"--device {args.device}: {error}") from error
+    try:
+        check_backend(args.backend, device)
+    except (ValueError, ImportError) as error:
+        raise CommandError(f"--backend {args.backend}: {error}") from error
     if args.out.exists() and not args.out.is_dir():
         raise CommandError(
             f"--out {args.out} is a file; give a folder for the results (it is made if missing)."
@@ -159,8 +164,10 @@ def _token_grid(encoder: Any, patch_size: int) -> int | None:
 
 def _embed(
     adata: AnnData, args: argparse.Namespace, methods: Sequence[str], *, mpp: float | None = None
-) -> float:
-    """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them); seconds taken.
+) -> tuple[float, str]:
+    """Frozen features of every spot into ``obsm["X_histo"]`` (and tokens when a method takes them).
+
+    Returns the seconds taken and the inference backend that ran the encoder.
 
     The feature options (:func:`feature_options`) override :func:`~histo2expr.tl.embed_patches`' defaults.
 
@@ -182,9 +189,28 @@ def _embed(
         mpp=mpp,
         num_workers=args.workers,
         device=args.device,
+        backend=args.backend,
         progress=not args.quiet,
     )
-    return time.perf_counter() - tic
+    return time.perf_counter() - tic, adata.uns["X_histo"]["backend"]
+
+
+def _jobs(text: str) -> int | str:
+    """``--jobs``: ``auto`` or a positive number."""
+    if text == "auto":
+        return text
+    return _int_at_least(1)(text)
+
+
+def _n_jobs(args: argparse.Namespace, n_runs: int) -> int:
+    """The cross-validations ``histo2expr benchmark`` runs at once (of ``n_runs``): ``--jobs``, ``auto`` resolved."""
+    from ._settings import available_cpus
+    from .models import resolve_device
+
+    if args.jobs != "auto":
+        return min(args.jobs, n_runs)
+    on_cpu = args.regime == "frozen" and resolve_device(args.device).type == "cpu"
+    return min(available_cpus(), n_runs) if on_cpu else 1
 
 
 def _device_flags(device: str) -> dict[str, Any]:
@@ -353,7 +379,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     adata = datasets.synthetic(n_slides=args.n_slides, seed=args.seed)
     pp.normalize(adata)
-    embed_seconds = _embed(adata, args, methods)
+    embed_seconds, backend = _embed(adata, args, methods)
     embedding = _embedding_options(adata)
     runs = compare_methods(
         adata,
@@ -375,7 +401,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"Command: `{command}`",
             "",
             f"Frozen {args.encoder} features of {args.patch_size} px patches, {_embedding_note(embedding)} "
-            f"(embedding: {embed_seconds:.1f} s); "
+            f"(embedding: {embed_seconds:.1f} s, backend {backend}); "
             f"{args.genes} highly expressed genes chosen on the training slides of each fold; "
             f"at most {args.epochs} epochs. Whole run: {total:.1f} s.",
             "",
@@ -386,6 +412,7 @@ def _demo(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "genes": args.genes,
             "encoder": args.encoder,
+            "backend": backend,
             "patch_size": args.patch_size,
             "embedding": embedding,
             "epochs": args.epochs,
@@ -554,7 +581,7 @@ def _hest_scores(adata: AnnData, runs: list[MethodRun], genes: list[str]) -> tup
 
 def _benchmark(args: argparse.Namespace) -> int:
     from . import pp
-    from ._benchmark import compare_methods, machine_description
+    from ._benchmark import Scheme, compare_methods, machine_description
     from ._hest_benchmark import hest_genes, hest_log_expression
     from .models import available_methods, get_method
 
@@ -603,27 +630,33 @@ def _benchmark(args: argparse.Namespace) -> int:
         **_device_flags(args.device),
         **intervals,
     }
-    embed_seconds, embedding = None, None
+    embed_seconds = embedding = backend = None
     if args.regime == "frozen":
-        embed_seconds = _embed(adata, args, methods, mpp=mpp)
+        embed_seconds, backend = _embed(adata, args, methods, mpp=mpp)
         embedding = _embedding_options(adata)
     else:
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
     method_params = {m: {"encoder": args.encoder} for m in methods} if args.regime == "end2end" else None
-    runs = []
-    for protocol in protocols:
-        runs += compare_methods(
-            adata,
-            methods,
-            cv=protocol,
-            genes=genes,
-            seed=args.seed,
-            progress=not args.quiet,
-            method_params=method_params,
+    schemes = [
+        Scheme(
+            protocol,
             key_suffix=_PROTOCOL_SUFFIX[protocol] if len(protocols) > 1 else "",
             patient_key="patient" if protocol == "leave_one_patient_out" else None,
-            **fit_kwargs,
         )
+        for protocol in protocols
+    ]
+    n_jobs = _n_jobs(args, len(methods) * len(schemes))
+    runs = compare_methods(
+        adata,
+        methods,
+        schemes=schemes,
+        n_jobs=n_jobs,
+        genes=genes,
+        seed=args.seed,
+        progress=not args.quiet,
+        method_params=method_params,
+        **fit_kwargs,
+    )
     hest_lines, hest_results = _hest_scores(adata, runs, genes) if hest else ([], None)
     total = time.perf_counter() - start
     machine = machine_description()
@@ -632,7 +665,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     embedded = (
         ""
         if embedding is None
-        else f" Features: {_embedding_note(embedding)}; embedding: {embed_seconds:.1f} s."
+        else f" Features: {_embedding_note(embedding)}; embedding: {embed_seconds:.1f} s (backend {backend})."
     )
     _report(
         adata,
@@ -652,7 +685,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             f"Data: {adata.n_obs} spots on {n_slides} slides ({', '.join(map(str, adata.obs['slide'].unique()))}); "
             f"{gene_rule}; {args.patch_size} px patches"
             f"{'' if mpp is None else f' at {mpp} µm/px'}; at most {args.epochs} epochs; seed {args.seed}."
-            f"{embedded} Whole run: {total:.1f} s.",
+            f"{embedded} Cross-validations run {n_jobs} at a time. Whole run: {total:.1f} s.",
             "",
             *hest_lines,
         ],
@@ -667,6 +700,8 @@ def _benchmark(args: argparse.Namespace) -> int:
             "cv_schemes": protocols,
             "regime": args.regime,
             "encoder": args.encoder,
+            "backend": backend,
+            "jobs": n_jobs,
             "patch_size": args.patch_size,
             "patch_mpp": mpp,
             "embedding": embedding,
@@ -830,6 +865,12 @@ def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None
     add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
     add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers reading patches (default 0)")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default auto)")
+    add(
+        "--backend",
+        default="auto",
+        help="what runs the encoder: auto (ONNX Runtime for efficientnet_lite on the CPU when installed, "
+        "else torch), torch, onnx or bf16 (default auto)",
+    )
     add("--out", type=Path, default=Path(out), help=f"folder for results and figures (default {out})")
     add("--quiet", action="store_true", help="no progress bars")
 
@@ -879,6 +920,14 @@ def _parser() -> argparse.ArgumentParser:
         help="frozen features or end-to-end (default frozen)",
     )
     _add_common(add, genes=None, epochs=50, methods=None, out="histo2expr-benchmark")
+    add(
+        "--jobs",
+        type=_jobs,
+        default="auto",
+        help="cross-validations (a method under a scheme) run at once, each in a process of its own with the "
+        "CPUs shared out (the results of one at a time with as many threads): auto (frozen regime on the CPU: "
+        "one per available CPU; else 1) or a number (default auto)",
+    )
     add_interval_options(add)
     bench.set_defaults(func=_benchmark)
 

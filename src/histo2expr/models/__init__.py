@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .adapted import ActivationCache, AdaptedViews, TopBlocks
+    from .backends import InferenceEncoder
     from .base import (
         FitReport,
         Method,
@@ -50,6 +51,7 @@ _LAZY = {
     "Encoder": ".encoders",
     "build_encoder": ".encoders",
     "ColourTextureStats": ".handcrafted",
+    "InferenceEncoder": ".backends",
     "ENCODER_PRESETS": ".presets",
     "EncoderPreset": ".presets",
     "register_encoder_preset": ".presets",
@@ -113,6 +115,7 @@ __all__ = [
     "HESTProbeMethod",
     "HESTProbeSettings",
     "IVFIndex",
+    "InferenceEncoder",
     "LossOutput",
     "Method",
     "MethodSettings",

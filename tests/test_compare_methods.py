@@ -1,0 +1,63 @@
+"""compare_methods: methods cross-validated in parallel processes give the results of a serial run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from histo2expr import datasets, pp
+from histo2expr._benchmark import Scheme, compare_methods
+
+METHODS = ["stnet", "ridge"]
+SCHEMES = [Scheme(key_suffix="_loso"), Scheme("leave_one_patient_out", "_lopo", "patient")]
+KEYS = [method + scheme.key_suffix for scheme in SCHEMES for method in METHODS]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    adata = datasets.synthetic(n_slides=3, seed=0, spots_per_side=6, n_genes=30)
+    pp.normalize(adata)
+    adata.obsm["X_histo"] = np.random.default_rng(0).normal(size=(adata.n_obs, 16)).astype(np.float32)
+    return adata
+
+
+def test_methods_run_in_parallel_processes_give_the_serial_results(embedded):
+    serial, parallel = embedded.copy(), embedded.copy()
+    kwargs = {"genes": 20, "epochs": 2, "progress": False, "accelerator": "cpu"}
+    with pytest.warns(UserWarning, match="share their patient") as serial_warnings:
+        serial_runs = compare_methods(serial, METHODS, schemes=SCHEMES, n_jobs=1, **kwargs)
+    with pytest.warns(UserWarning, match="share their patient") as parallel_warnings:  # passed on
+        parallel_runs = compare_methods(parallel, METHODS, schemes=SCHEMES, n_jobs=2, **kwargs)
+    assert {str(w.message) for w in parallel_warnings if w.category is UserWarning} == {
+        str(w.message) for w in serial_warnings if w.category is UserWarning
+    }
+    assert [run.key for run in parallel_runs] == KEYS  # in the order asked, whichever ended first
+    protocols = ["leave_one_slide_out", "leave_one_patient_out"]
+    assert [run.protocol for run in parallel_runs] == [p for p in protocols for _ in METHODS]
+    for before, after in zip(serial_runs, parallel_runs, strict=True):
+        pd.testing.assert_frame_equal(before.folds, after.folds)
+        assert after.seconds > 0 and after.peak_memory_mib > 0
+    for key in KEYS:
+        pd.testing.assert_frame_equal(serial.obsm[key], parallel.obsm[key])
+        pd.testing.assert_series_equal(serial.obs[f"{key}_fold"], parallel.obs[f"{key}_fold"])
+        pd.testing.assert_frame_equal(serial.uns[key]["gene_pcc"], parallel.uns[key]["gene_pcc"])
+    assert list(parallel.obsm) == list(serial.obsm) and list(parallel.obs) == list(serial.obs)
+    assert list(parallel.var) == list(serial.var)
+
+
+def test_n_jobs_must_be_a_number_of_processes(embedded):
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="`n_jobs` must be a positive number of processes or -1"):
+            compare_methods(embedded.copy(), ["ridge"], n_jobs=bad)
+
+
+def test_a_job_process_ends_when_its_parent_is_gone(monkeypatch):
+    from histo2expr import _benchmark
+
+    def exit_now(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(_benchmark.os, "_exit", exit_now)
+    with pytest.raises(SystemExit):  # no process has the id -1: the parent it was started by is gone
+        _benchmark._exit_with_parent(-1, seconds=0.01)
