@@ -354,7 +354,7 @@ class Method(ABC):
 
     #: Registry name, e.g. ``"ridge"``.
     name: ClassVar[str] = ""
-    #: The regimes the method supports: ``"frozen"`` (cached features), ``"end2end"`` (patches), ``"adapted"``.
+    #: The regimes the method supports, of ``"frozen"`` (cached features), ``"end2end"`` (patches) and ``"adapted"``.
     regimes: ClassVar[tuple[str, ...]] = REGIMES
     #: Whether the method takes frozen image *tokens*, ``(n, t, d)`` features (see :class:`SpotSet`).
     token_input: ClassVar[bool] = False
