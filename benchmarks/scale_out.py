@@ -190,6 +190,18 @@ def embed_run(files: list[Path], out: Path, processes: int, threads: int) -> dic
     return {"spots": spots, "work_seconds": float(total.group(3)), "wall_seconds": wall, "busy": busy}
 
 
+def _header(title: str, part: str, machine: dict) -> list[str]:
+    """A report's title, command and machine lines."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `python benchmarks/scale_out.py --part {part}`",
+        "",
+        f"Machine: {machine['cpu_cores']} CPU cores (shared with other jobs), torch {machine['torch']}, "
+        f"Python {machine['python']}, {machine['platform']}.",
+    ]
+
+
 def embedding_report(machine: dict) -> str:
     """Embed the her2st sections with each layout; the markdown report."""
     from histo2expr._cache import cache_dir
@@ -217,12 +229,7 @@ def embedding_report(machine: dict) -> str:
     table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f")
     return "\n".join(
         [
-            "# Scale-out: cohort embedding throughput, 1 vs 2 processes",
-            "",
-            "Command: `python benchmarks/scale_out.py --part embedding`",
-            "",
-            f"Machine: {machine['cpu_cores']} CPU cores (shared with other jobs), torch {machine['torch']}, "
-            f"Python {machine['python']}, {machine['platform']}.",
+            *_header("Scale-out: cohort embedding throughput, 1 vs 2 processes", "embedding", machine),
             "",
             f"Data: the {len(files)} her2st sections ({n_spots} spots), one .h5ad file each; `histo2expr embed` with "
             "ImageNet EfficientNet-Lite0, 224 px patches at the slides' native resolution, batch size 64.",
@@ -254,12 +261,7 @@ def training_report(machine: dict) -> str:
     table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f")
     return "\n".join(
         [
-            "# Scale-out: seconds per training epoch, 1 vs 2 processes",
-            "",
-            "Command: `python benchmarks/scale_out.py --part training`",
-            "",
-            f"Machine: {machine['cpu_cores']} CPU cores (shared with other jobs), torch {machine['torch']}, "
-            f"Python {machine['python']}, {machine['platform']}.",
+            *_header("Scale-out: seconds per training epoch, 1 vs 2 processes", "training", machine),
             "",
             __doc__.split("\n\n", 1)[1].split("With ``--part embedding``")[0].strip(),
             "",
