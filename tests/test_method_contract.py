@@ -277,6 +277,23 @@ def adapted_spots(patch_spots):
     return adapted, slides, cache
 
 
+def test_adapted_cache_is_shared_by_seeds_unless_stain_copies_depend_on_them(patch_spots):
+    from histo2expr.models import build_encoder
+    from histo2expr.models.adapted import ActivationCache, AdaptedViews
+
+    _, _, source = patch_spots(5, 12)
+    encoder = build_encoder("efficientnet_lite0", weights=None, seed=0)
+
+    def path(**views):
+        built = ActivationCache.build(
+            source, encoder, trainable_blocks=1, views=AdaptedViews(dihedral=4, **views), progress=False
+        )
+        return built.path
+
+    assert path(seed=0) == path(seed=1) == path(seed=1, tta=1)
+    assert path(stain_copies=1, seed=0) != path(stain_copies=1, seed=1)
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_adapted_fit_trains_the_top_and_round_trips(name, adapted_spots):
     cls = get_method(name)

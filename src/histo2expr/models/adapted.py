@@ -177,6 +177,16 @@ class AdaptedViews:
         """The views as plain values (for a state dict)."""
         return asdict(self)
 
+    def cached_identity(self) -> dict[str, Any]:
+        """What the cached activations depend on, for the cache key.
+
+        ``tta`` only reads them, and ``stain`` and ``seed`` only shape the stain copies.
+        """
+        identity: dict[str, Any] = {"dihedral": self.dihedral, "stain_copies": self.stain_copies}
+        if self.stain_copies:
+            identity |= {"stain": self.stain, "seed": self.seed}
+        return identity
+
     @property
     def n_views(self) -> int:
         """Views cached per patch."""
@@ -359,7 +369,7 @@ def _cache_key(source: PatchSource, encoder: Encoder, trainable_blocks: int, vie
         "version": _CACHE_VERSION,
         "encoder": encoder.describe(),
         "trainable_blocks": trainable_blocks,
-        "views": asdict(views),
+        "views": views.cached_identity(),
         "patches": source.describe(),
     }
     digest.update(json.dumps(record, sort_keys=True, default=str).encode())
