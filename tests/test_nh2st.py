@@ -196,11 +196,24 @@ def test_beats_the_mean_predictor(cohort, fitted):
     assert fitted.embed(test).shape == (len(test), SMALL["embedding_dim"])
 
 
+def test_the_epoch_kept_has_the_best_validation_pcc(cohort, fitted):
+    _, validation, _ = cohort
+    report = fitted.report
+    assert fitted.settings.early_stopping == "pcc"
+    assert report.best_epoch == int(np.argmin(report.validation_loss))
+    # the epoch is chosen by the gene-wise PCC of the translator on the validation spots, not by its MSE
+    assert 1 - min(report.validation_loss) == pytest.approx(pcc_acg(validation.targets, fitted.predict(validation)), abs=1e-5)
+    by_mse = nh2st(early_stopping="mse")
+    by_mse.fit(*cohort[:2], config())
+    mse = float(((by_mse.predict(validation) - validation.targets) ** 2).mean())
+    assert min(by_mse.report.validation_loss) == pytest.approx(mse, rel=1e-5)
+
+
 def test_batches_hold_spots_then_their_same_slide_neighbours(cohort, monkeypatch):
     train, validation, _ = cohort
     seen = {}
 
-    def spy(self, network, fit, val, cfg, *, train_batches=None):
+    def spy(self, network, fit, val, cfg, *, train_batches=None, ema_decay=None):
         seen["orders"] = [train_batches(epoch=epoch) for epoch in (0, 1)]
         seen["fit"], seen["validation"] = len(fit), len(val)
         return nh2st_module.FitReport(train_loss=[0.0], best_epoch=0)
@@ -351,6 +364,7 @@ def test_fit_histo2expr_cross_validates_nh2st():
         ({"contrastive": 1}, "contrastive"),
         ({"token_grid": 0}, "token_grid"),
         ({"encoder": 3}, "encoder"),
+        ({"early_stopping": "loss"}, "`early_stopping` must be one of"),
     ],
 )
 def test_bad_parameters_are_clear_errors(params, match):

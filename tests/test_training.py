@@ -83,6 +83,49 @@ def test_the_untrained_weights_stay_when_no_epoch_beats_them():
     )  # without the untrained run, epoch 0 is the best
 
 
+class Linear(SpotNetwork):
+    """A linear head scored by the gene-wise PCC of its predictions on the validation spots."""
+
+    validation_metric = "pcc"
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+
+    def loss(self, batch):
+        return LossOutput(nn.functional.mse_loss(self.head(batch["features"]), batch["targets"]))
+
+    def validation_predictions(self, batch):
+        return self.head(batch["features"])
+
+
+def test_the_pcc_metric_is_the_mean_gene_pcc_over_all_validation_spots():
+    from histo2expr.metrics import pcc_acg
+
+    network, validation = Linear(), spots(n=70, seed=1)
+    validation.targets = validation.targets + np.random.default_rng(2).normal(size=(70, 2)).astype(np.float32)
+    report, _ = train_network(network, spots(), validation, config(epochs=1, batch_size=16))  # 5 batches
+    with torch.no_grad():
+        predicted = network.head(torch.from_numpy(validation.features)).numpy()
+    expected = 1 - pcc_acg(validation.targets, predicted)
+    assert report.validation_loss == [pytest.approx(expected, abs=1e-5)]
+
+
+def test_pcc_moments_leave_constant_genes_out_and_sum_over_batches(rng):
+    from histo2expr.metrics import pcc_acg
+    from histo2expr.models.training import correlation_moments, mean_correlation
+
+    targets = rng.normal(size=(50, 5)).astype(np.float32) + 3
+    predicted = (targets * 0.5 + rng.normal(size=targets.shape)).astype(np.float32)
+    predicted[:, 1] = 2.0  # a constant prediction: no correlation, left out as pcc_acg does
+    moments = sum(
+        correlation_moments(torch.from_numpy(predicted[rows]), torch.from_numpy(targets[rows]))
+        for rows in np.array_split(np.arange(50), 3)
+    )
+    assert mean_correlation(moments, 50) == pytest.approx(pcc_acg(targets, predicted), abs=1e-5)
+    assert mean_correlation(correlation_moments(torch.ones(4, 2), torch.ones(4, 2)), 4) == 0.0
+
+
 def test_a_loss_that_is_not_finite_is_a_clear_error():
     class Exploding(Drifting):
         def loss(self, batch):

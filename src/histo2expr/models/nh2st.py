@@ -21,6 +21,8 @@ from .training import LossOutput, SpotNetwork
 
 #: Graph types of the neighbour branch (paper, Table 2: hypergraph "HG." and plain graph "G.").
 GRAPHS = ("hypergraph", "graph")
+#: What the validation spots are scored by to choose the epoch: the translator's gene-wise PCC or MSE.
+EARLY_STOPPING = ("pcc", "mse")
 
 
 class CrossAttention(nn.Module):
@@ -142,11 +144,14 @@ class NH2STSettings(EncoderSettings):
     query_weight: float = 1.0
     neighbour_weight: float = 0.5
     dropout: float = 0.1
+    ema_epochs: float | None = None
+    early_stopping: str = "pcc"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         set_ = object.__setattr__
         one_of(self.graph, GRAPHS, "graph")
+        one_of(self.early_stopping, EARLY_STOPPING, "early_stopping")
         for name in (
             "embedding_dim",
             "hidden",
@@ -163,6 +168,8 @@ class NH2STSettings(EncoderSettings):
         for name in ("query_weight", "neighbour_weight"):
             set_(self, name, non_negative_number(getattr(self, name), name))
         set_(self, "dropout", probability(self.dropout, "dropout"))
+        if self.ema_epochs is not None:
+            set_(self, "ema_epochs", non_negative_number(self.ema_epochs, "ema_epochs", positive=True))
         if self.embedding_dim % self.attention_tokens:
             msg = (
                 f"`attention_tokens={self.attention_tokens}` must divide `embedding_dim={self.embedding_dim}` (each "
@@ -208,6 +215,7 @@ class _NH2STNetwork(SpotNetwork):
         self.image_input = image_input
         self.pathology = PathologyProjection(image_input, dim, settings.token_grid)
         self.translator = _two_layers(dim, hidden, n_genes, dropout)
+        self.validation_metric = "pcc" if settings.early_stopping == "pcc" else "loss"
         if not settings.contrastive:
             return
         self.gene_encoder = _two_layers(n_genes, hidden, dim, dropout)
@@ -265,8 +273,12 @@ class _NH2STNetwork(SpotNetwork):
         return LossOutput(loss, terms)
 
     def validation_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The MSE of the translator's prediction, what inference uses."""
+        """The MSE of the translator's prediction, what inference uses (``early_stopping="mse"``)."""
         return F.mse_loss(self.predict(batch).float(), batch["targets"])
+
+    def validation_predictions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The translator's prediction, whose gene-wise PCC chooses the epoch (``early_stopping="pcc"``)."""
+        return self.predict(batch)
 
 
 def _unique_rows(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -318,8 +330,13 @@ class NH2STMethod(TorchMethod):
     prediction depends on its own image alone, never on its batch or its neighbours.
 
     **Early stopping** (**Decision**): after every epoch the validation spots (training slides
-    only) are scored by the MSE of the translator's prediction — what inference uses — and
-    the best epoch is kept.
+    only) are scored by the mean gene-wise PCC of the translator's prediction — what inference
+    uses, scored as the benchmark scores it (``early_stopping="pcc"``; ``"mse"`` scores its MSE,
+    which the validation slide's expression offsets dominate) — and the best epoch is kept.
+    With ``ema_epochs`` the weights that are scored and kept are an exponential moving average of
+    the trained weights (:class:`~histo2expr.models.training.AveragedWeights`): the validation
+    curve is then smooth, so that the epoch kept, and the result, no longer jump with
+    float-level changes of the input (another encoder backend, another thread count).
 
     **Training defaults.** The paper trains with Adam, lr 1e-4, batch 8, 20 epochs. Here the
     :class:`~histo2expr.models.TrainConfig` of the caller applies (``fit_histo2expr``:
@@ -375,6 +392,13 @@ class NH2STMethod(TorchMethod):
     dropout
         Dropout of the hidden layers of the ST encoder and the translator and between graph
         layers (0.1).
+    early_stopping
+        What chooses the epoch on the validation spots: ``"pcc"`` (default), the mean gene-wise
+        PCC of the translator's prediction; ``"mse"``, its mean squared error.
+    ema_epochs
+        Time constant, in epochs, of the exponential moving average of the weights that is
+        validated and kept (decay ``1 - 1 / (ema_epochs * steps per epoch)`` per step); `None`
+        validates and keeps the trained weights themselves.
 
     Notes
     -----
@@ -405,8 +429,17 @@ class NH2STMethod(TorchMethod):
         network = self.start_fit(train, validation, config)
         if train.regime == "end2end":
             network.pathology.check_grid(network.image_input, train.patches.patch_size)
-        self.report = self.fit_network(network, train, validation, config, train_batches=order)
+        self.report = self.fit_network(
+            network, train, validation, config, train_batches=order, ema_decay=self._ema_decay(len(train), config)
+        )
         return self.report
+
+    def _ema_decay(self, n_spots: int, config: TrainConfig) -> float | None:
+        """The decay per step of the weights' moving average whose time constant is ``ema_epochs`` epochs."""
+        if self.settings.ema_epochs is None:
+            return None
+        steps_per_epoch = max(1, n_spots // config.batch_size)
+        return 1 - 1 / max(1.0, self.settings.ema_epochs * steps_per_epoch)
 
     def predict(self, data: SpotSet) -> np.ndarray:
         """``(n, n_genes)`` predicted standardised expression: image -> encoder -> translator."""

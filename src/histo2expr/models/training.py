@@ -8,7 +8,8 @@ logs the terms; a **data module** (``histo2expr.models.batches.SpotDataModule``)
 the spots in either regime, in the batch order the method asks for; :func:`train_network` runs a
 ``lightning.pytorch.Trainer`` with early stopping
 (``lightning.pytorch.callbacks.EarlyStopping``) and keeps the weights of the best
-validation epoch (:class:`BestWeights`). Accelerator, devices, strategy, nodes and precision
+validation epoch (:class:`BestWeights`), optionally of an exponential moving average of the weights
+(:class:`AveragedWeights`). Accelerator, devices, strategy, nodes and precision
 are Lightning's, so one GPU, several GPUs (DDP) and SLURM clusters need no code here.
 """
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import lightning.pytorch as lightning
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ProgressBar
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
@@ -57,10 +58,21 @@ class SpotNetwork(nn.Module):
     """A network the engine trains: the loss of a batch and the method's validation metric.
 
     Subclasses implement :meth:`loss` and, when the metric that chooses the epoch differs
-    from the training loss, :meth:`validation_loss`. Batches are dictionaries of tensors on the
-    training device: ``position`` (rows of the spots), ``coords``, ``slide`` (integer slide codes),
-    ``targets``, and ``features`` (frozen regime) or ``image`` (uint8 patches, end to end).
+    from the training loss, :meth:`validation_loss`, or set :attr:`validation_metric` to
+    ``"pcc"`` and implement :meth:`validation_predictions`. Batches are dictionaries of tensors on
+    the training device: ``position`` (rows of the spots), ``coords``, ``slide`` (integer slide
+    codes), ``targets``, and ``features`` (frozen regime) or ``image`` (uint8 patches, end to end).
+
+    Attributes
+    ----------
+    validation_metric
+        ``"loss"``: the mean of :meth:`validation_loss` over the validation spots; ``"pcc"``: one
+        minus the mean gene-wise Pearson correlation of :meth:`validation_predictions` with the
+        targets over all validation spots (:func:`correlation_moments`), the benchmark's
+        PCC(ACG), which the slide's expression offsets do not dominate as they dominate an MSE.
     """
+
+    validation_metric: str = "loss"
 
     def loss(self, batch: Batch) -> LossOutput:
         """The training loss of ``batch`` and its terms."""
@@ -69,6 +81,28 @@ class SpotNetwork(nn.Module):
     def validation_loss(self, batch: Batch) -> torch.Tensor:
         """The validation metric of ``batch`` (evaluation mode); by default the training loss."""
         return self.loss(batch).loss
+
+    def validation_predictions(self, batch: Batch) -> torch.Tensor:
+        """``(B, n_genes)`` predictions of ``batch`` scored against its targets when ``validation_metric == "pcc"``."""
+        raise NotImplementedError
+
+
+def correlation_moments(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(5, n_genes)`` sums over the spots of p, t, p², t² and p·t: what a gene-wise PCC needs, additive over batches."""
+    p, t = predicted.detach().float(), targets.detach().float()
+    return torch.stack([p.sum(0), t.sum(0), (p * p).sum(0), (t * t).sum(0), (p * t).sum(0)])
+
+
+def mean_correlation(moments: torch.Tensor, n_spots: float) -> float:
+    """The mean gene-wise PCC from summed :func:`correlation_moments` of ``n_spots`` spots (constant genes left out; 0 when all are)."""
+    p, t, pp, tt, pt = moments.double() / n_spots
+    covariance, var_p, var_t = pt - p * t, pp - p * p, tt - t * t
+    # a variance below float32's rounding of the raw moments is a constant gene
+    varying = (var_p > 1e-6 * pp.clamp_min(1e-30)) & (var_t > 1e-6 * tt.clamp_min(1e-30))
+    if not bool(varying.any()):
+        return 0.0
+    pcc = covariance[varying] / (var_p[varying] * var_t[varying]).sqrt()
+    return float(pcc.clamp(-1, 1).mean())
 
 
 class TrainingPlan(lightning.LightningModule):
@@ -103,7 +137,10 @@ class TrainingPlan(lightning.LightningModule):
 
     def accumulate(self, name: str, value: torch.Tensor, n_spots: int) -> None:
         """Add the value of a batch of ``n_spots`` spots to the epoch mean of ``name``."""
-        total = value.detach().float() * n_spots
+        self.add_sum(name, value.detach().float() * n_spots, n_spots)
+
+    def add_sum(self, name: str, total: torch.Tensor, n_spots: int) -> None:
+        """Add ``total``, a sum over a batch of ``n_spots`` spots, to the epoch's sum of ``name``."""
         if name in self._sums:
             self._sums[name][0] = self._sums[name][0] + total
             self._sums[name][1] += n_spots
@@ -144,12 +181,23 @@ class TrainingPlan(lightning.LightningModule):
             self.report.train_terms.setdefault(name.removeprefix("train_"), []).append(value)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        """The network's validation metric of one batch."""
-        self.accumulate(VALIDATION_METRIC, self.network.validation_loss(batch), len(batch["position"]))
+        """The network's validation metric of one batch (its correlation moments with ``validation_metric="pcc"``)."""
+        n_spots = len(batch["position"])
+        if self.network.validation_metric == "pcc":
+            moments = correlation_moments(self.network.validation_predictions(batch), batch["targets"])
+            self.add_sum(VALIDATION_METRIC, moments, n_spots)
+        else:
+            self.accumulate(VALIDATION_METRIC, self.network.validation_loss(batch), n_spots)
 
     def on_validation_epoch_end(self) -> None:
         """Log the validation metric of the pass, and record it when fitting."""
-        value = self.epoch_means(VALIDATION_METRIC)[VALIDATION_METRIC]
+        if self.network.validation_metric == "pcc":
+            total, count = self._sums.pop(VALIDATION_METRIC)
+            total = self.trainer.strategy.reduce(total.to(self.device), reduce_op="sum")
+            count = self.trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="sum")
+            value = 1 - mean_correlation(total, float(count))
+        else:
+            value = self.epoch_means(VALIDATION_METRIC)[VALIDATION_METRIC]
         self.log(VALIDATION_METRIC, value)
         if _fitting(self.trainer) and not self.trainer.sanity_checking:
             self.report.validation_loss.append(value)
@@ -211,6 +259,28 @@ class BestWeights(Callback):
         """Load the best weights."""
         if self.weights is not None:
             plan.network.load_state_dict(self.weights)
+
+
+class AveragedWeights(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights, updated after every step; what is validated and kept.
+
+    The average (``decay`` per optimiser step) replaces the weights while the validation spots
+    are scored and when training ends, so early stopping and :class:`BestWeights` follow the
+    average, not the last step's weights. Unlike Lightning's callback, the trained weights come
+    back at the end of the validation run rather than of its epoch, so that :class:`BestWeights`,
+    placed before this callback, copies the averaged weights the metric was computed with.
+    """
+
+    def __init__(self, decay: float) -> None:
+        super().__init__(decay=decay)
+
+    def on_validation_epoch_end(self, trainer: lightning.Trainer, plan: lightning.LightningModule) -> None:
+        """Keep the averaged weights until the validation run ends."""
+
+    def on_validation_end(self, trainer: lightning.Trainer, plan: lightning.LightningModule) -> None:
+        """Bring the trained weights back."""
+        if self._average_model is not None:
+            self._swap_models(plan)
 
 
 class EpochBar(ProgressBar):
@@ -350,6 +420,7 @@ def train_network(
     plan: TrainingPlan | None = None,
     train_batches: Batches | None = None,
     validate_untrained: bool = False,
+    ema_decay: float | None = None,
 ) -> tuple[FitReport, torch.device]:
     """Train ``network`` on ``train_spots`` with Lightning; keep the weights of the best validation epoch.
 
@@ -372,6 +443,10 @@ def train_network(
         Score the untrained network on the validation spots first: when no epoch beats it, its
         weights are kept (``report.best_epoch`` is then `None`, and
         ``report.notes["untrained_validation_loss"]`` holds its score).
+    ema_decay
+        Validate and keep an exponential moving average of the weights with this decay per
+        optimiser step (:class:`AveragedWeights`) instead of the weights themselves; `None` (default)
+        keeps the weights.
 
     Returns
     -------
@@ -393,7 +468,9 @@ def train_network(
         train_batches=train_batches,
     )
     best = BestWeights()
-    callbacks = [best] if has_validation else []
+    callbacks: list[Callback] = [best] if has_validation else []
+    if ema_decay is not None:
+        callbacks.append(AveragedWeights(ema_decay))  # after BestWeights: see AveragedWeights
     untrained = None
     with quiet_lightning():
         trainer = make_trainer(config, validation=has_validation, callbacks=callbacks)
