@@ -126,6 +126,40 @@ def test_pcc_moments_leave_constant_genes_out_and_sum_over_batches(rng):
     assert mean_correlation(correlation_moments(torch.ones(4, 2), torch.ones(4, 2)), 4) == 0.0
 
 
+def test_the_moving_average_of_the_weights_is_what_is_kept():
+    from histo2expr.models import TrainingPlan
+
+    class Recording(TrainingPlan):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            self.steps.append(self.network.head.weight.detach().clone())
+
+    network, decay = Linear(), 0.7
+    plan = Recording(network, lr=0.1, weight_decay=0.0)
+    plan.steps = []
+    train_network(network, spots(), None, config(epochs=2), plan=plan, ema_decay=decay)  # 4 steps per epoch
+    average = plan.steps[0]
+    for weights in plan.steps[1:]:
+        average = decay * average + (1 - decay) * weights
+    assert len(plan.steps) == 8 and not torch.allclose(average, plan.steps[-1])
+    torch.testing.assert_close(network.head.weight.detach(), average)
+
+
+def test_the_validated_and_kept_weights_are_the_averaged_ones():
+    from histo2expr.metrics import pcc_acg
+
+    validation = spots(n=48, seed=1)
+    validation.targets = validation.targets + np.random.default_rng(2).normal(size=(48, 2)).astype(np.float32)
+    kept = {}
+    for decay in (None, 0.9):
+        network = Linear()
+        report, _ = train_network(network, spots(), validation, config(epochs=3, lr=0.05), ema_decay=decay)
+        with torch.no_grad():
+            predicted = network.head(torch.from_numpy(validation.features)).numpy()
+        assert min(report.validation_loss) == pytest.approx(1 - pcc_acg(validation.targets, predicted), abs=1e-5)
+        kept[decay] = network.head.weight.detach()
+    assert not torch.allclose(kept[None], kept[0.9])
+
+
 def test_a_loss_that_is_not_finite_is_a_clear_error():
     class Exploding(Drifting):
         def loss(self, batch):
