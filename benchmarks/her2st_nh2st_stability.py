@@ -45,7 +45,12 @@ VARIANTS = {
     "bleep": {"method": "bleep"},
     "stnet": {"method": "stnet"},
 }
-GROUPS = {"baselines": ["ridge", "bleep", "stnet"], "mse": ["nh2st: mse"], "pcc": ["nh2st: pcc"], "ema2": ["nh2st: pcc, ema 2"]}
+GROUPS = {
+    "baselines": ["ridge", "bleep", "stnet"],
+    "mse": ["nh2st: mse"],
+    "pcc": ["nh2st: pcc"],
+    "ema2": ["nh2st: pcc, ema 2"],
+}
 
 
 def perturbed(features: np.ndarray, noise: float) -> np.ndarray:
@@ -95,7 +100,14 @@ def run(args: argparse.Namespace) -> None:
                 }
                 with ROWS.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
-                print(name, seed, noise, f"PCC(ACG) {folds['pcc_acg'].mean():.4f}", row["best_epochs"], flush=True)
+                print(
+                    name,
+                    seed,
+                    noise,
+                    f"PCC(ACG) {folds['pcc_acg'].mean():.4f}",
+                    row["best_epochs"],
+                    flush=True,
+                )
 
 
 def _table() -> pd.DataFrame:
@@ -126,7 +138,10 @@ def report(args: argparse.Namespace) -> None:
         }
     wide = table.pivot_table(index=["variant", "noise", "seed"], columns="slide", values="pcc_acg").round(4)
     epochs = pd.DataFrame(
-        [{"variant": r["variant"], "noise": r["noise"], "seed": r["seed"], "epochs kept": r["best_epochs"]} for r in rows]
+        [
+            {"variant": r["variant"], "noise": r["noise"], "seed": r["seed"], "epochs kept": r["best_epochs"]}
+            for r in rows
+        ]
     ).set_index(["variant", "noise", "seed"])
     cpu = pd.DataFrame(rows).groupby("variant")["cpu_seconds"].mean().round(0)
     lines = [
@@ -172,7 +187,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     steps = parser.add_subparsers(dest="step", required=True)
     step = steps.add_parser("run")
-    step.add_argument("--variants", default="default", help=f"comma-separated: {', '.join([*VARIANTS, *GROUPS])}")
+    step.add_argument(
+        "--variants", default="default", help=f"comma-separated: {', '.join([*VARIANTS, *GROUPS])}"
+    )
     step.add_argument("--seeds", default="0,1,2")
     step.add_argument("--noise", default="0", help="comma-separated relative noise levels")
     step.set_defaults(func=run)

@@ -202,7 +202,9 @@ def test_the_epoch_kept_has_the_best_validation_pcc(cohort, fitted):
     assert fitted.settings.early_stopping == "pcc"
     assert report.best_epoch == int(np.argmin(report.validation_loss))
     # the epoch is chosen by the gene-wise PCC of the translator on the validation spots, not by its MSE
-    assert 1 - min(report.validation_loss) == pytest.approx(pcc_acg(validation.targets, fitted.predict(validation)), abs=1e-5)
+    assert 1 - min(report.validation_loss) == pytest.approx(
+        pcc_acg(validation.targets, fitted.predict(validation)), abs=1e-5
+    )
     by_mse = nh2st(early_stopping="mse")
     by_mse.fit(*cohort[:2], config())
     mse = float(((by_mse.predict(validation) - validation.targets) ** 2).mean())

@@ -155,7 +155,9 @@ def test_the_validated_and_kept_weights_are_the_averaged_ones():
         report, _ = train_network(network, spots(), validation, config(epochs=3, lr=0.05), ema_decay=decay)
         with torch.no_grad():
             predicted = network.head(torch.from_numpy(validation.features)).numpy()
-        assert min(report.validation_loss) == pytest.approx(1 - pcc_acg(validation.targets, predicted), abs=1e-5)
+        assert min(report.validation_loss) == pytest.approx(
+            1 - pcc_acg(validation.targets, predicted), abs=1e-5
+        )
         kept[decay] = network.head.weight.detach()
     assert not torch.allclose(kept[None], kept[0.9])
 

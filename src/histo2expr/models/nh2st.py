@@ -430,7 +430,12 @@ class NH2STMethod(TorchMethod):
         if train.regime == "end2end":
             network.pathology.check_grid(network.image_input, train.patches.patch_size)
         self.report = self.fit_network(
-            network, train, validation, config, train_batches=order, ema_decay=self._ema_decay(len(train), config)
+            network,
+            train,
+            validation,
+            config,
+            train_batches=order,
+            ema_decay=self._ema_decay(len(train), config),
         )
         return self.report
 

@@ -194,7 +194,9 @@ class TrainingPlan(lightning.LightningModule):
         if self.network.validation_metric == "pcc":
             total, count = self._sums.pop(VALIDATION_METRIC)
             total = self.trainer.strategy.reduce(total.to(self.device), reduce_op="sum")
-            count = self.trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="sum")
+            count = self.trainer.strategy.reduce(
+                torch.tensor(float(count), device=self.device), reduce_op="sum"
+            )
             value = 1 - mean_correlation(total, float(count))
         else:
             value = self.epoch_means(VALIDATION_METRIC)[VALIDATION_METRIC]
