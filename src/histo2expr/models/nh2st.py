@@ -144,7 +144,7 @@ class NH2STSettings(EncoderSettings):
     query_weight: float = 1.0
     neighbour_weight: float = 0.5
     dropout: float = 0.1
-    ema_epochs: float | None = None
+    ema_epochs: float | None = 2.0
     early_stopping: str = "pcc"
 
     def __post_init__(self) -> None:
@@ -397,8 +397,8 @@ class NH2STMethod(TorchMethod):
         PCC of the translator's prediction; ``"mse"``, its mean squared error.
     ema_epochs
         Time constant, in epochs, of the exponential moving average of the weights that is
-        validated and kept (decay ``1 - 1 / (ema_epochs * steps per epoch)`` per step); `None`
-        validates and keeps the trained weights themselves.
+        validated and kept (2; decay ``1 - 1 / (ema_epochs * steps per epoch)`` per step, steps of
+        one process); `None` validates and keeps the trained weights themselves.
 
     Notes
     -----
