@@ -41,6 +41,7 @@ VARIANTS = {
     "nh2st: mse": {"method": "nh2st", "early_stopping": "mse", "ema_epochs": None},
     "nh2st: pcc": {"method": "nh2st", "early_stopping": "pcc", "ema_epochs": None},
     "nh2st: pcc, ema 2": {"method": "nh2st", "early_stopping": "pcc", "ema_epochs": 2.0},
+    "nh2st: mse, ema 2": {"method": "nh2st", "early_stopping": "mse", "ema_epochs": 2.0},
     "ridge": {"method": "ridge"},
     "bleep": {"method": "bleep"},
     "stnet": {"method": "stnet"},
@@ -188,7 +189,7 @@ def main() -> None:
     steps = parser.add_subparsers(dest="step", required=True)
     step = steps.add_parser("run")
     step.add_argument(
-        "--variants", default="default", help=f"comma-separated: {', '.join([*VARIANTS, *GROUPS])}"
+        "--variants", default="ema2", help=f"comma-separated: {', '.join([*VARIANTS, *GROUPS])}"
     )
     step.add_argument("--seeds", default="0,1,2")
     step.add_argument("--noise", default="0", help="comma-separated relative noise levels")
