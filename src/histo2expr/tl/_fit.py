@@ -405,7 +405,10 @@ def fit_histo2expr(
     interval_calibration
         ``"pooled"``: each gene's half-width is the conformal quantile of all calibration spots'
         scores; ``"per_slide"``: the largest of every calibration slide's own quantile, so that the
-        level holds on each calibration slide, not only on average (wider intervals).
+        level holds on each calibration slide, not only on average (wider intervals); ``"shift"``: the
+        pooled quantile, and the intervals of every slide predicted whose median spot lies farther from
+        the training spots than an unseen training slide's (distance ratio ``r > 1``, from its images
+        only) widened ``r``-fold, never narrower than ``"pooled"`` (see ``docs/trust.md``).
     device
         Deprecated: pass ``accelerator`` and ``devices`` (``device="cuda:1"`` is
         ``accelerator="cuda", devices=[1]``).

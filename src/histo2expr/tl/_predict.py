@@ -325,7 +325,7 @@ def predict_expression(
         predicted, slides, scale=scale, adata=table, training=training, library_size=library_size
     )
     warn_if_unlike_training(table, slides, training, scale=scale)
-    trust = new_spots(model.trust, embedding, predicted)
+    trust = new_spots(model.trust, embedding, predicted, slides)
     obs, obsm, extra = {}, {Key.obsm.embedding(key_added): embedding}, {}
     if trust is not None:
         extra["shift"] = slide_shift(trust.p_value, trust.difficulty, slides)
