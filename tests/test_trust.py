@@ -426,7 +426,7 @@ def test_per_slide_calibration_takes_the_largest_quantile_of_the_calibration_sli
         per_slide.trust["calibration"]["quantile"], np.max(per_slide_quantiles, axis=0)
     )
     np.testing.assert_allclose(pooled.trust["calibration"]["quantile"], conformal_quantile(residual, 0.8))
-    assert adata.uns["histo2expr"]["params"]["interval_calibration"] == "pooled"
+    assert adata.uns["histo2expr"]["params"]["interval_calibration"] == "shift"
 
 
 def test_per_slide_calibration_needs_enough_spots_on_every_slide(refuses):
@@ -466,8 +466,8 @@ def test_shift_calibration_widens_only_slides_farther_than_an_unseen_training_sl
 
 def test_shift_calibration_widens_a_far_slide_by_its_distance_ratio(cohort, tmp_path):
     both = {**FIT, "cv": None, "intervals": True}
-    pooled = hx.tl.fit_histo2expr(cohort.copy(), **both)
-    shifted = hx.tl.fit_histo2expr(cohort.copy(), interval_calibration="shift", **both)
+    pooled = hx.tl.fit_histo2expr(cohort.copy(), interval_calibration="pooled", **both)
+    shifted = hx.tl.fit_histo2expr(cohort.copy(), **both)  # the default
     np.testing.assert_array_equal(
         pooled.trust["calibration"]["quantile"], shifted.trust["calibration"]["quantile"]
     )

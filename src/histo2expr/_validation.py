@@ -478,7 +478,7 @@ CALIBRATIONS = {
 
 
 def check_intervals(
-    intervals: Any, level: Any, folds: Any, calibration: Any = "pooled"
+    intervals: Any, level: Any, folds: Any, calibration: Any
 ) -> tuple[str | None, float, int]:
     """The interval options of ``fit_histo2expr``, checked: the kind (None: no intervals), level and folds."""
     level = check_level(level)

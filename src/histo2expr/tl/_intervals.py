@@ -42,7 +42,7 @@ class IntervalSettings:
     level: float
     kind: str
     folds: int
-    calibration: str = "pooled"
+    calibration: str
 
     def describe(self) -> dict[str, Any]:
         """The ``uns[key]["intervals"]`` record."""
@@ -58,7 +58,7 @@ class IntervalSettings:
 
 
 def interval_settings(
-    intervals: bool | str | None, level: float, folds: int, calibration: str = "pooled"
+    intervals: bool | str | None, level: float, folds: int, calibration: str
 ) -> IntervalSettings | None:
     """The interval parameters, checked (:func:`histo2expr._validation.check_intervals`): None when none are asked for."""
     kind, level, folds = check_intervals(intervals, level, folds, calibration)
