@@ -265,7 +265,9 @@ def predict_expression(
         than a quarter of its spots at p < 0.05 gets a warning with the numbers.
     ``.obsm[f"{key_added}_lower"]``, ``.obsm[f"{key_added}_upper"]``
         A model fitted with ``intervals``: the bounds of each prediction's conformal interval, on ``scale``,
-        laid out like the predictions (read them with :func:`histo2expr.get.intervals`).
+        laid out like the predictions (read them with :func:`histo2expr.get.intervals`). With the
+        model's ``interval_calibration="shift"`` (the default), a slide (``slide_key``; all spots are
+        one slide without it) whose ``distance_ratio`` exceeds 1 gets its intervals widened that many times.
     ``.uns[key_added]``
         The record: ``kind`` (``"prediction"``), ``method``, ``protocol``, ``scale``, the model's
         description (genes, encoder, patches, parameters), ``cv_protocol``, ``cv_pcc`` (per gene: the
