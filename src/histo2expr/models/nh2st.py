@@ -334,7 +334,7 @@ class NH2STMethod(TorchMethod):
     best epoch is kept (``early_stopping="mse"``). ``early_stopping="pcc"`` scores its mean
     gene-wise PCC instead, as the benchmark does, and ``ema_epochs`` validates and keeps an
     exponential moving average of the weights
-    (:class:`~histo2expr.models.training.AveragedWeights`), whose validation curve is smooth. On
+    (``models.training.AveragedWeights``), whose validation curve is smooth. On
     her2st the two together halved the spread over seeds but lowered the mean and the patient-B
     section, and did not make the result less sensitive to float-level changes of the features
     (``benchmarks/results/her2st_nh2st_stability.md``), so both are options, off by default.

@@ -9,7 +9,7 @@ the spots in either regime, in the batch order the method asks for; :func:`train
 ``lightning.pytorch.Trainer`` with early stopping
 (``lightning.pytorch.callbacks.EarlyStopping``) and keeps the weights of the best
 validation epoch (:class:`BestWeights`), optionally of an exponential moving average of the weights
-(:class:`AveragedWeights`). Accelerator, devices, strategy, nodes and precision
+(``AveragedWeights``). Accelerator, devices, strategy, nodes and precision
 are Lightning's, so one GPU, several GPUs (DDP) and SLURM clusters need no code here.
 """
 
@@ -68,7 +68,7 @@ class SpotNetwork(nn.Module):
     validation_metric
         ``"loss"``: the mean of :meth:`validation_loss` over the validation spots; ``"pcc"``: one
         minus the mean gene-wise Pearson correlation of :meth:`validation_predictions` with the
-        targets over all validation spots (:func:`correlation_moments`), the benchmark's
+        targets over all validation spots (``correlation_moments``), the benchmark's
         PCC(ACG), which the slide's expression offsets do not dominate as they dominate an MSE.
     """
 
@@ -94,7 +94,7 @@ def correlation_moments(predicted: torch.Tensor, targets: torch.Tensor) -> torch
 
 
 def mean_correlation(moments: torch.Tensor, n_spots: float) -> float:
-    """The mean gene-wise PCC from summed :func:`correlation_moments` of ``n_spots`` spots (constant genes left out; 0 when all are)."""
+    """The mean gene-wise PCC from summed ``correlation_moments`` of ``n_spots`` spots (constant genes left out; 0 when all are)."""
     p, t, pp, tt, pt = moments.double() / n_spots
     covariance, var_p, var_t = pt - p * t, pp - p * p, tt - t * t
     # a variance below float32's rounding of the raw moments is a constant gene
@@ -447,7 +447,7 @@ def train_network(
         ``report.notes["untrained_validation_loss"]`` holds its score).
     ema_decay
         Validate and keep an exponential moving average of the weights with this decay per
-        optimiser step (:class:`AveragedWeights`) instead of the weights themselves; `None` (default)
+        optimiser step (``AveragedWeights``) instead of the weights themselves; `None` (default)
         keeps the weights.
 
     Returns
