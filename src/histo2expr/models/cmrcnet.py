@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import flag, one_of, positive_int, probability
+from .._validation import flag, non_negative_number, one_of, positive_int, probability
 from .base import register_method
 from .bleep import BLEEPMethod, BLEEPSettings
 from .layers import ImageInput, ProjectionHead, pool_token_grid
@@ -232,6 +233,7 @@ class CMRCNetSettings(BLEEPSettings):
     fusion_heads: int = 8
     fusion_blocks: int = 2
     mlp_ratio: float = 4.0
+    average_epochs: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -254,6 +256,12 @@ class CMRCNetSettings(BLEEPSettings):
             msg = f"`mlp_ratio` must be a positive number, got {ratio!r}."
             raise ValueError(msg)
         set_(self, "mlp_ratio", float(ratio))
+        if self.average_epochs is not None:
+            set_(
+                self,
+                "average_epochs",
+                non_negative_number(self.average_epochs, "average_epochs", positive=True),
+            )
         for heads in ("cross_heads", "fusion_heads"):
             if self.reconstruction_dim % getattr(self, heads):
                 msg = (
@@ -395,6 +403,10 @@ class CMRCNetMethod(BLEEPMethod):
     token_input = True
     settings_class = CMRCNetSettings
     settings: CMRCNetSettings
+
+    def training_options(self) -> dict[str, Any]:
+        """The moving average of the weights (``average_epochs``), handed to the training engine."""
+        return {"average_epochs": self.settings.average_epochs}
 
     def build(self, image_input: ImageInput, n_genes: int) -> _CMRCNetNetwork:
         """Projection heads on the mean image token and on the expression, and the reconstruction module."""
