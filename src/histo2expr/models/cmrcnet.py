@@ -355,11 +355,11 @@ class CMRCNetMethod(BLEEPMethod):
       ``average_epochs=None`` it is exactly ``method="bleep"`` on the mean token — bit-identical
       to it given the same features and seed.
     - **Weight averaging** (not in the paper): training keeps an exponential moving average of
-      the weights with a time constant of ``average_epochs`` epochs
-      (:class:`~histo2expr.models.training.EpochEMA`); validation, early stopping and the weights
+      the weights with a time constant of ``average_epochs`` epochs (the option of the same name
+      of :func:`~histo2expr.models.train_network`); validation, early stopping and the weights
       kept are those of the average. The retrieval of a single set of weights changed a lot from
       one epoch to the next (on her2st the held-out PCC of one fold moved by up to 0.1 between
-      consecutive epochs); the average is the mean of the last few epochs' weights, which made
+      consecutive epochs); the average, about the mean of the last few epochs' weights, made the
       results steadier across seeds and better on average (docs/methods/cmrcnet.md).
     - Frozen tokens: the backbone's last feature map average-pooled to a small grid (the paper
       fine-tunes a ViT-B/32 with 49 patch tokens and a class token, not available frozen).

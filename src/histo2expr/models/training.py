@@ -425,8 +425,9 @@ def train_network(
         weights are kept (``report.best_epoch`` is then `None`, and
         ``report.notes["untrained_validation_loss"]`` holds its score).
     average_epochs
-        Train with an exponential moving average of the weights (:class:`EpochEMA`) of this
-        time constant in epochs: validation, early stopping and the weights kept use the average.
+        Train with an exponential moving average of the weights (``training.EpochEMA``) of
+        this time constant in epochs: validation, early stopping and the weights kept use the
+        average.
         `None` (default): the weights as trained.
 
     Returns
