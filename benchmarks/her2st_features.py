@@ -340,7 +340,9 @@ def report(args: argparse.Namespace) -> None:
         "Settings: `f1:V` spot view averaged over V dihedral views (1, 4 quarter turns, 8 with mirrors), `f2:V` / "
         "`f3:V` the 2x / 3x wider context view, `nbr6` the mean spot view of the 6 nearest spots of the slide, "
         "`f1_macenko` Macenko-normalised patches, `lite1_f1` / `lite2_f1` the spot view of EfficientNet-Lite1 / "
-        "-Lite2; '+' concatenates. `f1:4+nbr6` is what `hx.tl.embed_patches` computes by default.",
+        "-Lite2; '+' concatenates. `f1:4+nbr6` is what `hx.tl.embed_patches` computes by default. A method "
+        "column that is not a method's name is a method run with other settings (`run --params ... --label`), "
+        "named by its label.",
         "",
         "## Mean over held-out slides (mean ± sd over seeds)",
         "",
