@@ -356,18 +356,19 @@ def report(args: argparse.Namespace) -> None:
             _summary(augmented).to_markdown(index=False),
             "",
         ]
-    lines += [
-        "## Slide shift: B4 (the one patient-B section, the hardest) under stain normalisation and augmentation",
-        "",
-        "PCC(ACG) on B4 and the mean over the six held-out slides, seed 0, on the `f1:4` spot view: as it is, "
-        "Macenko-normalised per slide (`f1_macenko:4`), and trained also on two HED-jittered copies of the "
-        "training spots (`augment`).",
-        "",
-        _stain_effect(rows, augmented).to_markdown(),
-        "",
-        "## PCC(ACG) per held-out slide and seed",
-        "",
-    ]
+    stain = _stain_effect(rows, augmented)
+    if not stain.empty:
+        lines += [
+            "## Slide shift: B4 (the one patient-B section, the hardest) under stain normalisation and augmentation",
+            "",
+            "PCC(ACG) on B4 and the mean over the six held-out slides, seed 0, on the `f1:4` spot view: as it is, "
+            "Macenko-normalised per slide (`f1_macenko:4`), and trained also on two HED-jittered copies of the "
+            "training spots (`augment`).",
+            "",
+            stain.to_markdown(),
+            "",
+        ]
+    lines += ["## PCC(ACG) per held-out slide and seed", ""]
     for name, table in (("rows", rows), ("augmented", augmented)):
         if table.empty:
             continue
