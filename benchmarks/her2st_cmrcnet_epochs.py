@@ -125,8 +125,8 @@ def main() -> None:
                 {
                     "held-out slide": slide,
                     "weights": name,
-                    "mean |change| per epoch": steps.mean(),
-                    "largest |change|": steps.max(),
+                    "mean abs change per epoch": steps.mean(),
+                    "largest abs change": steps.max(),
                     "sd over epochs 10+": table["held out"].iloc[10:].std(),
                     "epoch of the best validation PCC": int(table["validation"].idxmax()),
                 }
