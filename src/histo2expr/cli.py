@@ -76,19 +76,25 @@ def _check_encoder(name: str) -> None:
         build_encoder(name, weights=None)  # fails with the names there are
 
 
-def _check_common(args: argparse.Namespace) -> list[str] | None:
-    """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
+def _check_common(args: argparse.Namespace, regime: str) -> list[str]:
+    """Check what both commands take, before any work; return the methods (``--methods``, else every one of ``regime``)."""
     from ._validation import check_patch_size
-    from .models import get_method, resolve_device
+    from .models import available_methods, get_method, resolve_device
     from .models.backends import check_backend
 
     check_patch_size(args.patch_size)
-    methods = None if args.methods is None else _method_list(args.methods)
-    if methods is not None:
+    if args.methods is None:
+        methods = [m for m in available_methods() if regime in get_method(m).regimes]
+    else:
+        methods = _method_list(args.methods)
         if not methods:
             raise CommandError("--methods names no method; give e.g. --methods ridge,stnet.")
         for method in methods:
-            get_method(method)
+            if regime not in get_method(method).regimes:
+                raise CommandError(
+                    f"method {method!r} supports the {get_method(method).regimes} regime(s), not "
+                    f"{regime!r}; drop it from --methods or use --regime frozen."
+                )
         if len(set(methods)) != len(methods):
             raise CommandError(f"--methods lists a method twice ({args.methods}); give each once.")
     _check_encoder(args.encoder)
@@ -300,7 +306,8 @@ def _fit(args: argparse.Namespace) -> int:
     if "log1p" not in adata.uns:
         pp.normalize(adata)
     model = _fit_model(adata, args, use_rep=_use_rep(adata, args), method_params=method_params)
-    if rank_zero_only.rank != 0:  # every process of a data-parallel run holds the same model
+    # every process of a data-parallel run holds the same model; Lightning sets `rank` (untyped) at import
+    if getattr(rank_zero_only, "rank", 0) != 0:
         return 0
     model.save(args.out)
     report = model.method.report
@@ -404,7 +411,7 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.n_slides < 2:
         raise CommandError("cross-validation needs at least two slides; use --n-slides 2 or more.")
-    methods = _check_common(args)
+    methods = _check_common(args, "frozen")
     print(
         f"histo2expr demo: synthetic cohort of {args.n_slides} slides (seed {args.seed}), frozen {args.encoder} "
         f"features of {args.patch_size} px patches; leave-one-slide-out for {', '.join(methods)} on "
@@ -616,22 +623,13 @@ def _benchmark(args: argparse.Namespace) -> int:
     from . import pp
     from ._benchmark import Scheme, compare_methods, machine_description
     from ._hest_benchmark import hest_genes, hest_log_expression
-    from .models import available_methods, get_method
 
     start = time.perf_counter()
-    methods = _check_common(args)
+    methods = _check_common(args, args.regime)
     regime = regime_options(args, args.encoder)
     intervals = interval_options(args)
     cv, n_genes, mpp = _protocol(args)
     hest = args.protocol == "hest"
-    if methods is None:
-        methods = [m for m in available_methods() if args.regime in get_method(m).regimes]
-    for method in methods:
-        if args.regime not in get_method(method).regimes:
-            raise CommandError(
-                f"method {method!r} supports the {get_method(method).regimes} regime(s), not "
-                f"{args.regime!r}; drop it from --methods or use --regime frozen."
-            )
     _check_data(args.data, args.reader)
     slides = _method_list(args.slides) if args.slides else None
     adata = read_cohort(args.data, reader=args.reader, slides=slides)
@@ -643,11 +641,13 @@ def _benchmark(args: argparse.Namespace) -> int:
     if cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
         raise CommandError("leave_one_patient_out needs obs['patient'] with at least two patients.")
     protocols, patients_note = _protocols(adata, cv)
+    scored: list[str] | None = None  # the genes of HEST-Benchmark's score
     if hest:  # HEST-Benchmark embeds each spot's patch once, alone
         args.tta = args.tta or 1
         args.neighbours = args.neighbours or 0
         hest_log_expression(adata)
-        genes: int | list[str] = hest_genes(adata, n_genes)
+        scored = hest_genes(adata, n_genes)
+        genes: int | list[str] = scored
         gene_rule = f"HEST-Benchmark's {n_genes} highly variable genes of all slides (log1p counts)"
     else:
         pp.normalize(adata)
@@ -666,13 +666,18 @@ def _benchmark(args: argparse.Namespace) -> int:
         **intervals,
     }
     embed_seconds = embedding = backend = None
+    features = ""  # the report's words on the features
     if args.regime == "end2end":
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
     else:  # the adapted regime keeps the context and neighbour blocks of the frozen features
         embed_seconds, backend = _embed(adata, args, methods if args.regime == "frozen" else [], mpp=mpp)
         embedding = _embedding_options(adata)
+        features = (
+            f" Features: {_embedding_note(embedding)}; embedding: {embed_seconds:.1f} s (backend {backend})."
+        )
         if args.regime == "adapted":
             fit_kwargs.update(patch_size=args.patch_size, mpp=mpp)
+            features += f" {_adapted_note(regime, embedding)}"
     method_params = None if args.regime == "frozen" else {m: {"encoder": args.encoder} for m in methods}
     schemes = [
         Scheme(
@@ -694,18 +699,11 @@ def _benchmark(args: argparse.Namespace) -> int:
         method_params=method_params,
         **fit_kwargs,
     )
-    hest_lines, hest_results = _hest_scores(adata, runs, genes) if hest else ([], None)
+    hest_lines, hest_results = ([], None) if scored is None else _hest_scores(adata, runs, scored)
     total = time.perf_counter() - start
     machine = machine_description()
     command = "histo2expr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     gpu = machine["gpu"] or "no GPU"
-    embedded = (
-        ""
-        if embedding is None
-        else f" Features: {_embedding_note(embedding)}; embedding: {embed_seconds:.1f} s (backend {backend})."
-    )
-    if args.regime == "adapted":
-        embedded += f" {_adapted_note(regime, embedding)}"
     _report(
         adata,
         runs,
@@ -724,7 +722,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             f"Data: {adata.n_obs} spots on {n_slides} slides ({', '.join(map(str, adata.obs['slide'].unique()))}); "
             f"{gene_rule}; {args.patch_size} px patches"
             f"{'' if mpp is None else f' at {mpp} µm/px'}; at most {args.epochs} epochs; seed {args.seed}."
-            f"{embedded} Cross-validations run {n_jobs} at a time. Whole run: {total:.1f} s.",
+            f"{features} Cross-validations run {n_jobs} at a time. Whole run: {total:.1f} s.",
             "",
             *hest_lines,
         ],

@@ -192,7 +192,7 @@ def _out_of_fold(table: AnnData, parts: list[tuple[np.ndarray, list[str], np.nda
     values = np.full((table.n_obs, len(genes)), np.nan, dtype=np.float32)
     column = {g: i for i, g in enumerate(genes)}
     for test, fold_genes, predicted in parts:
-        values[np.ix_(test, [column[g] for g in fold_genes])] = predicted
+        values[np.ix_(test, np.array([column[g] for g in fold_genes], dtype=np.intp))] = predicted
     return prediction_frame(values, table.obs_names, genes)
 
 
@@ -502,8 +502,11 @@ def fit_histo2expr(
         raise ValueError(msg)
     features = patches = token_rep = activations = None
     encoder = patch_geometry = None
+    n_tokens = 0
     if regime == "frozen":
+        assert use_rep is not None  # _regime refuses the frozen regime without it
         features, token_rep = frozen_inputs(table, use_rep, tokens=method_class.token_input, method=method)
+        n_tokens = int(features.shape[1]) if token_rep else 0
         embedded = plain_value(
             table.uns.get(use_rep, {})
         )  # a read h5ad's arrays as lists, as a model file holds
@@ -572,7 +575,7 @@ def fit_histo2expr(
             "n_features": _n_features(table, use_rep, features, regime),
             **_adapted_params(activations),
             "token_rep": token_rep or "",
-            "n_tokens": int(features.shape[1]) if token_rep else 0,
+            "n_tokens": n_tokens,
             "intervals": settings.kind if settings else "",
             "level": level,
             "calibration_folds": calibration_folds,
