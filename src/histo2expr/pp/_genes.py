@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -37,34 +36,6 @@ def _column_stats(matrix: np.ndarray | sp.spmatrix) -> tuple[np.ndarray, np.ndar
         matrix = np.asarray(matrix, dtype=np.float64)
         mean, mean_sq = matrix.mean(axis=0), (matrix**2).mean(axis=0)
     return mean, np.maximum(mean_sq - mean**2, 0.0)
-
-
-@overload
-def select_genes(
-    adata: AnnData,
-    n_top: int = ...,
-    *,
-    flavor: str = ...,
-    slides: Sequence[str] | None = ...,
-    slide_key: str = ...,
-    layer: str | None = ...,
-    key_added: str = ...,
-    inplace: Literal[True] = ...,
-) -> None: ...
-
-
-@overload
-def select_genes(
-    adata: AnnData,
-    n_top: int = ...,
-    *,
-    flavor: str = ...,
-    slides: Sequence[str] | None = ...,
-    slide_key: str = ...,
-    layer: str | None = ...,
-    key_added: str = ...,
-    inplace: Literal[False],
-) -> list[str]: ...
 
 
 @fill_docs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -109,8 +109,16 @@ def _fit_on(
     """Choose genes, standardise, split off an inner validation set and fit — training spots only."""
     train_slides = sorted(set(inputs.slides[train]))
     if isinstance(genes, int):
-        chosen = select_genes(
-            inputs.table, genes, flavor=gene_flavor, slides=train_slides, slide_key=slide_key, inplace=False
+        chosen = cast(  # inplace=False returns the genes
+            "list[str]",
+            select_genes(
+                inputs.table,
+                genes,
+                flavor=gene_flavor,
+                slides=train_slides,
+                slide_key=slide_key,
+                inplace=False,
+            ),
         )
     else:
         chosen = genes
