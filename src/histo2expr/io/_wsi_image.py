@@ -286,7 +286,7 @@ def _tiff_is_tiled(path: Path) -> bool:
         return len(levels) > 1 or bool(levels[0].keyframe.is_tiled)
 
 
-def open_slide_image(path: str | Path, *, level: int = 0) -> PyramidImage | LazyImage:
+def open_slide_image(path: str | Path, *, level: int = 0) -> ArrayImage:
     """Open a slide image file for reading by region.
 
     Parameters
