@@ -259,8 +259,8 @@ def _setting(text: str) -> tuple[str, Any]:
     return name.strip(), parsed
 
 
-def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """Check the options of ``histo2expr fit`` before any work; return the method's class and settings."""
+def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Check the options of ``histo2expr fit`` before any work; return the method's class, settings and regime."""
     from .models import TrainConfig, check_engine_flags, get_method
 
     method_class = get_method(args.method)
@@ -274,7 +274,7 @@ def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         _check_encoder(args.encoder)
         method_params.setdefault("encoder", args.encoder)
     method_class(**method_params)  # the settings' own checks
-    regime_options(args, method_params.get("encoder"))
+    regime = regime_options(args, method_params.get("encoder", args.encoder))
     interval_options(args)
     try:
         check_engine_flags(TrainConfig(**_training_options(args), progress=False))
@@ -291,7 +291,7 @@ def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if not os.access(args.out.parent, os.W_OK):
         raise CommandError(f"--out {args.out}: its folder is not writable; give a place you can write to.")
     _check_data(args.data, args.reader)
-    return method_class, method_params
+    return method_class, method_params, regime
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -300,12 +300,12 @@ def _fit(args: argparse.Namespace) -> int:
     from . import pp
 
     start = time.perf_counter()
-    method_class, method_params = _check_fit(args)
+    method_class, method_params, regime = _check_fit(args)
     slides = _method_list(args.slides) if args.slides else None
     adata = read_cohort(args.data, reader=args.reader, slides=slides)
     if "log1p" not in adata.uns:
         pp.normalize(adata)
-    model = _fit_model(adata, args, use_rep=_use_rep(adata, args), method_params=method_params)
+    model = _fit_model(adata, args, use_rep=_use_rep(adata, args), regime=regime, method_params=method_params)
     # every process of a data-parallel run holds the same model; Lightning sets `rank` (untyped) at import
     if getattr(rank_zero_only, "rank", 0) != 0:
         return 0
@@ -343,8 +343,15 @@ def _use_rep(adata: AnnData, args: argparse.Namespace) -> str | None:
     return args.use_rep
 
 
-def _fit_model(adata: AnnData, args: argparse.Namespace, *, use_rep: str | None, method_params: dict) -> Any:
-    """:func:`~histo2expr.tl.fit_histo2expr` with the options of ``histo2expr fit``."""
+def _fit_model(
+    adata: AnnData,
+    args: argparse.Namespace,
+    *,
+    use_rep: str | None,
+    regime: dict[str, Any],
+    method_params: dict,
+) -> Any:
+    """:func:`~histo2expr.tl.fit_histo2expr` with the options of ``histo2expr fit`` (``regime``: :func:`regime_options`)."""
     from . import tl
 
     return tl.fit_histo2expr(
@@ -354,7 +361,7 @@ def _fit_model(adata: AnnData, args: argparse.Namespace, *, use_rep: str | None,
         use_rep=use_rep,
         patch_size=args.patch_size,
         progress=args.progress,
-        **regime_options(args, method_params.get("encoder")),
+        **regime,
         **_training_options(args),
         **interval_options(args),
         **method_params,
@@ -915,7 +922,7 @@ def add_regime_options(add: Any) -> None:
     )
 
 
-def regime_options(args: argparse.Namespace, encoder: str | None) -> dict[str, Any]:
+def regime_options(args: argparse.Namespace, encoder: str) -> dict[str, Any]:
     """``--regime`` and the options of the adapted regime, as :func:`~histo2expr.tl.fit_histo2expr` names them.
 
     Checked as the fit checks them, without computing anything: ``--trainable-blocks`` against the stages
