@@ -549,8 +549,10 @@ def embed_cohort(
         What runs the encoder, as in :func:`~histo2expr.tl.embed_patches`: ``"auto"``, ``"torch"``,
         ``"onnx"`` or ``"bf16"``; checked against each process's device before its first slide. The
         backend asked for is recorded in the provenance (``run``), the one that ran in
-        ``.uns[key_added]["backend"]``; it is not compared when a run resumes (the backends' features
-        agree to a cosine of 0.999), so a cohort may be finished on other hardware.
+        ``.uns[key_added]["backend"]``. It is not compared when a run resumes, so that a cohort may be
+        finished on other hardware (``"auto"`` picks by device): ONNX Runtime gave EfficientNet-Lite0's
+        float32 features (cosine 1.0), bf16 a cosine of at least 0.997 to them
+        (``benchmarks/results/encoder_inference.md``).
     overwrite
         Redo every slide, replacing existing outputs. Without it, an existing output written with
         other parameters (encoder, weights, patch geometry, ...) is an error rather than skipped.
