@@ -3,7 +3,7 @@
 Run on demand (needs the her2st cohort, ``HISTO2EXPR_HER2ST``):
 
     python benchmarks/her2st_intervals.py [--methods ridge,bleep] [--kinds adaptive,constant]
-        [--calibrations pooled,per_slide] [--level 0.9] [--genes 250] [--seed 0] [--threads 1]
+        [--calibrations pooled,per_slide,shift] [--level 0.9] [--genes 250] [--seed 0] [--threads 1]
         [--out her2st_intervals.md]
 
 Every row cross-validates one method with ``intervals=kind`` and ``interval_calibration`` (the frozen EfficientNet-Lite0 features of

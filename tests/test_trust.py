@@ -12,7 +12,7 @@ from anndata import AnnData
 
 import histo2expr as hx
 from histo2expr._predictability import gene_predictability
-from histo2expr.tl._intervals import conformal_quantile
+from histo2expr.tl._intervals import Calibration, conformal_quantile
 from histo2expr.tl._ood import NeighbourReference
 
 FIT = {"method": "ridge", "genes": 8, "cv": "leave_one_slide_out", "progress": False}
@@ -113,17 +113,19 @@ def test_adaptive_intervals_are_wider_far_from_the_training_spots(fitted):
     assert np.corrcoef(width, difficulty)[0, 1] > 0.5
 
 
-def test_held_out_slide_cannot_change_its_intervals(cohort):
+@pytest.mark.parametrize("calibration", ["pooled", "shift"])
+def test_held_out_slide_cannot_change_its_intervals(cohort, calibration):
     """Poison the held-out slide's expression: its intervals and OOD scores must not move, others' do."""
     clean = cohort.copy()
-    hx.tl.fit_histo2expr(clean, intervals=True, refit=False, **FIT)
+    options = {"intervals": True, "interval_calibration": calibration, "refit": False, **FIT}
+    hx.tl.fit_histo2expr(clean, **options)
     poisoned = cohort.copy()
     held = (poisoned.obs["slide"] == "S2").to_numpy()
     counts = poisoned.layers["counts"].toarray()
     counts[held] = np.random.default_rng(1).permutation(counts[held].T).T * 3.0
     poisoned.layers["counts"] = sp.csr_matrix(counts)
     hx.pp.normalize(poisoned)
-    hx.tl.fit_histo2expr(poisoned, intervals=True, refit=False, **FIT)
+    hx.tl.fit_histo2expr(poisoned, **options)
     for clean_bound, poisoned_bound in zip(hx.get.intervals(clean), hx.get.intervals(poisoned), strict=True):
         clean_held, poisoned_held = clean_bound[held].dropna(axis=1), poisoned_bound[held].dropna(axis=1)
         pd.testing.assert_frame_equal(clean_held, poisoned_held[clean_held.columns])
@@ -424,7 +426,7 @@ def test_per_slide_calibration_takes_the_largest_quantile_of_the_calibration_sli
         per_slide.trust["calibration"]["quantile"], np.max(per_slide_quantiles, axis=0)
     )
     np.testing.assert_allclose(pooled.trust["calibration"]["quantile"], conformal_quantile(residual, 0.8))
-    assert adata.uns["histo2expr"]["params"]["interval_calibration"] == "pooled"
+    assert adata.uns["histo2expr"]["params"]["interval_calibration"] == "shift"
 
 
 def test_per_slide_calibration_needs_enough_spots_on_every_slide(refuses):
@@ -438,3 +440,47 @@ def test_per_slide_calibration_needs_enough_spots_on_every_slide(refuses):
         ValueError,
         r"Slide 'S0': 5 calibration spots are too few for intervals at level 0.9.*interval_calibration='pooled'",
     )
+
+
+def test_shift_calibration_widens_only_slides_farther_than_an_unseen_training_slide():
+    calibration = Calibration(
+        level=0.9, kind="adaptive", quantile=np.array([1.0, 2.0]), n_spots=50, n_slides=5
+    )
+    shifted = Calibration(**{**calibration.__dict__, "rule": "shift"})
+    predicted = np.full((6, 2), 10.0)
+    difficulty = np.array([0.5, 0.9, 1.1, 1.5, 2.0, 3.0])  # near: median 0.9; far: median 2.0
+    slides = np.array(["near"] * 3 + ["far"] * 3)
+    pooled_lower, pooled_upper = calibration.bounds(predicted, difficulty, slides)
+    lower, upper = shifted.bounds(predicted, difficulty, slides)
+    near, far = slides == "near", slides == "far"
+    np.testing.assert_array_equal(lower[near], pooled_lower[near])
+    np.testing.assert_array_equal(upper[near], pooled_upper[near])
+    np.testing.assert_allclose(upper[far] - predicted[far], 2.0 * (pooled_upper[far] - predicted[far]))
+    # the factor is the slide's, from all its spots: one slide alone gets the same intervals
+    np.testing.assert_array_equal(shifted.bounds(predicted[far], difficulty[far], slides[far])[1], upper[far])
+    # a model saved before the rule was kept is pooled
+    state = shifted.state_dict()
+    assert Calibration.from_state_dict(state).rule == "shift"
+    assert Calibration.from_state_dict({k: v for k, v in state.items() if k != "rule"}).rule == "pooled"
+
+
+def test_shift_calibration_widens_a_far_slide_by_its_distance_ratio(cohort, tmp_path):
+    both = {**FIT, "cv": None, "intervals": True}
+    pooled = hx.tl.fit_histo2expr(cohort.copy(), interval_calibration="pooled", **both)
+    shifted = hx.tl.fit_histo2expr(cohort.copy(), **both)  # the default
+    np.testing.assert_array_equal(
+        pooled.trust["calibration"]["quantile"], shifted.trust["calibration"]["quantile"]
+    )
+    shifted.save(tmp_path / "model.pt")
+    shifted = hx.tl.Histo2ExprModel.load(tmp_path / "model.pt")
+    for shift in (0.0, 1.0):  # like the training slides, and farther
+        new = exchangeable_cohort(1, seed=5, shift=shift)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the far slide's warning
+            outs = [hx.tl.predict_expression(new, model, copy=True) for model in (pooled, shifted)]
+        ratio = outs[1].uns["histo2expr_pred"]["shift"]["distance_ratio"].iloc[0]
+        (_, pooled_upper), (_, upper) = (hx.get.intervals(out) for out in outs)
+        predicted = hx.get.predictions(outs[0])
+        np.testing.assert_allclose(upper - predicted, max(1.0, ratio) * (pooled_upper - predicted), rtol=1e-5)
+        assert (ratio > 1.2) == (shift > 0)
+    assert "widened" in outs[1].uns["histo2expr_pred"]["intervals"]["calibration"]

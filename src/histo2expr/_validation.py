@@ -469,11 +469,16 @@ MAX_CALIBRATION_FOLDS = 5
 CALIBRATIONS = {
     "pooled": "the conformal quantile of the scores of all calibration spots",
     "per_slide": "the largest of the calibration slides' own conformal quantiles (coverage on each slide)",
+    "shift": (
+        "the conformal quantile of the scores of all calibration spots, and the intervals of a slide whose "
+        "distance ratio r (median distance to the training spots relative to an unseen training slide's) "
+        "exceeds 1 widened r-fold"
+    ),
 }
 
 
 def check_intervals(
-    intervals: Any, level: Any, folds: Any, calibration: Any = "pooled"
+    intervals: Any, level: Any, folds: Any, calibration: Any
 ) -> tuple[str | None, float, int]:
     """The interval options of ``fit_histo2expr``, checked: the kind (None: no intervals), level and folds."""
     level = check_level(level)

@@ -846,7 +846,8 @@ def add_interval_options(add: Any) -> None:
         choices=tuple(CALIBRATIONS),
         default=None,
         help="pooled: one quantile over all calibration spots; per_slide: the largest of the calibration slides' "
-        "own quantiles, the level on every calibration slide (wider) (default pooled)",
+        "own quantiles, the level on every calibration slide (wider); shift: pooled, and a slide farther from the "
+        "training spots than an unseen training slide (distance ratio r > 1) widened r-fold (default shift)",
     )
 
 

@@ -304,7 +304,7 @@ def fit_histo2expr(
     intervals: bool | str = False,
     level: float = 0.9,
     calibration_folds: int = 5,
-    interval_calibration: str = "pooled",
+    interval_calibration: str = "shift",
     device: str | None = None,
     **method_params: Any,
 ) -> Histo2ExprModel | None:
@@ -411,9 +411,13 @@ def fit_histo2expr(
         Inner folds of whole training slides (2 to 5) the calibration residuals come from; fewer folds
         cost less.
     interval_calibration
-        ``"pooled"``: each gene's half-width is the conformal quantile of all calibration spots'
-        scores; ``"per_slide"``: the largest of every calibration slide's own quantile, so that the
-        level holds on each calibration slide, not only on average (wider intervals).
+        ``"shift"``: each gene's half-width is the conformal quantile of all calibration spots' scores,
+        and the intervals of every slide predicted whose median spot lies farther from the training
+        spots than an unseen training slide's (distance ratio ``r > 1``, read from its images only) are
+        widened ``r``-fold; ``"pooled"``: that quantile alone (the same intervals on slides with
+        ``r <= 1``, narrower on farther ones); ``"per_slide"``: the largest of every calibration slide's
+        own quantile, so that the level holds on each calibration slide, not only on average (wider
+        intervals). See ``docs/trust.md``.
     device
         Deprecated: pass ``accelerator`` and ``devices`` (``device="cuda:1"`` is
         ``accelerator="cuda", devices=[1]``).

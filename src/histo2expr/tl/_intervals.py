@@ -11,7 +11,10 @@ difficulty, its distance to the training spots in the method's embedding relativ
 unseen training slide (:class:`~histo2expr.tl._ood.NeighbourReference`). Per gene, the half-width
 is the ``ceil((n + 1) level)``-th smallest of the ``n`` scores (the finite-sample correction). Slides
 are the exchangeable units: the guarantee holds on average over new slides like the training
-slides, not on every slide (see ``docs/trust.md``).
+slides, not on every slide (see ``docs/trust.md``). With ``interval_calibration="shift"`` the
+intervals of a slide farther from the training spots than an unseen training slide typically is
+(distance ratio ``r > 1``) are widened ``r``-fold: an extrapolation beyond what the calibration
+slides show, read from the slide's images only.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pandas as pd
 
 from .._validation import CALIBRATIONS, KINDS, check_intervals, log_expression
 from ..splits import grouped_kfold
-from ._ood import NeighbourReference, slide_shift
+from ._ood import NeighbourReference, distance_ratio, slide_shift
 
 if TYPE_CHECKING:
     from ._fit import _FoldFit, _Inputs
@@ -39,7 +42,7 @@ class IntervalSettings:
     level: float
     kind: str
     folds: int
-    calibration: str = "pooled"
+    calibration: str
 
     def describe(self) -> dict[str, Any]:
         """The ``uns[key]["intervals"]`` record."""
@@ -55,7 +58,7 @@ class IntervalSettings:
 
 
 def interval_settings(
-    intervals: bool | str | None, level: float, folds: int, calibration: str = "pooled"
+    intervals: bool | str | None, level: float, folds: int, calibration: str
 ) -> IntervalSettings | None:
     """The interval parameters, checked (:func:`histo2expr._validation.check_intervals`): None when none are asked for."""
     kind, level, folds = check_intervals(intervals, level, folds, calibration)
@@ -122,6 +125,8 @@ class Calibration:
         ``(n_genes,)`` half-width of each gene (``"constant"``), or its multiple of a spot's difficulty.
     n_spots, n_slides
         Calibration spots and slides.
+    rule
+        How the quantile was taken and the intervals are scaled (:data:`CALIBRATIONS`).
     """
 
     level: float
@@ -129,10 +134,18 @@ class Calibration:
     quantile: np.ndarray
     n_spots: int
     n_slides: int
+    rule: str = "pooled"
 
-    def bounds(self, predicted: np.ndarray, difficulty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Lower (at least 0, as log-normalised expression is) and upper bounds around ``predicted``."""
+    def bounds(
+        self, predicted: np.ndarray, difficulty: np.ndarray, slides: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Lower (at least 0, as log-normalised expression is) and upper bounds around ``predicted``.
+
+        ``difficulty`` and ``slides`` are those of the predicted spots.
+        """
         half = self.quantile[None, :] * (difficulty[:, None] if self.kind == "adaptive" else 1.0)
+        if self.rule == "shift":
+            half = half * shift_factor(difficulty, slides)[:, None]
         return np.maximum(predicted - half, 0.0).astype(np.float32), (predicted + half).astype(np.float32)
 
     def describe(self) -> dict[str, Any]:
@@ -141,7 +154,10 @@ class Calibration:
             "level": self.level,
             "kind": self.kind,
             "method": KINDS[self.kind],
-            "calibration": f"{self.n_spots} spots of {self.n_slides} training slides, inner grouped cross-validation",
+            "calibration": (
+                f"{self.n_spots} spots of {self.n_slides} training slides, inner grouped cross-validation; "
+                f"{CALIBRATIONS[self.rule]}"
+            ),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -152,6 +168,7 @@ class Calibration:
             "quantile": np.asarray(self.quantile, dtype=np.float64),
             "n_spots": self.n_spots,
             "n_slides": self.n_slides,
+            "rule": self.rule,
         }
 
     @classmethod
@@ -163,7 +180,17 @@ class Calibration:
             quantile=np.asarray(state["quantile"], dtype=np.float64),
             n_spots=int(state["n_spots"]),
             n_slides=int(state["n_slides"]),
+            rule=str(state.get("rule", "pooled")),  # models saved before the rule was kept
         )
+
+
+def shift_factor(difficulty: np.ndarray, slides: np.ndarray) -> np.ndarray:
+    """Per spot, ``max(1, r)`` with ``r`` its slide's :func:`~histo2expr.tl._ood.distance_ratio` (``"shift"``)."""
+    factor = np.ones(len(difficulty))
+    for slide in dict.fromkeys(slides):
+        on_slide = slides == slide
+        factor[on_slide] = max(1.0, distance_ratio(difficulty[on_slide]))
+    return factor
 
 
 def predicted_log(inputs: _Inputs, fitted: _FoldFit, positions: np.ndarray) -> np.ndarray:
@@ -208,15 +235,20 @@ def calibrate(
         scores.append(residual)
         score_slides.append(slides[inner.test])
     scores, by_slide = np.concatenate(scores), np.concatenate(score_slides)
-    if settings.calibration == "pooled":
-        quantile = conformal_quantile(scores, settings.level)
-    else:  # Mondrian by slide: coverage on every calibration slide
+    if settings.calibration == "per_slide":  # Mondrian by slide: coverage on every calibration slide
         quantile = np.max(
             [conformal_quantile(scores[by_slide == s], settings.level) for s in dict.fromkeys(by_slide)],
             axis=0,
         )
+    else:  # "pooled", and "shift", whose scaling is that of the slides predicted
+        quantile = conformal_quantile(scores, settings.level)
     return Calibration(
-        level=settings.level, kind=settings.kind, quantile=quantile, n_spots=len(scores), n_slides=n_slides
+        level=settings.level,
+        kind=settings.kind,
+        quantile=quantile,
+        n_spots=len(scores),
+        n_slides=n_slides,
+        rule=settings.calibration,
     )
 
 
@@ -245,14 +277,14 @@ def held_out(
     calibration = calibrate(inputs, train, fitted.genes, fit, settings, seed=seed)
     reference = neighbour_reference(inputs, fitted, train, seed)
     difficulty, p_value = reference.scores(fitted.method.embed(inputs.spots(test)))
-    lower, upper = calibration.bounds(predicted, difficulty)
+    lower, upper = calibration.bounds(predicted, difficulty, inputs.slides[test])
     return HeldOut(lower, upper, difficulty, p_value)
 
 
 def new_spots(
-    trust: Mapping[str, Any] | None, embedding: np.ndarray, predicted: np.ndarray
+    trust: Mapping[str, Any] | None, embedding: np.ndarray, predicted: np.ndarray, slides: np.ndarray
 ) -> HeldOut | None:
-    """Intervals (None without calibration) and out-of-distribution scores of new spots, from a model's ``trust``.
+    """Intervals (None without calibration) and out-of-distribution scores of new spots on ``slides``, from a model's ``trust``.
 
     None for a model without a neighbour reference (saved before it existed).
     """
@@ -261,7 +293,7 @@ def new_spots(
     difficulty, p_value = NeighbourReference.from_state_dict(trust["reference"]).scores(embedding)
     lower = upper = None
     if trust.get("calibration"):
-        lower, upper = Calibration.from_state_dict(trust["calibration"]).bounds(predicted, difficulty)
+        lower, upper = Calibration.from_state_dict(trust["calibration"]).bounds(predicted, difficulty, slides)
     return HeldOut(lower, upper, difficulty, p_value)
 
 

@@ -120,11 +120,16 @@ class NeighbourReference:
         )
 
 
+def distance_ratio(difficulty: np.ndarray) -> float:
+    """A slide's median spot difficulty: its distance to the training spots relative to an unseen training slide's."""
+    return float(np.median(difficulty))
+
+
 def slide_shift(p_values: np.ndarray, difficulty: np.ndarray, slides: np.ndarray) -> pd.DataFrame:
     """How far each slide is from the training data, one row per slide.
 
     Columns ``n_spots``, ``ood_fraction`` (share of spots with p < :data:`OOD_P_VALUE`) and
-    ``distance_ratio`` (median distance to the training spots relative to that of unseen training slides).
+    ``distance_ratio`` (:func:`distance_ratio`).
     """
     rows = []
     for slide in dict.fromkeys(slides):
@@ -134,7 +139,7 @@ def slide_shift(p_values: np.ndarray, difficulty: np.ndarray, slides: np.ndarray
                 "slide": str(slide),
                 "n_spots": int(on_slide.sum()),
                 "ood_fraction": float(np.mean(p_values[on_slide] < OOD_P_VALUE)),
-                "distance_ratio": float(np.median(difficulty[on_slide])),
+                "distance_ratio": distance_ratio(difficulty[on_slide]),
             }
         )
     return pd.DataFrame(rows)

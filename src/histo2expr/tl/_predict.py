@@ -267,7 +267,9 @@ def predict_expression(
         than a quarter of its spots at p < 0.05 gets a warning with the numbers.
     ``.obsm[f"{key_added}_lower"]``, ``.obsm[f"{key_added}_upper"]``
         A model fitted with ``intervals``: the bounds of each prediction's conformal interval, on ``scale``,
-        laid out like the predictions (read them with :func:`histo2expr.get.intervals`).
+        laid out like the predictions (read them with :func:`histo2expr.get.intervals`). With the
+        model's ``interval_calibration="shift"`` (the default), a slide (``slide_key``; all spots are
+        one slide without it) whose ``distance_ratio`` exceeds 1 gets its intervals widened that many times.
     ``.uns[key_added]``
         The record: ``kind`` (``"prediction"``), ``method``, ``protocol``, ``scale``, the model's
         description (genes, encoder, patches, parameters), ``cv_protocol``, ``cv_pcc`` (per gene: the
@@ -327,7 +329,7 @@ def predict_expression(
         predicted, slides, scale=scale, adata=table, training=training, library_size=library_size
     )
     warn_if_unlike_training(table, slides, training, scale=scale)
-    trust = new_spots(model.trust, embedding, predicted)
+    trust = new_spots(model.trust, embedding, predicted, slides)
     obs, obsm, extra = {}, {Key.obsm.embedding(key_added): embedding}, {}
     if trust is not None:
         extra["shift"] = slide_shift(trust.p_value, trust.difficulty, slides)
