@@ -937,10 +937,9 @@ def regime_options(args: argparse.Namespace, encoder: str) -> dict[str, Any]:
     )
     if options:
         from .models import build_encoder
-        from .models.adapted import check_trainable_blocks
-        from .tl._adapted import adapted_views
+        from .models.adapted import AdaptedViews, check_trainable_blocks
 
-        adapted_views(options["views"], options["stain_copies"], args.seed)
+        AdaptedViews.for_training(options["views"], options["stain_copies"], args.seed)
         check_trainable_blocks(build_encoder(encoder, weights=None), options["trainable_blocks"])
     return {"regime": args.regime, **options}
 

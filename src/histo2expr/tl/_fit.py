@@ -28,7 +28,7 @@ from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method, p
 from ..models.scaling import Standardizer
 from ..pp import select_genes
 from ..splits import inner_validation_split, make_folds
-from ._adapted import activation_cache, adapted_views, encoder_record, side_features
+from ._adapted import activation_cache, encoder_record, side_features
 from ._data import (
     check_genes,
     coordinates,
@@ -538,6 +538,8 @@ def fit_histo2expr(
         if stain_normalization is not None:
             patch_geometry["stain_normalization"] = stain_normalization
         if regime == "adapted":
+            from ..models import AdaptedViews
+
             settings_of_method = method_class(**method_params).settings
             with cpu_threads(num_workers):
                 activations = activation_cache(
@@ -545,7 +547,7 @@ def fit_histo2expr(
                     encoder=settings_of_method.encoder,
                     weights=settings_of_method.weights,
                     trainable_blocks=trainable_blocks,
-                    views=adapted_views(views, stain_copies, seed),
+                    views=AdaptedViews.for_training(views, stain_copies, seed),
                     seed=seed,
                     batch_size=batch_size,
                     progress=progress,
