@@ -3,7 +3,7 @@
 Run on demand (not a test), from the repository root::
 
     python benchmarks/frozen_benchmark_speed.py [--old main] [--new HEAD] [--variants old new]
-        [--data /path/to/her2st] [--work /tmp/frozen_benchmark_speed]
+        [--priority] [--data /path/to/her2st] [--work /tmp/frozen_benchmark_speed]
         [--out benchmarks/results/frozen_benchmark_speed.md]
 
 Each variant is the source tree of a git revision (``git archive``), run as a fresh
@@ -42,6 +42,18 @@ TOLERANCE = 0.003
 
 def load_average() -> list[float]:
     return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def raise_priority() -> None:
+    """Put this process and the processes it starts ahead of the machine's other jobs (needs root).
+
+    Nice -20 for the process and for its scheduling autogroup: with autogroups (Linux's default for
+    sessions), the nice value of a process only ranks it within its own session's group.
+    """
+    os.setpriority(os.PRIO_PROCESS, 0, -20)
+    autogroup = Path("/proc/self/autogroup")
+    if autogroup.exists():
+        autogroup.write_text("-20")
 
 
 def snapshot(revision: str, folder: Path) -> str:
@@ -112,6 +124,7 @@ def run_variant(name: str, revision: str, extra: list[str], data: Path, work: Pa
         "load_before": load_before,
         "load_after": load_average(),
         "load_mean": sum(sampler.samples) / len(sampler.samples),
+        "priority": os.getpriority(os.PRIO_PROCESS, 0),
         "results": results,
     }
     (work / f"{name}.json").write_text(json.dumps(record, indent=1))
@@ -192,7 +205,13 @@ def report(work: Path, out: Path, warm_seconds: float | None) -> None:
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}. "
         "**The machine was shared with other jobs**: the load average (1 minute) is given before / mean "
         "during / after each run; wall times under a different load are not comparable, CPU seconds are "
-        "less sensitive to it.",
+        "less sensitive to it. "
+        + (
+            "Both runs were at nice -20 with their scheduling autogroup at nice -20 (`--priority`): "
+            "ahead of the other jobs, each run got the CPU it asked for; the load average counts the other jobs."
+            if all(record.get("priority", 0) == -20 for record in (old, new))
+            else "The runs were at the same priority as the other jobs."
+        ),
         "",
         *warm_line,
         "Each run: every method, leave one slide out and leave one patient out (her2st's patients have "
@@ -229,12 +248,19 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/frozen_benchmark_speed"))
     parser.add_argument("--no-warm", dest="warm", action="store_false")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--priority",
+        action="store_true",
+        help="run the timed processes at nice -20, ahead of the machine's other jobs (needs root)",
+    )
     parser.add_argument("--report-only", action="store_true", help="write the report from --work only")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     warm_file = args.work / "warm_seconds.txt"
     if args.report_only:
         args.variants, args.warm = [], False
+    if args.priority:
+        raise_priority()
     if args.warm:
         warm_file.write_text(f"{warm(args.data, args.new, args.work):.1f}")
     for name in args.variants:
