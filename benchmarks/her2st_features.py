@@ -9,6 +9,8 @@ each view is embedded once and each (setting, method, seed) row is run once:
     python benchmarks/her2st_features.py embed --field 1 --views 4 --jitter 0.2 --jitter-seed 1
     python benchmarks/her2st_features.py embed --field 1 --views 1 --encoder efficientnet_lite2
     python benchmarks/her2st_features.py run --settings "f1:1;f1:4+f3:4+nbr6" --methods ridge,stnet --seeds 0,1,2
+    python benchmarks/her2st_features.py run --settings f1:4+nbr6 --methods cmrcnet --seeds 0,1,2 \
+        --params '{"average_epochs": null}' --label "cmrcnet (no averaging)"
     python benchmarks/her2st_features.py augment --setting f1:4 --copies f1_hed0.2s1,f1_hed0.2s2 --methods ridge
     python benchmarks/her2st_features.py report
 
@@ -26,7 +28,9 @@ the other blocks appended to every token, as ``embed_patches`` does.
 features of HED-jittered copies (``hx.patches.Augment(stain=...)``) of its training spots, and
 predicts the held-out slide's unjittered features.
 
-``report`` writes benchmarks/results/her2st_features.md from the cached rows.
+``run --params JSON --label NAME`` runs the methods with settings other than their defaults and
+records the rows under NAME (one method at a time). ``report`` writes
+benchmarks/results/her2st_features.md (``--out NAME``: NAME.md) from the cached rows.
 """
 
 from __future__ import annotations
@@ -170,17 +174,18 @@ def run(args: argparse.Namespace) -> None:
             adata.obsm["X_histo_tokens"] = tokens
         for seed in map(int, args.seeds.split(",")):
             for method in args.methods.split(","):
-                if (setting, method, seed) in finished:
+                label = args.label or method
+                if (setting, label, seed) in finished:
                     continue
                 tic, cpu = time.perf_counter(), time.process_time()
                 hx.tl.fit_histo2expr(
                     adata, method=method, cv="leave_one_slide_out", genes=250, seed=seed, key_added="row",
-                    progress=False, refit=False,
+                    progress=False, refit=False, **json.loads(args.params),
                 )  # fmt: skip
                 folds = adata.uns["row"]["folds"]
                 row = {
                     "setting": setting,
-                    "method": method,
+                    "method": label,
                     "seed": seed,
                     "seconds": time.perf_counter() - tic,
                     "cpu_seconds": time.process_time() - cpu,  # one thread: the time on a core of its own
@@ -188,7 +193,7 @@ def run(args: argparse.Namespace) -> None:
                 }
                 with ROWS.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
-                print(setting, method, seed, f"PCC(ACG) {folds['pcc_acg'].mean():.4f}", flush=True)
+                print(setting, label, seed, f"PCC(ACG) {folds['pcc_acg'].mean():.4f}", flush=True)
 
 
 def _spots(rows, features, targets, slides, coords, suffix=""):
@@ -201,13 +206,13 @@ def _spots(rows, features, targets, slides, coords, suffix=""):
 
 def augment(args: argparse.Namespace) -> None:
     """Each fold trains on the training spots and on jittered copies of them (a slide of their own each)."""
+    from histo2expr._validation import log_expression
     from histo2expr.metrics import pcc_acg, pcc_top
     from histo2expr.models import get_method
     from histo2expr.models.base import SpotSet, TrainConfig, concat_spots
     from histo2expr.models.scaling import Standardizer
     from histo2expr.pp import select_genes
     from histo2expr.splits import inner_validation_split, leave_one_slide_out
-    from histo2expr.tl._data import log_expression
 
     adata = cohort()
     slides = adata.obs["slide"].astype(str).to_numpy()
@@ -335,7 +340,9 @@ def report(args: argparse.Namespace) -> None:
         "Settings: `f1:V` spot view averaged over V dihedral views (1, 4 quarter turns, 8 with mirrors), `f2:V` / "
         "`f3:V` the 2x / 3x wider context view, `nbr6` the mean spot view of the 6 nearest spots of the slide, "
         "`f1_macenko` Macenko-normalised patches, `lite1_f1` / `lite2_f1` the spot view of EfficientNet-Lite1 / "
-        "-Lite2; '+' concatenates. `f1:4+nbr6` is what `hx.tl.embed_patches` computes by default.",
+        "-Lite2; '+' concatenates. `f1:4+nbr6` is what `hx.tl.embed_patches` computes by default. A method "
+        "column that is not a method's name is a method run with other settings (`run --params ... --label`), "
+        "named by its label.",
         "",
         "## Mean over held-out slides (mean ± sd over seeds)",
         "",
@@ -349,18 +356,19 @@ def report(args: argparse.Namespace) -> None:
             _summary(augmented).to_markdown(index=False),
             "",
         ]
-    lines += [
-        "## Slide shift: B4 (the one patient-B section, the hardest) under stain normalisation and augmentation",
-        "",
-        "PCC(ACG) on B4 and the mean over the six held-out slides, seed 0, on the `f1:4` spot view: as it is, "
-        "Macenko-normalised per slide (`f1_macenko:4`), and trained also on two HED-jittered copies of the "
-        "training spots (`augment`).",
-        "",
-        _stain_effect(rows, augmented).to_markdown(),
-        "",
-        "## PCC(ACG) per held-out slide and seed",
-        "",
-    ]
+    stain = _stain_effect(rows, augmented)
+    if not stain.empty:
+        lines += [
+            "## Slide shift: B4 (the one patient-B section, the hardest) under stain normalisation and augmentation",
+            "",
+            "PCC(ACG) on B4 and the mean over the six held-out slides, seed 0, on the `f1:4` spot view: as it is, "
+            "Macenko-normalised per slide (`f1_macenko:4`), and trained also on two HED-jittered copies of the "
+            "training spots (`augment`).",
+            "",
+            stain.to_markdown(),
+            "",
+        ]
+    lines += ["## PCC(ACG) per held-out slide and seed", ""]
     for name, table in (("rows", rows), ("augmented", augmented)):
         if table.empty:
             continue
@@ -379,7 +387,7 @@ def report(args: argparse.Namespace) -> None:
         pd.Series(seconds, name="seconds").round(0).to_markdown(),
         "",
     ]
-    out = HERE / "results" / "her2st_features.md"
+    out = HERE / "results" / f"{args.out}.md"
     out.write_text("\n".join(lines))
     print(out.read_text())
 
@@ -401,6 +409,8 @@ def main() -> None:
     step.add_argument("--settings", required=True)
     step.add_argument("--methods", default="ridge,stnet,bleep,chrep,cmrcnet,nh2st")
     step.add_argument("--seeds", default="0")
+    step.add_argument("--params", default="{}", help="method settings as a JSON object")
+    step.add_argument("--label", default="", help="method name of the rows (with --params)")
     step.set_defaults(func=run)
     step = steps.add_parser("augment")
     step.add_argument("--setting", default="f1:4")
@@ -408,7 +418,9 @@ def main() -> None:
     step.add_argument("--methods", default="ridge,stnet,bleep,chrep,cmrcnet,nh2st")
     step.add_argument("--seeds", default="0")
     step.set_defaults(func=augment)
-    steps.add_parser("report").set_defaults(func=report)
+    step = steps.add_parser("report")
+    step.add_argument("--out", default="her2st_features", help="name of the report in benchmarks/results")
+    step.set_defaults(func=report)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.func(args)

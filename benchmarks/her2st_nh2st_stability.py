@@ -38,10 +38,10 @@ SETTING = "f1:4+nbr6"
 ROWS = cache_dir("benchmarks/nh2st_stability") / "rows.jsonl"
 #: Rows by name: ``fit_histo2expr`` keyword arguments (the method and its settings).
 VARIANTS = {
-    "nh2st: mse": {"method": "nh2st", "early_stopping": "mse", "ema_epochs": None},
-    "nh2st: pcc": {"method": "nh2st", "early_stopping": "pcc", "ema_epochs": None},
-    "nh2st: pcc, ema 2": {"method": "nh2st", "early_stopping": "pcc", "ema_epochs": 2.0},
-    "nh2st: mse, ema 2": {"method": "nh2st", "early_stopping": "mse", "ema_epochs": 2.0},
+    "nh2st: mse": {"method": "nh2st", "early_stopping": "mse", "average_epochs": None},
+    "nh2st: pcc": {"method": "nh2st", "early_stopping": "pcc", "average_epochs": None},
+    "nh2st: pcc, ema 2": {"method": "nh2st", "early_stopping": "pcc", "average_epochs": 2.0},
+    "nh2st: mse, ema 2": {"method": "nh2st", "early_stopping": "mse", "average_epochs": 2.0},
     "ridge": {"method": "ridge"},
     "bleep": {"method": "bleep"},
     "stnet": {"method": "stnet"},

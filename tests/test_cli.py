@@ -1,3 +1,4 @@
+import functools
 import json
 import re
 import time
@@ -174,11 +175,19 @@ def test_benchmark_with_intervals_reports_coverage_per_held_out_slide(cohort_h5a
             ["--intervals", "adaptive", "--calibration-folds", "9"],
             "`calibration_folds` must be an integer between 2",
         ),
-        (["--level", "0.8"], "--level set the intervals; add --intervals adaptive"),
+        (["--level", "0.8"], "--level sets the intervals; add --intervals adaptive"),
         (["--intervals", "wide"], "invalid choice: 'wide'"),
-        (["--interval-calibration", "per_slide"], "--interval-calibration set the intervals"),
+        (["--interval-calibration", "per_slide"], "--interval-calibration sets the intervals"),
         (["--context", "20"], "--context: must be a number from 1 to 8"),
         (["--stain-normalization", "reinhard"], "invalid choice: 'reinhard'"),
+        (["--views", "4"], "--views sets the adapted regime; add --regime adapted"),
+        (["--trainable-blocks", "2", "--stain-copies", "1"], "--stain-copies set the adapted regime"),
+        (["--regime", "adapted", "--views", "3"], "argument --views: invalid choice: 3"),
+        (["--regime", "adapted", "--trainable-blocks", "7"], "must be smaller than the 7 stages"),
+        (["--regime", "adapted", "--encoder", "colour_texture"], "cuts an EfficientNet-like backbone"),
+        (["--regime", "adapted", "--methods", "ridge"], "supports the ('frozen',) regime(s)"),
+        (["--quiet", "--verbosity", "info"], "argument --verbosity: not allowed with argument --quiet"),
+        (["--verbosity", "loud"], "argument --verbosity: invalid choice: 'loud'"),
     ],
 )
 def test_interval_and_feature_options_are_checked_before_any_work(tmp_path, capsys, extra, message):
@@ -246,3 +255,71 @@ def test_benchmark_embeds_tokens_for_methods_that_take_them(cohort_h5ad, tmp_pat
     assert not [w for w in recwarn if "single token" in str(w.message)]
     results, _ = read_results(tmp_path)
     assert np.isfinite(results["methods"]["cmrcnet"]["mean"]["pcc_acg"])
+
+
+def test_fit_and_benchmark_run_the_adapted_regime_with_its_options(
+    cohort_h5ad, tmp_path, capsys, monkeypatch
+):
+    import histo2expr as hx
+
+    base = ["--genes", "10", "--epochs", "1", "--patch-size", "32", "--regime", "adapted"]
+    fit = [
+        "fit",
+        str(cohort_h5ad),
+        "--method",
+        "stnet",
+        *base,
+        "--param",
+        "weights=None",
+        "--accelerator",
+        "cpu",
+        "--quiet",
+    ]
+    assert cli.main([*fit, "--out", str(tmp_path / "m.pt")]) == 2  # the file has no frozen features
+    assert "--use-rep none for the adapted features alone" in capsys.readouterr().err
+    argv = [*fit, "--slides", "S1,S2", "--use-rep", "none", "--views", "4", "--stain-copies", "1", "--out",
+            str(tmp_path / "m.pt")]  # fmt: skip
+    assert cli.main(argv) == 0
+    model = hx.tl.Histo2ExprModel.load(tmp_path / "m.pt")
+    assert model.regime == "adapted" and model.use_rep is None
+    assert model.params["trainable_blocks"] == 1
+    assert (model.params["views"]["dihedral"], model.params["views"]["stain_copies"]) == (4, 1)
+
+    calls = []
+
+    @functools.wraps(hx.tl.fit_histo2expr)
+    def fit_histo2expr(*args, **kwargs):
+        calls.append(kwargs)
+        return fit_histo2expr.__wrapped__(*args, **kwargs)
+
+    monkeypatch.setattr(hx.tl, "fit_histo2expr", fit_histo2expr)
+    argv = ["benchmark", "--data", str(cohort_h5ad), "--slides", "S1,S2", "--methods", "stnet", *base, "--views",
+            "1", "--cv", "leave_one_slide_out", "--tta", "1", "--quiet", "--out", str(tmp_path / "b")]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert [(kw["regime"], kw["trainable_blocks"], kw["views"], kw["stain_copies"]) for kw in calls] == [
+        ("adapted", 1, 1, 0)
+    ]
+    assert calls[0]["patch_size"] == 32 and calls[0].get("use_rep", "X_histo") == "X_histo"
+    results, markdown = read_results(tmp_path / "b")
+    assert results["settings"]["adapted"] == {"trainable_blocks": 1, "views": 1, "stain_copies": 0}
+    assert "Adapted regime: each method trains the encoder's top 1 stage on cached activations" in markdown
+    assert "next to the frozen features' neighbours block(s)" in markdown
+    assert np.isfinite(results["methods"]["stnet"]["mean"]["pcc_acg"])
+
+
+def test_verbosity_and_quiet_set_what_the_commands_log(cohort_h5ad, tmp_path, histo2expr_log):
+    import histo2expr as hx
+
+    argv = ["benchmark", "--data", str(cohort_h5ad), "--methods", "ridge", "--genes", "10", "--tta", "1",
+            "--neighbours", "0", "--encoder", "colour_texture", "--patch-size", "32", "--cv", "leave_one_slide_out",
+            "--jobs", "1", "--out", str(tmp_path)]  # fmt: skip
+    for flags, shown in (
+        (["--quiet"], False),
+        (["--verbosity", "info"], True),
+        (["--verbosity", "error"], False),
+    ):
+        histo2expr_log.clear()
+        assert cli.main([*argv, *flags]) == 0
+        messages = [record.getMessage() for record in histo2expr_log.records]
+        assert any(m.startswith("fitting ridge (frozen)") for m in messages) is shown, (flags, messages)
+        assert hx.settings.verbosity.name == "info"  # the command's verbosity ends with it

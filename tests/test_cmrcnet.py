@@ -193,13 +193,32 @@ def test_reconstruction_off_is_bleep_bit_for_bit(cohort):
     pooled = [SpotSet(s.coords, s.groups, features=s.features.mean(1), targets=s.targets) for s in cohort]
     bleep = get_method("bleep")(projection_dim=16, top_k=10)
     bleep.fit(pooled[0], pooled[1], config(epochs=3))
-    off = cmrcnet(reconstruction=False)
+    off = cmrcnet(reconstruction=False, average_epochs=None)
     off.fit(pooled[0], pooled[1], config(epochs=3))
     assert off.network.reconstruction is None
     np.testing.assert_array_equal(off.predict(pooled[2]), bleep.predict(pooled[2]))
     on = cmrcnet()
     on.fit(pooled[0], pooled[1], config(epochs=3))
     assert not np.array_equal(on.predict(pooled[2]), bleep.predict(pooled[2]))
+
+
+def test_training_averages_the_weights_by_default(cohort, monkeypatch):
+    from histo2expr.models import layers
+
+    options = []
+
+    def spy(*args, **kwargs):
+        options.append(kwargs.get("average_epochs"))
+        return train_network(*args, **kwargs)
+
+    train_network = layers.train_network
+    monkeypatch.setattr(layers, "train_network", spy)
+    train, validation, test = cohort
+    averaged, plain = cmrcnet(), cmrcnet(average_epochs=None)
+    averaged.fit(train, validation, config(epochs=4))
+    plain.fit(train, validation, config(epochs=4))
+    assert options == [3.0, None]
+    assert not np.array_equal(averaged.embed(test), plain.embed(test))
 
 
 def test_retrieval_uses_the_training_spots_only(cohort):
@@ -384,6 +403,7 @@ def test_token_grid_pooling_by_hand():
         ({"gene_dropout": 1}, "gene_dropout"),
         ({"top_k": 0}, "top_k"),
         ({"temperature": 0}, "temperature"),
+        ({"average_epochs": 0}, "average_epochs"),
     ],
 )
 def test_bad_parameters_are_clear_errors(params, match):

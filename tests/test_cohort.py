@@ -5,6 +5,7 @@ running the command again); the others call the API in this process (one device)
 """
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -291,6 +292,7 @@ def test_zarr_outputs_are_spatialdata(cohort, tmp_path):
         (["."], {}, ValueError, "no Space Ranger output"),
         (["S1.h5ad"], {"weights": "missing.pt"}, FileNotFoundError, "is no file"),
         (["S1.h5ad"], {"tokens": 0}, ValueError, "tokens"),
+        (["S1.h5ad"], {"backend": "fast"}, ValueError, "`backend` must be one of"),
         (["S1.h5ad"], {"tta": 2}, ValueError, "`tta` must be the number of views"),
         (["S1.h5ad"], {"neighbours": 0}, ValueError, "`neighbours` must be None or a positive integer"),
         (["S1.h5ad"], {"context": 20}, ValueError, "`field=20` is out of range"),
@@ -348,3 +350,25 @@ def test_embed_and_predict_commands(cohort, tmp_path, capsys):
     argv = ["predict", str(files[0]), "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]
     assert cli.main(argv) == 2
     assert "No model file" in capsys.readouterr().err
+
+
+def test_embed_command_takes_the_backend_and_the_verbosity(cohort, tmp_path, capsys, monkeypatch):
+    _folder, files, _ = cohort
+    argv = ["embed", str(files[0]), "--out", str(tmp_path), "--encoder", "colour_texture", "--patch-size", "32",
+            "--accelerator", "cpu"]  # fmt: skip
+    assert cli.main([*argv, "--backend", "torch", "--verbosity", "warning"]) == 0
+    assert capsys.readouterr().out == ""  # the lines per slide show from verbosity info on
+    written = ad.read_h5ad(tmp_path / "S1.h5ad")
+    assert written.uns["X_histo"]["backend"] == "torch"  # what ran, as embed_patches records it
+    assert json.loads(written.uns["histo2expr_cohort"]["run"])["backend"] == "torch"  # what was asked
+    assert cli.main(argv) == 0  # another backend resumes the run: the backend is not compared
+    assert "done before" in capsys.readouterr().out
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        "histo2expr.models.backends.find_spec",
+        lambda name: None if name == "onnxruntime" else find_spec(name),
+    )
+    assert cli.main([*argv[:3], str(tmp_path / "onnx"), *argv[4:], "--backend", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "backend='onnx' needs the packages onnxruntime" in err and err.count("\n") == 1
+    assert not list((tmp_path / "onnx").glob("*.h5ad"))  # refused before the first slide

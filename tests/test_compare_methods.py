@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histo2expr import datasets, pp
+from histo2expr import datasets, pp, settings
 from histo2expr._benchmark import Scheme, compare_methods
 
 METHODS = ["stnet", "ridge"]
@@ -22,13 +22,18 @@ def embedded():
     return adata
 
 
-def test_methods_run_in_parallel_processes_give_the_serial_results(embedded):
+def test_methods_run_in_parallel_processes_give_the_serial_results(embedded, capfd):
     serial, parallel = embedded.copy(), embedded.copy()
     kwargs = {"genes": 20, "epochs": 2, "progress": False, "accelerator": "cpu"}
     with pytest.warns(UserWarning, match="share their patient") as serial_warnings:
         serial_runs = compare_methods(serial, METHODS, schemes=SCHEMES, n_jobs=1, **kwargs)
-    with pytest.warns(UserWarning, match="share their patient") as parallel_warnings:  # passed on
+    capfd.readouterr()
+    with (
+        pytest.warns(UserWarning, match="share their patient") as parallel_warnings,  # passed on
+        settings.override(verbosity="warning"),
+    ):
         parallel_runs = compare_methods(parallel, METHODS, schemes=SCHEMES, n_jobs=2, **kwargs)
+    assert "fitting" not in capfd.readouterr().err  # the processes keep the caller's verbosity
     assert {str(w.message) for w in parallel_warnings if w.category is UserWarning} == {
         str(w.message) for w in serial_warnings if w.category is UserWarning
     }

@@ -215,17 +215,17 @@ def test_batches_hold_spots_then_their_same_slide_neighbours(cohort, monkeypatch
     train, validation, _ = cohort
     seen = {}
 
-    def spy(self, network, fit, val, cfg, *, train_batches=None, ema_decay=None):
+    def spy(self, network, fit, val, cfg, *, train_batches=None):
         seen["orders"] = [train_batches(epoch=epoch) for epoch in (0, 1)]
-        seen["ema_decay"] = ema_decay
+        seen["options"] = self.training_options()
         seen["fit"], seen["validation"] = len(fit), len(val)
         return nh2st_module.FitReport(train_loss=[0.0], best_epoch=0)
 
     monkeypatch.setattr(nh2st_module.NH2STMethod, "fit_network", spy)
-    nh2st(n_neighbours=4, ema_epochs=2).fit(train, validation, config(batch_size=16))
+    nh2st(n_neighbours=4, average_epochs=2).fit(train, validation, config(batch_size=16))
     assert seen["fit"] == len(train) and seen["validation"] == len(validation)
     # the weights kept are a moving average over about two epochs of steps
-    assert seen["ema_decay"] == pytest.approx(1 - 1 / (2 * (len(train) // 16)))
+    assert seen["options"] == {"average_epochs": 2.0}
     first, second = seen["orders"]
     assert len(first) == len(train) // 16 and all(len(rows) == 16 * 5 for rows in first)
     assert not all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))  # reshuffled every epoch

@@ -327,7 +327,7 @@ def test_source_maps_one_slide_at_a_time_and_pickles_without_pixels(two_slides):
     code, second = source._open
     assert code == 1 and second is not first
     # the SlideImage objects themselves are never mapped; a pickle carries no pixels
-    assert all(slide.image._pixels is None for slide in source._images)
+    assert all(slide.image._mapped is None for slide in source._images)
     payload = pickle.dumps(source)
     assert len(payload) < 20_000
     clone = pickle.loads(payload)

@@ -1,5 +1,6 @@
 """The Lightning training engine: early stopping, best weights, loss terms, batch orders, quiet runs."""
 
+import math
 import warnings
 from functools import partial
 
@@ -8,7 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from histo2expr.models import LossOutput, SpotNetwork, SpotSet, TrainConfig, get_method, train_network
+from histo2expr.models import (
+    LossOutput,
+    SpotNetwork,
+    SpotSet,
+    TrainConfig,
+    TrainingPlan,
+    get_method,
+    train_network,
+)
 from histo2expr.models.batches import BatchOrder, ordered_batches, shuffled_batches
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -83,6 +92,52 @@ def test_the_untrained_weights_stay_when_no_epoch_beats_them():
     )  # without the untrained run, epoch 0 is the best
 
 
+class Recording(TrainingPlan):
+    """Records ``w`` after every optimiser step and the steps of every epoch."""
+
+    def __init__(self, network, **kwargs):
+        super().__init__(network, lr=0.1, weight_decay=0.0, **kwargs)
+        self.steps, self.per_epoch = [], []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.steps.append(float(self.network.w.detach()))
+
+    def on_train_epoch_end(self):
+        super().on_train_epoch_end()
+        self.per_epoch.append(len(self.steps))
+
+
+def moving_average(steps, per_epoch, epochs):
+    """The EMA of the recorded weights with a time constant of ``epochs`` epochs, after every step."""
+    decay = math.exp(-1 / (epochs * per_epoch))
+    averages = [steps[0]]
+    for w in steps[1:]:
+        averages.append(decay * averages[-1] + (1 - decay) * w)
+    return averages
+
+
+def test_weight_averaging_keeps_the_moving_average_of_the_weights():
+    network = Drifting()
+    plan = Recording(network)
+    train_network(network, spots(), None, config(epochs=3), plan=plan, average_epochs=1.5)
+    assert plan.per_epoch == [4, 8, 12]  # 64 spots in batches of 16
+    expected = moving_average(plan.steps, 4, 1.5)[-1]
+    assert float(network.w.detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(network.w.detach()) < plan.steps[-1] - 0.1  # the average lags the drifting weights
+
+
+def test_weight_averaging_validates_and_keeps_the_averaged_weights():
+    network = Drifting()  # validation metric w^2: the first epoch is the best one
+    plan = Recording(network)
+    report, _ = train_network(
+        network, spots(), spots(seed=1), config(epochs=3), plan=plan, average_epochs=1.5
+    )
+    averages = moving_average(plan.steps, 4, 1.5)
+    assert report.best_epoch == 0
+    assert report.validation_loss[0] == pytest.approx(averages[3] ** 2, rel=1e-4)
+    assert float(network.w.detach()) == pytest.approx(averages[3], rel=1e-5) and averages[3] < plan.steps[3]
+
+
 class Linear(SpotNetwork):
     """A linear head scored by the gene-wise PCC of its predictions on the validation spots."""
 
@@ -124,42 +179,6 @@ def test_pcc_moments_leave_constant_genes_out_and_sum_over_batches(rng):
     )
     assert mean_correlation(moments, 50) == pytest.approx(pcc_acg(targets, predicted), abs=1e-5)
     assert mean_correlation(correlation_moments(torch.ones(4, 2), torch.ones(4, 2)), 4) == 0.0
-
-
-def test_the_moving_average_of_the_weights_is_what_is_kept():
-    from histo2expr.models import TrainingPlan
-
-    class Recording(TrainingPlan):
-        def on_train_batch_end(self, outputs, batch, batch_idx):
-            self.steps.append(self.network.head.weight.detach().clone())
-
-    network, decay = Linear(), 0.7
-    plan = Recording(network, lr=0.1, weight_decay=0.0)
-    plan.steps = []
-    train_network(network, spots(), None, config(epochs=2), plan=plan, ema_decay=decay)  # 4 steps per epoch
-    average = plan.steps[0]
-    for weights in plan.steps[1:]:
-        average = decay * average + (1 - decay) * weights
-    assert len(plan.steps) == 8 and not torch.allclose(average, plan.steps[-1])
-    torch.testing.assert_close(network.head.weight.detach(), average)
-
-
-def test_the_validated_and_kept_weights_are_the_averaged_ones():
-    from histo2expr.metrics import pcc_acg
-
-    validation = spots(n=48, seed=1)
-    validation.targets = validation.targets + np.random.default_rng(2).normal(size=(48, 2)).astype(np.float32)
-    kept = {}
-    for decay in (None, 0.9):
-        network = Linear()
-        report, _ = train_network(network, spots(), validation, config(epochs=3, lr=0.05), ema_decay=decay)
-        with torch.no_grad():
-            predicted = network.head(torch.from_numpy(validation.features)).numpy()
-        assert min(report.validation_loss) == pytest.approx(
-            1 - pcc_acg(validation.targets, predicted), abs=1e-5
-        )
-        kept[decay] = network.head.weight.detach()
-    assert not torch.allclose(kept[None], kept[0.9])
 
 
 def test_a_loss_that_is_not_finite_is_a_clear_error():

@@ -49,7 +49,7 @@ def test_tiff_pyramid_is_read_by_region_and_level(tmp_path, pixels):
     np.testing.assert_array_equal(coarse.read_region(10, 10, 20, 20), pixels[::2, ::2][10:30, 10:30])
     # pickles as its path (DataLoader workers), reads the same afterwards
     clone = pickle.loads(pickle.dumps(image))
-    assert clone._pixels is None
+    assert clone._level_pixels is None
     np.testing.assert_array_equal(clone.read_region(5, 5, 8, 8), pixels[5:13, 5:13])
     image.close()
 

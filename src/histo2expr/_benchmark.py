@@ -229,7 +229,9 @@ def _run_jobs(
     n_threads = settings.n_threads or max(1, available_cpus() // n_jobs)
     # fresh interpreters ("spawn"): forking a process whose torch / OpenMP threads already ran can hang
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(n_jobs, context, initializer=_start_worker, initargs=(adata, n_threads))
+    pool = ProcessPoolExecutor(
+        n_jobs, context, initializer=_start_worker, initargs=(adata, n_threads, settings.verbosity)
+    )
     with pool:
         futures = [pool.submit(_cross_validate_in_worker, job) for job in jobs]
         try:
@@ -271,13 +273,14 @@ _NOT_PASSED_ON = (DeprecationWarning, PendingDeprecationWarning, ImportWarning)
 _worker_adata: AnnData | None = None
 
 
-def _start_worker(adata: AnnData, n_threads: int) -> None:
-    """Set up a process of :func:`_run_jobs`: its AnnData, its threads, and its end with the caller's process."""
+def _start_worker(adata: AnnData, n_threads: int, verbosity: int) -> None:
+    """Set up a process of :func:`_run_jobs`: its AnnData, threads and verbosity, and its end with the caller's."""
     from ._settings import settings
 
     global _worker_adata
     _worker_adata = adata
     settings.n_threads = n_threads
+    settings.verbosity = verbosity
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 

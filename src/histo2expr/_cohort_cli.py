@@ -13,6 +13,7 @@ from .cli import (
     _check_encoder,
     _int_at_least,
     _one_line,
+    add_backend_option,
     add_engine_options,
     add_feature_options,
     engine_options,
@@ -35,19 +36,20 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "num_workers": args.workers,
         "overwrite": args.overwrite,
-        "progress": not args.quiet,
+        "backend": args.backend,
+        "progress": args.progress,
         **engine_options(args),
     }
 
 
-def _run(call: Any, *, quiet: bool) -> int:
-    """Run ``call``, with warnings and errors only when ``quiet``; failed slides give one line on stderr, status 1."""
-    from ._settings import settings
+def _run(call: Any) -> int:
+    """Run ``call``; failed slides give one line on stderr, status 1 (a missing package: status 2)."""
     from .tl import SlidesFailedError
 
     try:
-        with settings.override(verbosity=min(settings.verbosity, 1) if quiet else settings.verbosity):
-            call()
+        call()
+    except ImportError as error:  # a backend whose packages are missing: the message names them
+        raise CommandError(str(error)) from error
     except SlidesFailedError as error:
         print(f"histo2expr: {_one_line(error)}", file=sys.stderr)
         return 1
@@ -72,7 +74,6 @@ def _embed(args: argparse.Namespace) -> int:
             key_added=args.key_added,
             **_common(args),
         ),
-        quiet=args.quiet,
     )
 
 
@@ -93,7 +94,6 @@ def _predict(args: argparse.Namespace) -> int:
             library_size=args.library_size,
             **_common(args),
         ),
-        quiet=args.quiet,
     )
 
 
@@ -141,10 +141,10 @@ def _add_shared(add: Any) -> None:
     add("--batch-size", type=_int_at_least(1), default=64, help="patches per forward pass (default 64)")
     add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers per process (default 0)")
     add_engine_options(add, nodes="machines sharing the slides, e.g. under SLURM (default 1)")
+    add_backend_option(add)
     add(
         "--overwrite", action="store_true", help="redo every slide (default: skip slides whose output exists)"
     )
-    add("--quiet", action="store_true", help="no line per slide, no messages but warnings and errors")
 
 
 def add_cohort_commands(commands: Any) -> None:

@@ -11,8 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from . import _logging as logg
 from ._hest_benchmark import PROTOCOLS
 from ._keys import EMBEDDING_KEY, Key
+from ._logging import LEVELS, Verbosity
+from ._settings import settings
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -73,19 +76,25 @@ def _check_encoder(name: str) -> None:
         build_encoder(name, weights=None)  # fails with the names there are
 
 
-def _check_common(args: argparse.Namespace) -> list[str] | None:
-    """Check what both commands take, before any work; return the methods (``--methods``, None: every one)."""
+def _check_common(args: argparse.Namespace, regime: str) -> list[str]:
+    """Check what both commands take, before any work; return the methods (``--methods``, else every one of ``regime``)."""
     from ._validation import check_patch_size
-    from .models import get_method, resolve_device
+    from .models import available_methods, get_method, resolve_device
     from .models.backends import check_backend
 
     check_patch_size(args.patch_size)
-    methods = None if args.methods is None else _method_list(args.methods)
-    if methods is not None:
+    if args.methods is None:
+        methods = [m for m in available_methods() if regime in get_method(m).regimes]
+    else:
+        methods = _method_list(args.methods)
         if not methods:
             raise CommandError("--methods names no method; give e.g. --methods ridge,stnet.")
         for method in methods:
-            get_method(method)
+            if regime not in get_method(method).regimes:
+                raise CommandError(
+                    f"method {method!r} supports the {get_method(method).regimes} regime(s), not "
+                    f"{regime!r}; drop it from --methods or use --regime frozen."
+                )
         if len(set(methods)) != len(methods):
             raise CommandError(f"--methods lists a method twice ({args.methods}); give each once.")
     _check_encoder(args.encoder)
@@ -190,7 +199,7 @@ def _embed(
         num_workers=args.workers,
         device=args.device,
         backend=args.backend,
-        progress=not args.quiet,
+        progress=args.progress,
     )
     return time.perf_counter() - tic, adata.uns["X_histo"]["backend"]
 
@@ -250,8 +259,8 @@ def _setting(text: str) -> tuple[str, Any]:
     return name.strip(), parsed
 
 
-def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """Check the options of ``histo2expr fit`` before any work; return the method's class and settings."""
+def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Check the options of ``histo2expr fit`` before any work; return the method's class, settings and regime."""
     from .models import TrainConfig, check_engine_flags, get_method
 
     method_class = get_method(args.method)
@@ -261,10 +270,11 @@ def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             f"--regime {args.regime}."
         )
     method_params = dict(args.param)
-    if args.regime == "end2end":
+    if args.regime != "frozen":
         _check_encoder(args.encoder)
         method_params.setdefault("encoder", args.encoder)
     method_class(**method_params)  # the settings' own checks
+    regime = regime_options(args, method_params.get("encoder", args.encoder))
     interval_options(args)
     try:
         check_engine_flags(TrainConfig(**_training_options(args), progress=False))
@@ -281,7 +291,7 @@ def _check_fit(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if not os.access(args.out.parent, os.W_OK):
         raise CommandError(f"--out {args.out}: its folder is not writable; give a place you can write to.")
     _check_data(args.data, args.reader)
-    return method_class, method_params
+    return method_class, method_params, regime
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -290,19 +300,14 @@ def _fit(args: argparse.Namespace) -> int:
     from . import pp
 
     start = time.perf_counter()
-    method_class, method_params = _check_fit(args)
+    method_class, method_params, regime = _check_fit(args)
     slides = _method_list(args.slides) if args.slides else None
     adata = read_cohort(args.data, reader=args.reader, slides=slides)
     if "log1p" not in adata.uns:
         pp.normalize(adata)
-    use_rep = args.use_rep if args.regime == "frozen" else None
-    if use_rep is not None and use_rep not in adata.obsm:
-        raise CommandError(
-            f"{args.data} has no frozen features in obsm[{use_rep!r}]; embed them first with "
-            f"`hx.tl.embed_patches(adata, key_added={use_rep!r})` and save the AnnData, or use --regime end2end."
-        )
-    model = _fit_model(adata, args, use_rep=use_rep, method_params=method_params)
-    if rank_zero_only.rank != 0:  # every process of a data-parallel run holds the same model
+    model = _fit_model(adata, args, use_rep=_use_rep(adata, args), regime=regime, method_params=method_params)
+    # every process of a data-parallel run holds the same model; Lightning sets `rank` (untyped) at import
+    if getattr(rank_zero_only, "rank", 0) != 0:
         return 0
     model.save(args.out)
     report = model.method.report
@@ -315,8 +320,38 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit_model(adata: AnnData, args: argparse.Namespace, *, use_rep: str | None, method_params: dict) -> Any:
-    """:func:`~histo2expr.tl.fit_histo2expr` with the options of ``histo2expr fit``."""
+def _use_rep(adata: AnnData, args: argparse.Namespace) -> str | None:
+    """``--use-rep`` of ``histo2expr fit``: the frozen features the regime reads (None: none), checked in ``adata``."""
+    if args.regime == "end2end":
+        return None
+    if args.use_rep == "none":
+        if args.regime == "frozen":
+            raise CommandError(
+                "--use-rep none: the frozen regime needs frozen features; give their obsm key."
+            )
+        return None
+    if args.use_rep not in adata.obsm:
+        if args.regime == "frozen":
+            what, fix = "frozen features", "or use --regime end2end"
+        else:
+            what = "frozen features (their context and neighbour blocks join the adapted features)"
+            fix = "or pass --use-rep none for the adapted features alone"
+        raise CommandError(
+            f"{args.data} has no {what} in obsm[{args.use_rep!r}]; embed them first with "
+            f"`hx.tl.embed_patches(adata, key_added={args.use_rep!r})` and save the AnnData, {fix}."
+        )
+    return args.use_rep
+
+
+def _fit_model(
+    adata: AnnData,
+    args: argparse.Namespace,
+    *,
+    use_rep: str | None,
+    regime: dict[str, Any],
+    method_params: dict,
+) -> Any:
+    """:func:`~histo2expr.tl.fit_histo2expr` with the options of ``histo2expr fit`` (``regime``: :func:`regime_options`)."""
     from . import tl
 
     return tl.fit_histo2expr(
@@ -325,7 +360,8 @@ def _fit_model(adata: AnnData, args: argparse.Namespace, *, use_rep: str | None,
         genes=args.genes,
         use_rep=use_rep,
         patch_size=args.patch_size,
-        progress=not args.quiet,
+        progress=args.progress,
+        **regime,
         **_training_options(args),
         **interval_options(args),
         **method_params,
@@ -364,6 +400,17 @@ def _embedding_note(options: Mapping[str, Any]) -> str:
     return f"{views}{stain}{context}{near}"
 
 
+def _adapted_note(options: Mapping[str, Any], embedding: Mapping[str, Any]) -> str:
+    """The adapted regime's options (:func:`regime_options`) and the frozen blocks joining it in words."""
+    stain = f" and {options['stain_copies']} stain-jittered copies" if options["stain_copies"] else ""
+    blocks = [name for name in ("context", "neighbours") if embedding.get(name)]
+    joined = f", next to the frozen features' {' and '.join(blocks)} block(s)" if blocks else ""
+    return (
+        f"Adapted regime: each method trains the encoder's top {logg.counted(options['trainable_blocks'], 'stage')} "
+        f"on cached activations of the lower ones ({options['views']} dihedral views{stain} per patch){joined}."
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
     from . import datasets, pp
     from ._benchmark import compare_methods
@@ -371,7 +418,7 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.n_slides < 2:
         raise CommandError("cross-validation needs at least two slides; use --n-slides 2 or more.")
-    methods = _check_common(args)
+    methods = _check_common(args, "frozen")
     print(
         f"histo2expr demo: synthetic cohort of {args.n_slides} slides (seed {args.seed}), frozen {args.encoder} "
         f"features of {args.patch_size} px patches; leave-one-slide-out for {', '.join(methods)} on "
@@ -387,7 +434,7 @@ def _demo(args: argparse.Namespace) -> int:
         genes=args.genes,
         seed=args.seed,
         epochs=args.epochs,
-        progress=not args.quiet,
+        progress=args.progress,
         **_device_flags(args.device),
     )
     total = time.perf_counter() - start
@@ -583,22 +630,14 @@ def _benchmark(args: argparse.Namespace) -> int:
     from . import pp
     from ._benchmark import Scheme, compare_methods, machine_description
     from ._hest_benchmark import hest_genes, hest_log_expression
-    from .models import available_methods, get_method
 
     start = time.perf_counter()
-    methods = _check_common(args)
+    methods = _check_common(args, args.regime)
+    regime = regime_options(args, args.encoder)
     intervals = interval_options(args)
     cv, n_genes, mpp = _protocol(args)
     hest = args.protocol == "hest"
-    if methods is None:
-        methods = [m for m in available_methods() if args.regime in get_method(m).regimes]
     _check_data(args.data, args.reader)
-    for method in methods:
-        if args.regime not in get_method(method).regimes:
-            raise CommandError(
-                f"method {method!r} supports the {get_method(method).regimes} regime(s), not "
-                f"{args.regime!r}; drop it from --methods or use --regime frozen."
-            )
     slides = _method_list(args.slides) if args.slides else None
     adata = read_cohort(args.data, reader=args.reader, slides=slides)
     n_slides = adata.obs["slide"].nunique()
@@ -609,11 +648,13 @@ def _benchmark(args: argparse.Namespace) -> int:
     if cv == "leave_one_patient_out" and adata.obs.get("patient", adata.obs["slide"]).nunique() < 2:
         raise CommandError("leave_one_patient_out needs obs['patient'] with at least two patients.")
     protocols, patients_note = _protocols(adata, cv)
+    scored: list[str] | None = None  # the genes of HEST-Benchmark's score
     if hest:  # HEST-Benchmark embeds each spot's patch once, alone
         args.tta = args.tta or 1
         args.neighbours = args.neighbours or 0
         hest_log_expression(adata)
-        genes: int | list[str] = hest_genes(adata, n_genes)
+        scored = hest_genes(adata, n_genes)
+        genes: int | list[str] = scored
         gene_rule = f"HEST-Benchmark's {n_genes} highly variable genes of all slides (log1p counts)"
     else:
         pp.normalize(adata)
@@ -627,16 +668,24 @@ def _benchmark(args: argparse.Namespace) -> int:
     fit_kwargs: dict[str, Any] = {
         "epochs": args.epochs,
         "num_workers": args.workers,
+        **regime,
         **_device_flags(args.device),
         **intervals,
     }
     embed_seconds = embedding = backend = None
-    if args.regime == "frozen":
-        embed_seconds, backend = _embed(adata, args, methods, mpp=mpp)
-        embedding = _embedding_options(adata)
-    else:
+    features = ""  # the report's words on the features
+    if args.regime == "end2end":
         fit_kwargs.update(use_rep=None, patch_size=args.patch_size, mpp=mpp)
-    method_params = {m: {"encoder": args.encoder} for m in methods} if args.regime == "end2end" else None
+    else:  # the adapted regime keeps the context and neighbour blocks of the frozen features
+        embed_seconds, backend = _embed(adata, args, methods if args.regime == "frozen" else [], mpp=mpp)
+        embedding = _embedding_options(adata)
+        features = (
+            f" Features: {_embedding_note(embedding)}; embedding: {embed_seconds:.1f} s (backend {backend})."
+        )
+        if args.regime == "adapted":
+            fit_kwargs.update(patch_size=args.patch_size, mpp=mpp)
+            features += f" {_adapted_note(regime, embedding)}"
+    method_params = None if args.regime == "frozen" else {m: {"encoder": args.encoder} for m in methods}
     schemes = [
         Scheme(
             protocol,
@@ -653,20 +702,15 @@ def _benchmark(args: argparse.Namespace) -> int:
         n_jobs=n_jobs,
         genes=genes,
         seed=args.seed,
-        progress=not args.quiet,
+        progress=args.progress,
         method_params=method_params,
         **fit_kwargs,
     )
-    hest_lines, hest_results = _hest_scores(adata, runs, genes) if hest else ([], None)
+    hest_lines, hest_results = ([], None) if scored is None else _hest_scores(adata, runs, scored)
     total = time.perf_counter() - start
     machine = machine_description()
     command = "histo2expr " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     gpu = machine["gpu"] or "no GPU"
-    embedded = (
-        ""
-        if embedding is None
-        else f" Features: {_embedding_note(embedding)}; embedding: {embed_seconds:.1f} s (backend {backend})."
-    )
     _report(
         adata,
         runs,
@@ -685,7 +729,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             f"Data: {adata.n_obs} spots on {n_slides} slides ({', '.join(map(str, adata.obs['slide'].unique()))}); "
             f"{gene_rule}; {args.patch_size} px patches"
             f"{'' if mpp is None else f' at {mpp} µm/px'}; at most {args.epochs} epochs; seed {args.seed}."
-            f"{embedded} Cross-validations run {n_jobs} at a time. Whole run: {total:.1f} s.",
+            f"{features} Cross-validations run {n_jobs} at a time. Whole run: {total:.1f} s.",
             "",
             *hest_lines,
         ],
@@ -699,6 +743,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             "cv": cv or "auto",
             "cv_schemes": protocols,
             "regime": args.regime,
+            "adapted": {k: v for k, v in regime.items() if k != "regime"} or None,
             "encoder": args.encoder,
             "backend": backend,
             "jobs": n_jobs,
@@ -764,6 +809,16 @@ def add_feature_options(add: Any, *, hest: bool = False) -> None:
     )
 
 
+def add_backend_option(add: Any) -> None:
+    """``--backend``: what runs the encoder, :func:`~histo2expr.tl.embed_patches`' ``backend``."""
+    add(
+        "--backend",
+        default="auto",
+        help="what runs the encoder: auto (ONNX Runtime for efficientnet_lite on the CPU when installed, "
+        "else torch), torch, onnx or bf16 (default auto)",
+    )
+
+
 def add_interval_options(add: Any) -> None:
     """``--intervals``, ``--level`` and ``--calibration-folds``: the conformal intervals of fit_histo2expr."""
     from ._validation import CALIBRATIONS, KINDS, MAX_CALIBRATION_FOLDS
@@ -796,31 +851,97 @@ def add_interval_options(add: Any) -> None:
     )
 
 
-def interval_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options of :func:`add_interval_options` as :func:`~histo2expr.tl.fit_histo2expr` names them, checked as it does."""
+def _given_options(
+    args: argparse.Namespace, names: Sequence[str], *, used: bool, needs: str
+) -> dict[str, Any]:
+    """The options ``names`` as :func:`~histo2expr.tl.fit_histo2expr` names them, its defaults for those not given.
+
+    ``used``: whether the options apply; when not, giving any is an error that says to add ``needs``.
+    """
     import inspect
 
     from . import tl
-    from ._validation import check_intervals
 
-    given = {
-        "level": args.level,
-        "calibration_folds": args.calibration_folds,
-        "interval_calibration": args.interval_calibration,
-    }
-    if args.intervals == "none":
+    given = {name: getattr(args, name) for name in names}
+    if not used:
         flags = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
         if flags:
-            raise CommandError(
-                f"{' and '.join(flags)} set the intervals; add --intervals adaptive (or constant)."
-            )
+            raise CommandError(f"{' and '.join(flags)} {'sets' if len(flags) == 1 else 'set'} {needs}.")
         return {}
     defaults = inspect.signature(tl.fit_histo2expr).parameters
-    options = {name: defaults[name].default if value is None else value for name, value in given.items()}
+    return {name: defaults[name].default if value is None else value for name, value in given.items()}
+
+
+def interval_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of :func:`add_interval_options` as :func:`~histo2expr.tl.fit_histo2expr` names them, checked as it does."""
+    from ._validation import check_intervals
+
+    options = _given_options(
+        args,
+        ("level", "calibration_folds", "interval_calibration"),
+        used=args.intervals != "none",
+        needs="the intervals; add --intervals adaptive (or constant)",
+    )
+    if not options:
+        return {}
     check_intervals(
         args.intervals, options["level"], options["calibration_folds"], options["interval_calibration"]
     )
     return {"intervals": args.intervals, **options}
+
+
+def add_regime_options(add: Any) -> None:
+    """``--regime`` and the adapted regime's ``--trainable-blocks``, ``--views`` and ``--stain-copies``."""
+    from .models.base import REGIMES
+
+    add(
+        "--regime",
+        choices=REGIMES,
+        default="frozen",
+        help="frozen: methods train on features embedded once; end2end: each method trains the encoder too "
+        "(use a GPU); adapted: each method trains the encoder's top stages on cached activations of the "
+        "lower ones (runs on a CPU) (default frozen)",
+    )
+    add(
+        "--trainable-blocks",
+        type=_int_at_least(1),
+        default=None,
+        help="adapted regime: top stages of the encoder that train (default 1)",
+    )
+    add(
+        "--views",
+        type=int,
+        choices=(1, 4, 8),
+        default=None,
+        help="adapted regime: dihedral views of each patch cached for training: 1, 4 or 8 (default 8)",
+    )
+    add(
+        "--stain-copies",
+        type=_int_at_least(0),
+        default=None,
+        help="adapted regime: stain-jittered views of each patch cached for training (default 0)",
+    )
+
+
+def regime_options(args: argparse.Namespace, encoder: str) -> dict[str, Any]:
+    """``--regime`` and the options of the adapted regime, as :func:`~histo2expr.tl.fit_histo2expr` names them.
+
+    Checked as the fit checks them, without computing anything: ``--trainable-blocks`` against the stages
+    of ``encoder`` (built without weights), ``--views`` and ``--stain-copies`` as the cached views.
+    """
+    options = _given_options(
+        args,
+        ("trainable_blocks", "views", "stain_copies"),
+        used=args.regime == "adapted",
+        needs="the adapted regime; add --regime adapted",
+    )
+    if options:
+        from .models import build_encoder
+        from .models.adapted import AdaptedViews, check_trainable_blocks
+
+        AdaptedViews.for_training(options["views"], options["stain_copies"], args.seed)
+        check_trainable_blocks(build_encoder(encoder, weights=None), options["trainable_blocks"])
+    return {"regime": args.regime, **options}
 
 
 def feature_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -866,14 +987,8 @@ def _add_common(add: Any, *, genes: int | None, epochs: int, methods: str | None
     add("--patch-size", type=_int_at_least(2), default=224, help="patch side in pixels (default 224)")
     add("--workers", type=_int_at_least(0), default=0, help="DataLoader workers reading patches (default 0)")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default auto)")
-    add(
-        "--backend",
-        default="auto",
-        help="what runs the encoder: auto (ONNX Runtime for efficientnet_lite on the CPU when installed, "
-        "else torch), torch, onnx or bf16 (default auto)",
-    )
+    add_backend_option(add)
     add("--out", type=Path, default=Path(out), help=f"folder for results and figures (default {out})")
-    add("--quiet", action="store_true", help="no progress bars")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -914,12 +1029,7 @@ def _parser() -> argparse.ArgumentParser:
         help="histo2expr (genes chosen per fold, log-normalised targets; default) or hest (HEST-Benchmark's "
         "genes, targets, patient folds, 0.5 µm/px patches and score)",
     )
-    add(
-        "--regime",
-        choices=("frozen", "end2end"),
-        default="frozen",
-        help="frozen features or end-to-end (default frozen)",
-    )
+    add_regime_options(add)
     _add_common(add, genes=None, epochs=50, methods=None, out="histo2expr-benchmark")
     add(
         "--jobs",
@@ -938,7 +1048,24 @@ def _parser() -> argparse.ArgumentParser:
     from ._cohort_cli import add_cohort_commands
 
     add_cohort_commands(commands)
+    for command in commands.choices.values():
+        add_verbosity_options(command)
     return parser
+
+
+def add_verbosity_options(parser: argparse.ArgumentParser) -> None:
+    """``--verbosity`` and ``--quiet`` (its shorthand for warnings only), one or the other."""
+    either = parser.add_mutually_exclusive_group()
+    either.add_argument(
+        "--verbosity",
+        choices=tuple(LEVELS),
+        default=None,
+        help="how much is said, as hx.settings.verbosity: error, warning, info, hint or debug; progress bars "
+        "and per-slide lines from info on (default info)",
+    )
+    either.add_argument(
+        "--quiet", action="store_true", help="warnings and errors only, no progress bars: --verbosity warning"
+    )
 
 
 def add_engine_options(add: Any, *, nodes: str) -> None:
@@ -979,23 +1106,23 @@ def _add_fit_options(add: Any) -> None:
     add("--out", type=Path, required=True, help="model file to write (hx.tl.Histo2ExprModel.load reads it)")
     add("--reader", choices=READERS, default="auto", help="how to read DATA (default: from the path)")
     add("--slides", default=None, help="comma-separated slides to fit on (default: all)")
+    add_regime_options(add)
     add(
-        "--regime",
-        choices=("frozen", "end2end"),
-        default="frozen",
-        help="frozen features or end-to-end (default frozen)",
+        "--use-rep",
+        default=EMBEDDING_KEY,
+        help="obsm key of the frozen features; adapted regime: of the features whose context and neighbour "
+        f"blocks join the adapted ones, or none (default {EMBEDDING_KEY})",
     )
-    add("--use-rep", default=EMBEDDING_KEY, help=f"obsm key of the frozen features (default {EMBEDDING_KEY})")
     add(
         "--encoder",
         default="efficientnet_lite0",
-        help="end-to-end regime: the encoder trained (default efficientnet_lite0)",
+        help="end-to-end and adapted regimes: the encoder trained (default efficientnet_lite0)",
     )
     add(
         "--patch-size",
         type=_int_at_least(2),
         default=224,
-        help="end-to-end regime: patch side in pixels (default 224)",
+        help="end-to-end and adapted regimes: patch side in pixels (default 224)",
     )
     add("--genes", type=_int_at_least(1), default=250, help="highly expressed genes to predict (default 250)")
     add("--epochs", type=_int_at_least(1), default=50, help="maximum training epochs (default 50)")
@@ -1018,7 +1145,6 @@ def _add_fit_options(add: Any) -> None:
         default=None,
         help="Lightning precision, e.g. 32-true, bf16-mixed (default: bf16-mixed on CUDA, else 32-true)",
     )
-    add("--quiet", action="store_true", help="no progress bars")
 
 
 def _one_line(error: Exception) -> str:
@@ -1039,7 +1165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.argv = None if argv is None else list(argv)
     try:
-        return args.func(args)
+        with settings.override(verbosity="warning" if args.quiet else args.verbosity or settings.verbosity):
+            args.progress = settings.verbosity >= Verbosity.info
+            return args.func(args)
     except BAD_INPUT as error:  # the message names the problem and the fix
         print(f"histo2expr {args.command}: {_one_line(error)}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -196,6 +196,7 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
                 ends = [
                     o + c
                     for page in level.pages
+                    if page is not None  # a page the file lacks
                     for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)
                 ]
         except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError) as error:
@@ -317,6 +318,21 @@ def downscale_pixels(pixels: np.ndarray, *, max_px: int = 2000) -> tuple[np.ndar
     return _shrink(Image.fromarray(pixels), size), scale
 
 
+class _Pixels(Protocol):
+    """The pixels of an image (:attr:`ArrayImage.pixels`), shape ``(H, W, 3)``, uint8.
+
+    An array, or an array-like that reads only the region it is indexed with (slices of step 1),
+    as a level of a slide pyramid does.
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(H, W, 3)``."""
+
+    def __getitem__(self, key: Any, /) -> np.ndarray:
+        """The pixels of a region, e.g. ``pixels[y0:y1, x0:x1]``."""
+
+
 class ArrayImage:
     """An RGB image held as an array (e.g. a downscaled ``uns`` image), read region by region.
 
@@ -337,14 +353,15 @@ class ArrayImage:
         self._pixels = to_rgb_uint8(pixels, source="the stored image")
 
     @property
-    def pixels(self) -> np.ndarray:
+    def pixels(self) -> _Pixels:
         """The whole image, shape ``(H, W, 3)``."""
         return self._pixels
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(height, width)`` in pixels."""
-        return tuple(self.pixels.shape[:2])
+        height, width = self.pixels.shape[:2]
+        return height, width
 
     def downscaled(self, max_px: int = 2000) -> tuple[np.ndarray, float]:
         """The image shrunk (Lanczos) so that its long side is at most ``max_px``, and its scale factor.
@@ -352,7 +369,7 @@ class ArrayImage:
         The scale factor is downscaled pixels per pixel of this image: what ``uns["spatial"][slide]
         ["scalefactors"]["tissue_hires_scalef"]`` records beside the ``"hires"`` image.
         """
-        return downscale_pixels(self.pixels, max_px=max_px)
+        return downscale_pixels(self.read_region(0, 0, *self.shape), max_px=max_px)
 
     def prepare(self) -> None:
         """Make the first region read fast: nothing to do for pixels in memory or read tile by tile."""
@@ -388,34 +405,34 @@ class LazyImage(ArrayImage):
         if not self.path.is_file():
             msg = f"Image file {self.path} does not exist; check the path recorded for this slide."
             raise FileNotFoundError(msg)
-        self._pixels: np.ndarray | None = None
+        self._mapped: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_pixels": None}
+        return {"path": self.path, "_mapped": None}
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(height, width)`` in pixels, from the file header when the pixels are not mapped yet."""
-        if self._pixels is None:
+        if self._mapped is None:
             return read_image_size(self.path)
-        return tuple(self._pixels.shape[:2])
+        return tuple(self._mapped.shape[:2])
 
     def close(self) -> None:
         """Drop the memory map; the next read maps the image again."""
-        self._pixels = None
+        self._mapped = None
 
     def prepare(self) -> None:
         """Decode a compressed image file into the histo2expr cache now, once, instead of on its first read."""
-        if self._pixels is None:
+        if self._mapped is None:
             _ = self.pixels
             self.close()
 
     @property
     def pixels(self) -> np.ndarray:
         """The whole image as a read-only memory map of shape ``(H, W, 3)``."""
-        if self._pixels is None:
+        if self._mapped is None:
             mapped = _tiff_memmap(self.path) if self.path.suffix.lower() in (".tif", ".tiff") else None
             if mapped is None:
                 mapped = np.load(_decode_to_cache(self.path), mmap_mode="r")
-            self._pixels = mapped
-        return self._pixels
+            self._mapped = mapped
+        return self._mapped

@@ -58,6 +58,23 @@ class _Section:
             if getattr(self, what) is None
         ]
 
+    def complete(self) -> _SectionFiles | None:
+        """The section's files, or None when one is missing."""
+        if self.counts is None or self.spots is None or self.image is None:
+            return None
+        return _SectionFiles(self.slide, self.patient, self.counts, self.spots, self.image)
+
+
+@dataclass(frozen=True)
+class _SectionFiles:
+    """The files of a section that has them all."""
+
+    slide: str
+    patient: str
+    counts: Path
+    spots: Path
+    image: Path
+
 
 def _stem(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".tsv")
@@ -139,7 +156,7 @@ def _find_sections(path: Path) -> tuple[str, list[_Section]]:
 
 def _select_sections(
     sections: list[_Section], requested: Sequence[str] | None, layout: str
-) -> list[_Section]:
+) -> list[_SectionFiles]:
     by_slide = {s.slide: s for s in sections}
     if requested is not None:
         requested = [requested] if isinstance(requested, str) else list(requested)
@@ -147,12 +164,15 @@ def _select_sections(
         if unknown:
             msg = f"Sections {unknown} are not in this {layout} dataset; its sections are {sorted(by_slide)}."
             raise KeyError(msg)
-        for slide in requested:
-            if by_slide[slide].missing:
+        chosen = []
+        for slide in dict.fromkeys(requested):
+            files = by_slide[slide].complete()
+            if files is None:
                 msg = f"Section {slide!r} lacks its {' and its '.join(by_slide[slide].missing)}."
                 raise FileNotFoundError(msg)
-        return [by_slide[s] for s in dict.fromkeys(requested)]
-    complete = [s for s in sections if not s.missing]
+            chosen.append(files)
+        return chosen
+    complete = [files for s in sections if (files := s.complete()) is not None]
     incomplete = [f"{s.slide} (no {', no '.join(s.missing)})" for s in sections if s.missing]
     if not complete:
         msg = f"No section of this {layout} dataset has counts, spots and image together: {'; '.join(incomplete)}."
@@ -310,7 +330,9 @@ def _check_scales_agree(parts: list[_SectionData]) -> None:
         raise ValueError(msg)
 
 
-def _read_section(section: _Section, *, microns_per_pixel: float | None, hires_max_px: int) -> _SectionData:
+def _read_section(
+    section: _SectionFiles, *, microns_per_pixel: float | None, hires_max_px: int
+) -> _SectionData:
     spot_ids, genes, counts = _read_counts(section.counts, section.slide)
     table = _read_spots(section.spots)
     selected = table[table["selected"] == 1] if "selected" in table.columns else table

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._validation import PLAUSIBLE_MPP, check_microns_per_pixel, check_slide_id
-from ._image import LazyImage, downscale_pixels, no_pixel_limit
+from ._image import ArrayImage, LazyImage, downscale_pixels, no_pixel_limit
 from ._slides import downscale_image, spatial_entry
 from ._wsi_image import (
     OPENSLIDE_SUFFIXES,
@@ -157,7 +157,7 @@ def _resolve_mpp(path: Path, mpp: float | None, downsample: float) -> tuple[floa
     return file_mpp * downsample, "file"
 
 
-def _reduce(image: PyramidImage | LazyImage, factor: int) -> np.ndarray:
+def _reduce(image: ArrayImage, factor: int) -> np.ndarray:
     """The image shrunk by an integer ``factor`` (block means), read in strips of rows."""
     height, width = image.shape
     out_h, out_w = -(-height // factor), -(-width // factor)
@@ -171,7 +171,7 @@ def _reduce(image: PyramidImage | LazyImage, factor: int) -> np.ndarray:
     return out
 
 
-def slide_thumbnail(image: PyramidImage | LazyImage, *, max_px: int = 2000) -> tuple[np.ndarray, float]:
+def slide_thumbnail(image: ArrayImage, *, max_px: int = 2000) -> tuple[np.ndarray, float]:
     """The image downscaled so that its long side is at most ``max_px``, without holding it whole.
 
     A pyramid is read at its coarsest level that is still at least ``max_px`` on the long side,
@@ -186,18 +186,19 @@ def slide_thumbnail(image: PyramidImage | LazyImage, *, max_px: int = 2000) -> t
     if isinstance(image, LazyImage) and suffix_of(image.path) in PLAIN_SUFFIXES:
         return downscale_image(image.path, max_px=max_px)
     source = image
+    coarser = None  # a coarser level of a pyramid, opened here
     if isinstance(image, PyramidImage):
         usable = [
             k for k in range(image.level, len(image.level_shapes)) if max(image.level_shapes[k]) >= max_px
         ]
         if usable and usable[-1] != image.level:
-            source = image.at_level(usable[-1])
+            source = coarser = image.at_level(usable[-1])
     src_h, src_w = source.shape
     factor = max(1, int(max(src_h, src_w) // max_px))
     reduced = _reduce(source, factor) if factor > 1 else source.read_region(0, 0, src_h, src_w)
     reduced = reduced[: max(1, round(src_h / factor)), : max(1, round(src_w / factor))]
-    if source is not image:
-        source.close()
+    if coarser is not None:
+        coarser.close()
     thumbnail, _ = downscale_pixels(reduced, max_px=max_px)
     return thumbnail, thumbnail.shape[1] / width
 

@@ -117,7 +117,7 @@ class PyramidImage(ArrayImage):
         self.level = int(level)
         top_width = self.level_shapes[0][1]
         self.downsamples = [top_width / shape[1] for shape in self.level_shapes]
-        self._pixels: _LevelPixels | None = None
+        self._level_pixels: _LevelPixels | None = None
         self._handle: Any = None
 
     def _level_shapes(self) -> list[tuple[int, int]]:
@@ -128,7 +128,7 @@ class PyramidImage(ArrayImage):
         raise NotImplementedError
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pixels": None, "_handle": None}
+        return {**self.__dict__, "_level_pixels": None, "_handle": None}
 
     def __repr__(self) -> str:
         height, width = self.shape
@@ -142,14 +142,14 @@ class PyramidImage(ArrayImage):
     @property
     def pixels(self) -> _LevelPixels:
         """The level as an array-like of shape ``(H, W, 3)``; indexing it reads only that region."""
-        if self._pixels is None:
+        if self._level_pixels is None:
             self._handle, read = self._open()
-            self._pixels = _LevelPixels(self.shape, read)
-        return self._pixels
+            self._level_pixels = _LevelPixels(self.shape, read)
+        return self._level_pixels
 
     def close(self) -> None:
         """Close the file; the next read opens it again."""
-        handle, self._handle, self._pixels = self._handle, None, None
+        handle, self._handle, self._level_pixels = self._handle, None, None
         if handle is not None:
             handle.close()
 
@@ -197,7 +197,7 @@ class TiffImage(PyramidImage):
         tif = tifffile.TiffFile(self.path)
         series = tif.series[0]
         axes = series.levels[self.level].axes
-        array = zarr.open(series.aszarr(level=self.level), mode="r")
+        array = zarr.open_array(series.aszarr(level=self.level), mode="r")
         kept = [a for a in axes if a in "YXSC"]
         order = [kept.index("Y"), kept.index("X")] + [i for i, a in enumerate(kept) if a in "SC"]
 

@@ -173,6 +173,11 @@ class AdaptedViews:
             msg = f"`stain={self.stain}` must be in (0, 1): the HED jitter strength (0.2 covers her2st-like shifts)."
             raise ValueError(msg)
 
+    @classmethod
+    def for_training(cls, views: int, stain_copies: int, seed: int) -> AdaptedViews:
+        """The views of ``fit_histo2expr(views=..., stain_copies=...)``: inference averages 4 of them, or fewer."""
+        return cls(dihedral=views, stain_copies=stain_copies, tta=min(4, views), seed=seed)
+
     def plain(self) -> dict[str, Any]:
         """The views as plain values (for a state dict)."""
         return asdict(self)

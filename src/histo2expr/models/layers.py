@@ -500,14 +500,22 @@ class TorchMethod(Method):
     ) -> FitReport:
         """Train ``network`` on the spots, prepared for its image input, with :func:`~histo2expr.models.training.train_network`.
 
-        ``options`` are those of :func:`~histo2expr.models.training.train_network`. Inference then
-        runs on the device the network trained on.
+        ``options`` are those of :func:`~histo2expr.models.training.train_network`, added to
+        :meth:`training_options`. Inference then runs on the device the network trained on.
         """
         prepare = self.network.image_input.prepare
         ready_validation = None if validation is None or len(validation) == 0 else prepare(validation)
+        options = {**self.training_options(), **options}
         report, device = train_network(network, prepare(train_spots), ready_validation, config, **options)
         self.adopt_device(device)
         return report
+
+    def training_options(self) -> dict[str, Any]:
+        """Options of :func:`~histo2expr.models.training.train_network` that the settings turn on (none by default).
+
+        E.g. ``{"average_epochs": 2.0}``: a method whose settings have such a field returns it here.
+        """
+        return {}
 
     def adopt_device(self, device: torch.device) -> None:
         """Infer on ``device`` (where the network trained, already checked); the network moves there."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,7 +145,7 @@ class NH2STSettings(EncoderSettings):
     query_weight: float = 1.0
     neighbour_weight: float = 0.5
     dropout: float = 0.1
-    ema_epochs: float | None = None
+    average_epochs: float | None = None
     early_stopping: str = "mse"
 
     def __post_init__(self) -> None:
@@ -168,8 +169,12 @@ class NH2STSettings(EncoderSettings):
         for name in ("query_weight", "neighbour_weight"):
             set_(self, name, non_negative_number(getattr(self, name), name))
         set_(self, "dropout", probability(self.dropout, "dropout"))
-        if self.ema_epochs is not None:
-            set_(self, "ema_epochs", non_negative_number(self.ema_epochs, "ema_epochs", positive=True))
+        if self.average_epochs is not None:
+            set_(
+                self,
+                "average_epochs",
+                non_negative_number(self.average_epochs, "average_epochs", positive=True),
+            )
         if self.embedding_dim % self.attention_tokens:
             msg = (
                 f"`attention_tokens={self.attention_tokens}` must divide `embedding_dim={self.embedding_dim}` (each "
@@ -332,9 +337,9 @@ class NH2STMethod(TorchMethod):
     **Early stopping** (**Decision**): after every epoch the validation spots (training slides
     only) are scored by the MSE of the translator's prediction — what inference uses — and the
     best epoch is kept (``early_stopping="mse"``). ``early_stopping="pcc"`` scores its mean
-    gene-wise PCC instead, as the benchmark does, and ``ema_epochs`` validates and keeps an
-    exponential moving average of the weights
-    (``models.training.AveragedWeights``), whose validation curve is smooth. On
+    gene-wise PCC instead, as the benchmark does, and ``average_epochs`` validates and keeps an
+    exponential moving average of the weights (the training engine's ``EpochEMA``), whose
+    validation curve is smooth. On
     her2st the two together halved the spread over seeds but lowered the mean and the patient-B
     section, and did not make the result less sensitive to float-level changes of the features
     (``benchmarks/results/her2st_nh2st_stability.md``), so both are options, off by default.
@@ -396,10 +401,10 @@ class NH2STMethod(TorchMethod):
     early_stopping
         What chooses the epoch on the validation spots: ``"mse"`` (default), the mean squared
         error of the translator's prediction; ``"pcc"``, its mean gene-wise PCC.
-    ema_epochs
+    average_epochs
         Time constant, in epochs, of an exponential moving average of the weights that is
-        validated and kept (decay ``1 - 1 / (ema_epochs * steps per epoch)`` per step, steps of
-        one process); `None` (default) validates and keeps the trained weights themselves.
+        validated and kept (the training engine's option of the same name); `None` (default)
+        validates and keeps the trained weights themselves.
 
     Notes
     -----
@@ -430,22 +435,12 @@ class NH2STMethod(TorchMethod):
         network = self.start_fit(train, validation, config)
         if train.regime == "end2end":
             network.pathology.check_grid(network.image_input, train.patches.patch_size)
-        self.report = self.fit_network(
-            network,
-            train,
-            validation,
-            config,
-            train_batches=order,
-            ema_decay=self._ema_decay(len(train), config),
-        )
+        self.report = self.fit_network(network, train, validation, config, train_batches=order)
         return self.report
 
-    def _ema_decay(self, n_spots: int, config: TrainConfig) -> float | None:
-        """The decay per step of the weights' moving average whose time constant is ``ema_epochs`` epochs."""
-        if self.settings.ema_epochs is None:
-            return None
-        steps_per_epoch = max(1, n_spots // config.batch_size)
-        return 1 - 1 / max(1.0, self.settings.ema_epochs * steps_per_epoch)
+    def training_options(self) -> dict[str, Any]:
+        """The moving average of the weights (``average_epochs``), handed to the training engine."""
+        return {"average_epochs": self.settings.average_epochs}
 
     def predict(self, data: SpotSet) -> np.ndarray:
         """``(n, n_genes)`` predicted standardised expression: image -> encoder -> translator."""

@@ -8,8 +8,8 @@ logs the terms; a **data module** (``histo2expr.models.batches.SpotDataModule``)
 the spots in either regime, in the batch order the method asks for; :func:`train_network` runs a
 ``lightning.pytorch.Trainer`` with early stopping
 (``lightning.pytorch.callbacks.EarlyStopping``) and keeps the weights of the best
-validation epoch (:class:`BestWeights`), optionally of an exponential moving average of the weights
-(``AveragedWeights``). Accelerator, devices, strategy, nodes and precision
+validation epoch (:class:`BestWeights`), optionally of an exponential moving average of the
+weights (:class:`EpochEMA`, Lightning's ``WeightAveraging``). Accelerator, devices, strategy, nodes and precision
 are Lightning's, so one GPU, several GPUs (DDP) and SLURM clusters need no code here.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import lightning.pytorch as lightning
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ProgressBar, WeightAveraging
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
@@ -227,6 +227,48 @@ def _fitting(trainer: lightning.Trainer) -> bool:
     return trainer.state.fn == TrainerFn.FITTING
 
 
+class EpochEMA(WeightAveraging):
+    """An exponential moving average of the weights whose time constant is counted in epochs.
+
+    Lightning's ``WeightAveraging`` (a ``torch.optim.swa_utils.AveragedModel`` of the plan)
+    updates the average after every optimiser step with ``decay = exp(-1 / (epochs * steps))``,
+    ``steps`` the batches of an epoch, so a weight update counts half after ``0.69 * epochs``
+    epochs whatever the number of spots; validation runs on the averaged weights, and they are
+    the ones kept when training ends. Buffers are not averaged (they follow the model).
+
+    Parameters
+    ----------
+    epochs
+        Time constant of the average in epochs (positive).
+    """
+
+    def __init__(self, epochs: float) -> None:
+        super().__init__(use_buffers=False, avg_fn=self._average)
+        self.epochs = float(epochs)
+        self.decay = 0.0
+
+    def _average(
+        self, averaged: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.lerp(current, averaged, self.decay)
+
+    def setup(self, trainer: lightning.Trainer, plan: TrainingPlan, stage: str) -> None:
+        """Keep the average on the training device (Lightning's default is where the plan is before it moves)."""
+        if self._device is None:
+            self._device = trainer.strategy.root_device
+        super().setup(trainer, plan, stage)
+
+    def on_train_epoch_start(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
+        """Set the decay per step from this process's batches of this epoch (the engine's data module)."""
+        batches = trainer.datamodule.train_batches(epoch=trainer.current_epoch)
+        steps = max(1, len(batches) // trainer.world_size)
+        self.decay = math.exp(-1 / (self.epochs * steps))
+
+    def averaged_network(self) -> nn.Module | None:
+        """The network with the averaged weights (`None` before fitting starts)."""
+        return None if self._average_model is None else self._average_model.module.network
+
+
 class BestWeights(Callback):
     """Keep, in memory, the weights of the best validation epoch and put them back when fitting ends.
 
@@ -234,6 +276,11 @@ class BestWeights(Callback):
     untrained ones) stay when no epoch beats them. Every process keeps its own copy, so no
     file is written and multi-node runs need no shared folder. (Lightning's ``ModelCheckpoint``
     writes checkpoint files, which the many small fits of a cross-validation do not need.)
+
+    Parameters
+    ----------
+    averaging
+        With an :class:`EpochEMA`, the averaged weights (those validated) are the ones kept.
 
     Attributes
     ----------
@@ -243,46 +290,27 @@ class BestWeights(Callback):
         Its epoch; `None` for the run before fitting.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, averaging: EpochEMA | None = None) -> None:
+        self.averaging = averaging
         self.best = math.inf
         self.best_epoch: int | None = None
         self.weights: dict[str, torch.Tensor] | None = None
 
     def on_validation_end(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
-        """Copy the weights when the metric improved."""
+        """Copy the weights (the averaged ones when averaging) when the metric improved."""
         value = trainer.callback_metrics.get(VALIDATION_METRIC)
         if trainer.sanity_checking or value is None or not float(value) < self.best:
             return
         self.best = float(value)
         self.best_epoch = trainer.current_epoch if _fitting(trainer) else None
-        self.weights = {k: v.detach().to("cpu", copy=True) for k, v in plan.network.state_dict().items()}
+        network = self.averaging.averaged_network() if self.averaging is not None else None
+        network = plan.network if network is None or not _fitting(trainer) else network
+        self.weights = {k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()}
 
     def on_fit_end(self, trainer: lightning.Trainer, plan: TrainingPlan) -> None:
         """Load the best weights."""
         if self.weights is not None:
             plan.network.load_state_dict(self.weights)
-
-
-class AveragedWeights(EMAWeightAveraging):
-    """Lightning's exponential moving average of the weights, updated after every step; what is validated and kept.
-
-    The average (``decay`` per optimiser step) replaces the weights while the validation spots
-    are scored and when training ends, so early stopping and :class:`BestWeights` follow the
-    average, not the last step's weights. Unlike Lightning's callback, the trained weights come
-    back at the end of the validation run rather than of its epoch, so that :class:`BestWeights`,
-    placed before this callback, copies the averaged weights the metric was computed with.
-    """
-
-    def __init__(self, decay: float) -> None:
-        super().__init__(decay=decay)
-
-    def on_validation_epoch_end(self, trainer: lightning.Trainer, plan: lightning.LightningModule) -> None:
-        """Keep the averaged weights until the validation run ends."""
-
-    def on_validation_end(self, trainer: lightning.Trainer, plan: lightning.LightningModule) -> None:
-        """Bring the trained weights back."""
-        if self._average_model is not None:
-            self._swap_models(plan)
 
 
 class EpochBar(ProgressBar):
@@ -422,7 +450,7 @@ def train_network(
     plan: TrainingPlan | None = None,
     train_batches: Batches | None = None,
     validate_untrained: bool = False,
-    ema_decay: float | None = None,
+    average_epochs: float | None = None,
 ) -> tuple[FitReport, torch.device]:
     """Train ``network`` on ``train_spots`` with Lightning; keep the weights of the best validation epoch.
 
@@ -445,10 +473,11 @@ def train_network(
         Score the untrained network on the validation spots first: when no epoch beats it, its
         weights are kept (``report.best_epoch`` is then `None`, and
         ``report.notes["untrained_validation_loss"]`` holds its score).
-    ema_decay
-        Validate and keep an exponential moving average of the weights with this decay per
-        optimiser step (``AveragedWeights``) instead of the weights themselves; `None` (default)
-        keeps the weights.
+    average_epochs
+        Train with an exponential moving average of the weights (``training.EpochEMA``) of
+        this time constant in epochs: validation, early stopping and the weights kept use the
+        average.
+        `None` (default): the weights as trained.
 
     Returns
     -------
@@ -469,10 +498,9 @@ def train_network(
         num_workers=config.num_workers,
         train_batches=train_batches,
     )
-    best = BestWeights()
-    callbacks: list[Callback] = [best] if has_validation else []
-    if ema_decay is not None:
-        callbacks.append(AveragedWeights(ema_decay))  # after BestWeights: see AveragedWeights
+    averaging = None if average_epochs is None else EpochEMA(average_epochs)
+    best = BestWeights(averaging)
+    callbacks = ([] if averaging is None else [averaging]) + ([best] if has_validation else [])
     untrained = None
     with quiet_lightning():
         trainer = make_trainer(config, validation=has_validation, callbacks=callbacks)

@@ -14,9 +14,6 @@ if TYPE_CHECKING:
     from ..models.adapted import ActivationCache, AdaptedViews
     from ..patches import PatchSource
 
-#: The default training views of the adapted regime: the 8 dihedral views, no stain-jittered copies.
-ADAPTED_VIEWS = 8
-
 
 def side_features(table: AnnData, use_rep: str | None) -> np.ndarray | None:
     """The frozen blocks of ``obsm[use_rep]`` other than the spot view (context, neighbours), or None.
@@ -46,13 +43,6 @@ def side_features(table: AnnData, use_rep: str | None) -> np.ndarray | None:
     if not columns:
         return None
     return features[:, np.concatenate(columns)]
-
-
-def adapted_views(views: int, stain_copies: int, seed: int) -> AdaptedViews:
-    """The cached views of ``fit_histo2expr(views=..., stain_copies=...)`` (inference averages 4, or fewer)."""
-    from ..models.adapted import AdaptedViews
-
-    return AdaptedViews(dihedral=views, stain_copies=stain_copies, tta=min(4, views), seed=seed)
 
 
 def activation_cache(

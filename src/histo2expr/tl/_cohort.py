@@ -316,6 +316,10 @@ def _say(job: CohortJob, text: str) -> None:
 def _run_shard(fabric: Fabric, job: CohortJob, slides: list[CohortSlide]) -> pd.DataFrame:
     """Run in every process: take this process's share of the slides still to do; the table of all slides."""
     start = time.monotonic()  # as the package logger's timings
+    if job.embedding is not None:  # on this process's device, before any work
+        from ..models.backends import check_backend
+
+        check_backend(job.embedding["backend"], fabric.device)
     rank, world = fabric.global_rank, fabric.world_size
     if rank == 0:
         processes = f" ({world} processes)" if world > 1 else ""
@@ -428,6 +432,17 @@ def _launch(job: CohortJob, slides: list[CohortSlide], engine: dict[str, Any]) -
     return fabric.launch(cast("Any", _run_shard), job, slides)
 
 
+#: The embedding arguments that change how a cohort run computes, not its values (not compared on resume).
+_RUN_OPTIONS = ("batch_size", "num_workers", "backend")
+
+
+def _check_backend_name(backend: str) -> None:
+    """A clear error before any work for an unknown inference backend (each process checks its device later)."""
+    from ..models.backends import INFERENCE_BACKENDS
+
+    one_of(backend, INFERENCE_BACKENDS, "backend", fix="See `hx.tl.embed_patches` for what each does.")
+
+
 def _engine(
     accelerator: str, devices: int | str | list[int], strategy: str, num_nodes: int
 ) -> dict[str, Any]:
@@ -480,6 +495,7 @@ def embed_cohort(
     devices: int | str | list[int] = 1,
     strategy: str = "auto",
     num_nodes: int = 1,
+    backend: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -529,6 +545,14 @@ def embed_cohort(
         Lightning's flags, as for :func:`~histo2expr.tl.fit_histo2expr`: e.g. ``accelerator="gpu",
         devices=4`` for one process per GPU, ``num_nodes`` for clusters (SLURM's ``srun`` and
         ``torchrun`` set the ranks); ``accelerator="cpu", devices=2`` runs two CPU processes.
+    backend
+        What runs the encoder, as in :func:`~histo2expr.tl.embed_patches`: ``"auto"``, ``"torch"``,
+        ``"onnx"`` or ``"bf16"``; checked against each process's device before its first slide. The
+        backend asked for is recorded in the provenance (``run``), the one that ran in
+        ``.uns[key_added]["backend"]``. It is not compared when a run resumes, so that a cohort may be
+        finished on other hardware (``"auto"`` picks by device): ONNX Runtime gave EfficientNet-Lite0's
+        float32 features (cosine 1.0), bf16 a cosine of at least 0.997 to them
+        (``benchmarks/results/encoder_inference.md``).
     overwrite
         Redo every slide, replacing existing outputs. Without it, an existing output written with
         other parameters (encoder, weights, patch geometry, ...) is an error rather than skipped.
@@ -548,7 +572,7 @@ def embed_cohort(
         Provenance: ``step`` (``"embed"``), ``input``, ``slide``, ``histo2expr_version``,
         ``parameters`` (JSON of the arguments that determine the values: encoder, weights, patch
         geometry, the feature options ``tta``, ``context``, ``neighbours`` and
-        ``stain_normalization``, ...), ``run`` (JSON: batch size, workers, engine flags), ``encoder`` (``name``, ``weights``, ``weights_sha1``: a hash of the
+        ``stain_normalization``, ...), ``run`` (JSON: batch size, workers, engine flags, backend), ``encoder`` (``name``, ``weights``, ``weights_sha1``: a hash of the
         encoder's weights).
 
     Examples
@@ -557,6 +581,7 @@ def embed_cohort(
     """
     check_patch_size(patch_size)
     positive_int(batch_size, "batch_size")
+    _check_backend_name(backend)
     if isinstance(weights, os.PathLike):
         weights = os.fspath(weights)
     if weights is not None and not isinstance(weights, str):
@@ -585,6 +610,7 @@ def embed_cohort(
         "key_added": key_added,
         "batch_size": batch_size,
         "num_workers": num_workers,
+        "backend": backend,
     }
     engine = _engine(accelerator, devices, strategy, num_nodes)
     tiling = _tiling(spot_diameter_um, spacing_um, slide_mpp)
@@ -593,10 +619,10 @@ def embed_cohort(
         out_dir=Path(out_dir),
         format=_checked_format(format),
         parameters={
-            **{k: v for k, v in embedding.items() if k not in ("batch_size", "num_workers")},
+            **{k: v for k, v in embedding.items() if k not in _RUN_OPTIONS},
             **tiling,
         },
-        run={"batch_size": batch_size, "num_workers": num_workers, **engine},
+        run={"batch_size": batch_size, "num_workers": num_workers, "backend": backend, **engine},
         slide_key=slide_key,
         embedding=embedding,
         tiling=tiling,
@@ -682,6 +708,7 @@ def predict_cohort(
     devices: int | str | list[int] = 1,
     strategy: str = "auto",
     num_nodes: int = 1,
+    backend: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -709,8 +736,8 @@ def predict_cohort(
         As in :func:`~histo2expr.tl.predict_expression`.
     spot_diameter_um, spacing_um, slide_mpp, format, batch_size, num_workers, slide_key
         As in :func:`embed_cohort` (``batch_size`` and ``num_workers`` for embedding).
-    accelerator, devices, strategy, num_nodes, overwrite, progress
-        As in :func:`embed_cohort`.
+    accelerator, devices, strategy, num_nodes, backend, overwrite, progress
+        As in :func:`embed_cohort` (``backend`` for slides it embeds).
 
     Returns
     -------
@@ -724,6 +751,7 @@ def predict_cohort(
     """
     one_of(scale, SCALES, "scale", fix="See `hx.tl.predict_expression` for what each means.")
     positive_int(batch_size, "batch_size")
+    _check_backend_name(backend)
     if isinstance(model, Histo2ExprModel):
         loaded = model
         with tempfile.TemporaryDirectory() as folder:  # hashed as saved
@@ -736,7 +764,9 @@ def predict_cohort(
         model_hash = _file_sha256(path)
     features = None if loaded.use_rep is None else frozen_encoder_arguments(loaded)
     embedding = (
-        None if features is None else {**features, "batch_size": batch_size, "num_workers": num_workers}
+        None
+        if features is None
+        else {**features, "batch_size": batch_size, "num_workers": num_workers, "backend": backend}
     )
     engine = _engine(accelerator, devices, strategy, num_nodes)
     tiling = _tiling(spot_diameter_um, spacing_um, slide_mpp)
@@ -749,7 +779,7 @@ def predict_cohort(
         out_dir=Path(out_dir),
         format=_checked_format(format),
         parameters={"model_sha256": model_hash, "features": features or {}, **prediction, **tiling},
-        run={"batch_size": batch_size, "num_workers": num_workers, **engine},
+        run={"batch_size": batch_size, "num_workers": num_workers, "backend": backend, **engine},
         slide_key=slide_key,
         embedding=embedding,
         tiling=tiling,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,7 @@ from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method, p
 from ..models.scaling import Standardizer
 from ..pp import select_genes
 from ..splits import inner_validation_split, make_folds
-from ._adapted import activation_cache, adapted_views, encoder_record, side_features
+from ._adapted import activation_cache, encoder_record, side_features
 from ._data import (
     check_genes,
     coordinates,
@@ -109,8 +109,16 @@ def _fit_on(
     """Choose genes, standardise, split off an inner validation set and fit — training spots only."""
     train_slides = sorted(set(inputs.slides[train]))
     if isinstance(genes, int):
-        chosen = select_genes(
-            inputs.table, genes, flavor=gene_flavor, slides=train_slides, slide_key=slide_key, inplace=False
+        chosen = cast(  # inplace=False returns the genes
+            "list[str]",
+            select_genes(
+                inputs.table,
+                genes,
+                flavor=gene_flavor,
+                slides=train_slides,
+                slide_key=slide_key,
+                inplace=False,
+            ),
         )
     else:
         chosen = genes
@@ -192,7 +200,7 @@ def _out_of_fold(table: AnnData, parts: list[tuple[np.ndarray, list[str], np.nda
     values = np.full((table.n_obs, len(genes)), np.nan, dtype=np.float32)
     column = {g: i for i, g in enumerate(genes)}
     for test, fold_genes, predicted in parts:
-        values[np.ix_(test, [column[g] for g in fold_genes])] = predicted
+        values[np.ix_(test, np.array([column[g] for g in fold_genes], dtype=np.intp))] = predicted
     return prediction_frame(values, table.obs_names, genes)
 
 
@@ -506,8 +514,11 @@ def fit_histo2expr(
         raise ValueError(msg)
     features = patches = token_rep = activations = None
     encoder = patch_geometry = None
+    n_tokens = 0
     if regime == "frozen":
+        assert use_rep is not None  # _regime refuses the frozen regime without it
         features, token_rep = frozen_inputs(table, use_rep, tokens=method_class.token_input, method=method)
+        n_tokens = int(features.shape[1]) if token_rep else 0
         embedded = plain_value(
             table.uns.get(use_rep, {})
         )  # a read h5ad's arrays as lists, as a model file holds
@@ -527,6 +538,8 @@ def fit_histo2expr(
         if stain_normalization is not None:
             patch_geometry["stain_normalization"] = stain_normalization
         if regime == "adapted":
+            from ..models import AdaptedViews
+
             settings_of_method = method_class(**method_params).settings
             with cpu_threads(num_workers):
                 activations = activation_cache(
@@ -534,7 +547,7 @@ def fit_histo2expr(
                     encoder=settings_of_method.encoder,
                     weights=settings_of_method.weights,
                     trainable_blocks=trainable_blocks,
-                    views=adapted_views(views, stain_copies, seed),
+                    views=AdaptedViews.for_training(views, stain_copies, seed),
                     seed=seed,
                     batch_size=batch_size,
                     progress=progress,
@@ -576,7 +589,7 @@ def fit_histo2expr(
             "n_features": _n_features(table, use_rep, features, regime),
             **_adapted_params(activations),
             "token_rep": token_rep or "",
-            "n_tokens": int(features.shape[1]) if token_rep else 0,
+            "n_tokens": n_tokens,
             "intervals": settings.kind if settings else "",
             "level": level,
             "calibration_folds": calibration_folds,

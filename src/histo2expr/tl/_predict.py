@@ -147,10 +147,12 @@ def check_feature_record(
 
 
 def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
-    features = features_of(table, model.use_rep)
-    check_feature_record(table.uns.get(model.use_rep, {}), model)
+    rep = model.use_rep
+    assert rep is not None  # a model of the frozen regime was fitted on obsm[use_rep]
+    features = features_of(table, rep)
+    check_feature_record(table.uns.get(rep, {}), model)
     if model.token_rep:
-        return _check_tokens(table, model)
+        return _check_tokens(table, model, rep)
     if features.shape[1] != model.params["n_features"]:
         msg = (
             f"`obsm[{model.use_rep!r}]` has {features.shape[1]} features per spot; the model expects "
@@ -160,9 +162,9 @@ def _check_frozen_features(table: AnnData, model: Histo2ExprModel) -> np.ndarray
     return features
 
 
-def _check_tokens(table: AnnData, model: Histo2ExprModel) -> np.ndarray:
-    """The image tokens of a model trained on tokens, checked against the token grid it was trained on."""
-    tokens = tokens_of(table, model.use_rep)
+def _check_tokens(table: AnnData, model: Histo2ExprModel, rep: str) -> np.ndarray:
+    """The image tokens of a model trained on tokens of ``obsm[rep]``, checked against its token grid."""
+    tokens = tokens_of(table, rep)
     expected = (model.params["n_tokens"], model.params["n_features"])
     if tokens.shape[1:] != expected:
         grid = math.isqrt(expected[0])
@@ -333,7 +335,7 @@ def predict_expression(
         extra["shift"] = slide_shift(trust.p_value, trust.difficulty, slides)
         warn_if_out_of_distribution(extra["shift"], key_added)
         obs = {Key.obs.ood_pvalue(key_added): trust.p_value, Key.obs.difficulty(key_added): trust.difficulty}
-    if trust is not None and trust.lower is not None:
+    if trust is not None and trust.lower is not None and trust.upper is not None:  # a calibrated model
         bounds = [trust.lower, trust.upper]
         if scale == "standardized":
             bounds = [standardized_bounds(b, predicted, values, slides) for b in bounds]
@@ -342,7 +344,7 @@ def predict_expression(
                 to_scale(b, slides, scale=scale, adata=table, training=training, library_size=library_size)
                 for b in bounds
             ]
-        extra["intervals"] = Calibration.from_state_dict(model.trust["calibration"]).describe()
+        extra["intervals"] = Calibration.from_state_dict((model.trust or {})["calibration"]).describe()
         for name, bound in zip((Key.obsm.lower(key_added), Key.obsm.upper(key_added)), bounds, strict=True):
             obsm[name] = prediction_frame(bound, table.obs_names, model.genes)
     if similarity is not None:
