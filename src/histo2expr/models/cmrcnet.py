@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -414,10 +413,6 @@ class CMRCNetMethod(BLEEPMethod):
     token_input = True
     settings_class = CMRCNetSettings
     settings: CMRCNetSettings
-
-    def training_options(self) -> dict[str, Any]:
-        """The moving average of the weights (``average_epochs``), handed to the training engine."""
-        return {"average_epochs": self.settings.average_epochs}
 
     def build(self, image_input: ImageInput, n_genes: int) -> _CMRCNetNetwork:
         """Projection heads on the mean image token and on the expression, and the reconstruction module."""

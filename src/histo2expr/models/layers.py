@@ -511,11 +511,13 @@ class TorchMethod(Method):
         return report
 
     def training_options(self) -> dict[str, Any]:
-        """Options of :func:`~histo2expr.models.training.train_network` that the settings turn on (none by default).
+        """Options of :func:`~histo2expr.models.training.train_network` that the settings turn on.
 
-        E.g. ``{"average_epochs": 2.0}``: a method whose settings have such a field returns it here.
+        By default the settings' ``average_epochs`` (the moving average of the weights), when the
+        settings have that field and it is not `None`; a method with other engine options overrides this.
         """
-        return {}
+        average_epochs = getattr(self.settings, "average_epochs", None)
+        return {} if average_epochs is None else {"average_epochs": average_epochs}
 
     def adopt_device(self, device: torch.device) -> None:
         """Infer on ``device`` (where the network trained, already checked); the network moves there."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import numpy as np
 import torch
@@ -437,10 +436,6 @@ class NH2STMethod(TorchMethod):
             network.pathology.check_grid(network.image_input, train.patches.patch_size)
         self.report = self.fit_network(network, train, validation, config, train_batches=order)
         return self.report
-
-    def training_options(self) -> dict[str, Any]:
-        """The moving average of the weights (``average_epochs``), handed to the training engine."""
-        return {"average_epochs": self.settings.average_epochs}
 
     def predict(self, data: SpotSet) -> np.ndarray:
         """``(n, n_genes)`` predicted standardised expression: image -> encoder -> translator."""

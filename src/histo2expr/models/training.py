@@ -151,11 +151,18 @@ class TrainingPlan(lightning.LightningModule):
         """The epoch means of the accumulated values whose name starts with ``prefix``, over all processes."""
         means = {}
         for name in sorted(key for key in self._sums if key.startswith(prefix)):  # one order on every process
-            total, count = self._sums.pop(name)
-            pair = torch.stack([total.to(self.device), torch.tensor(float(count), device=self.device)])
-            pair = self.trainer.strategy.reduce(pair, reduce_op="sum")
-            means[name] = float(pair[0] / pair[1])
+            total, count = self.epoch_sum(name)
+            means[name] = float(total / count)
         return means
+
+    def epoch_sum(self, name: str) -> tuple[torch.Tensor, float]:
+        """The epoch's sum of ``name`` and its number of spots over all processes, in one reduction; the sum restarts."""
+        total, count = self._sums.pop(name)
+        flat = torch.cat(
+            [total.to(self.device).reshape(-1), torch.tensor([float(count)], device=self.device)]
+        )
+        flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
+        return flat[:-1].reshape(total.shape), float(flat[-1])
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """The loss of one training batch; the loss and its terms join the epoch means."""
@@ -192,12 +199,7 @@ class TrainingPlan(lightning.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Log the validation metric of the pass, and record it when fitting."""
         if self.network.validation_metric == "pcc":
-            total, count = self._sums.pop(VALIDATION_METRIC)
-            total = self.trainer.strategy.reduce(total.to(self.device), reduce_op="sum")
-            count = self.trainer.strategy.reduce(
-                torch.tensor(float(count), device=self.device), reduce_op="sum"
-            )
-            value = 1 - mean_correlation(total, float(count))
+            value = 1 - mean_correlation(*self.epoch_sum(VALIDATION_METRIC))
         else:
             value = self.epoch_means(VALIDATION_METRIC)[VALIDATION_METRIC]
         self.log(VALIDATION_METRIC, value)
