@@ -242,3 +242,37 @@ def test_batch_orders_share_the_batches_between_processes():
 def test_strategies_that_spawn_processes_are_refused_with_the_way_out():
     with pytest.raises(ValueError, match=r"strategy='ddp_spawn'.*histo2expr fit"):
         train_network(Drifting(), spots(), None, config(accelerator="cpu", devices=2, strategy="ddp_spawn"))
+
+
+_foreach_optimizer = TrainingPlan.configure_optimizers
+
+
+def _per_weight_optimizer(plan: TrainingPlan) -> torch.optim.Optimizer:
+    optimizer = _foreach_optimizer(plan)
+    for group in optimizer.param_groups:
+        group["foreach"] = False
+    return optimizer
+
+
+def _per_weight_average(ema, averaged, current, n_averaged) -> None:
+    for mean, weight in zip(averaged, current, strict=True):
+        mean.copy_(torch.lerp(weight, mean, ema.decay))
+
+
+def test_weights_step_and_average_all_at_once_with_the_per_weight_arithmetic(monkeypatch):
+    """The foreach optimiser step and moving average give the weights of per-weight loops, bit for bit."""
+    from histo2expr.models.training import EpochEMA
+
+    def trained() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        network = Linear()
+        train_network(network, spots(), spots(seed=1), config(epochs=4, lr=0.05), average_epochs=1.5)
+        return network.state_dict()
+
+    at_once = trained()
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingPlan, "configure_optimizers", _per_weight_optimizer)
+        patch.setattr(EpochEMA, "_average", _per_weight_average)
+        loops = trained()
+    assert any(not torch.equal(loops[key], Linear().state_dict()[key]) for key in loops)  # trained
+    assert all(torch.equal(loops[key], at_once[key]) for key in loops)

@@ -221,6 +221,7 @@ class TrainingPlan(lightning.LightningModule):
             [{"params": params, "lr": self.lr * scale} for scale, params in groups.items()],
             lr=self.lr,
             weight_decay=self.weight_decay,
+            foreach=True,  # one call per step for all weights; on the CPU the same arithmetic as the per-weight loop
         )
 
 
@@ -245,14 +246,15 @@ class EpochEMA(WeightAveraging):
     """
 
     def __init__(self, epochs: float) -> None:
-        super().__init__(use_buffers=False, avg_fn=self._average)
+        super().__init__(use_buffers=False, multi_avg_fn=self._average)
         self.epochs = float(epochs)
         self.decay = 0.0
 
     def _average(
-        self, averaged: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor
-    ) -> torch.Tensor:
-        return torch.lerp(current, averaged, self.decay)
+        self, averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor
+    ) -> None:
+        """``averaged = lerp(current, averaged, decay)`` for all weights at once (one foreach call, not one per weight)."""
+        torch._foreach_copy_(averaged, torch._foreach_lerp(current, averaged, self.decay))
 
     def setup(self, trainer: lightning.Trainer, plan: TrainingPlan, stage: str) -> None:
         """Keep the average on the training device (Lightning's default is where the plan is before it moves)."""
