@@ -441,7 +441,11 @@ def fit_histo2expr(
         Deprecated: pass ``accelerator`` and ``devices`` (``device="cuda:1"`` is
         ``accelerator="cuda", devices=[1]``).
     **method_params
-        Parameters of the method (e.g. ``top_k=50`` for ``"bleep"``).
+        Parameters of the method (e.g. ``top_k=50`` for ``"bleep"``). ``ensemble=K`` (every
+        trained method) fits K members, each with its own seed and inner validation slide(s),
+        rotating through the training slides, and predicts their mean
+        (:class:`~histo2expr.models.Ensemble`); it costs K fits in every regime, the intervals'
+        calibration refits included. The ridges take no ``ensemble``.
 
     Returns
     -------
@@ -461,7 +465,9 @@ def fit_histo2expr(
         One row per held-out slide: ``slide, fold, n_spots, pcc_acg, pcc_heg50,
         pcc_hvg50, mse, mae`` (standardised), ``mse_log, mae_log, gene_corr_agreement,
         n_nan_genes, n_genes, small_slide`` (fewer than 20 spots: left out of the means of
-        :func:`histo2expr.metrics.summarize`, with a warning).
+        :func:`histo2expr.metrics.summarize`, with a warning), ``inner_validation`` (the slides each
+        member's early stopping validated on, or its number of validation spots) and ``best_epochs``
+        (the epoch each member kept; ``-`` for none), one entry per member, ``"; "``-separated.
     ``.uns[key_added]["gene_pcc"]``
         PCC of every predicted gene (rows) on every held-out slide (columns).
     ``.var[f"{key_added}_cv_pcc"]``, ``[f"{key_added}_cv_pcc_low"]``, ``[f"{key_added}_cv_pcc_high"]``
