@@ -72,7 +72,9 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     per_seed["B4"] = clean[clean["slide"] == "B4"].set_index(["method", "seed"])["pcc_acg"]
 
     def spread(values: pd.Series) -> str:
-        return f"{values.mean():.4f}" if len(values) < 2 else f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+        return (
+            f"{values.mean():.4f}" if len(values) < 2 else f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+        )
 
     grouped = per_seed.groupby("method")
     return pd.DataFrame(
