@@ -348,7 +348,7 @@ class NH2STMethod(TorchMethod):
     members, each with its own seed and its own inner validation slide, and predicts their mean
     (:class:`~histo2expr.models.Ensemble`). Which epoch a single fit keeps flips with its seed and
     with float-level changes of the features; on her2st the mean of three removed most of that
-    spread and raised the mean PCC(ACG) from 0.212 to 0.232, for three times the training time
+    spread and raised the mean PCC(ACG) from 0.212 to 0.230, for three times the training time
     (``benchmarks/results/her2st_ensemble.md``). ``ensemble=1`` is a single fit.
 
     **Training defaults.** The paper trains with Adam, lr 1e-4, batch 8, 20 epochs. Here the
