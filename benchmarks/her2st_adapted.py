@@ -214,9 +214,10 @@ def report(args: argparse.Namespace) -> None:
         "## Time and memory of the adapted rows",
         "",
         "Seconds per fold without the activation cache's build (wall time on the shared machine, and the "
-        "process CPU time, about the time on a core of its own); peak resident memory of the whole process "
-        "(cohort, cache pages read, training); the cache's size on disk (float16) and its one-off build time "
-        "(`cached`: read from an earlier row's build).",
+        "process CPU time, about the time on a core of its own; `>= N`: a row that built the cache before its "
+        "build was timed apart in CPU time, a lower bound); peak resident memory of the whole process (cohort, "
+        "cache pages read, training); the cache's size on disk (float16) and its one-off build time, wall and "
+        "CPU (`cached`: read from an earlier row's build).",
         "",
         cost.to_markdown(index=False) if not cost.empty else "(no rows yet)",
         "",
