@@ -347,7 +347,7 @@ def cohort_h5ad(cohort, tmp_path_factory):
         (["--methods", "ridge,ridge"], "lists a method twice"),
         (["--methods", ","], "names no method"),
         (["--device", "tpu"], "Unknown device 'tpu'"),
-        (["--backend", "tensorrt"], "Unknown inference backend 'tensorrt'"),
+        (["--backend", "tensorrt"], "`backend` must be one of"),
         (["--genes", "9999"], "--genes 9999 exceeds the 30 genes"),
         (["--reader", "legacy_st"], "reads a folder"),
     ],

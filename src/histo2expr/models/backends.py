@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._cache import cache_dir
+from .._validation import one_of
 from .encoders import BUILTIN_ENCODERS, Encoder
 from .inference import inference_fabric
 
@@ -65,17 +66,18 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def check_backend_name(backend: str) -> None:
+    """Raise a clear error when ``backend`` is not one of :data:`INFERENCE_BACKENDS` (before any work)."""
+    one_of(backend, INFERENCE_BACKENDS, "backend", fix="See `hx.tl.embed_patches` for what each does.")
+
+
 def check_backend(backend: str, device: torch.device) -> None:
     """Raise a clear error when ``backend`` is unknown, or cannot run on ``device`` here.
 
     ``"onnx"`` needs the CPU and :func:`onnx_available` (else ImportError); ``"bf16"`` needs CUDA or
     a CPU with :func:`cpu_supports_bf16`; ``"auto"`` and ``"torch"`` run anywhere.
     """
-    if backend not in INFERENCE_BACKENDS:
-        msg = (
-            f"Unknown inference backend {backend!r}. Pass one of {', '.join(map(repr, INFERENCE_BACKENDS))}."
-        )
-        raise ValueError(msg)
+    check_backend_name(backend)
     if backend == "onnx":
         if device.type != "cpu":
             msg = f"backend='onnx' runs on the CPU, but the device is {str(device)!r}. Pass `device='cpu'` or `backend='torch'`."

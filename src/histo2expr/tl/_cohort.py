@@ -436,13 +436,6 @@ def _launch(job: CohortJob, slides: list[CohortSlide], engine: dict[str, Any]) -
 _RUN_OPTIONS = ("batch_size", "num_workers", "backend")
 
 
-def _check_backend_name(backend: str) -> None:
-    """A clear error before any work for an unknown inference backend (each process checks its device later)."""
-    from ..models.backends import INFERENCE_BACKENDS
-
-    one_of(backend, INFERENCE_BACKENDS, "backend", fix="See `hx.tl.embed_patches` for what each does.")
-
-
 def _engine(
     accelerator: str, devices: int | str | list[int], strategy: str, num_nodes: int
 ) -> dict[str, Any]:
@@ -581,7 +574,9 @@ def embed_cohort(
     """
     check_patch_size(patch_size)
     positive_int(batch_size, "batch_size")
-    _check_backend_name(backend)
+    from ..models.backends import check_backend_name  # imports torch: not at import time
+
+    check_backend_name(backend)
     if isinstance(weights, os.PathLike):
         weights = os.fspath(weights)
     if weights is not None and not isinstance(weights, str):
@@ -751,7 +746,9 @@ def predict_cohort(
     """
     one_of(scale, SCALES, "scale", fix="See `hx.tl.predict_expression` for what each means.")
     positive_int(batch_size, "batch_size")
-    _check_backend_name(backend)
+    from ..models.backends import check_backend_name  # imports torch: not at import time
+
+    check_backend_name(backend)
     if isinstance(model, Histo2ExprModel):
         loaded = model
         with tempfile.TemporaryDirectory() as folder:  # hashed as saved

@@ -220,7 +220,7 @@ def calibrate(
     """
     slides = inputs.slides[train]
     n_slides = len(set(slides))
-    scores, score_slides = [], []
+    residuals, residual_slides = [], []
     for inner in grouped_kfold(slides, min(settings.folds, n_slides), seed=seed):
         fit_part, calibration_part = train[inner.train], train[inner.test]
         fitted = fit(fit_part, genes)
@@ -232,9 +232,9 @@ def calibrate(
             reference = neighbour_reference(inputs, fitted, fit_part, seed)
             difficulty, _ = reference.scores(fitted.method.embed(inputs.spots(calibration_part)))
             residual = residual / np.maximum(difficulty, 1e-6)[:, None]
-        scores.append(residual)
-        score_slides.append(slides[inner.test])
-    scores, by_slide = np.concatenate(scores), np.concatenate(score_slides)
+        residuals.append(residual)
+        residual_slides.append(slides[inner.test])
+    scores, by_slide = np.concatenate(residuals), np.concatenate(residual_slides)
     if settings.calibration == "per_slide":  # Mondrian by slide: coverage on every calibration slide
         quantile = np.max(
             [conformal_quantile(scores[by_slide == s], settings.level) for s in dict.fromkeys(by_slide)],
@@ -319,12 +319,16 @@ def score_intervals(
     genes, and the shift columns of :func:`~histo2expr.tl._ood.slide_shift`), and each slide's coverage
     and mean width of every gene.
     """
+    if spots.lower is None or spots.upper is None:
+        msg = "Scoring intervals needs spots with intervals: the model was fitted without `intervals`."
+        raise ValueError(msg)
+    lower, upper = spots.lower, spots.upper
     coverage, width = {}, {}
-    covered = (truth >= spots.lower) & (truth <= spots.upper)
+    covered = (truth >= lower) & (truth <= upper)
     for slide in dict.fromkeys(slides):
         on_slide = slides == slide
         coverage[slide] = pd.Series(covered[on_slide].mean(axis=0), index=genes)
-        width[slide] = pd.Series((spots.upper - spots.lower)[on_slide].mean(axis=0), index=genes)
+        width[slide] = pd.Series((upper - lower)[on_slide].mean(axis=0), index=genes)
     per_slide = (
         slide_shift(spots.p_value, spots.difficulty, slides).set_index("slide").drop(columns="n_spots")
     )
