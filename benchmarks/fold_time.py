@@ -55,7 +55,7 @@ def one_fold(adata, method: str, holdout: str, genes: int) -> tuple[float, float
     )
     fit_done = time.perf_counter()
     fitted.method.predict(inputs.spots(test))
-    return fit_done - tic, time.perf_counter() - fit_done, len(fitted.report.train_loss)
+    return fit_done - tic, time.perf_counter() - fit_done, len(fitted.reports[0].train_loss)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "check_disjoint",
     "grouped_kfold",
     "inner_validation_split",
+    "inner_validation_splits",
     "leave_one_patient_out",
     "leave_one_slide_out",
     "make_folds",
@@ -195,6 +196,7 @@ def inner_validation_split(
     ``max(1, round(fraction * n_groups))`` groups chosen with ``seed``, so early
     stopping sees a slide the model did not fit, as the held-out slide will be.
     With a single training group, a ``fraction`` of its spots is held out at random.
+    The first of :func:`inner_validation_splits`.
 
     Parameters
     ----------
@@ -210,21 +212,69 @@ def inner_validation_split(
     ``(fit_indices, validation_indices, how)`` — positions into ``groups``; ``how``
     is ``"by slide"`` or ``"by spot"``.
     """
+    return inner_validation_splits(groups, 1, fraction=fraction, seed=seed)[0]
+
+
+def inner_validation_splits(
+    groups: Sequence | np.ndarray | pd.Series,
+    n_splits: int,
+    *,
+    fraction: float = 0.2,
+    seed: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """``n_splits`` fit / validation splits of training spots whose validation parts rotate (ensemble members).
+
+    The groups (slides; the spots when there is a single group) are put in one order drawn with
+    ``seed`` and split ``i`` validates on the next ``n_val`` of them after split ``i - 1``'s,
+    wrapping around: the first ``n_groups // n_val`` splits validate on disjoint slides, and more
+    splits than that start the rotation again. ``n_val`` is as in :func:`inner_validation_split`,
+    whose split is the first one here.
+
+    Parameters
+    ----------
+    groups
+        Slide label of every *training* spot (never the held-out slide's).
+    n_splits
+        Number of splits, at least 1.
+    fraction
+        Share of groups (or spots) used for validation, in (0, 0.5].
+    seed
+        Seed of the order.
+
+    Returns
+    -------
+    One ``(fit_indices, validation_indices, how)`` per split — positions into ``groups``; ``how``
+    is ``"by slide"`` or ``"by spot"``.
+    """
     if not 0 < fraction <= 0.5:
         msg = f"`fraction` must be in (0, 0.5], got {fraction}."
+        raise ValueError(msg)
+    if isinstance(n_splits, bool) or not isinstance(n_splits, int | np.integer) or n_splits < 1:
+        msg = f"`n_splits` must be a positive integer, got {n_splits!r}."
         raise ValueError(msg)
     labels = _labels(groups)
     rng = np.random.default_rng(seed)
     uniques = np.array(list(dict.fromkeys(labels)))
     if len(uniques) >= 2:
         n_val = min(max(1, round(fraction * len(uniques))), len(uniques) - 1)
-        held = rng.choice(uniques, size=n_val, replace=False)
-        mask = np.isin(labels, held)
-        return np.flatnonzero(~mask), np.flatnonzero(mask), "by slide"
+        first = rng.choice(uniques, size=n_val, replace=False)
+        order = np.concatenate([first, rng.permutation(np.setdiff1d(uniques, first))])
+        masks = [np.isin(labels, _rotated(order, i, n_val)) for i in range(n_splits)]
+        return [(np.flatnonzero(~mask), np.flatnonzero(mask), "by slide") for mask in masks]
     n = len(labels)
     if n < 2:
         msg = "The inner validation split needs at least two training spots."
         raise ValueError(msg)
     order = rng.permutation(n)
     n_val = min(max(1, round(fraction * n)), n - 1)
-    return np.sort(order[n_val:]), np.sort(order[:n_val]), "by spot"
+    splits = []
+    for i in range(n_splits):
+        mask = np.zeros(n, dtype=bool)
+        mask[_rotated(order, i, n_val)] = True
+        splits.append((np.flatnonzero(~mask), np.flatnonzero(mask), "by spot"))
+    return splits
+
+
+def _rotated(order: np.ndarray, split: int, size: int) -> np.ndarray:
+    """The ``size`` entries of ``order`` that split number ``split`` validates on (wrapping around)."""
+    return order[(split * size + np.arange(size)) % len(order)]

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .chrep import CHRepMethod, CHRepSettings
     from .cmrcnet import CMRCNetMethod, CMRCNetSettings
     from .encoders import BUILTIN_ENCODERS, Encoder, build_encoder
+    from .ensemble import Ensemble
     from .gallery import Gallery
     from .handcrafted import ColourTextureStats
     from .hest_probe import HESTProbeMethod, HESTProbeSettings
@@ -64,6 +65,7 @@ _LAZY = {
     "FitReport": ".base",
     "available_methods": ".base",
     "get_method": ".base",
+    "Ensemble": ".ensemble",
     "register_method": ".base",
     "LossOutput": ".training",
     "SpotNetwork": ".training",
@@ -110,6 +112,7 @@ __all__ = [
     "ColourTextureStats",
     "Encoder",
     "EncoderPreset",
+    "Ensemble",
     "FitReport",
     "Gallery",
     "HESTProbeMethod",

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._validation import positive_int
 from .adapted import TopBlocks, adapted_encoder
 from .base import (
     FitReport,
@@ -130,14 +131,22 @@ class EncoderSettings(MethodSettings):
     weights
         Initial encoder weights (``"default"``, ``"imagenet"``, `None`, a path or a state dict),
         see :func:`~histo2expr.models.build_encoder`. Ignored in the frozen regime.
+    ensemble
+        Members of the fitted model (1: a single network).
+        :func:`~histo2expr.tl.fit_histo2expr` fits that many copies of the method on the same
+        training slides, each with its own seed and its own inner validation slide(s) for early stopping,
+        and predicts their mean (:class:`~histo2expr.models.Ensemble`); time and memory grow K-fold
+        in every regime.
     """
 
     # Spelled with names every method module has: a dataclass's ``__init__`` is annotated in the
     # module of the subclass, where the documentation resolves these hints.
     encoder: str | torch.nn.Module = "efficientnet_lite0"
     weights: object = "default"
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "ensemble", positive_int(self.ensemble, "ensemble"))
         if not isinstance(self.encoder, str | nn.Module):
             msg = (
                 "`encoder` must be an encoder name (e.g. 'efficientnet_lite0', 'resnet18') or a torch.nn.Module, "
@@ -581,7 +590,8 @@ class TorchMethod(Method):
             module of the same architecture (copied; its weights are replaced by the saved ones).
         """
         check_state_format(state, cls.name)
-        method = cls(cls.settings_class(**state["settings"]))
+        # a state is one network: also one saved before the `ensemble` setting, whose default may be larger
+        method = cls(cls.settings_class(**{**state["settings"], "ensemble": 1}))
         image_input = ImageInput.from_state(state["image_input"], encoder=encoder)
         method.n_genes = int(state["n_genes"])
         method.network = method.build(image_input, method.n_genes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -25,9 +25,10 @@ from .._validation import (
     slide_labels,
 )
 from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method, plain_value
+from ..models.ensemble import Ensemble, fit_members
 from ..models.scaling import Standardizer
 from ..pp import select_genes
-from ..splits import inner_validation_split, make_folds
+from ..splits import inner_validation_splits, make_folds
 from ._adapted import activation_cache, encoder_record, side_features
 from ._data import (
     check_genes,
@@ -88,11 +89,18 @@ class _Inputs:
 
 @dataclass
 class _FoldFit:
+    """A method fitted on one fold's training spots; per member, its fit report and inner validation part."""
+
     method: Method
     genes: list[str]
     scaler: Standardizer
-    report: FitReport
-    validation: str
+    reports: list[FitReport | None]
+    validation: list[str]
+
+    def record(self) -> dict[str, str]:
+        """The fold record's ``inner_validation`` and ``best_epochs``: per member, '; '-separated."""
+        epochs = ["-" if r is None or r.best_epoch is None else str(r.best_epoch) for r in self.reports]
+        return {"inner_validation": "; ".join(self.validation), "best_epochs": "; ".join(epochs)}
 
 
 def _fit_on(
@@ -106,7 +114,12 @@ def _fit_on(
     slide_key: str,
     config: TrainConfig,
 ) -> _FoldFit:
-    """Choose genes, standardise, split off an inner validation set and fit — training spots only."""
+    """Choose genes, standardise, split off inner validation sets and fit — training spots only.
+
+    A method whose ``ensemble`` setting is K > 1 is fitted K times, each member on its own inner
+    validation split (:func:`~histo2expr.splits.inner_validation_splits`) with its own seed
+    (:func:`~histo2expr.models.ensemble.fit_members`).
+    """
     train_slides = sorted(set(inputs.slides[train]))
     if isinstance(genes, int):
         chosen = cast(  # inplace=False returns the genes
@@ -125,14 +138,20 @@ def _fit_on(
     expression = log_expression(inputs.table[train], chosen)
     scaler = Standardizer(floor_ratio=_TARGET_FLOOR_RATIO, clip=None).fit(expression)
     targets = scaler.transform(expression)
-    fit_part, validation_part, how = inner_validation_split(inputs.slides[train], seed=config.seed)
-    model = get_method(method)(**method_params)
-    report = model.fit(
-        inputs.spots(train[fit_part], targets[fit_part]),
-        inputs.spots(train[validation_part], targets[validation_part]),
-        config,
-    )
-    return _FoldFit(model, chosen, scaler, report, how)
+    method_class = get_method(method)
+    settings = method_class(**method_params).settings
+    splits = inner_validation_splits(inputs.slides[train], getattr(settings, "ensemble", 1), seed=config.seed)
+    parts = [
+        (inputs.spots(train[fit], targets[fit]), inputs.spots(train[validation], targets[validation]))
+        for fit, validation, _ in splits
+    ]
+    model = fit_members(method_class, settings, parts, config)
+    validation = [
+        "+".join(dict.fromkeys(inputs.slides[train[part]])) if how == "by slide" else f"{len(part)} spots"
+        for _, part, how in splits
+    ]
+    members = model.members if isinstance(model, Ensemble) else [model]
+    return _FoldFit(model, chosen, scaler, [m.report for m in members], validation)
 
 
 def _deprecated_device(device: str) -> tuple[str, int | list[int]]:
@@ -253,7 +272,7 @@ def _cross_validate(
             held.append((fold.test, fitted.genes, spots))
             trust["coverage"].update(coverage)
             trust["width"].update(width)
-        rows += [{"slide": row["slide"], "fold": fold.name, **row} for row in fold_rows]
+        rows += [{"slide": row["slide"], "fold": fold.name, **row, **fitted.record()} for row in fold_rows]
         pccs.update(fold_pccs)
         mean_pcc = pd.concat(list(fold_pccs.values())).mean()
         logg.info(f"    fold {fold.name}: mean held-out gene PCC {mean_pcc:.3f}", time=start)
@@ -422,7 +441,11 @@ def fit_histo2expr(
         Deprecated: pass ``accelerator`` and ``devices`` (``device="cuda:1"`` is
         ``accelerator="cuda", devices=[1]``).
     **method_params
-        Parameters of the method (e.g. ``top_k=50`` for ``"bleep"``).
+        Parameters of the method (e.g. ``top_k=50`` for ``"bleep"``). ``ensemble=K`` (every
+        trained method) fits K members, each with its own seed and inner validation slide(s),
+        rotating through the training slides, and predicts their mean
+        (:class:`~histo2expr.models.Ensemble`); it costs K fits in every regime, the intervals'
+        calibration refits included. The ridges take no ``ensemble``.
 
     Returns
     -------
@@ -442,7 +465,9 @@ def fit_histo2expr(
         One row per held-out slide: ``slide, fold, n_spots, pcc_acg, pcc_heg50,
         pcc_hvg50, mse, mae`` (standardised), ``mse_log, mae_log, gene_corr_agreement,
         n_nan_genes, n_genes, small_slide`` (fewer than 20 spots: left out of the means of
-        :func:`histo2expr.metrics.summarize`, with a warning).
+        :func:`histo2expr.metrics.summarize`, with a warning), ``inner_validation`` (the slides each
+        member's early stopping validated on, or its number of validation spots) and ``best_epochs``
+        (the epoch each member kept; ``-`` for none), one entry per member, ``"; "``-separated.
     ``.uns[key_added]["gene_pcc"]``
         PCC of every predicted gene (rows) on every held-out slide (columns).
     ``.var[f"{key_added}_cv_pcc"]``, ``[f"{key_added}_cv_pcc_low"]``, ``[f"{key_added}_cv_pcc_high"]``
@@ -501,6 +526,7 @@ def fit_histo2expr(
     check_unique_var_names(table)
     genes = check_genes(table, genes)
     slides = slide_labels(table, slide_key)
+    _check_ensemble(method, method_class, method_params)
     uses_coordinates = method_class(**method_params).uses_coordinates  # also checks the parameters now
     check_log_normalised(table)
     settings = interval_settings(intervals, level, calibration_folds, interval_calibration)
@@ -694,6 +720,19 @@ def fit_histo2expr(
         cv_gene_pcc=cv_gene_pcc,
         trust=model_trust,
     )
+
+
+def _check_ensemble(method: str, method_class: type[Method], method_params: Mapping[str, Any]) -> None:
+    """A clear error for ``ensemble=`` of a method that is not trained (its settings have no ``ensemble``)."""
+    if "ensemble" in method_params and "ensemble" not in {
+        f.name for f in fields(method_class.settings_class)
+    }:
+        msg = (
+            f"Method {method!r} has no `ensemble` setting: it is not trained from a random start, so its members "
+            "would all be one model. Drop `ensemble=`; it applies to the trained methods "
+            "(see `hx.models.Ensemble`)."
+        )
+        raise ValueError(msg)
 
 
 def _regime(regime: str | None, use_rep: str | None, method: str, supported: tuple[str, ...]) -> str:

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..models.base import Method, SpotSet, get_method, plain_value
+from ..models.base import Method, SpotSet, plain_value
+from ..models.ensemble import method_from_state
 from ..models.scaling import Standardizer
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ class Histo2ExprModel:
             msg = f"{path} was written by a newer histo2expr (format {state.get('version')!r}); upgrade histo2expr."
             raise ValueError(msg)
         try:
-            method = get_method(state["method"]).from_state_dict(state["method_state"])
+            method = method_from_state(state["method"], state["method_state"])
             return cls(
                 method=method,
                 genes=list(state["genes"]),
