@@ -590,8 +590,8 @@ class TorchMethod(Method):
             module of the same architecture (copied; its weights are replaced by the saved ones).
         """
         check_state_format(state, cls.name)
-        # a state is one network: also one saved before the `ensemble` setting, whose default may be larger
-        method = cls(cls.settings_class(**{**state["settings"], "ensemble": 1}))
+        # a state saved before the `ensemble` setting is one network, whatever the default is now
+        method = cls(cls.settings_class(**{"ensemble": 1, **state["settings"]}))
         image_input = ImageInput.from_state(state["image_input"], encoder=encoder)
         method.n_genes = int(state["n_genes"])
         method.network = method.build(image_input, method.n_genes)
