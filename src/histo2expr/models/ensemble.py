@@ -64,7 +64,7 @@ class Ensemble(Method):
     """K fitted members of one method whose predictions are averaged (``ensemble=K`` of a trained method).
 
     Built by :func:`~histo2expr.tl.fit_histo2expr` for a method whose ``ensemble`` setting is above 1:
-    every member is fitted on the same training spots with its own seed (:func:`member_seed`)
+    every member is fitted on the same training spots with its own seed (``member_seed``)
     and its own inner validation slide(s) for early stopping, rotating through the training slides
     (:func:`~histo2expr.splits.inner_validation_splits`; with a single training slide, disjoint sets
     of its spots). Held-out spots never reach a member.
@@ -74,7 +74,7 @@ class Ensemble(Method):
       squared Euclidean distance is the mean of the members' squared distances.
     - :meth:`confidence`: the mean of the members' confidences (None when the method has none).
     - :meth:`state_dict`: the method's name, the settings and the members' states (``"members"``);
-      :func:`method_from_state` loads it, or the state of a single fitted method.
+      ``method_from_state`` loads it, or the state of a single fitted method.
 
     Parameters
     ----------
@@ -118,11 +118,11 @@ class Ensemble(Method):
 
     @property
     def network(self) -> SpotNetwork | None:
-        """The first member's network: its image input's frozen parts (an adapted encoder's lower blocks) are every member's."""
+        """The network of the first member, whose image input's frozen parts (an adapted encoder's lower blocks) every member shares."""
         return getattr(self.members[0], "network", None)
 
     def fit(self, train: SpotSet, validation: SpotSet | None, config: TrainConfig) -> FitReport:
-        """Not available: every member validates on its own split; see :func:`fit_members`."""
+        """Not available: every member validates on its own split; see ``fit_members`` of this module."""
         msg = (
             "An Ensemble is fitted member by member, each on its own inner validation split: use "
             "`hx.tl.fit_histo2expr(..., ensemble=K)` or `histo2expr.models.ensemble.fit_members`."
