@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import flag, non_negative_number, one_of, positive_int, probability
+from .._validation import flag, one_of, positive_int, probability
 from .base import register_method
 from .bleep import BLEEPMethod, BLEEPSettings
 from .layers import ImageInput, ProjectionHead, pool_token_grid
@@ -255,12 +255,6 @@ class CMRCNetSettings(BLEEPSettings):
             msg = f"`mlp_ratio` must be a positive number, got {ratio!r}."
             raise ValueError(msg)
         set_(self, "mlp_ratio", float(ratio))
-        if self.average_epochs is not None:
-            set_(
-                self,
-                "average_epochs",
-                non_negative_number(self.average_epochs, "average_epochs", positive=True),
-            )
         for heads in ("cross_heads", "fusion_heads"):
             if self.reconstruction_dim % getattr(self, heads):
                 msg = (

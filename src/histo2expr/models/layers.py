@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import positive_int
+from .._validation import non_negative_number, positive_int
 from .adapted import TopBlocks, adapted_encoder
 from .base import (
     FitReport,
@@ -147,6 +147,10 @@ class EncoderSettings(MethodSettings):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ensemble", positive_int(self.ensemble, "ensemble"))
+        average_epochs = getattr(self, "average_epochs", None)  # a method's engine option (training_options)
+        if average_epochs is not None:
+            value = non_negative_number(average_epochs, "average_epochs", positive=True)
+            object.__setattr__(self, "average_epochs", value)
         if not isinstance(self.encoder, str | nn.Module):
             msg = (
                 "`encoder` must be an encoder name (e.g. 'efficientnet_lite0', 'resnet18') or a torch.nn.Module, "

@@ -169,12 +169,6 @@ class NH2STSettings(EncoderSettings):
         for name in ("query_weight", "neighbour_weight"):
             set_(self, name, non_negative_number(getattr(self, name), name))
         set_(self, "dropout", probability(self.dropout, "dropout"))
-        if self.average_epochs is not None:
-            set_(
-                self,
-                "average_epochs",
-                non_negative_number(self.average_epochs, "average_epochs", positive=True),
-            )
         if self.embedding_dim % self.attention_tokens:
             msg = (
                 f"`attention_tokens={self.attention_tokens}` must divide `embedding_dim={self.embedding_dim}` (each "
