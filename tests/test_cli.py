@@ -222,7 +222,7 @@ def test_benchmark_on_two_her2st_sections(her2st_path, tmp_path, capsys):
         "--data",
         str(her2st_path),
         "--slides",
-        "B4,C2",
+        "B4,C3",
         "--methods",
         "ridge",
         "--genes",
@@ -230,9 +230,9 @@ def test_benchmark_on_two_her2st_sections(her2st_path, tmp_path, capsys):
     ]
     assert cli.main([*argv, *FAST, "--out", str(tmp_path)]) == 0
     results, markdown = read_results(tmp_path)
-    assert results["settings"]["reader"] == "auto" and results["settings"]["slides"] == ["B4", "C2"]
+    assert results["settings"]["reader"] == "auto" and results["settings"]["slides"] == ["B4", "C3"]
     rows = results["methods"]["ridge"]["per_slide"]
-    assert [row["slide"] for row in rows] == ["B4", "C2"]
+    assert [row["slide"] for row in rows] == ["B4", "C3"]
     assert all(np.isfinite(row["pcc_acg"]) and row["n_genes"] == 50 for row in rows)
     assert markdown.strip() in capsys.readouterr().out
 

@@ -567,7 +567,9 @@ def test_her2st_spots_genes_and_scale(her2st: AnnData) -> None:
 @pytest.mark.realdata
 def test_her2st_spots_land_on_tissue(her2st: AnnData) -> None:
     images = hx.io.slide_images(her2st)
-    for slide, image in images.items():
+    # One section of each patient: reading a section decodes its JPEG into a 264 MB cache file.
+    for slide in ["B4", "C3"]:
+        image = images[slide]
         lazy = image.image
         height, width = lazy.shape
         centres = np.rint(her2st[her2st.obs["slide"] == slide].obsm["spatial"]).astype(int)
