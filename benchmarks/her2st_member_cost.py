@@ -3,6 +3,7 @@
 Run on demand (needs $HISTO2EXPR_HER2ST and the cached views of ``her2st_features.py``):
 
     python benchmarks/her2st_member_cost.py --threads 1 profile --methods nh2st,cmrcnet,bleep,stnet
+    python benchmarks/her2st_member_cost.py --threads 1 profile --methods chrep --profile-epochs 1
     python benchmarks/her2st_features.py --threads 1 run --settings f1:4+nbr6 --methods nh2st --seeds 0,1,2 \\
         --params '{"ensemble": 3, "patience": 3}' --label "nh2st (ensemble 3, patience 3)"
     (the same for nh2st at patience 5, and for cmrcnet and bleep at patience 3)
@@ -52,7 +53,10 @@ READING = """\
   its folds crept to epoch 45 of 50). The first layer on the 2560-d input is not where NH2ST's or CMRCNet's
   time goes (0.18 and 0.21 of the profiled kernel time; NH2ST's steps are many small kernels: the
   neighbour branch, graphs, cross-attention, AdamW), so a cheaper input (PCA, random projection) would save
-  little there and was not run; BLEEP's share is 0.29.
+  little there and was not run; BLEEP's share is 0.29. CHRep trains twice per fold (its encoder, then the
+  cheap correction: two entries per slide, `None` = its untrained weights kept) and is the exception: 0.67
+  of its profiled time (one epoch per fold) is on the 2560-d input, so a per-fold reduction of the input
+  is the lever to measure for CHRep (not run here).
 - **NH2ST: no lever accepted.** `patience=3` halves the epochs trained (163 against 320 per run, 1.96x;
   CPU 125 s against 540 s, but the reference rows ran at a higher load: 1.1-2.1 CPU s per epoch against
   0.7-0.9) and loses 0.012 PCC(ACG) (0.2177 ± 0.0021 against 0.2299 ± 0.0044) and 0.018 HEG@50: three
@@ -112,7 +116,7 @@ class _Recorder:
             module.train_network = self
 
 
-def _first_layer_share(adata, method: str, width: int, epochs: int = 2) -> dict:
+def _first_layer_share(adata, method: str, width: int, epochs: int) -> dict:
     """Profile ``epochs`` epochs (no early stopping) of one fit: CPU time of the kernels with a ``width``-wide operand."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -150,7 +154,7 @@ def profile_methods(args: argparse.Namespace) -> None:
             "cpu_seconds": seconds,
             "width": int(adata.obsm["X_histo"].shape[1]),
         }
-        row.update(_first_layer_share(adata, method, row["width"]))
+        row.update(_first_layer_share(adata, method, row["width"], epochs=args.profile_epochs))
         with PROFILE.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -265,6 +269,7 @@ def main() -> None:
     steps = parser.add_subparsers(dest="step", required=True)
     step = steps.add_parser("profile")
     step.add_argument("--methods", default="nh2st,cmrcnet,bleep,stnet,chrep")
+    step.add_argument("--profile-epochs", type=int, default=2, help="epochs per fold under torch.profiler")
     step.set_defaults(func=profile_methods)
     step = steps.add_parser("report")
     step.set_defaults(func=report)
