@@ -232,7 +232,7 @@ def report(args: argparse.Namespace) -> None:
         "",
         "Epochs run and the epoch kept (0-based) per held-out slide (B4, C2..C6); the share of the epochs run "
         "after the kept one (the early-stopping wait); the share of the profiled CPU time (first two epochs of "
-        "every fold, `torch.profiler`) in kernels with an operand as wide as the 2560-d input (the first layer, "
+        "every fold, CHRep's first one; `torch.profiler`) in kernels with an operand as wide as the 2560-d input (the first layer, "
         "forward and backward). ST-Net's frozen head is solved in closed form (no epochs).",
         "",
         _profile_table().to_markdown(),
