@@ -190,10 +190,13 @@ def report(args: argparse.Namespace) -> None:
         "Made with `benchmarks/her2st_adapted.py` (its docstring has the commands). 1193 spots on 6 sections, "
         "250 highly expressed genes chosen on the training slides of each fold, ImageNet EfficientNet-Lite0 at "
         "224 px, every method at its defaults, one torch thread on a 2-core machine shared with other jobs "
-        "(load 8-12). The frozen rows are `her2st_features.py`'s `f1:4+nbr6` rows (the default features of "
+        "(load 2-12). The frozen rows are `her2st_features.py`'s `f1:4+nbr6` rows (the default features of "
         "`hx.tl.embed_patches`); the adapted rows train the top `trainable_blocks` stages of the encoder on "
         "the cached activations of the others (one of `views` dihedral views per spot and epoch; inference "
-        "averages the 4 quarter turns), next to the same frozen neighbour block.",
+        "averages the 4 quarter turns), next to the same frozen neighbour block. The frozen `cmrcnet` rows "
+        "are the method's plain rows of `her2st_features.py`, run before its weight averaging became the "
+        "default (`average_epochs=3`, which the adapted row has); the frozen rows at that default are in "
+        "`her2st_cmrcnet_averaging.md`.",
         "",
         "## Mean over held-out slides (mean ± sd over seeds)",
         "",
