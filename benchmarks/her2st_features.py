@@ -191,6 +191,8 @@ def run(args: argparse.Namespace) -> None:
                     "cpu_seconds": time.process_time() - cpu,  # one thread: the time on a core of its own
                     "per_slide": folds[["slide", *COLUMNS]].to_dict(orient="records"),
                 }
+                if "best_epochs" in folds:  # the epochs kept per fold (members '; '-separated)
+                    row["best_epochs"] = [str(epochs) for epochs in folds["best_epochs"]]
                 with ROWS.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 print(setting, label, seed, f"PCC(ACG) {folds['pcc_acg'].mean():.4f}", flush=True)
