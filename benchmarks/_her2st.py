@@ -106,8 +106,9 @@ def write_report(
     per_slide: pd.DataFrame,
     start: float,
 ) -> None:
-    """Print the report and write it to ``results/{name}.md``."""
-    text = "\n".join(
+    """Write the report to ``results/{name}.md`` and print it."""
+    save_results(
+        name,
         [
             f"# {title}",
             "",
@@ -126,9 +127,20 @@ def write_report(
             "",
             f"Whole run: {time.perf_counter() - start:.0f} s.",
             "",
-        ]
+        ],
     )
-    print(text)
+
+
+def save_results(name: str, lines: list[str]) -> None:
+    """Write ``lines`` to ``results/{name}.md`` and print the file."""
     out = HERE / "results" / f"{name}.md"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
+    out.write_text("\n".join(lines))
+    print(out.read_text())
+
+
+def steps_parser(doc: str) -> tuple[argparse.ArgumentParser, Any]:
+    """A parser with ``--threads`` and one required sub-command per step of a benchmark script."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    return parser, parser.add_subparsers(dest="step", required=True)

@@ -31,7 +31,7 @@ import time
 
 import pandas as pd
 import torch
-from _her2st import HERE
+from _her2st import save_results, steps_parser
 from her2st_features import CACHE, ROWS, _summary, build, cohort
 
 import histo2expr as hx
@@ -225,15 +225,11 @@ def report(args: argparse.Namespace) -> None:
         cost.to_markdown(index=False) if not cost.empty else "(no rows yet)",
         "",
     ]
-    out = HERE / "results" / "her2st_adapted.md"
-    out.write_text("\n".join(lines))
-    print(out.read_text())
+    save_results("her2st_adapted", lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    steps = parser.add_subparsers(dest="step", required=True)
+    parser, steps = steps_parser(__doc__)
     for name, func in (("run", run), ("row", row)):
         step = steps.add_parser(name)
         if name == "run":

@@ -20,7 +20,7 @@ import platform
 import numpy as np
 import pandas as pd
 import torch
-from _her2st import HERE
+from _her2st import save_results
 from her2st_features import build, cohort
 from lightning.pytorch.callbacks import Callback
 
@@ -153,9 +153,7 @@ def main() -> None:
         wide.round(4).to_markdown(),
         "",
     ]
-    out = HERE / "results" / "her2st_cmrcnet_epochs.md"
-    out.write_text("\n".join(lines))
-    print(out.read_text())
+    save_results("her2st_cmrcnet_epochs", lines)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import platform
 
 import pandas as pd
 import torch
-from _her2st import HERE
+from _her2st import save_results
 from her2st_features import ROWS as FEATURE_ROWS
 from her2st_nh2st_stability import ROWS as STABILITY_ROWS
 
@@ -132,9 +132,7 @@ def main() -> None:
         epochs["best_epochs"].dropna().to_markdown(),
         "",
     ]
-    out = HERE / "results" / "her2st_ensemble.md"
-    out.write_text("\n".join(lines))
-    print(out.read_text())
+    save_results("her2st_ensemble", lines)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _her2st import DATA, HERE
+from _her2st import DATA, save_results, steps_parser
 
 import histo2expr as hx
 from histo2expr._cache import cache_dir
@@ -389,15 +389,11 @@ def report(args: argparse.Namespace) -> None:
         pd.Series(seconds, name="seconds").round(0).to_markdown(),
         "",
     ]
-    out = HERE / "results" / f"{args.out}.md"
-    out.write_text("\n".join(lines))
-    print(out.read_text())
+    save_results(args.out, lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    steps = parser.add_subparsers(dest="step", required=True)
+    parser, steps = steps_parser(__doc__)
     step = steps.add_parser("embed")
     step.add_argument("--encoder", default="efficientnet_lite0")
     step.add_argument("--field", type=float, default=1.0)

@@ -27,7 +27,7 @@ import time
 
 import pandas as pd
 import torch
-from _her2st import HERE
+from _her2st import save_results, steps_parser
 from her2st_features import CACHE, ROWS, build, cohort
 from her2st_nh2st_stability import ROWS as STABILITY_ROWS
 
@@ -258,15 +258,11 @@ def report(args: argparse.Namespace) -> None:
         "",
         READING,
     ]
-    out = HERE / "results" / "her2st_member_cost.md"
-    out.write_text("\n".join(lines))
-    print(out.read_text())
+    save_results("her2st_member_cost", lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    steps = parser.add_subparsers(dest="step", required=True)
+    parser, steps = steps_parser(__doc__)
     step = steps.add_parser("profile")
     step.add_argument("--methods", default="nh2st,cmrcnet,bleep,stnet,chrep")
     step.add_argument("--profile-epochs", type=int, default=2, help="epochs per fold under torch.profiler")

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from _her2st import HERE
+from _her2st import save_results
 from her2st_features import build, cohort
 
 import histo2expr as hx
@@ -170,9 +170,7 @@ def report(args: argparse.Namespace) -> None:
         cpu.to_markdown(),
         "",
     ]
-    out = HERE / "results" / "her2st_nh2st_stability.md"
-    out.write_text("\n".join(lines))
-    print(out.read_text())
+    save_results("her2st_nh2st_stability", lines)
 
 
 def main() -> None:
