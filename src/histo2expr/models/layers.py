@@ -132,21 +132,18 @@ class EncoderSettings(MethodSettings):
         Initial encoder weights (``"default"``, ``"imagenet"``, `None`, a path or a state dict),
         see :func:`~histo2expr.models.build_encoder`. Ignored in the frozen regime.
     ensemble
-        Members of the fitted model (default 3; 1: a single network).
+        Members of the fitted model (1: a single network).
         :func:`~histo2expr.tl.fit_histo2expr` fits that many copies of the method on the same
         training slides, each with its own seed and its own inner validation slide(s) for early stopping,
         and predicts their mean (:class:`~histo2expr.models.Ensemble`); time and memory grow K-fold
-        in every regime. Which epoch a single fit keeps flips with its seed; on her2st the mean of
-        three raised every method trained by gradient descent by 0.017 to 0.022 PCC(ACG), beyond
-        the spread over seeds (``benchmarks/results/her2st_ensemble.md``). ``ensemble=1`` trains
-        in a third of the time.
+        in every regime.
     """
 
     # Spelled with names every method module has: a dataclass's ``__init__`` is annotated in the
     # module of the subclass, where the documentation resolves these hints.
     encoder: str | torch.nn.Module = "efficientnet_lite0"
     weights: object = "default"
-    ensemble: int = 3
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ensemble", positive_int(self.ensemble, "ensemble"))

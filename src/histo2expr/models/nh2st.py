@@ -146,6 +146,7 @@ class NH2STSettings(EncoderSettings):
     dropout: float = 0.1
     average_epochs: float | None = None
     early_stopping: str = "mse"
+    ensemble: int = 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -406,8 +407,8 @@ class NH2STMethod(TorchMethod):
         validated and kept (the training engine's option of the same name); `None` (default)
         validates and keeps the trained weights themselves.
     ensemble
-        Members fitted and averaged (3, as for every method trained by gradient descent; see above
-        and :class:`~histo2expr.models.Ensemble`); 1 is a single fit, a third of the time.
+        Members fitted and averaged (3; see above and :class:`~histo2expr.models.Ensemble`); 1 is a
+        single fit, a third of the time.
 
     Notes
     -----

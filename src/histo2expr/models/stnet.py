@@ -26,7 +26,6 @@ class STNetSettings(EncoderSettings):
     tta: bool = True
     closed_form: bool = True
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    ensemble: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,11 +108,6 @@ class STNetMethod(TorchMethod):
         Candidate L2 penalties of the closed-form head, relative to the number of spots (without
         validation spots, the middle one is used; the head is solved on the training and the
         validation spots whenever there are some).
-    ensemble
-        Members fitted and averaged (default 1, unlike the other trained methods' 3). The
-        closed-form head has no random start: its members would be ridges on the same spots that
-        differ only in the penalty chosen on their validation slides, and on her2st three of
-        them scored no better than one (``benchmarks/results/her2st_ensemble.md``).
 
     Notes
     -----
