@@ -144,3 +144,10 @@ def steps_parser(doc: str) -> tuple[argparse.ArgumentParser, Any]:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     return parser, parser.add_subparsers(dest="step", required=True)
+
+
+def run_step(parser: argparse.ArgumentParser) -> None:
+    """Parse the command line, give torch its ``--threads`` and run the chosen step."""
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.func(args)

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _her2st import DATA, save_results, steps_parser
+from _her2st import DATA, run_step, save_results, steps_parser
 
 import histo2expr as hx
 from histo2expr._cache import cache_dir
@@ -419,9 +419,7 @@ def main() -> None:
     step = steps.add_parser("report")
     step.add_argument("--out", default="her2st_features", help="name of the report in benchmarks/results")
     step.set_defaults(func=report)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    args.func(args)
+    run_step(parser)
 
 
 if __name__ == "__main__":

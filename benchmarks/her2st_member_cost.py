@@ -27,7 +27,7 @@ import time
 
 import pandas as pd
 import torch
-from _her2st import save_results, steps_parser
+from _her2st import run_step, save_results, steps_parser
 from her2st_features import CACHE, ROWS, build, cohort
 from her2st_nh2st_stability import ROWS as STABILITY_ROWS
 
@@ -269,9 +269,7 @@ def main() -> None:
     step.set_defaults(func=profile_methods)
     step = steps.add_parser("report")
     step.set_defaults(func=report)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    args.func(args)
+    run_step(parser)
 
 
 if __name__ == "__main__":
