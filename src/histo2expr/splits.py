@@ -259,20 +259,17 @@ def inner_validation_splits(
         n_val = min(max(1, round(fraction * len(uniques))), len(uniques) - 1)
         first = rng.choice(uniques, size=n_val, replace=False)
         order = np.concatenate([first, rng.permutation(np.setdiff1d(uniques, first))])
-        masks = [np.isin(labels, _rotated(order, i, n_val)) for i in range(n_splits)]
-        return [(np.flatnonzero(~mask), np.flatnonzero(mask), "by slide") for mask in masks]
-    n = len(labels)
-    if n < 2:
-        msg = "The inner validation split needs at least two training spots."
-        raise ValueError(msg)
-    order = rng.permutation(n)
-    n_val = min(max(1, round(fraction * n)), n - 1)
-    splits = []
-    for i in range(n_splits):
-        mask = np.zeros(n, dtype=bool)
-        mask[_rotated(order, i, n_val)] = True
-        splits.append((np.flatnonzero(~mask), np.flatnonzero(mask), "by spot"))
-    return splits
+        units, how = labels, "by slide"
+    else:
+        n = len(labels)
+        if n < 2:
+            msg = "The inner validation split needs at least two training spots."
+            raise ValueError(msg)
+        order = rng.permutation(n)
+        n_val = min(max(1, round(fraction * n)), n - 1)
+        units, how = np.arange(n), "by spot"
+    masks = [np.isin(units, _rotated(order, i, n_val)) for i in range(n_splits)]
+    return [(np.flatnonzero(~mask), np.flatnonzero(mask), how) for mask in masks]
 
 
 def _rotated(order: np.ndarray, split: int, size: int) -> np.ndarray:
