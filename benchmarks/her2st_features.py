@@ -162,16 +162,21 @@ def done(path: Path) -> set[tuple]:
     return {(r["setting"], r["method"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
+def put_features(adata, setting: str) -> None:
+    """Put the features (and tokens) of ``setting`` where ``fit_histo2expr`` reads them."""
+    slides = adata.obs["slide"].astype(str).to_numpy()
+    adata.obsm["X_histo"], tokens = build(setting, adata.obsm["spatial"], slides)
+    if tokens is None:
+        adata.obsm.pop("X_histo_tokens", None)
+    else:
+        adata.obsm["X_histo_tokens"] = tokens
+
+
 def run(args: argparse.Namespace) -> None:
     adata = cohort()
-    slides = adata.obs["slide"].astype(str).to_numpy()
     finished = done(ROWS)
     for setting in args.settings.split(";"):
-        adata.obsm["X_histo"], tokens = build(setting, adata.obsm["spatial"], slides)
-        if tokens is None:
-            adata.obsm.pop("X_histo_tokens", None)
-        else:
-            adata.obsm["X_histo_tokens"] = tokens
+        put_features(adata, setting)
         for seed in map(int, args.seeds.split(",")):
             for method in args.methods.split(","):
                 label = args.label or method

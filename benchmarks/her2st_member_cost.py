@@ -28,7 +28,7 @@ import time
 import pandas as pd
 import torch
 from _her2st import run_step, save_results, steps_parser
-from her2st_features import CACHE, ROWS, build, cohort
+from her2st_features import CACHE, ROWS, cohort, put_features
 from her2st_nh2st_stability import ROWS as STABILITY_ROWS
 
 import histo2expr as hx
@@ -77,14 +77,6 @@ READING = """\
 """
 #: The training configuration's maximum number of epochs (``TrainConfig.epochs``).
 MAX_EPOCHS = 50
-
-
-def _default_features(adata) -> None:
-    """Put the features (and tokens) of the default setting where ``fit_histo2expr`` reads them, as ``her2st_features.py run`` does."""
-    slides = adata.obs["slide"].astype(str).to_numpy()
-    adata.obsm["X_histo"], tokens = build(SETTING, adata.obsm["spatial"], slides)
-    if tokens is not None:
-        adata.obsm["X_histo_tokens"] = tokens
 
 
 class _Recorder:
@@ -137,7 +129,7 @@ def profile_methods(args: argparse.Namespace) -> None:
     adata = cohort()
     recorder = _Recorder()
     recorder.install()
-    _default_features(adata)
+    put_features(adata, SETTING)
     for method in args.methods.split(","):
         recorder.calls.clear()
         cpu = time.process_time()
