@@ -143,6 +143,22 @@ def test_hyperedges_of_a_batch_are_built_per_graph(rng):
         similarity_hypergraph(x, 10)
 
 
+@pytest.mark.parametrize(("kind", "n_layers"), [("hypergraph", 2), ("graph", 1), ("hypergraph", 3)])
+def test_node_mean_is_the_mean_of_the_convolved_nodes_with_its_gradients(rng, kind, n_layers):
+    x = torch.from_numpy(rng.normal(size=(5, 9, 6)).astype(np.float32)).requires_grad_()
+    layers = GraphConvolutions(6, n_layers=n_layers, size=3, kind=kind, dropout=0.3)
+    gradients = []
+    for pool in (lambda: layers(x).mean(dim=1), lambda: layers.node_mean(x)):
+        torch.manual_seed(0)  # the same dropout masks
+        pooled = pool()
+        layers.zero_grad()
+        x.grad = None
+        pooled.square().sum().backward()
+        gradients.append([x.grad.clone(), *(p.grad.clone() for p in layers.parameters()), pooled.detach()])
+    for reference, folded in zip(*gradients, strict=True):
+        np.testing.assert_allclose(folded.numpy(), reference.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_spatial_neighbours_never_cross_slides():
     grid = np.array([[x, y] for x in range(4) for y in range(4)], dtype=float)
     coords = np.concatenate([grid, grid + 0.1])  # slide b lies right on top of slide a

@@ -202,11 +202,26 @@ class GraphConvolutions(nn.Module):
             return similarity_graph_propagation(x, self.size)
         return hypergraph_propagation(similarity_hypergraph(x, self.size))
 
+    def _before_last(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The operator of ``x`` and the input of the last layer (after ReLU and dropout when there are several)."""
+        propagation = self.operator(x).to(x.dtype)
+        for layer in self.layers[:-1]:
+            x = self.dropout(torch.relu(propagation @ layer(x)))
+        return propagation, x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, M, d) -> (B, M, d)``."""
-        propagation = self.operator(x).to(x.dtype)
-        for index, layer in enumerate(self.layers):
-            if index:
-                x = self.dropout(torch.relu(x))
-            x = propagation @ layer(x)
-        return x
+        propagation, x = self._before_last(x)
+        return propagation @ self.layers[-1](x)
+
+    def node_mean(self, x: torch.Tensor) -> torch.Tensor:
+        r"""``(B, M, d) -> (B, d)``: the mean over the nodes of :meth:`forward`, with the last layer on the mean only.
+
+        :math:`\frac 1M \mathbf 1^\top P (X Θ + \mathbf 1 b) = (w X) Θ + (w \mathbf 1) b` with
+        :math:`w = \frac 1M \mathbf 1^\top P`: the same value up to float rounding, the last layer's
+        product on one row per graph instead of ``M``.
+        """
+        propagation, x = self._before_last(x)
+        weights = propagation.mean(dim=1, keepdim=True)  # (B, 1, M)
+        last = self.layers[-1]
+        return F.linear((weights @ x).squeeze(1), last.weight) + weights.sum(dim=2) * last.bias

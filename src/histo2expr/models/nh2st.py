@@ -266,7 +266,7 @@ class _NH2STNetwork(SpotNetwork):
             pooled = []
             for graph, features in ((self.image_graph, image), (self.gene_graph, gene)):
                 nodes = torch.cat([features[:size, None], features[size:].view(size, k, -1)], dim=1)
-                pooled.append(graph(nodes).mean(dim=1))
+                pooled.append(graph.node_mean(nodes))
             terms["neighbour"] = self._aligned("neighbour_attention", *pooled)
             loss = loss + settings.neighbour_weight * terms["neighbour"]
         return LossOutput(loss, terms)
