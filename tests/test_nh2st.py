@@ -145,17 +145,18 @@ def test_hyperedges_of_a_batch_are_built_per_graph(rng):
 
 @pytest.mark.parametrize(("kind", "n_layers"), [("hypergraph", 2), ("graph", 1), ("hypergraph", 3)])
 def test_node_mean_is_the_mean_of_the_convolved_nodes_with_its_gradients(rng, kind, n_layers):
-    x = torch.from_numpy(rng.normal(size=(5, 9, 6)).astype(np.float32)).requires_grad_()
+    table = torch.from_numpy(rng.normal(size=(12, 6)).astype(np.float32)).requires_grad_()
+    nodes = torch.from_numpy(rng.integers(0, 12, size=(5, 9)))  # rows shared by several graphs
     layers = GraphConvolutions(6, n_layers=n_layers, size=3, kind=kind, dropout=0.3)
-    gradients = []
-    for pool in (lambda: layers(x).mean(dim=1), lambda: layers.node_mean(x)):
+    results = []
+    for pool in (lambda: layers(table[nodes]).mean(dim=1), lambda: layers.node_mean(table, nodes)):
         torch.manual_seed(0)  # the same dropout masks
         pooled = pool()
         layers.zero_grad()
-        x.grad = None
+        table.grad = None
         pooled.square().sum().backward()
-        gradients.append([x.grad.clone(), *(p.grad.clone() for p in layers.parameters()), pooled.detach()])
-    for reference, folded in zip(*gradients, strict=True):
+        results.append([pooled.detach(), table.grad.clone(), *(p.grad.clone() for p in layers.parameters())])
+    for reference, folded in zip(*results, strict=True):
         np.testing.assert_allclose(folded.numpy(), reference.numpy(), rtol=1e-5, atol=1e-6)
 
 

@@ -202,26 +202,39 @@ class GraphConvolutions(nn.Module):
             return similarity_graph_propagation(x, self.size)
         return hypergraph_propagation(similarity_hypergraph(x, self.size))
 
-    def _before_last(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The operator of ``x`` and the input of the last layer (after ReLU and dropout when there are several)."""
-        propagation = self.operator(x).to(x.dtype)
-        for layer in self.layers[:-1]:
+    def _last_input(self, propagation: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """The input of the last layer from the first layer's output (``n_layers > 1``): ReLU and dropout between layers."""
+        x = self.dropout(torch.relu(propagation @ first))
+        for layer in self.layers[1:-1]:
             x = self.dropout(torch.relu(propagation @ layer(x)))
-        return propagation, x
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, M, d) -> (B, M, d)``."""
-        propagation, x = self._before_last(x)
+        propagation = self.operator(x).to(x.dtype)
+        if len(self.layers) > 1:
+            x = self._last_input(propagation, self.layers[0](x))
         return propagation @ self.layers[-1](x)
 
-    def node_mean(self, x: torch.Tensor) -> torch.Tensor:
-        r"""``(B, M, d) -> (B, d)``: the mean over the nodes of :meth:`forward`, with the last layer on the mean only.
+    def node_mean(self, table: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        r"""``(n, d), (B, M) -> (B, d)``: the mean over the nodes of :meth:`forward` of graphs whose nodes are rows of ``table``.
 
-        :math:`\frac 1M \mathbf 1^\top P (X Θ + \mathbf 1 b) = (w X) Θ + (w \mathbf 1) b` with
-        :math:`w = \frac 1M \mathbf 1^\top P`: the same value up to float rounding, the last layer's
-        product on one row per graph instead of ``M``.
+        Node ``j`` of graph ``b`` is row ``nodes[b, j]`` of ``table``; a row may be a node of
+        several graphs. The same value as ``forward(table[nodes]).mean(dim=1)`` up to float
+        rounding, for less work: the first layer runs once per row of ``table``, and the last one
+        on the node mean only, :math:`\frac 1M \mathbf 1^\top P (X Θ + \mathbf 1 b) = (w X) Θ +
+        (w \mathbf 1) b` with :math:`w = \frac 1M \mathbf 1^\top P`.
         """
-        propagation, x = self._before_last(x)
+        index = nodes.reshape(-1)
+
+        def gathered(rows: torch.Tensor) -> torch.Tensor:
+            # index_select, not `[index]`: its backward sums the repeated rows in a fixed order on any number of threads
+            return rows.index_select(0, index).view(*nodes.shape, -1)
+
+        x = gathered(table)
+        propagation = self.operator(x).to(x.dtype)
+        if len(self.layers) > 1:
+            x = self._last_input(propagation, gathered(self.layers[0](table)))
         weights = propagation.mean(dim=1, keepdim=True)  # (B, 1, M)
         last = self.layers[-1]
         return F.linear((weights @ x).squeeze(1), last.weight) + weights.sum(dim=2) * last.bias

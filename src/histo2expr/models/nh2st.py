@@ -255,18 +255,21 @@ class _NH2STNetwork(SpotNetwork):
         k = settings.n_neighbours
         size = len(targets) // (k + 1) if settings.with_neighbours else len(targets)  # the batch's own spots
         unique, rows = _unique_rows(batch)
+        image_rows, gene_rows = self(unique), self.gene_encoder(unique["targets"])
         # index_select, not `[rows]`: its backward sums the repeated rows in a fixed order on any number
         # of threads, so that CPU fits stay bit-identical
-        image = self(unique).index_select(0, rows)
-        gene = self.gene_encoder(unique["targets"]).index_select(0, rows)
-        terms = {"mse": F.mse_loss(self.translator(image[:size]).float(), targets[:size])}
-        terms["query"] = self._aligned("query_attention", image[:size], gene[:size])
+        own = rows[:size]
+        image, gene = image_rows.index_select(0, own), gene_rows.index_select(0, own)
+        terms = {"mse": F.mse_loss(self.translator(image).float(), targets[:size])}
+        terms["query"] = self._aligned("query_attention", image, gene)
         loss = terms["mse"] + settings.query_weight * terms["query"]
         if settings.with_neighbours:
-            pooled = []
-            for graph, features in ((self.image_graph, image), (self.gene_graph, gene)):
-                nodes = torch.cat([features[:size, None], features[size:].view(size, k, -1)], dim=1)
-                pooled.append(graph.node_mean(nodes))
+            # graph b: spot b, then its neighbours
+            nodes = torch.cat([own[:, None], rows[size:].view(size, k)], dim=1)
+            pooled = [
+                graph.node_mean(table, nodes)
+                for graph, table in ((self.image_graph, image_rows), (self.gene_graph, gene_rows))
+            ]
             terms["neighbour"] = self._aligned("neighbour_attention", *pooled)
             loss = loss + settings.neighbour_weight * terms["neighbour"]
         return LossOutput(loss, terms)
@@ -287,7 +290,7 @@ def _unique_rows(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     order = torch.arange(len(positions), device=positions.device)
     first = torch.full((len(unique),), len(positions), device=positions.device)
     first = first.scatter_reduce(0, inverse, order, reduce="amin")
-    return {key: value[first] for key, value in batch.items()}, inverse
+    return {key: value.index_select(0, first) for key, value in batch.items()}, inverse
 
 
 @register_method
