@@ -77,7 +77,9 @@ def test_the_costliest_cross_validations_are_started_first(embedded):
         return _MethodJob(get_method(method), method + scheme.key_suffix, fit_kwargs)
 
     loso, lopo = SCHEMES
-    n_spots = embedded.n_obs  # 3 slides of 2 patients: 2 training slides per slide fold, 1 or 2 per patient fold
+    n_spots = (
+        embedded.n_obs
+    )  # 3 slides of 2 patients: 2 training slides per slide fold, 1 or 2 per patient fold
     assert _expected_cost(embedded, job("ridge", loso)) == 2 * n_spots
     assert _expected_cost(embedded, job("ridge", lopo)) == n_spots
     assert _expected_cost(embedded, job("nh2st", loso)) == 3 * 2 * n_spots  # an ensemble of 3 by default
