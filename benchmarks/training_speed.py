@@ -108,8 +108,14 @@ def worker(args: argparse.Namespace) -> None:
 def run_variant(
     name: str, src: Path, method: str, args: argparse.Namespace, cohort: Path, tag: str, seed: int
 ) -> dict:
-    """One fresh worker process of variant ``name``; its times and predictions."""
+    """One fresh worker process of variant ``name``; its times and predictions.
+
+    With ``--saved`` the run saved in ``--work`` by an earlier (possibly interrupted) comparison,
+    `None` when there is none.
+    """
     save = args.work / f"{name}_{method}_{tag}_seed{seed}.npz"
+    if args.saved:
+        return load_run(save, seed) if save.with_suffix(".json").exists() else None
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -124,6 +130,11 @@ def run_variant(
     ]
     command += ["--cohort", str(cohort), "--save", str(save)]
     subprocess.run(command, env=env, check=True)
+    return load_run(save, seed)
+
+
+def load_run(save: Path, seed: int) -> dict:
+    """The times, epochs, PCC(ACG) and predictions a worker saved."""
     with np.load(save) as arrays:
         predictions = {key: arrays[key] for key in arrays.files}
     return {**json.loads(save.with_suffix(".json").read_text()), "predictions": predictions, "seed": seed}
@@ -152,7 +163,11 @@ def compare(args: argparse.Namespace) -> None:
     from histo2expr._benchmark import machine_description
 
     args.work.mkdir(parents=True, exist_ok=True)
-    commit = snapshot(args.old, args.work / "old")
+    if args.saved:
+        git = ["git", "rev-parse", args.old]
+        commit = subprocess.run(git, cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
+    else:
+        commit = snapshot(args.old, args.work / "old")
     cohort = embedded_cohort()
     sources = {"old": args.work / "old" / "src", "new": ROOT / "src"}
     rows, agreements = [], []
@@ -162,10 +177,14 @@ def compare(args: argparse.Namespace) -> None:
         for repeat in range(args.repeats):
             for seed in seeds:
                 order = ["old", "new"] if (repeat + seed) % 2 == 0 else ["new", "old"]
+                pair = {
+                    name: run_variant(name, sources[name], method, args, cohort, str(repeat), seed)
+                    for name in order
+                }
+                if any(run is None for run in pair.values()):
+                    continue
                 for name in order:
-                    runs[name].append(
-                        run_variant(name, sources[name], method, args, cohort, str(repeat), seed)
-                    )
+                    runs[name].append(pair[name])
                     print(
                         method,
                         name,
@@ -248,6 +267,11 @@ def main() -> None:
     parser.add_argument("--folds", default="B4,C2", help="held-out sections, comma-separated, or 'all'")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seeds", default="0", help="training seeds, comma-separated")
+    parser.add_argument(
+        "--saved",
+        action="store_true",
+        help="report the runs saved in --work (the pairs complete so far); run nothing",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/training_speed"))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
