@@ -308,7 +308,7 @@ def fit_histo2expr(
     batch_size: int = 64,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
-    patience: int = 10,
+    patience: int | None = None,
     seed: int = 0,
     accelerator: str = "auto",
     devices: int | str | list[int] = 1,
@@ -388,9 +388,14 @@ def fit_histo2expr(
         ``"macenko"`` (each slide re-stained from its own stain vectors, see
         :class:`~histo2expr.patches.PatchSource`). In the frozen regime these are choices of
         :func:`~histo2expr.tl.embed_patches`.
-    epochs, batch_size, lr, weight_decay, patience
-        Training of the torch methods (AdamW, early stopping after ``patience``
-        epochs without improvement of the inner validation loss).
+    epochs, batch_size, lr, weight_decay
+        Training of the torch methods (AdamW).
+    patience
+        Early stopping after ``patience`` epochs without improvement of the inner validation loss.
+        `None`: the method's own (:attr:`~histo2expr.models.Method.default_patience`: 3 for ``"chrep"``,
+        ``"cmrcnet"`` and ``"bleep"``, 10 for ``"nh2st"`` and ``"stnet"``, the smallest measured on her2st to
+        keep each method's accuracy, ``benchmarks/results/her2st_patience.md``); an integer applies to any
+        method. The value used is recorded in ``.uns[key_added]["params"]["patience"]``.
     seed
         One seed for gene-independent randomness: initialisation, batches, splits;
         CPU runs with the same seed are bit-identical.
@@ -518,7 +523,7 @@ def fit_histo2expr(
         strategy=strategy,
         num_nodes=num_nodes,
         precision=precision,
-    )
+    ).for_method(method_class)
     if not refit and cv is None:
         msg = "`refit=False` only makes sense with cross-validation; pass `cv=` (e.g. 'leave_one_slide_out')."
         raise ValueError(msg)
@@ -610,7 +615,7 @@ def fit_histo2expr(
             "batch_size": batch_size,
             "lr": lr,
             "weight_decay": weight_decay,
-            "patience": patience,
+            "patience": config.patience,
             "seed": seed,
             "n_features": _n_features(table, use_rep, features, regime),
             **_adapted_params(activations),
