@@ -161,13 +161,16 @@ def _epochs_run(best_epochs: list[str] | None, patience: int) -> int | None:
     if best_epochs is None:
         return None
     kept = [member for fold in best_epochs for member in str(fold).split("; ")]
-    return sum(min(MAX_EPOCHS, (0 if k in ("None", "") else int(k)) + 1 + patience) for k in kept)
+    return sum(min(MAX_EPOCHS, (0 if k in ("None", "", "-") else int(k)) + 1 + patience) for k in kept)
 
 
-def compared_rows() -> pd.DataFrame:
-    """One row per (compared run, seed, slide), with the run's CPU seconds and epochs trained."""
+def compared_rows(compared: dict[str, tuple]) -> pd.DataFrame:
+    """One row per (compared run, seed, slide), with the run's CPU seconds and epochs trained.
+
+    ``compared`` names each run: (rows file, key, label, patience of the run), as :data:`COMPARED`.
+    """
     records = []
-    for name, (path, key, label, patience) in COMPARED.items():
+    for name, (path, key, label, patience) in compared.items():
         for row in _read(path):
             if (
                 row.get(key) != label
@@ -203,7 +206,7 @@ def _profile_table() -> pd.DataFrame:
 def report(args: argparse.Namespace) -> None:
     from her2st_ensemble import summary
 
-    table = compared_rows()
+    table = compared_rows(COMPARED)
     per_seed = table.drop_duplicates(["method", "seed"]).set_index(["method", "seed"])
     epochs = per_seed.groupby("method")["epochs_run"].mean().round(0).rename("epochs trained")
     wide = table.pivot_table(index=["method", "seed"], columns="slide", values="pcc_acg")
