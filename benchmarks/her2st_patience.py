@@ -22,9 +22,8 @@ import platform
 
 import torch
 from _her2st import run_step, save_results, steps_parser
-from her2st_ensemble import summary
 from her2st_features import ROWS
-from her2st_member_cost import compared_rows
+from her2st_member_cost import compared_tables
 
 #: The runs compared, by the name the report gives them: (rows file, key, label, patience of the run).
 COMPARED = {
@@ -39,10 +38,6 @@ READING = """\
 
 
 def report(args: argparse.Namespace) -> None:
-    table = compared_rows(COMPARED)
-    per_seed = table.drop_duplicates(["method", "seed"]).set_index(["method", "seed"])
-    epochs = per_seed.groupby("method")["epochs_run"].mean().round(0).rename("epochs trained")
-    wide = table.pivot_table(index=["method", "seed"], columns="slide", values="pcc_acg")
     lines = [
         "# her2st, leave-one-slide-out: each method's own early-stopping patience",
         "",
@@ -56,18 +51,11 @@ def report(args: argparse.Namespace) -> None:
         "load; the epochs trained (from the epochs kept, `best_epochs`, and the patience; CHRep: its "
         "representation, not the cheap correction) are the load-free measure of the work.",
         "",
-        "## Mean over held-out slides (mean ± sd over seeds)",
-        "",
-        summary(table).join(epochs).to_markdown(),
-        "",
-        "## PCC(ACG) per held-out slide and seed",
-        "",
-        wide.round(4).to_markdown(),
-        "",
-        "## CPU seconds and epochs trained per seed (6 folds, one member)",
-        "",
-        per_seed[["cpu_seconds", "epochs_run"]].round(0).to_markdown(),
-        "",
+        *compared_tables(
+            COMPARED,
+            summary_title="Mean over held-out slides (mean ± sd over seeds)",
+            per_seed_title="CPU seconds and epochs trained per seed (6 folds, one member)",
+        ),
         "## Reading",
         "",
         READING,
