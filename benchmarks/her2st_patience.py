@@ -4,7 +4,7 @@ Run on demand (needs $HISTO2EXPR_HER2ST and the cached views of ``her2st_feature
 
     python benchmarks/her2st_features.py --threads 1 run --settings f1:4+nbr6 --methods chrep --seeds 0,1,2 \\
         --params '{"patience": 3}' --label "chrep (patience 3)"
-    (the same for chrep at patience 5 and 10, cmrcnet and bleep at patience 3 and 10)
+    (the same for chrep at patience 5 and 10, cmrcnet at 3, 5 and 10, bleep at 3 and 10)
     python benchmarks/her2st_patience.py report
 
 Every method at its other defaults (one fit: ``ensemble=1`` is CHRep's, CMRCNet's and BLEEP's default) on
@@ -28,7 +28,7 @@ from her2st_member_cost import compared_tables
 #: The runs compared, by the name the report gives them: (rows file, key, label, patience of the run).
 COMPARED = {
     f"{method} (patience {patience})": (ROWS, "method", f"{method} (patience {patience})", patience)
-    for method, patiences in {"chrep": (10, 5, 3), "cmrcnet": (10, 3), "bleep": (10, 3)}.items()
+    for method, patiences in {"chrep": (10, 5, 3), "cmrcnet": (10, 5, 3), "bleep": (10, 3)}.items()
     for patience in patiences
 }
 #: What the runs showed (written after them; the tables above it are computed).

@@ -392,10 +392,9 @@ def fit_histo2expr(
         Training of the torch methods (AdamW).
     patience
         Early stopping after ``patience`` epochs without improvement of the inner validation loss.
-        `None`: the method's own (:attr:`~histo2expr.models.Method.default_patience`: 3 for ``"chrep"``,
-        ``"cmrcnet"`` and ``"bleep"``, 10 for ``"nh2st"`` and ``"stnet"``, the smallest measured on her2st to
-        keep each method's accuracy, ``benchmarks/results/her2st_patience.md``); an integer applies to any
-        method. The value used is recorded in ``.uns[key_added]["params"]["patience"]``.
+        `None`: the method's own (:attr:`~histo2expr.models.Method.default_patience`: 3 for ``"chrep"`` and
+        ``"bleep"``, 10 for the others; the smallest measured on her2st that kept each method's accuracy,
+        ``benchmarks/results/her2st_patience.md``); an integer applies to any method. The value used is recorded in ``.uns[key_added]["params"]["patience"]``.
     seed
         One seed for gene-independent randomness: initialisation, batches, splits;
         CPU runs with the same seed are bit-identical.
