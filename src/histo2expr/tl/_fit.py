@@ -393,7 +393,7 @@ def fit_histo2expr(
     patience
         Early stopping after ``patience`` epochs without improvement of the inner validation loss.
         `None`: the method's own (:attr:`~histo2expr.models.Method.default_patience`: 3 for ``"chrep"`` and
-        ``"bleep"``, 10 for the others; the smallest measured on her2st that kept each method's accuracy,
+        ``"bleep"``, 5 for ``"cmrcnet"``, 10 for the others; the smallest measured on her2st that kept each method's accuracy,
         ``benchmarks/results/her2st_patience.md``); an integer applies to any method. The value used is recorded in ``.uns[key_added]["params"]["patience"]``.
     seed
         One seed for gene-independent randomness: initialisation, batches, splits;
