@@ -344,8 +344,8 @@ def fit_histo2expr(
         A registered method: ``"chrep"``, ``"ridge"``, ``"stnet"``, ``"bleep"``, ... (see
         :func:`histo2expr.models.available_methods`). The default, ``"chrep"``, had the highest
         mean PCC(ACG) on her2st with :func:`~histo2expr.tl.embed_patches`' default features, over
-        three seeds, for about two CPU-minutes per leave-one-slide-out run of 1193 spots
-        (``benchmarks/results/her2st_features.md``); ``"ridge"`` is faster, deterministic, and
+        three seeds, for about one CPU-minute per leave-one-slide-out run of 1193 spots
+        (``benchmarks/results/her2st_features.md``, ``her2st_patience.md``); ``"ridge"`` is faster, deterministic, and
         was better on the one section of an unseen patient.
     genes
         Number of genes to choose on the training slides of each fold (``gene_flavor``),
