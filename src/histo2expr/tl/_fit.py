@@ -345,8 +345,8 @@ def fit_histo2expr(
         :func:`histo2expr.models.available_methods`). The default, ``"chrep"``, had the highest
         mean PCC(ACG) on her2st with :func:`~histo2expr.tl.embed_patches`' default features, over
         three seeds, for about one CPU-minute per leave-one-slide-out run of 1193 spots
-        (``benchmarks/results/her2st_features.md``, ``her2st_patience.md``); ``"ridge"`` is faster, deterministic, and
-        was better on the one section of an unseen patient.
+        (``benchmarks/results/her2st_features.md``, ``her2st_patience.md``); ``"ridge"`` is
+        faster, deterministic, and was better on the one section of an unseen patient.
     genes
         Number of genes to choose on the training slides of each fold (``gene_flavor``),
         or the genes themselves (a list, array or Index of names).
@@ -392,9 +392,11 @@ def fit_histo2expr(
         Training of the torch methods (AdamW).
     patience
         Early stopping after ``patience`` epochs without improvement of the inner validation loss.
-        `None`: the method's own (:attr:`~histo2expr.models.Method.default_patience`: 3 for ``"chrep"`` and
-        ``"bleep"``, 5 for ``"cmrcnet"``, 10 for the others; the smallest measured on her2st that kept each method's accuracy,
-        ``benchmarks/results/her2st_patience.md``); an integer applies to any method. The value used is recorded in ``.uns[key_added]["params"]["patience"]``.
+        `None`: the method's own (:attr:`~histo2expr.models.Method.default_patience`: 3 for
+        ``"chrep"`` and ``"bleep"``, 5 for ``"cmrcnet"``, 10 for the others; the smallest measured
+        on her2st that kept each method's accuracy, ``benchmarks/results/her2st_patience.md``); an
+        integer applies to any method. The value used is recorded in
+        ``.uns[key_added]["params"]["patience"]``.
     seed
         One seed for gene-independent randomness: initialisation, batches, splits;
         CPU runs with the same seed are bit-identical.
