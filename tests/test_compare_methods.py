@@ -66,3 +66,21 @@ def test_a_job_process_ends_when_its_parent_is_gone(monkeypatch):
     monkeypatch.setattr(_benchmark.os, "_exit", exit_now)
     with pytest.raises(SystemExit):  # no process has the id -1: the parent it was started by is gone
         _benchmark._exit_with_parent(-1, seconds=0.01)
+
+
+def test_the_costliest_cross_validations_are_started_first(embedded):
+    from histo2expr._benchmark import _expected_cost, _MethodJob
+    from histo2expr.models import get_method
+
+    def job(method, scheme, **params):
+        fit_kwargs = {"cv": scheme.cv, "patient_key": scheme.patient_key, **params}
+        return _MethodJob(get_method(method), method + scheme.key_suffix, fit_kwargs)
+
+    loso, lopo = SCHEMES
+    n_spots = (
+        embedded.n_obs
+    )  # 3 slides of 2 patients: 2 training slides per slide fold, 1 or 2 per patient fold
+    assert _expected_cost(embedded, job("ridge", loso)) == 2 * n_spots
+    assert _expected_cost(embedded, job("ridge", lopo)) == n_spots
+    assert _expected_cost(embedded, job("nh2st", loso)) == 3 * 2 * n_spots  # an ensemble of 3 by default
+    assert _expected_cost(embedded, job("nh2st", loso, ensemble=1)) == 2 * n_spots
