@@ -161,13 +161,16 @@ def _epochs_run(best_epochs: list[str] | None, patience: int) -> int | None:
     if best_epochs is None:
         return None
     kept = [member for fold in best_epochs for member in str(fold).split("; ")]
-    return sum(min(MAX_EPOCHS, (0 if k in ("None", "") else int(k)) + 1 + patience) for k in kept)
+    return sum(min(MAX_EPOCHS, (0 if k in ("None", "", "-") else int(k)) + 1 + patience) for k in kept)
 
 
-def compared_rows() -> pd.DataFrame:
-    """One row per (compared run, seed, slide), with the run's CPU seconds and epochs trained."""
+def compared_rows(compared: dict[str, tuple]) -> pd.DataFrame:
+    """One row per (compared run, seed, slide), with the run's CPU seconds and epochs trained.
+
+    ``compared`` names each run: (rows file, key, label, patience of the run), as :data:`COMPARED`.
+    """
     records = []
-    for name, (path, key, label, patience) in COMPARED.items():
+    for name, (path, key, label, patience) in compared.items():
         for row in _read(path):
             if (
                 row.get(key) != label
@@ -200,13 +203,32 @@ def _profile_table() -> pd.DataFrame:
     return pd.DataFrame(table).T
 
 
-def report(args: argparse.Namespace) -> None:
+def compared_tables(compared: dict[str, tuple], *, summary_title: str, per_seed_title: str) -> list[str]:
+    """Report sections of the ``compared`` runs: their mean ± sd over seeds with the epochs trained, PCC(ACG)
+    per held-out slide and seed, and CPU seconds and epochs trained per seed."""
     from her2st_ensemble import summary
 
-    table = compared_rows()
+    table = compared_rows(compared)
     per_seed = table.drop_duplicates(["method", "seed"]).set_index(["method", "seed"])
     epochs = per_seed.groupby("method")["epochs_run"].mean().round(0).rename("epochs trained")
     wide = table.pivot_table(index=["method", "seed"], columns="slide", values="pcc_acg")
+    return [
+        f"## {summary_title}",
+        "",
+        summary(table).join(epochs).to_markdown(),
+        "",
+        "## PCC(ACG) per held-out slide and seed",
+        "",
+        wide.round(4).to_markdown(),
+        "",
+        f"## {per_seed_title}",
+        "",
+        per_seed[["cpu_seconds", "epochs_run"]].round(0).to_markdown(),
+        "",
+    ]
+
+
+def report(args: argparse.Namespace) -> None:
     lines = [
         "# her2st, leave-one-slide-out: the cost of one ensemble member, and cheaper members",
         "",
@@ -229,18 +251,11 @@ def report(args: argparse.Namespace) -> None:
         "",
         _profile_table().to_markdown(),
         "",
-        "## Levers at `ensemble=3` (mean ± sd over seeds)",
-        "",
-        summary(table).join(epochs).to_markdown(),
-        "",
-        "## PCC(ACG) per held-out slide and seed",
-        "",
-        wide.round(4).to_markdown(),
-        "",
-        "## CPU seconds and epochs trained per seed (18 members: 6 folds x 3)",
-        "",
-        per_seed[["cpu_seconds", "epochs_run"]].round(0).to_markdown(),
-        "",
+        *compared_tables(
+            COMPARED,
+            summary_title="Levers at `ensemble=3` (mean ± sd over seeds)",
+            per_seed_title="CPU seconds and epochs trained per seed (18 members: 6 folds x 3)",
+        ),
         "The epochs trained are computed from the epochs kept (`best_epochs` of the fold records) plus the "
         "patience; the rows of CMRCNet's and BLEEP's `ensemble=3` at patience 10 were run before the rows kept "
         "them. A seed's fits are deterministic, so at patience 10 a member trains the same epochs up to where "

@@ -118,6 +118,7 @@ def test_declarations_and_settings(name):
     assert issubclass(cls, Method) and cls.name == name
     assert cls.regimes and set(cls.regimes) <= set(REGIMES)
     assert issubclass(cls.settings_class, MethodSettings)
+    assert TrainConfig().for_method(cls).patience == cls.default_patience  # a valid patience
     assert dataclasses.is_dataclass(cls.settings_class) and cls.settings_class.__dataclass_params__.frozen
     method = cls()
     assert isinstance(method.settings, cls.settings_class) and isinstance(method.uses_coordinates, bool)

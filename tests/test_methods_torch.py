@@ -195,6 +195,10 @@ def test_stnet_early_stopping_keeps_the_best_validation_epoch(rng):
     # the weights kept are the best epoch's: their validation MSE is the recorded best loss
     mse = np.mean((method.predict(validation) - validation.targets) ** 2)
     assert mse == pytest.approx(report.validation_loss[report.best_epoch], rel=1e-5)
+    # patience=None is the method's own default_patience: here 3, the same fit as patience=3
+    patient = type("PatientSTNet", (type(method),), {"default_patience": 3})(hidden=64)
+    own = patient.fit(train, validation, config(epochs=200, patience=None, lr=3e-2))
+    assert own.validation_loss == report.validation_loss and own.best_epoch == report.best_epoch
 
 
 def test_stnet_end2end_prediction_is_the_mean_over_8_views(patch_cohort, tiny_encoder):

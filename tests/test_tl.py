@@ -89,6 +89,17 @@ def test_cross_validation_without_refit_scores_the_same_and_returns_none(cohort)
         hx.tl.fit_histo2expr(cohort.copy(), method="ridge", genes=20, refit=False, progress=False)
 
 
+def test_fit_records_the_patience_it_ran_with(cohort):
+    adata = cohort.copy()
+    options = {"method": "bleep", "genes": 10, "epochs": 2, "progress": False}
+    hx.tl.fit_histo2expr(adata, **options)  # patience=None: the method's own
+    assert (
+        adata.uns["histo2expr"]["params"]["patience"] == 3 == hx.models.get_method("bleep").default_patience
+    )
+    hx.tl.fit_histo2expr(adata, **options, patience=5, key_added="explicit")
+    assert adata.uns["explicit"]["params"]["patience"] == 5
+
+
 def test_leave_one_patient_out_and_fixed_genes(cohort):
     adata = cohort.copy()
     adata.obs["patient"] = ["P1" if s != "S3" else "P2" for s in adata.obs["slide"]]
@@ -200,6 +211,8 @@ def test_fit_bad_input(cohort, tmp_path):
         hx.tl.fit_histo2expr(cohort, method="ridge", genes=10, lr=-1.0)
     with pytest.raises(ValueError, match="batch_size"):
         hx.tl.fit_histo2expr(cohort, method="ridge", genes=10, batch_size=0)
+    with pytest.raises(ValueError, match="`patience` must be an integer"):
+        hx.tl.fit_histo2expr(cohort, method="bleep", genes=10, patience=0)
     single = cohort[cohort.obs["slide"] == "S1"].copy()
     with pytest.raises(ValueError, match="at least two slides"):
         hx.tl.fit_histo2expr(single, method="ridge", genes=10, cv="leave_one_slide_out")

@@ -92,6 +92,19 @@ def test_the_untrained_weights_stay_when_no_epoch_beats_them():
     )  # without the untrained run, epoch 0 is the best
 
 
+def test_patience_none_is_the_methods_own_and_an_integer_wins():
+    chrep = get_method("chrep")
+    assert TrainConfig().patience is None
+    assert TrainConfig().for_method(chrep).patience == chrep.default_patience
+    assert TrainConfig(patience=7).for_method(chrep).patience == 7
+    assert TrainConfig().for_method(get_method("nh2st")()).patience == 10  # a class or an instance
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match=r"`patience` must be an integer between 1 and 100000 \(or None"):
+            TrainConfig(patience=bad)
+    with pytest.raises(ValueError, match="for_method"):  # the engine needs it resolved
+        train_network(Drifting(), spots(), spots(seed=1), config(patience=None))
+
+
 class Recording(TrainingPlan):
     """Records ``w`` after every optimiser step and the steps of every epoch."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -186,7 +186,8 @@ class TrainConfig:
     weight_decay
         AdamW weight decay.
     patience
-        Epochs without improvement of the validation metric before stopping early.
+        Epochs without improvement of the validation metric before stopping early; `None` (default):
+        the method's own, its :attr:`Method.default_patience` (see :meth:`for_method`).
     seed
         Seed of initialisation, batch order and augmentation; the same seed gives
         bit-identical results on the CPU.
@@ -206,7 +207,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    patience: int = 10
+    patience: int | None = None
     seed: int = 0
     num_workers: int = 0
     progress: bool = True
@@ -220,12 +221,14 @@ class TrainConfig:
         checks = {
             "epochs": (self.epochs, 1, 100_000),
             "batch_size": (self.batch_size, 2, 1_000_000),
-            "patience": (self.patience, 1, 100_000),
             "num_workers": (self.num_workers, 0, 1024),
         }
+        if self.patience is not None:  # None: the method's own (for_method)
+            checks["patience"] = (self.patience, 1, 100_000)
         for name, (value, low, high) in checks.items():
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or not low <= value <= high:
-                msg = f"`{name}` must be an integer between {low} and {high}, got {value!r}."
+                own = " (or None: the method's own)" if name == "patience" else ""
+                msg = f"`{name}` must be an integer between {low} and {high}{own}, got {value!r}."
                 raise ValueError(msg)
         if non_negative_number(self.lr, "lr", positive=True) > 1:
             msg = f"`lr` must be in (0, 1], got {self.lr!r}."
@@ -249,6 +252,16 @@ class TrainConfig:
         if self.precision is not None and not isinstance(self.precision, str | int):
             msg = f"`precision` must be None or a Lightning precision such as '32-true' or 'bf16-mixed', got {self.precision!r}."
             raise TypeError(msg)
+
+    def for_method(self, method: Method | type[Method]) -> TrainConfig:
+        """The config with ``patience=None`` resolved to ``method``'s :attr:`Method.default_patience`.
+
+        An integer ``patience`` is kept, for any method. The ``tl`` layer resolves it before fitting
+        (and records the value); the engine refuses a config it was not resolved in.
+        """
+        if self.patience is not None:
+            return self
+        return replace(self, patience=method.default_patience)
 
 
 @dataclass
@@ -360,6 +373,10 @@ class Method(ABC):
     token_input: ClassVar[bool] = False
     #: The dataclass of the method's settings.
     settings_class: ClassVar[type[MethodSettings]] = MethodSettings
+    #: Early-stopping patience (epochs) of a fit whose ``TrainConfig.patience`` is `None` (the default of
+    #: :func:`~histo2expr.tl.fit_histo2expr`): for the built-in methods the smallest of those measured on
+    #: her2st that kept the method's accuracy (``benchmarks/results/her2st_patience.md``).
+    default_patience: ClassVar[int] = 10
 
     def __init__(self, settings: MethodSettings | None = None, /, **params: Any) -> None:
         import torch

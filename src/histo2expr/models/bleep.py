@@ -108,6 +108,7 @@ class BLEEPMethod(TorchMethod):
 
     name = "bleep"
     settings_class = BLEEPSettings
+    default_patience = 3  # benchmarks/results/her2st_patience.md
     settings: BLEEPSettings
 
     def __init__(self, settings: BLEEPSettings | None = None, /, **params: Any) -> None:

@@ -586,6 +586,7 @@ class CHRepMethod(TorchMethod):
 
     name = "chrep"
     settings_class = CHRepSettings
+    default_patience = 3  # benchmarks/results/her2st_patience.md
     settings: CHRepSettings
 
     def __init__(self, settings: CHRepSettings | None = None, /, **params: Any) -> None:
@@ -608,6 +609,7 @@ class CHRepMethod(TorchMethod):
         """Learn the representation, then the calibration; the gallery is every spot given here."""
         if validation is not None and len(validation) == 0:
             validation = None
+        config = config.for_method(self)  # both phases early-stop with the method's patience
         self._check_fit(train, validation, config)
         network = self.start_fit(train, validation, config)
         network.train_representation_only()

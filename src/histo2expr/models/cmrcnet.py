@@ -406,6 +406,7 @@ class CMRCNetMethod(BLEEPMethod):
     name = "cmrcnet"
     token_input = True
     settings_class = CMRCNetSettings
+    default_patience = 5  # not BLEEP's 3, which lost accuracy (benchmarks/results/her2st_patience.md)
     settings: CMRCNetSettings
 
     def build(self, image_input: ImageInput, n_genes: int) -> _CMRCNetNetwork:

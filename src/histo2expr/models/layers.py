@@ -519,7 +519,9 @@ class TorchMethod(Method):
         prepare = self.network.image_input.prepare
         ready_validation = None if validation is None or len(validation) == 0 else prepare(validation)
         options = {**self.training_options(), **options}
-        report, device = train_network(network, prepare(train_spots), ready_validation, config, **options)
+        report, device = train_network(
+            network, prepare(train_spots), ready_validation, config.for_method(self), **options
+        )
         self.adopt_device(device)
         return report
 

@@ -416,6 +416,9 @@ def make_trainer(config: TrainConfig, *, validation: bool, callbacks: list[Callb
     precision = config.precision or ("bf16-mixed" if uses_cuda(config.accelerator) else "32-true")
     callbacks = list(callbacks)
     if validation:
+        if config.patience is None:
+            msg = "The config's `patience` is None (the method's own): resolve it with `config.for_method(method)` first."
+            raise ValueError(msg)
         callbacks.append(EarlyStopping(monitor=VALIDATION_METRIC, mode="min", patience=config.patience))
     if config.progress:
         callbacks.append(EpochBar())

@@ -308,7 +308,7 @@ def fit_histo2expr(
     batch_size: int = 64,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
-    patience: int = 10,
+    patience: int | None = None,
     seed: int = 0,
     accelerator: str = "auto",
     devices: int | str | list[int] = 1,
@@ -344,9 +344,9 @@ def fit_histo2expr(
         A registered method: ``"chrep"``, ``"ridge"``, ``"stnet"``, ``"bleep"``, ... (see
         :func:`histo2expr.models.available_methods`). The default, ``"chrep"``, had the highest
         mean PCC(ACG) on her2st with :func:`~histo2expr.tl.embed_patches`' default features, over
-        three seeds, for about two CPU-minutes per leave-one-slide-out run of 1193 spots
-        (``benchmarks/results/her2st_features.md``); ``"ridge"`` is faster, deterministic, and
-        was better on the one section of an unseen patient.
+        three seeds, for about one CPU-minute per leave-one-slide-out run of 1193 spots
+        (``benchmarks/results/her2st_features.md``, ``her2st_patience.md``); ``"ridge"`` is
+        faster, deterministic, and was better on the one section of an unseen patient.
     genes
         Number of genes to choose on the training slides of each fold (``gene_flavor``),
         or the genes themselves (a list, array or Index of names).
@@ -388,9 +388,15 @@ def fit_histo2expr(
         ``"macenko"`` (each slide re-stained from its own stain vectors, see
         :class:`~histo2expr.patches.PatchSource`). In the frozen regime these are choices of
         :func:`~histo2expr.tl.embed_patches`.
-    epochs, batch_size, lr, weight_decay, patience
-        Training of the torch methods (AdamW, early stopping after ``patience``
-        epochs without improvement of the inner validation loss).
+    epochs, batch_size, lr, weight_decay
+        Training of the torch methods (AdamW).
+    patience
+        Early stopping after ``patience`` epochs without improvement of the inner validation loss.
+        `None`: the method's own (:attr:`~histo2expr.models.Method.default_patience`: 3 for
+        ``"chrep"`` and ``"bleep"``, 5 for ``"cmrcnet"``, 10 for the others; the smallest measured
+        on her2st that kept each method's accuracy, ``benchmarks/results/her2st_patience.md``); an
+        integer applies to any method. The value used is recorded in
+        ``.uns[key_added]["params"]["patience"]``.
     seed
         One seed for gene-independent randomness: initialisation, batches, splits;
         CPU runs with the same seed are bit-identical.
@@ -518,7 +524,7 @@ def fit_histo2expr(
         strategy=strategy,
         num_nodes=num_nodes,
         precision=precision,
-    )
+    ).for_method(method_class)
     if not refit and cv is None:
         msg = "`refit=False` only makes sense with cross-validation; pass `cv=` (e.g. 'leave_one_slide_out')."
         raise ValueError(msg)
@@ -610,7 +616,7 @@ def fit_histo2expr(
             "batch_size": batch_size,
             "lr": lr,
             "weight_decay": weight_decay,
-            "patience": patience,
+            "patience": config.patience,
             "seed": seed,
             "n_features": _n_features(table, use_rep, features, regime),
             **_adapted_params(activations),
