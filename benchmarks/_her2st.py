@@ -131,11 +131,25 @@ def write_report(
     )
 
 
+#: What the heading of a section added to a results file by hand says; see :func:`save_results`.
+HAND_WRITTEN = "written by hand"
+
+
 def save_results(name: str, lines: list[str]) -> None:
-    """Write ``lines`` to ``results/{name}.md`` and print the file."""
+    """Write ``lines`` to ``results/{name}.md``, keeping its hand-written sections, and print the file.
+
+    The hand-written sections are the file's text from its first heading that says
+    :data:`HAND_WRITTEN` (e.g. ``## Reading (written by hand after the runs)``) to its end: they
+    follow ``lines``, so that a script's report replaces its own part only.
+    """
     out = HERE / "results" / f"{name}.md"
     out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(lines))
+    old = out.read_text().splitlines() if out.exists() else []
+    by_hand = next(
+        (i for i, line in enumerate(old) if line.startswith("#") and HAND_WRITTEN in line), len(old)
+    )
+    parts = ["\n".join(lines).rstrip("\n"), "\n".join(old[by_hand:])]
+    out.write_text("\n\n".join(part for part in parts if part) + "\n")
     print(out.read_text())
 
 

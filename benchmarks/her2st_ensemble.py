@@ -9,20 +9,23 @@ writes benchmarks/results/her2st_ensemble.md. The rows are made by:
         --params '{"ensemble": 3}' --label "cmrcnet (ensemble=3)"
     python benchmarks/her2st_features.py run --settings f1:4+nbr6 --methods cmrcnet --seeds 0,1,2 \\
         --params '{"ensemble": 1}' --label "cmrcnet (ensemble=1)"
-    python benchmarks/her2st_ensemble.py
+    python benchmarks/her2st_ensemble.py report
 
-NH2ST's single fits and the baselines are the rows of ``her2st_nh2st_stability.py`` (variants
-``nh2st: mse``, its default recipe, and ``baselines``), run on the same features, folds and genes.
+``report`` replaces the generated part of the results file; the sections written by hand below
+it (from the first heading that says so) are kept. NH2ST's single fits and the baselines are the
+rows of ``her2st_nh2st_stability.py`` (variants ``nh2st: mse``, its default recipe, and
+``baselines``), run on the same features, folds and genes.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 
 import pandas as pd
 import torch
-from _her2st import save_results
+from _her2st import run_step, save_results, steps_parser
 from her2st_features import ROWS as FEATURE_ROWS
 from her2st_nh2st_stability import ROWS as STABILITY_ROWS
 
@@ -97,7 +100,8 @@ def stability(table: pd.DataFrame) -> pd.DataFrame:
     ).round(4)
 
 
-def main() -> None:
+def report(args: argparse.Namespace) -> None:
+    """Write benchmarks/results/her2st_ensemble.md from the cached rows."""
     table = rows()
     wide = table.pivot_table(index=["method", "noise", "seed"], columns="slide", values="pcc_acg")
     epochs = table.drop_duplicates(["method", "noise", "seed"]).set_index(["method", "noise", "seed"])
@@ -133,6 +137,12 @@ def main() -> None:
         "",
     ]
     save_results("her2st_ensemble", lines)
+
+
+def main() -> None:
+    parser, steps = steps_parser(__doc__)
+    steps.add_parser("report", help="write the results file from the cached rows").set_defaults(func=report)
+    run_step(parser)
 
 
 if __name__ == "__main__":

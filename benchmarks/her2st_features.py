@@ -8,6 +8,7 @@ each view is embedded once and each (setting, method, seed) row is run once:
     python benchmarks/her2st_features.py embed --field 1 --views 4 --stain macenko
     python benchmarks/her2st_features.py embed --field 1 --views 4 --jitter 0.2 --jitter-seed 1
     python benchmarks/her2st_features.py embed --field 1 --views 1 --encoder efficientnet_lite2
+    python benchmarks/her2st_features.py embed --field 1 --views 4 --tokens --backend onnx   # ONNX Runtime
     python benchmarks/her2st_features.py run --settings "f1:1;f1:4+f3:4+nbr6" --methods ridge,stnet --seeds 0,1,2
     python benchmarks/her2st_features.py run --settings f1:4+nbr6 --methods cmrcnet --seeds 0,1,2 \
         --params '{"average_epochs": null}' --label "cmrcnet (no averaging)"
@@ -18,7 +19,9 @@ A *setting* is a '+'-joined list of feature blocks: ``TAG:V`` is the mean over t
 (1; 4 = the quarter turns; 8 = with their mirror images) of the embedding ``TAG`` (``f1``: the spot
 view, ``f3``: the 3x context view, ``f1_macenko``: Macenko-normalised spot view), and ``nbrK`` is the
 mean of the first block over the K nearest spots of the same slide; ``lite1_f1`` / ``lite2_f1`` are
-the spot views of the offline ImageNet EfficientNet-Lite1 / -Lite2 (``embed --encoder``). These are the blocks
+the spot views of the offline ImageNet EfficientNet-Lite1 / -Lite2 (``embed --encoder``); ``f1_onnx``: the
+spot view run by ONNX Runtime instead of eager PyTorch (``embed --backend onnx``, what
+``embed_patches(backend="auto")`` runs on a CPU). These are the blocks
 ``hx.tl.embed_patches(tta=, context=, neighbours=, stain_normalization=)`` writes; embedding each
 view once lets every average be formed without embedding again. Methods that take tokens
 (cmrcnet) get the spot view's 3 x 3 tokens (each view's grid turned back before averaging) with
@@ -68,19 +71,20 @@ def cohort() -> hx.AnnData:
 
 
 def view_tag(args: argparse.Namespace) -> str:
-    """Cache name of one embedding: ``[liteN_]fFIELD[_STAIN][_hedJITTERsSEED]``."""
+    """Cache name of one embedding: ``[liteN_]fFIELD[_STAIN][_hedJITTERsSEED][_BACKEND]`` (no suffix: ``torch``)."""
     encoder = args.encoder.removeprefix("efficientnet_")
     return (
         ("" if encoder == "lite0" else f"{encoder}_")
         + f"f{args.field:g}"
         + (f"_{args.stain}" if args.stain else "")
         + (f"_hed{args.jitter:g}s{args.jitter_seed}" if args.jitter else "")
+        + ("" if args.backend == "torch" else f"_{args.backend}")
     )
 
 
 def embed(args: argparse.Namespace) -> None:
     """Features (and 3 x 3 tokens) of every spot under each of the first ``views`` dihedral views."""
-    from histo2expr.models import build_encoder
+    from histo2expr.models import InferenceEncoder, build_encoder
     from histo2expr.models.layers import pool_token_grid
     from histo2expr.patches import Augment, PatchSource, augment_rng, dihedral, patch_loader
     from histo2expr.tl._embed import _turned_back
@@ -92,6 +96,7 @@ def embed(args: argparse.Namespace) -> None:
         return
     adata = hx.io.read_legacy_st(DATA)
     model = build_encoder(args.encoder).eval().to(memory_format=torch.channels_last)
+    runner = InferenceEncoder(model, backend=args.backend, channels_last=True, tokens=args.tokens)
     source = PatchSource(adata, patch_size=224, field=args.field, stain_normalization=args.stain)
     jitter = None
     if args.jitter:
@@ -114,8 +119,7 @@ def embed(args: argparse.Namespace) -> None:
                 ]
                 images = torch.from_numpy(np.stack(patches).transpose(0, 3, 1, 2).copy())
             for k in range(args.views):
-                view = dihedral(images, k).contiguous(memory_format=torch.channels_last)
-                pooled, grid = model.features_and_tokens(view)
+                pooled, grid = runner(dihedral(images, k))
                 features[k, rows] = pooled.numpy()
                 if tokens is not None:
                     tokens[k, rows] = _turned_back(pool_token_grid(grid, TOKEN_GRID), k, TOKEN_GRID).numpy()
@@ -407,6 +411,12 @@ def main() -> None:
     step.add_argument("--stain", default=None)
     step.add_argument("--jitter", type=float, default=0.0)
     step.add_argument("--jitter-seed", type=int, default=1)
+    step.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="what runs the encoder (InferenceEncoder)",
+    )
     step.set_defaults(func=embed)
     step = steps.add_parser("run")
     step.add_argument("--settings", required=True)

@@ -21,12 +21,14 @@ Rows, on identical folds and genes (single-view frozen EfficientNet-Lite0 featur
 Run on demand (needs her2st):
 
     python benchmarks/her2st_stnet.py [--genes 250] [--seed 0] [--threads 1]
+    python benchmarks/her2st_stnet.py --genes 20 --epochs 2 --out her2st_stnet_quick   # a quick check
 
-Writes benchmarks/results/her2st_stnet.md.
+Writes benchmarks/results/her2st_stnet.md (``--out NAME``: NAME.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -37,8 +39,8 @@ from torch import nn
 from histo2expr.models import register_method
 from histo2expr.models.base import concat_spots
 from histo2expr.models.ridge import ridge_predictions
-from histo2expr.models.stnet import STNetMethod
-from histo2expr.models.training import train_module
+from histo2expr.models.stnet import STNetMethod, _STNetNetwork
+from histo2expr.models.training import LossOutput
 
 PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0)
 #: Without validation spots the closed form takes the middle penalty: ridge's usual choice on her2st.
@@ -51,18 +53,23 @@ class RandomStartSTNet(STNetMethod):
 
     name = "stnet_random_start"
 
-    def __init__(self) -> None:
-        super().__init__(closed_form=False)
-
     def fit(self, train, validation, config):
-        network = self.start_fit(train, validation, config)
-        prepare = network.image_input.prepare
-
-        def loss_fn(batch):
-            return nn.functional.mse_loss(network(batch).float(), batch["targets"])
-
-        self.report = train_module(network, loss_fn, prepare(train), prepare(validation), config)
+        network = self.start_fit(train, validation, config)  # the head as built: a random start
+        self.report = self.fit_network(network, train, validation, config)
         return self.report
+
+
+class _PenalisedNetwork(_STNetNetwork):
+    """ST-Net's network whose training loss adds ``penalty / n_genes * |W|^2`` of the last layer."""
+
+    penalty = 0.0
+
+    def loss(self, batch):
+        mse = nn.functional.mse_loss(self(batch).float(), batch["targets"])
+        if not self.training:
+            return LossOutput(mse)
+        last = self.head.layers[-1]
+        return LossOutput(mse + self.penalty / last.weight.shape[0] * last.weight.pow(2).sum())
 
 
 @register_method
@@ -71,22 +78,17 @@ class PenalisedSTNet(STNetMethod):
 
     name = "stnet_l2_grid"
 
-    def __init__(self) -> None:
-        super().__init__(closed_form=False)
+    def build(self, image_input, n_genes):
+        base = super().build(image_input, n_genes)
+        return _PenalisedNetwork(base.image_input, base.head)
 
     def _train(self, spots, penalty, config):
         network = self.start_fit(spots, None, config)
+        network.penalty = penalty
         last = network.head.layers[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
-
-        def loss_fn(batch):
-            mse = nn.functional.mse_loss(network(batch).float(), batch["targets"])
-            if not network.training:
-                return mse
-            return mse + penalty / last.weight.shape[0] * last.weight.pow(2).sum()
-
-        self.report = train_module(network, loss_fn, network.image_input.prepare(spots), None, config)
+        self.report = self.fit_network(network, spots, None, config)  # no validation: all epochs
 
     def fit(self, train, validation, config):
         errors = []
@@ -110,12 +112,12 @@ class MSESelectedSTNet(STNetMethod):
         prepare = network.image_input.prepare
         ready, checked = prepare(train), prepare(validation)
         x, y = ready.features.astype(np.float64), ready.targets.astype(np.float64)
-        alphas = np.asarray(self.params["alphas"])
+        alphas = np.asarray(self.settings.alphas)
         predicted = ridge_predictions(
             x - x.mean(0), y - y.mean(0), checked.features - x.mean(0), alphas * len(x)
         )
         errors = ((predicted + y.mean(0) - checked.targets) ** 2).mean(axis=(1, 2))
-        self.params = {**self.params, "alphas": [float(alphas[int(np.argmin(errors))])]}
+        self.settings = dataclasses.replace(self.settings, alphas=(float(alphas[int(np.argmin(errors))]),))
         # one candidate left: the head is solved on the training and validation spots with it
         self.report = self._solve_head(network.head.layers[-1], ready, checked)
         return self.report
@@ -130,16 +132,11 @@ class FineTunedSTNet(STNetMethod):
     def fit(self, train, validation, config):
         network = self.start_fit(train, validation, config)
         prepare = network.image_input.prepare
-        ready, checked = prepare(train), prepare(validation)
-        self.params = {**self.params, "alphas": list(PENALTIES_FROM_SOLVE)}
-        self._solve_head(network.head.layers[-1], ready, None)  # on the training spots only
+        self.settings = dataclasses.replace(self.settings, alphas=PENALTIES_FROM_SOLVE)
+        self._solve_head(network.head.layers[-1], prepare(train), None)  # on the training spots only
         start = {key: value.clone() for key, value in network.state_dict().items()}
         start_mse = float(np.mean((self.predict(validation) - validation.targets) ** 2))
-
-        def loss_fn(batch):
-            return nn.functional.mse_loss(network(batch).float(), batch["targets"])
-
-        self.report = train_module(network, loss_fn, ready, checked, config)
+        self.report = self.fit_network(network, train, validation, config)
         kept = min(self.report.validation_loss) < start_mse
         if not kept:
             network.load_state_dict(start)
@@ -159,15 +156,22 @@ ROWS = {
 
 
 def main() -> None:
-    args = parse_ablation_args(ablation_parser(__doc__))
+    parser = ablation_parser(__doc__)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of every fit (default: the fit's)")
+    parser.add_argument("--out", default="her2st_stnet", help="name of the report in benchmarks/results")
+    args = parse_ablation_args(parser)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     adata, embed_s = embedded_her2st()
-    means, per_slide = run_rows(adata, ROWS, genes=args.genes, seed=args.seed)
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
+    rows = {name: {**params, **epochs} for name, params in ROWS.items()}
+    means, per_slide = run_rows(adata, rows, genes=args.genes, seed=args.seed)
     write_report(
-        "her2st_stnet",
+        args.out,
         title="her2st: the frozen ST-Net head against ridge on the same features",
-        command=f"python benchmarks/her2st_stnet.py --genes {args.genes} --seed {args.seed} --threads {args.threads}",
+        command=f"python benchmarks/her2st_stnet.py --genes {args.genes} --seed {args.seed} --threads {args.threads}"
+        + ("" if args.epochs is None else f" --epochs {args.epochs}")
+        + ("" if args.out == "her2st_stnet" else f" --out {args.out}"),
         setting=(
             f"Data: {adata.n_obs} spots, 6 slides; frozen EfficientNet-Lite0 features of the spot's patch "
             f"(one view); {args.genes} highly expressed genes per fold; embedding took {embed_s:.0f} s."
