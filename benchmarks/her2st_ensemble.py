@@ -6,9 +6,11 @@ writes benchmarks/results/her2st_ensemble.md. The rows are made by:
 
     python benchmarks/her2st_nh2st_stability.py run --variants ensemble3 --seeds 0,1,2 --noise 0,1e-5
     python benchmarks/her2st_features.py run --settings f1:4+nbr6 --methods cmrcnet --seeds 0,1,2 \\
-        --params '{"ensemble": 3}' --label "cmrcnet (ensemble=3)"
+        --params '{"ensemble": 3}' --label "cmrcnet (ensemble 3)"
     python benchmarks/her2st_features.py run --settings f1:4+nbr6 --methods cmrcnet --seeds 0,1,2 \\
-        --params '{"ensemble": 1}' --label "cmrcnet (ensemble=1)"
+        --params '{"patience": 10}' --label "cmrcnet (patience 10)"
+
+(both at patience 10, the default of every method when they ran).
     python benchmarks/her2st_ensemble.py report
 
 ``report`` replaces the generated part of the results file; the sections written by hand below
@@ -39,7 +41,7 @@ STABILITY = {
     "stnet": "stnet",
 }
 #: Rows of the features script by label.
-FEATURES = {"cmrcnet (ensemble=1)": "cmrcnet (K=1)", "cmrcnet (ensemble=3)": "cmrcnet (ensemble=3)"}
+FEATURES = {"cmrcnet (patience 10)": "cmrcnet (K=1)", "cmrcnet (ensemble 3)": "cmrcnet (ensemble=3)"}
 
 
 def _read(path) -> list[dict]:
