@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -129,6 +130,11 @@ def write_report(
             "",
         ],
     )
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows a benchmark script cached in the JSON-lines file ``path`` (none when it does not exist)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 #: What the heading of a section added to a results file by hand says; see :func:`save_results`.

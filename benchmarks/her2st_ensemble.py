@@ -22,12 +22,11 @@ rows of ``her2st_nh2st_stability.py`` (variants ``nh2st: mse``, its default reci
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import pandas as pd
 import torch
-from _her2st import run_step, save_results, steps_parser
+from _her2st import read_rows, run_step, save_results, steps_parser
 from her2st_features import ROWS as FEATURE_ROWS
 from her2st_nh2st_stability import ROWS as STABILITY_ROWS
 
@@ -44,21 +43,17 @@ STABILITY = {
 FEATURES = {"cmrcnet (patience 10)": "cmrcnet (K=1)", "cmrcnet (ensemble 3)": "cmrcnet (ensemble=3)"}
 
 
-def _read(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def rows() -> pd.DataFrame:
     """One row per (method, noise, seed, slide), with the run's CPU seconds and the epochs kept."""
     records = []
-    for row in _read(STABILITY_ROWS):
+    for row in read_rows(STABILITY_ROWS):
         if row["variant"] in STABILITY:
             records += [
                 {"method": STABILITY[row["variant"]], "noise": row["noise"], "seed": row["seed"],
                  "cpu_seconds": row.get("cpu_seconds"), "best_epochs": row.get("best_epochs"), **slide}
                 for slide in row["per_slide"]
             ]  # fmt: skip
-    for row in _read(FEATURE_ROWS):
+    for row in read_rows(FEATURE_ROWS):
         if row["setting"] == SETTING and row["method"] in FEATURES:
             records += [
                 {"method": FEATURES[row["method"]], "noise": 0.0, "seed": row["seed"],

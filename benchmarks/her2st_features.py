@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _her2st import DATA, run_step, save_results, steps_parser
+from _her2st import DATA, read_rows, run_step, save_results, steps_parser
 
 import histo2expr as hx
 from histo2expr._cache import cache_dir
@@ -279,7 +279,7 @@ def augment(args: argparse.Namespace) -> None:
 def _rows(path: Path) -> pd.DataFrame:
     """One row per (setting, method, seed, slide)."""
     records = []
-    for row in map(json.loads, path.read_text().splitlines()) if path.exists() else []:
+    for row in read_rows(path):
         for slide in row["per_slide"]:
             records.append({"setting": row["setting"], "method": row["method"], "seed": row["seed"], **slide})
     return pd.DataFrame(records)
@@ -287,7 +287,7 @@ def _rows(path: Path) -> pd.DataFrame:
 
 def _cpu_seconds(path: Path) -> pd.DataFrame:
     """Mean CPU seconds of a leave-one-slide-out run per setting and method (rows that recorded it)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = read_rows(path)
     table = pd.DataFrame(
         [r for r in rows if "cpu_seconds" in r], columns=["setting", "method", "cpu_seconds"]
     )

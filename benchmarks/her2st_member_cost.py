@@ -27,11 +27,12 @@ import time
 
 import pandas as pd
 import torch
-from _her2st import run_step, save_results, steps_parser
+from _her2st import read_rows, run_step, save_results, steps_parser
 from her2st_features import CACHE, ROWS, cohort, put_features
 from her2st_nh2st_stability import ROWS as STABILITY_ROWS
 
 import histo2expr as hx
+from histo2expr.models import TrainConfig
 
 SETTING = "f1:4+nbr6"
 PROFILE = CACHE / "member_cost_profile.jsonl"
@@ -75,8 +76,8 @@ READING = """\
   A per-method patience (3 for CMRCNet, and BLEEP) is the measured candidate; it needs
   `fit_histo2expr(patience=None)` to mean "the method's default" and is the lead's call.
 """
-#: The training configuration's maximum number of epochs (``TrainConfig.epochs``).
-MAX_EPOCHS = 50
+#: The training configuration's maximum number of epochs.
+MAX_EPOCHS = TrainConfig.epochs
 
 
 class _Recorder:
@@ -152,10 +153,6 @@ def profile_methods(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
 
 
-def _read(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _epochs_run(best_epochs: list[str] | None, patience: int) -> int | None:
     """Epochs trained over all folds and members: early stopping ends ``patience`` epochs after the epoch kept."""
     if best_epochs is None:
@@ -171,7 +168,7 @@ def compared_rows(compared: dict[str, tuple]) -> pd.DataFrame:
     """
     records = []
     for name, (path, key, label, patience) in compared.items():
-        for row in _read(path):
+        for row in read_rows(path):
             if (
                 row.get(key) != label
                 or row.get("noise", 0.0) != 0.0
@@ -186,7 +183,7 @@ def compared_rows(compared: dict[str, tuple]) -> pd.DataFrame:
 
 def _profile_table() -> pd.DataFrame:
     """Per method (last profile): epochs trained and kept per fold, the share after the kept one, the first layer's share."""
-    rows = {row["method"]: row for row in _read(PROFILE)}
+    rows = {row["method"]: row for row in read_rows(PROFILE)}
     table = {}
     for method, row in rows.items():
         members = row["members"]
