@@ -47,7 +47,8 @@ ADAPTED = CACHE / "adapted.jsonl"
 FROZEN_DEFAULT = "f1:4+nbr6"
 COLUMNS = ["pcc_acg", "pcc_heg50", "pcc_hvg50", "mse", "mae"]
 #: The label of ``her2st_features.py``'s frozen rows at the settings of an adapted row, where it is another:
-#: NH2ST's plain frozen rows were run when its default was one fit, its default ensemble of three has a label.
+#: NH2ST's plain frozen rows were run when its default was one fit ("K=1, default before" in her2st_ensemble.md);
+#: its default ensemble of three has a label of its own.
 FROZEN_LABELS = {"nh2st": "nh2st (ensemble 3)", "nh2st (ensemble 1)": "nh2st"}
 
 
