@@ -219,7 +219,10 @@ def report(args: argparse.Namespace) -> None:
         "averages the 4 quarter turns), next to the same frozen neighbour block. The frozen `cmrcnet` rows "
         "are the method's plain rows of `her2st_features.py`, run before its weight averaging became the "
         "default (`average_epochs=3`, which the adapted row has); the frozen rows at that default are in "
-        "`her2st_cmrcnet_averaging.md`.",
+        "`her2st_cmrcnet_averaging.md`. A method name with a parenthesis is a method run with other settings "
+        "(`run --params ... --label`): `nh2st (ensemble 1)` is NH2ST as one fit (its default is an ensemble of "
+        "three); its frozen rows are `her2st_features.py`'s plain `nh2st` rows, run when one fit was its default "
+        "(`her2st_ensemble.md`'s `K=1, default before`).",
         "",
         "## Mean over held-out slides (mean ± sd over seeds)",
         "",
