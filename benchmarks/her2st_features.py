@@ -41,7 +41,7 @@ So that no run at other defaults joins them under the same name, ``run`` needs `
 ``report`` writes benchmarks/results/her2st_features.md (``--out NAME``: NAME.md) from this study's
 rows, and names the labelled rows of the cache, which the reports of their own studies show
 (``her2st_patience.md``, ``her2st_ensemble.md``, ``her2st_cmrcnet_averaging.md``,
-``her2st_member_cost.md``, ``backend_acceptance.md``).
+``her2st_member_cost.md``, ``bf16_training.md``, ``backend_acceptance.md``).
 """
 
 from __future__ import annotations
@@ -438,7 +438,8 @@ def report(args: argparse.Namespace) -> None:
         "",
         "Runs named by `--label` (other settings or defaults). The reports of their own studies show them "
         "(`her2st_patience.md`, `her2st_ensemble.md`, `her2st_cmrcnet_averaging.md`, `her2st_member_cost.md`, "
-        "`backend_acceptance.md`); a run still under way when this report was made may have none yet.",
+        "`bf16_training.md`, `backend_acceptance.md`); a run still under way when this report was made may have "
+        "none yet.",
         "",
         _labelled(cached[~study]).to_markdown(index=False),
         "",
