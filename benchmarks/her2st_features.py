@@ -9,7 +9,8 @@ each view is embedded once and each (setting, method, seed) row is run once:
     python benchmarks/her2st_features.py embed --field 1 --views 4 --jitter 0.2 --jitter-seed 1
     python benchmarks/her2st_features.py embed --field 1 --views 1 --encoder efficientnet_lite2
     python benchmarks/her2st_features.py embed --field 1 --views 4 --tokens --backend onnx   # ONNX Runtime
-    python benchmarks/her2st_features.py run --settings "f1:1;f1:4+f3:4+nbr6" --methods ridge,stnet --seeds 0,1,2
+    python benchmarks/her2st_features.py run --settings "f1:1;f1:4+f3:4+nbr6" --methods ridge,stnet --seeds 0,1,2 \
+        --label "{method} (defaults of 2026-12-01)"
     python benchmarks/her2st_features.py run --settings f1:4+nbr6 --methods cmrcnet --seeds 0,1,2 \
         --params '{"average_epochs": null}' --label "cmrcnet (no averaging)"
     python benchmarks/her2st_features.py augment --setting f1:4 --copies f1_hed0.2s1,f1_hed0.2s2 --methods ridge
@@ -31,9 +32,16 @@ the other blocks appended to every token, as ``embed_patches`` does.
 features of HED-jittered copies (``hx.patches.Augment(stain=...)``) of its training spots, and
 predicts the held-out slide's unjittered features.
 
-``run --params JSON --label NAME`` runs the methods with settings other than their defaults and
-records the rows under NAME (one method at a time). ``report`` writes
-benchmarks/results/her2st_features.md (``--out NAME``: NAME.md) from the cached rows.
+``run --params JSON --label NAME`` runs the methods (with settings other than their defaults when
+``--params`` is given) and records the rows under NAME, ``{method}`` in it standing for each
+method's name. The rows under a method's bare name are this study's: every method at the defaults it
+had when they ran (2026-11-30, before main a914795), which have changed since (CHRep and BLEEP stop
+at patience 3 instead of 10, CMRCNet at 5 with its weights averaged, NH2ST fits an ensemble of 3).
+So that no run at other defaults joins them under the same name, ``run`` needs ``--label``.
+``report`` writes benchmarks/results/her2st_features.md (``--out NAME``: NAME.md) from this study's
+rows, and names the labelled rows of the cache, which the reports of their own studies show
+(``her2st_patience.md``, ``her2st_ensemble.md``, ``her2st_cmrcnet_averaging.md``,
+``her2st_member_cost.md``, ``bf16_training.md``, ``backend_acceptance.md``).
 """
 
 from __future__ import annotations
@@ -177,13 +185,21 @@ def put_features(adata, setting: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    methods = args.methods.split(",")
+    labels = {args.label.replace("{method}", method) for method in methods}
+    if len(labels) < len(methods):
+        msg = f"--label {args.label!r} would name the rows of {len(methods)} methods alike; put '{{method}}' in it."
+        raise SystemExit(msg)
+    if labels & set(hx.models.available_methods()):
+        msg = f"--label {args.label!r} gives a bare method name, which holds this study's rows; add to it, e.g. '{{method}} (...)'."
+        raise SystemExit(msg)
     adata = cohort()
     finished = done(ROWS)
     for setting in args.settings.split(";"):
         put_features(adata, setting)
         for seed in map(int, args.seeds.split(",")):
-            for method in args.methods.split(","):
-                label = args.label or method
+            for method in methods:
+                label = args.label.replace("{method}", method)
                 if (setting, label, seed) in finished:
                     continue
                 tic, cpu = time.perf_counter(), time.process_time()
@@ -285,12 +301,17 @@ def _rows(path: Path) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
+def _is_study(methods: pd.Series) -> pd.Series:
+    """Which rows are this study's: those under a method's bare name (see the module docstring)."""
+    return methods.isin(hx.models.available_methods())
+
+
 def _cpu_seconds(path: Path) -> pd.DataFrame:
-    """Mean CPU seconds of a leave-one-slide-out run per setting and method (rows that recorded it)."""
-    rows = read_rows(path)
+    """Mean CPU seconds of a leave-one-slide-out run per setting and method (this study's rows that recorded it)."""
     table = pd.DataFrame(
-        [r for r in rows if "cpu_seconds" in r], columns=["setting", "method", "cpu_seconds"]
+        [r for r in read_rows(path) if "cpu_seconds" in r], columns=["setting", "method", "cpu_seconds"]
     )
+    table = table[_is_study(table["method"])]
     return table.groupby(["setting", "method"])["cpu_seconds"].agg(["size", "mean"]).round(0)
 
 
@@ -336,24 +357,40 @@ def _stain_effect(rows: pd.DataFrame, augmented: pd.DataFrame, base: str = "f1:4
     return pd.DataFrame(table).round(4)
 
 
+def _labelled(rows: pd.DataFrame) -> pd.DataFrame:
+    """The labelled runs of the cache (not this study's): their settings and seeds, per label."""
+    runs = rows.drop_duplicates(["setting", "method", "seed"])
+    table = runs.groupby(["method", "setting"])["seed"].agg(lambda seeds: ", ".join(map(str, sorted(seeds))))
+    return table.rename("seeds").reset_index().rename(columns={"method": "label"})
+
+
 def report(args: argparse.Namespace) -> None:
-    rows, augmented = _rows(ROWS), _rows(AUGMENTED)
+    cached, augmented = _rows(ROWS), _rows(AUGMENTED)
+    study = _is_study(cached["method"])
+    rows = cached[study]
     seconds = {path.stem: float(np.load(path)["seconds"]) for path in sorted(CACHE.glob("*.npz"))}
     lines = [
         "# her2st, leave-one-slide-out: frozen features for every method",
         "",
         "Made with `benchmarks/her2st_features.py` (its docstring lists the steps); 1193 spots on 6 sections, "
         "250 highly expressed genes chosen on the training slides of each fold, frozen ImageNet "
-        "EfficientNet-Lite0, 224 px patches at 0.69 µm/px, every method at its defaults, one torch thread on a "
-        "2-core machine shared with other jobs. Same folds and genes in every row; seeds change the "
-        "initialisation, batches and the inner validation slide.",
+        "EfficientNet-Lite0, 224 px patches at 0.69 µm/px, one torch thread on a 2-core machine shared with "
+        "other jobs. Same folds and genes in every row; seeds change the initialisation, batches and the inner "
+        "validation slide.",
+        "",
+        "Every method at the defaults it had when these rows ran (2026-11-30, before main a914795), not today's: "
+        "CHRep and BLEEP stopped at patience 10 (now 3), CMRCNet at patience 10 without weight averaging (now 5, "
+        "`average_epochs=3`), NH2ST was one fit (now an ensemble of 3). The rows at today's defaults are in "
+        "`her2st_patience.md` (CHRep, BLEEP, CMRCNet), `her2st_ensemble.md` (NH2ST) and "
+        "`backend_acceptance.md` (CHRep on the ONNX features); ridge's and ST-Net's defaults are unchanged. "
+        "This report shows the rows under a method's bare name only; the labelled runs of the same cache "
+        "(other settings or defaults) are listed at the end.",
         "",
         "Settings: `f1:V` spot view averaged over V dihedral views (1, 4 quarter turns, 8 with mirrors), `f2:V` / "
         "`f3:V` the 2x / 3x wider context view, `nbr6` the mean spot view of the 6 nearest spots of the slide, "
         "`f1_macenko` Macenko-normalised patches, `lite1_f1` / `lite2_f1` the spot view of EfficientNet-Lite1 / "
-        "-Lite2; '+' concatenates. `f1:4+nbr6` is what `hx.tl.embed_patches` computes by default. A method "
-        "column that is not a method's name is a method run with other settings (`run --params ... --label`), "
-        "named by its label.",
+        '-Lite2, `f1_onnx` the spot view run by ONNX Runtime (what `embed_patches(backend="auto")` runs on a '
+        "CPU); '+' concatenates. `f1:4+nbr6` is what `hx.tl.embed_patches` computes by default.",
         "",
         "## Mean over held-out slides (mean ± sd over seeds)",
         "",
@@ -397,6 +434,15 @@ def report(args: argparse.Namespace) -> None:
         "",
         pd.Series(seconds, name="seconds").round(0).to_markdown(),
         "",
+        "## Labelled runs in the same cache (not in the tables above)",
+        "",
+        "Runs named by `--label` (other settings or defaults). The reports of their own studies show them "
+        "(`her2st_patience.md`, `her2st_ensemble.md`, `her2st_cmrcnet_averaging.md`, `her2st_member_cost.md`, "
+        "`bf16_training.md`, `backend_acceptance.md`); a run still under way when this report was made may have "
+        "none yet.",
+        "",
+        _labelled(cached[~study]).to_markdown(index=False),
+        "",
     ]
     save_results(args.out, lines)
 
@@ -423,7 +469,11 @@ def main() -> None:
     step.add_argument("--methods", default="ridge,stnet,bleep,chrep,cmrcnet,nh2st")
     step.add_argument("--seeds", default="0")
     step.add_argument("--params", default="{}", help="method settings as a JSON object")
-    step.add_argument("--label", default="", help="method name of the rows (with --params)")
+    step.add_argument(
+        "--label",
+        required=True,
+        help="name of the rows, '{method}' standing for the method's (bare method names: the rows of 2026-11-30)",
+    )
     step.set_defaults(func=run)
     step = steps.add_parser("augment")
     step.add_argument("--setting", default="f1:4")

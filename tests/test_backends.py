@@ -116,6 +116,17 @@ def test_unusable_backends_are_clear_errors(monkeypatch):
         InferenceEncoder(lite, backend="bf16", device=CPU)
 
 
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "native"), [(True, False, True), (False, True, True), (False, False, False)]
+)
+def test_only_avx512_bf16_or_amx_count_as_native_bfloat16(monkeypatch, avx512_bf16, amx, native):
+    # oneDNN emulates bfloat16 with AVX-512 alone (slower than float32): such a CPU is not native
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
+    assert backends_module.cpu_supports_bf16() is native
+
+
 @pytest.mark.skipif(
     not backends_module.onnx_available(), reason="needs the onnx extra (onnxruntime, onnx, onnxscript)"
 )

@@ -89,15 +89,16 @@ def test_cross_validation_without_refit_scores_the_same_and_returns_none(cohort)
         hx.tl.fit_histo2expr(cohort.copy(), method="ridge", genes=20, refit=False, progress=False)
 
 
-def test_fit_records_the_patience_it_ran_with(cohort):
+def test_fit_records_the_patience_and_precision_it_ran_with(cohort):
     adata = cohort.copy()
     options = {"method": "bleep", "genes": 10, "epochs": 2, "progress": False}
-    hx.tl.fit_histo2expr(adata, **options)  # patience=None: the method's own
-    assert (
-        adata.uns["histo2expr"]["params"]["patience"] == 3 == hx.models.get_method("bleep").default_patience
-    )
-    hx.tl.fit_histo2expr(adata, **options, patience=5, key_added="explicit")
+    hx.tl.fit_histo2expr(adata, **options)  # patience=None: the method's own; precision=None: the device's
+    params = adata.uns["histo2expr"]["params"]
+    assert params["patience"] == 3 == hx.models.get_method("bleep").default_patience
+    assert params["precision"] == ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    hx.tl.fit_histo2expr(adata, **options, patience=5, precision="bf16-mixed", key_added="explicit")
     assert adata.uns["explicit"]["params"]["patience"] == 5
+    assert adata.uns["explicit"]["params"]["precision"] == "bf16-mixed"
 
 
 def test_leave_one_patient_out_and_fixed_genes(cohort):

@@ -59,10 +59,14 @@ def onnx_available() -> bool:
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), so that bf16 autocast is fast."""
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), so that bf16 autocast is fast.
+
+    oneDNN also runs bfloat16 on a CPU with AVX-512 alone, emulated and slower than float32: that is
+    not native.
+    """
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without the check
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the checks
         return False
 
 

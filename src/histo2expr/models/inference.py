@@ -55,6 +55,16 @@ def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def default_precision(accelerator: str) -> str:
+    """The Lightning precision of ``precision=None``: ``"bf16-mixed"`` on CUDA, ``"32-true"`` elsewhere.
+
+    Mixed bfloat16 on a CPU, even one that computes bfloat16 natively, was not faster per epoch than
+    float32 for the frozen methods (``benchmarks/results/bf16_training_speed.md``), and full precision
+    keeps CPU runs bit-reproducible across machines of one instruction set.
+    """
+    return "bf16-mixed" if uses_cuda(accelerator) else "32-true"
+
+
 def inference_fabric(device: str | torch.device = "auto") -> Fabric:
     """A Lightning ``lightning.fabric.Fabric`` on one device: bfloat16 autocast on CUDA, else full precision.
 
@@ -73,11 +83,10 @@ def _fabric(accelerator: str, devices: int | tuple[int, ...]) -> Fabric:
     """One Fabric per device and process: building one takes tens of milliseconds, and CHRep predicts every epoch."""
     from lightning.fabric import Fabric
 
-    precision = "bf16-mixed" if uses_cuda(accelerator) else "32-true"
     return Fabric(
         accelerator=accelerator,
         devices=list(devices) if isinstance(devices, tuple) else devices,
-        precision=precision,
+        precision=default_precision(accelerator),
     )
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from .base import FitReport, SpotSet, TrainConfig
 from .batches import Batch, Batches, SpotDataModule
-from .inference import uses_cuda
+from .inference import default_precision
 
 #: The metric early stopping and the best weights follow.
 VALIDATION_METRIC = "validation_loss"
@@ -415,7 +415,7 @@ def make_trainer(config: TrainConfig, *, validation: bool, callbacks: list[Callb
     there are validation spots; one epoch bar when ``config.progress``. Lightning's distributed
     sampler is off: :class:`~histo2expr.models.batches.BatchOrder` shares the batches itself.
     """
-    precision = config.precision or ("bf16-mixed" if uses_cuda(config.accelerator) else "32-true")
+    precision = config.precision or default_precision(config.accelerator)
     callbacks = list(callbacks)
     if validation:
         if config.patience is None:

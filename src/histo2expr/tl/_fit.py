@@ -407,7 +407,8 @@ def fit_histo2expr(
         data-parallel training, ``batch_size`` spots per device and step); ``strategy="auto"``
         (``"ddp"`` for several devices: run from a script or ``histo2expr fit``, which every
         process runs in full); ``num_nodes`` machines (e.g. under SLURM); ``precision=None``:
-        ``"bf16-mixed"`` on CUDA, ``"32-true"`` elsewhere. Each process returns the same model.
+        ``"bf16-mixed"`` on CUDA, ``"32-true"`` elsewhere, recorded in
+        ``.uns[key_added]["params"]["precision"]``. Each process returns the same model.
     num_workers
         DataLoader workers reading patches (end-to-end regime).
     key_added
@@ -506,6 +507,8 @@ def fit_histo2expr(
     of the returned model) when it refits. The warning about shared patients is given once per
     AnnData and protocol: a fit of another method on the same folds records the note silently.
     """
+    from ..models.inference import default_precision
+
     table = get_table(data, table_key)
     method_class = get_method(method)
     if device is not None:
@@ -617,6 +620,7 @@ def fit_histo2expr(
             "lr": lr,
             "weight_decay": weight_decay,
             "patience": config.patience,
+            "precision": config.precision or default_precision(config.accelerator),
             "seed": seed,
             "n_features": _n_features(table, use_rep, features, regime),
             **_adapted_params(activations),
