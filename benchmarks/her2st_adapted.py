@@ -90,13 +90,8 @@ def row(args: argparse.Namespace) -> None:
     }
     with ADAPTED.open("a") as handle:
         handle.write(json.dumps(result) + "\n")
-    print(
-        result["method"],
-        args.trainable_blocks,
-        args.seed,
-        f"PCC(ACG) {folds['pcc_acg'].mean():.4f}",
-        flush=True,
-    )
+    mean = folds["pcc_acg"].mean()
+    print(result["method"], args.trainable_blocks, args.seed, f"PCC(ACG) {mean:.4f}", flush=True)
 
 
 def _activations(adata: hx.AnnData, args: argparse.Namespace) -> ActivationCache:
@@ -127,15 +122,8 @@ def run(args: argparse.Namespace) -> None:
     done = _done()
     for seed in map(int, args.seeds.split(",")):
         for method in args.methods.split(","):
-            key = (
-                args.label or method,
-                args.trainable_blocks,
-                args.views,
-                args.stain_copies,
-                args.epochs,
-                seed,
-            )
-            if key in done:
+            label = args.label or method
+            if (label, args.trainable_blocks, args.views, args.stain_copies, args.epochs, seed) in done:
                 continue
             command = [sys.executable, __file__, "--threads", str(args.threads), "row", "--method", method]
             command += ["--trainable-blocks", str(args.trainable_blocks), "--views", str(args.views)]
