@@ -7,10 +7,13 @@ cached by the package itself, so the first row of a (trainable_blocks, views) pa
 row builds them before its fit and times the build apart, wall and CPU):
 
     python benchmarks/her2st_adapted.py run --methods chrep,stnet,bleep,cmrcnet,nh2st --trainable-blocks 1 --seeds 0
+    python benchmarks/her2st_adapted.py run --methods nh2st --params '{"ensemble": 1}' --label "nh2st (ensemble 1)"
     python benchmarks/her2st_adapted.py report
 
-Every row trains at most ``--epochs`` (10 by default, against the frozen rows' 50: each adapted epoch
-runs the trained stages over every training spot, NH2ST's neighbours included).
+``run --params JSON --label NAME`` runs the methods with settings other than their defaults and records
+the rows under NAME (one method at a time), as ``her2st_features.py`` does. Every row trains at most
+``--epochs`` (10 by default, against the frozen rows' 50: each adapted epoch runs the trained stages over
+every training spot, NH2ST's neighbours included).
 
 The protocol is ``her2st_features.py``'s: 1193 spots on 6 sections, 250 highly expressed genes chosen
 on the training slides of each fold, ImageNet EfficientNet-Lite0 at 224 px, every method at its
@@ -31,7 +34,7 @@ import time
 
 import pandas as pd
 import torch
-from _her2st import save_results, steps_parser
+from _her2st import read_rows, save_results, steps_parser
 from her2st_features import CACHE, ROWS, _summary, build, cohort
 
 import histo2expr as hx
@@ -43,6 +46,10 @@ from histo2expr.tl._adapted import activation_cache
 ADAPTED = CACHE / "adapted.jsonl"
 FROZEN_DEFAULT = "f1:4+nbr6"
 COLUMNS = ["pcc_acg", "pcc_heg50", "pcc_hvg50", "mse", "mae"]
+#: The label of ``her2st_features.py``'s frozen rows at the settings of an adapted row, where it is another:
+#: NH2ST's plain frozen rows were run when its default was one fit ("K=1, default before" in her2st_ensemble.md);
+#: its default ensemble of three has a label of its own.
+FROZEN_LABELS = {"nh2st": "nh2st (ensemble 3)", "nh2st (ensemble 1)": "nh2st"}
 
 
 def row(args: argparse.Namespace) -> None:
@@ -61,11 +68,12 @@ def row(args: argparse.Namespace) -> None:
     hx.tl.fit_histo2expr(
         adata, method=args.method, regime="adapted", trainable_blocks=args.trainable_blocks, views=args.views,
         stain_copies=args.stain_copies, cv="leave_one_slide_out", genes=250, seed=args.seed, key_added="row",
-        progress=False, refit=False, epochs=args.epochs,
+        progress=False, refit=False, epochs=args.epochs, **json.loads(args.params),
     )  # fmt: skip
     folds = adata.uns["row"]["folds"]
     result = {
-        "method": args.method,
+        "method": args.label or args.method,
+        "params": json.loads(args.params),
         "trainable_blocks": args.trainable_blocks,
         "views": args.views,
         "stain_copies": args.stain_copies,
@@ -78,12 +86,12 @@ def row(args: argparse.Namespace) -> None:
         "cache_bytes": cache.nbytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "per_slide": folds[["slide", *COLUMNS]].to_dict(orient="records"),
+        "best_epochs": [str(epochs) for epochs in folds["best_epochs"]],  # members '; '-separated
     }
     with ADAPTED.open("a") as handle:
         handle.write(json.dumps(result) + "\n")
-    print(
-        args.method, args.trainable_blocks, args.seed, f"PCC(ACG) {folds['pcc_acg'].mean():.4f}", flush=True
-    )
+    mean = folds["pcc_acg"].mean()
+    print(result["method"], args.trainable_blocks, args.seed, f"PCC(ACG) {mean:.4f}", flush=True)
 
 
 def _activations(adata: hx.AnnData, args: argparse.Namespace) -> ActivationCache:
@@ -105,10 +113,8 @@ def _activations(adata: hx.AnnData, args: argparse.Namespace) -> ActivationCache
 
 
 def _done() -> set[tuple]:
-    if not ADAPTED.exists():
-        return set()
     keys = ("method", "trainable_blocks", "views", "stain_copies", "epochs", "seed")
-    return {tuple(r[k] for k in keys) for r in map(json.loads, ADAPTED.read_text().splitlines())}
+    return {tuple(r[k] for k in keys) for r in read_rows(ADAPTED)}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -116,8 +122,8 @@ def run(args: argparse.Namespace) -> None:
     done = _done()
     for seed in map(int, args.seeds.split(",")):
         for method in args.methods.split(","):
-            key = (method, args.trainable_blocks, args.views, args.stain_copies, args.epochs, seed)
-            if key in done:
+            label = args.label or method
+            if (label, args.trainable_blocks, args.views, args.stain_copies, args.epochs, seed) in done:
                 continue
             command = [sys.executable, __file__, "--threads", str(args.threads), "row", "--method", method]
             command += ["--trainable-blocks", str(args.trainable_blocks), "--views", str(args.views)]
@@ -128,14 +134,17 @@ def run(args: argparse.Namespace) -> None:
                 str(args.epochs),
                 "--seed",
                 str(seed),
+                "--params",
+                args.params,
+                "--label",
+                args.label,
             ]
             subprocess.run(command, check=True)
 
 
 def _per_slide(path, keys: list[str]) -> pd.DataFrame:
     records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        entry = json.loads(line)
+    for entry in read_rows(path):
         for slide in entry["per_slide"]:
             records.append({**{k: entry[k] for k in keys}, **slide})
     return pd.DataFrame(records)
@@ -155,7 +164,9 @@ def _fit_cpu_per_fold(run: dict) -> int | str:
 def report(args: argparse.Namespace) -> None:
     adapted = _per_slide(ADAPTED, ["method", "trainable_blocks", "views", "stain_copies", "epochs", "seed"])
     frozen = _per_slide(ROWS, ["setting", "method", "seed"])
-    frozen = frozen[(frozen["setting"] == FROZEN_DEFAULT) & frozen["method"].isin(adapted["method"])]
+    labels = {FROZEN_LABELS.get(label, label): label for label in adapted["method"].unique()}
+    frozen = frozen[(frozen["setting"] == FROZEN_DEFAULT) & frozen["method"].isin(labels)]
+    frozen["method"] = frozen["method"].map(labels)  # each under the label of the adapted row it compares to
     adapted["setting"] = adapted.apply(
         lambda r: (
             f"adapted tb={r.trainable_blocks} views={r.views} epochs={r.epochs}"
@@ -166,7 +177,7 @@ def report(args: argparse.Namespace) -> None:
     frozen["setting"] = f"frozen {FROZEN_DEFAULT}"
     rows = pd.concat([frozen, adapted], ignore_index=True)
     summary = _summary(rows)
-    runs = [json.loads(line) for line in ADAPTED.read_text().splitlines()] if ADAPTED.exists() else []
+    runs = read_rows(ADAPTED)
     cost = pd.DataFrame(
         [
             {
@@ -196,7 +207,10 @@ def report(args: argparse.Namespace) -> None:
         "averages the 4 quarter turns), next to the same frozen neighbour block. The frozen `cmrcnet` rows "
         "are the method's plain rows of `her2st_features.py`, run before its weight averaging became the "
         "default (`average_epochs=3`, which the adapted row has); the frozen rows at that default are in "
-        "`her2st_cmrcnet_averaging.md`.",
+        "`her2st_cmrcnet_averaging.md`. A method name with a parenthesis is a method run with other settings "
+        "(`run --params ... --label`): `nh2st (ensemble 1)` is NH2ST as one fit (its default is an ensemble of "
+        "three); its frozen rows are `her2st_features.py`'s plain `nh2st` rows, run when one fit was its default "
+        "(`her2st_ensemble.md`'s `K=1, default before`).",
         "",
         "## Mean over held-out slides (mean ± sd over seeds)",
         "",
@@ -242,6 +256,8 @@ def main() -> None:
         step.add_argument("--views", type=int, default=8)
         step.add_argument("--stain-copies", type=int, default=0)
         step.add_argument("--epochs", type=int, default=10)
+        step.add_argument("--params", default="{}", help="method settings as a JSON object")
+        step.add_argument("--label", default="", help="method name of the rows (with --params)")
         step.set_defaults(func=func)
     steps.add_parser("report").set_defaults(func=report)
     args = parser.parse_args()
