@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -68,19 +70,64 @@ def test_a_job_process_ends_when_its_parent_is_gone(monkeypatch):
         _benchmark._exit_with_parent(-1, seconds=0.01)
 
 
-def test_the_costliest_cross_validations_are_started_first(embedded):
-    from histo2expr._benchmark import _expected_cost, _MethodJob
+def test_the_costliest_methods_are_started_first_with_shared_folds_counted_once(embedded):
+    from histo2expr._benchmark import _expected_cost, _MethodJob, _SchemeRun
     from histo2expr.models import get_method
 
-    def job(method, scheme, **params):
-        fit_kwargs = {"cv": scheme.cv, "patient_key": scheme.patient_key, **params}
-        return _MethodJob(get_method(method), method + scheme.key_suffix, fit_kwargs)
+    def job(method, *schemes, **params):
+        runs = [
+            _SchemeRun(method + s.key_suffix, {"cv": s.cv, "patient_key": s.patient_key, **params})
+            for s in schemes
+        ]
+        return _MethodJob(get_method(method), runs)
 
     loso, lopo = SCHEMES
-    n_spots = (
-        embedded.n_obs
-    )  # 3 slides of 2 patients: 2 training slides per slide fold, 1 or 2 per patient fold
+    n_spots = embedded.n_obs  # slides S1, S2 of patient P1 and S3 of P2: 2 training slides per slide fold
+    p1_fold = int((embedded.obs["patient"] == "P2").sum())  # P1 held out: trains on S3 alone
     assert _expected_cost(embedded, job("ridge", loso)) == 2 * n_spots
     assert _expected_cost(embedded, job("ridge", lopo)) == n_spots
+    # P2's fold trains on S1 and S2, as slide S3's fold does: fitted once
+    assert _expected_cost(embedded, job("ridge", loso, lopo)) == 2 * n_spots + p1_fold
     assert _expected_cost(embedded, job("nh2st", loso)) == 3 * 2 * n_spots  # an ensemble of 3 by default
     assert _expected_cost(embedded, job("nh2st", loso, ensemble=1)) == 2 * n_spots
+
+
+def test_a_fold_two_schemes_train_on_the_same_spots_is_fitted_once_with_the_same_results(
+    embedded, monkeypatch
+):
+    from histo2expr.tl import _fit
+
+    fits = []
+    fit_on = _fit._fit_on
+    monkeypatch.setattr(
+        _fit, "_fit_on", lambda inputs, train, **kw: fits.append(train) or fit_on(inputs, train, **kw)
+    )
+    kwargs = {"genes": 20, "epochs": 2, "progress": False, "accelerator": "cpu"}
+    small = {"bleep": {"top_k": 5}}  # a trained method, seeded: the shared fold gives the same numbers
+    shared = embedded.copy()
+    with pytest.warns(UserWarning, match="share their patient"):
+        compare_methods(shared, ["bleep"], schemes=SCHEMES, n_jobs=1, method_params=small, **kwargs)
+    assert len(fits) == 3 + 1  # three slide folds, then only P1's patient fold: P2's is slide S3's
+    for scheme in SCHEMES:  # each scheme alone, fitting every fold
+        alone = embedded.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            compare_methods(alone, ["bleep"], schemes=[scheme], n_jobs=1, method_params=small, **kwargs)
+        key = "bleep" + scheme.key_suffix
+        pd.testing.assert_frame_equal(shared.uns[key]["folds"], alone.uns[key]["folds"])
+        pd.testing.assert_frame_equal(shared.obsm[key], alone.obsm[key])
+    assert len(fits) == 4 + 3 + 2
+    with warnings.catch_warnings():  # outside compare_methods nothing is shared
+        warnings.simplefilter("ignore", UserWarning)
+        from histo2expr import tl
+
+        for scheme in SCHEMES:
+            tl.fit_histo2expr(
+                embedded.copy(),
+                method="stnet",
+                cv=scheme.cv,
+                patient_key=scheme.patient_key,
+                refit=False,
+                **kwargs,
+            )
+    assert len(fits) == 9 + 3 + 2

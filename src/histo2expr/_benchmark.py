@@ -133,12 +133,16 @@ def compare_methods(
     method_params
         Extra parameters of single methods, by method name.
     n_jobs
-        Cross-validations (of a method under a scheme) run at once. 1: one after the other in this
-        process. More: each in a fresh process (at most ``n_jobs`` at a time) on a copy of ``adata``,
-        with :attr:`hx.settings.n_threads <histo2expr._settings.Histo2ExprSettings.n_threads>`
-        threads when set, else the available CPUs divided by ``n_jobs`` (at least one), the costliest
-        first (training spots over the folds times fits per fold, e.g. ``ensemble=3``); the results
-        are those of a serial run with the same thread count. ``-1``: one job per available CPU.
+        Methods cross-validated at once. 1: one after the other in this process. More: each method
+        (its cross-validations under every scheme) in a fresh process (at most ``n_jobs`` at a
+        time) on a copy of ``adata``, with :attr:`hx.settings.n_threads
+        <histo2expr._settings.Histo2ExprSettings.n_threads>` threads when set, else the available
+        CPUs divided by ``n_jobs`` (at least one), the costliest first (training spots over the
+        folds times fits per fold, e.g. ``ensemble=3``); the results are those of a serial run with
+        the same thread count. ``-1``: one job per available CPU. Either way a method's schemes
+        share the folds they train on the same spots: such a fold is fitted once (e.g.
+        leave-one-patient-out's fold of a one-slide patient is leave-one-slide-out's fold of that
+        slide), with the results of fitting it again.
     **fit_kwargs
         Further arguments of :func:`~histo2expr.tl.fit_histo2expr` for every method
         (e.g. ``use_rep``, ``epochs``, ``accelerator``).
@@ -169,24 +173,28 @@ def compare_methods(
     jobs = [
         _MethodJob(
             cls,
-            method + scheme.key_suffix,
-            {
-                "cv": scheme.cv,
-                "patient_key": scheme.patient_key,
-                "genes": genes,
-                "seed": seed,
-                **fit_kwargs,
-                **(method_params or {}).get(method, {}),
-            },
+            [
+                _SchemeRun(
+                    method + scheme.key_suffix,
+                    {
+                        "cv": scheme.cv,
+                        "patient_key": scheme.patient_key,
+                        "genes": genes,
+                        "seed": seed,
+                        **fit_kwargs,
+                        **(method_params or {}).get(method, {}),
+                    },
+                )
+                for scheme in schemes
+            ],
         )
-        for scheme in schemes
         for method, cls in zip(methods, classes, strict=True)
     ]
     n_jobs = min(available_cpus() if n_jobs == -1 else n_jobs, len(jobs))
     runs: dict[str, MethodRun] = {}
-    with progress_bar(total=len(jobs), desc="methods", disable=not progress) as bar:
-        for job, run in _run_jobs(adata, jobs, n_jobs):
-            runs[job.key] = run
+    with progress_bar(total=len(jobs) * len(schemes), desc="cross-validations", disable=not progress) as bar:
+        for run in _run_jobs(adata, jobs, n_jobs):
+            runs[run.key] = run
             bar.update(1)
             if progress:
                 n_counted = int(metrics.counted_slides(run.folds).sum())
@@ -194,25 +202,30 @@ def compare_methods(
                     f"{run.method}: PCC(ACG) {metrics.summarize(run.folds)['pcc_acg']:.3f} over {n_counted} "
                     f"held-out slides ({run.protocol}) in {run.seconds:.1f} s"
                 )
-    return [runs[job.key] for job in jobs]
+    return [runs[method + scheme.key_suffix] for scheme in schemes for method in methods]
 
 
 @dataclass
-class _MethodJob:
-    """One method's cross-validation: its class, ``key_added`` and the other arguments of ``fit_histo2expr``."""
+class _SchemeRun:
+    """One cross-validation of a method: its ``key_added`` and the other arguments of ``fit_histo2expr``."""
 
-    method_class: type[Method]
     key: str
     fit_kwargs: dict[str, Any]
 
 
-def _run_jobs(
-    adata: AnnData, jobs: Sequence[_MethodJob], n_jobs: int
-) -> Iterator[tuple[_MethodJob, MethodRun]]:
-    """Run ``jobs`` on ``adata``, here one by one or in ``n_jobs`` fresh processes; yield each in order."""
+@dataclass
+class _MethodJob:
+    """One method's cross-validations, one per scheme, run in one process so that they share their folds."""
+
+    method_class: type[Method]
+    runs: list[_SchemeRun]
+
+
+def _run_jobs(adata: AnnData, jobs: Sequence[_MethodJob], n_jobs: int) -> Iterator[MethodRun]:
+    """Run ``jobs`` on ``adata``, here one by one or in ``n_jobs`` fresh processes; yield their runs in order."""
     if n_jobs == 1:
         for job in jobs:
-            yield job, _cross_validate(adata, job)
+            yield from _cross_validate(adata, job)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -239,48 +252,65 @@ def _run_jobs(
         submitted = {id(job): pool.submit(_cross_validate_in_worker, job) for job in by_cost}
         futures = [submitted[id(job)] for job in jobs]
         try:
-            for job, future in zip(jobs, futures, strict=True):  # in order: the AnnData of a serial run
-                run, fields, caught = future.result()
+            for future in futures:  # in order: the AnnData of a serial run
+                results, caught = future.result()
                 for message, category in caught:  # as if raised here, at the caller of compare_methods
                     warnings.warn(message, category, stacklevel=3)
-                _set_result_fields(adata, job.key, fields)
-                yield job, run
+                for run, fields in results:
+                    _set_result_fields(adata, run.key, fields)
+                    yield run
         finally:
             for future in futures:
                 future.cancel()
 
 
 def _expected_cost(adata: AnnData, job: _MethodJob) -> int:
-    """A cross-validation's work, for the order of :func:`_run_jobs`: its training spots over folds, times its fits per fold."""
+    """A method's work, for the order of :func:`_run_jobs`: the training spots of its distinct folds, times its fits per fold."""
     from .splits import make_folds
 
-    kwargs = job.fit_kwargs
-    folds = make_folds(
-        adata, kwargs["cv"], slide_key=kwargs.get("slide_key", "slide"), patient_key=kwargs["patient_key"]
-    )
-    members = kwargs.get("ensemble", getattr(job.method_class.settings_class, "ensemble", 1))
-    return members * sum(len(fold.train) for fold in folds)
-
-
-def _cross_validate(adata: AnnData, job: _MethodJob) -> MethodRun:
-    """Cross-validate one method on ``adata`` (its results written there), timed."""
-    from . import tl
-
-    tic = time.perf_counter()
-    with PeakMemory() as memory:
-        tl.fit_histo2expr(
-            adata,
-            method=job.method_class.name,
-            key_added=job.key,
-            progress=False,
-            refit=False,
-            **job.fit_kwargs,
+    trained: dict[bytes, int] = {}  # a fold that two schemes train on the same spots is fitted once
+    for run in job.runs:
+        kwargs = run.fit_kwargs
+        folds = make_folds(
+            adata, kwargs["cv"], slide_key=kwargs.get("slide_key", "slide"), patient_key=kwargs["patient_key"]
         )
-    record = adata.uns[job.key]
-    seconds = time.perf_counter() - tic
-    return MethodRun(
-        job.method_class.name, record["folds"], seconds, memory.peak_mib, record["protocol"], job.key
-    )
+        trained |= {np.sort(fold.train).tobytes(): len(fold.train) for fold in folds}
+    kwargs = job.runs[0].fit_kwargs  # the schemes differ in cv and patient_key only
+    members = kwargs.get("ensemble", getattr(job.method_class.settings_class, "ensemble", 1))
+    return members * sum(trained.values())
+
+
+def _cross_validate(adata: AnnData, job: _MethodJob) -> list[MethodRun]:
+    """Cross-validate one method under each scheme on ``adata`` (its results written there), each timed."""
+    from . import tl
+    from ._shared_folds import sharing_fold_fits
+
+    runs = []
+    with sharing_fold_fits():
+        for run in job.runs:
+            tic = time.perf_counter()
+            with PeakMemory() as memory:
+                tl.fit_histo2expr(
+                    adata,
+                    method=job.method_class.name,
+                    key_added=run.key,
+                    progress=False,
+                    refit=False,
+                    **run.fit_kwargs,
+                )
+            record = adata.uns[run.key]
+            seconds = time.perf_counter() - tic
+            runs.append(
+                MethodRun(
+                    job.method_class.name,
+                    record["folds"],
+                    seconds,
+                    memory.peak_mib,
+                    record["protocol"],
+                    run.key,
+                )
+            )
+    return runs
 
 
 #: Warnings of a process started by :func:`_run_jobs` that are not passed on to the caller.
@@ -309,8 +339,8 @@ def _exit_with_parent(parent: int, seconds: float = 1.0) -> None:
 
 def _cross_validate_in_worker(
     job: _MethodJob,
-) -> tuple[MethodRun, dict[str, dict[str, Any]], list[tuple[str, type[Warning]]]]:
-    """:func:`_cross_validate` in a process of :func:`_run_jobs`: the run, the result fields it wrote, its warnings."""
+) -> tuple[list[tuple[MethodRun, dict[str, dict[str, Any]]]], list[tuple[str, type[Warning]]]]:
+    """:func:`_cross_validate` in a process of :func:`_run_jobs`: each run with the result fields it wrote; the warnings."""
     from ._keys import result_fields
     from .models import register_method
 
@@ -321,17 +351,20 @@ def _cross_validate_in_worker(
     register_method(job.method_class)  # a method registered at run time is not in this process's registry
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # all of them to the caller, whose filters decide
-        run = _cross_validate(adata, job)
-    fields = {
-        attribute: {
-            name: getattr(adata, attribute)[name] for name in names if name in getattr(adata, attribute)
+        runs = _cross_validate(adata, job)
+    results = []
+    for run in runs:
+        fields = {
+            attribute: {
+                name: getattr(adata, attribute)[name] for name in names if name in getattr(adata, attribute)
+            }
+            for attribute, names in result_fields(run.key).items()
         }
-        for attribute, names in result_fields(job.key).items()
-    }
-    fields["uns"] = {job.key: adata.uns[job.key]}
+        fields["uns"] = {run.key: adata.uns[run.key]}
+        results.append((run, fields))
     # the libraries' deprecation notes (often raised on their first import, in this fresh process) stay here
     passed_on = [w for w in caught if not issubclass(w.category, _NOT_PASSED_ON)]
-    return run, fields, [(str(w.message), w.category) for w in passed_on]
+    return results, [(str(w.message), w.category) for w in passed_on]
 
 
 def _set_result_fields(adata: AnnData, key: str, fields: Mapping[str, Mapping[str, Any]]) -> None:

@@ -1035,9 +1035,9 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs",
         type=_jobs,
         default="auto",
-        help="cross-validations (a method under a scheme) run at once, each in a process of its own with the "
-        "CPUs shared out (the results of one at a time with as many threads): auto (frozen regime on the CPU: "
-        "one per available CPU; else 1) or a number (default auto)",
+        help="methods run at once (each method's cross-validations under every scheme), each in a process of its "
+        "own with the CPUs shared out (the results of one at a time with as many threads): auto (frozen regime on "
+        "the CPU: one per available CPU; else 1) or a number (default auto)",
     )
     add_interval_options(add)
     bench.set_defaults(func=_benchmark)

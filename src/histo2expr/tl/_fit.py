@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -16,6 +17,7 @@ from .._predictability import gene_predictability
 from .._progress import progress_bar
 from .._records import SCALES, is_record
 from .._settings import cpu_threads
+from .._shared_folds import shared_fold_fits
 from .._validation import (
     check_log_normalised,
     check_not_empty,
@@ -28,7 +30,7 @@ from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method, p
 from ..models.ensemble import Ensemble, fit_members
 from ..models.scaling import Standardizer
 from ..pp import select_genes
-from ..splits import inner_validation_splits, make_folds
+from ..splits import Fold, inner_validation_splits, make_folds
 from ._adapted import activation_cache, encoder_record, side_features
 from ._data import (
     check_genes,
@@ -230,13 +232,17 @@ def _cross_validate(
     *,
     intervals: IntervalSettings | None,
     progress: Any,
+    fingerprint: str | None,
 ) -> tuple[pd.DataFrame, np.ndarray, list[dict[str, Any]], dict[str, pd.Series], dict[str, Any]]:
     """Fit and score every fold; out-of-fold predictions of the union of the folds' genes.
 
     With ``intervals``, the last value holds the out-of-fold interval bounds (``"lower"``, ``"upper"``),
     the spots' ``"ood_pvalue"`` and ``"difficulty"``, and the per-gene ``"coverage"`` and ``"width"`` of
-    every held-out slide; the rows gain their means and the slides' shift.
+    every held-out slide; the rows gain their means and the slides' shift. Inside
+    :func:`histo2expr._shared_folds.sharing_fold_fits`, a fold trained on the same spots with the same ``fingerprint`` (the fit's
+    parameters but the scheme; `None`: never shared) by an earlier cross-validation is not fitted again.
     """
+    shared = shared_fold_fits() if fingerprint is not None else None
     table = inputs.table
     predicted_by_fold, fold_of = [], np.empty(table.n_obs, dtype=object)
     rows, pccs = [], {}
@@ -246,7 +252,9 @@ def _cross_validate(
         start = logg.info(
             f"    fold {fold.name}: {logg.counted(len(fold.train), 'training spot')}, {len(fold.test):,} held out"
         )
-        fitted = _fit_on(inputs, fold.train, **fit_args)
+        fitted = _shared_or_fitted(
+            shared, (id(table), fingerprint or "", fold.train.tobytes()), inputs, fold, fit_args
+        )
         predicted = fitted.scaler.inverse_transform(fitted.method.predict(inputs.spots(fold.test)))
         predicted_by_fold.append((fold.test, fitted.genes, predicted))
         fold_of[fold.test] = fold.name
@@ -285,6 +293,23 @@ def _cross_validate(
             for test, _, spots in held:
                 trust[name][test] = getattr(spots, field)
     return _out_of_fold(table, predicted_by_fold), fold_of, rows, pccs, trust
+
+
+def _shared_or_fitted(
+    shared: dict[tuple[int, str, bytes], _FoldFit] | None,
+    key: tuple[int, str, bytes],
+    inputs: _Inputs,
+    fold: Fold,
+    fit_args: dict[str, Any],
+) -> _FoldFit:
+    """The fold fitted on ``fold.train``: from ``shared`` when an earlier cross-validation fitted it, else fitted now."""
+    if shared is not None and key in shared:
+        logg.info(f"    fold {fold.name}: the fit of an earlier cross-validation on the same training spots")
+        return shared[key]
+    fitted = _fit_on(inputs, fold.train, **fit_args)
+    if shared is not None:
+        shared[key] = fitted
+    return fitted
 
 
 def fit_histo2expr(
@@ -667,7 +692,12 @@ def fit_histo2expr(
     ):
         if folds:
             frame, fold_of, rows, pccs, trust = _cross_validate(
-                inputs, folds, fit_args, intervals=settings, progress=bar
+                inputs,
+                folds,
+                fit_args,
+                intervals=settings,
+                progress=bar,
+                fingerprint=_fingerprint(params, method_params),
             )
             gene_pcc = gene_pcc_table(pccs)
             record.update(folds=pd.DataFrame(rows), gene_pcc=gene_pcc)
@@ -729,6 +759,15 @@ def fit_histo2expr(
         params=plain_value(model_params),
         cv_gene_pcc=cv_gene_pcc,
         trust=model_trust,
+    )
+
+
+def _fingerprint(params: Mapping[str, Any], method_params: Mapping[str, Any]) -> str | None:
+    """The fit's parameters but its scheme, as text; `None` when a callable setting makes them unknowable."""
+    if any(callable(value) for value in method_params.values()):
+        return None
+    return json.dumps(
+        {k: v for k, v in params.items() if k not in ("cv", "patient_key")}, sort_keys=True, default=str
     )
 
 
