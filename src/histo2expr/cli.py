@@ -729,7 +729,8 @@ def _benchmark(args: argparse.Namespace) -> int:
             f"Data: {adata.n_obs} spots on {n_slides} slides ({', '.join(map(str, adata.obs['slide'].unique()))}); "
             f"{gene_rule}; {args.patch_size} px patches"
             f"{'' if mpp is None else f' at {mpp} µm/px'}; at most {args.epochs} epochs; seed {args.seed}."
-            f"{features} Cross-validations run {n_jobs} at a time. Whole run: {total:.1f} s.",
+            f"{features} Methods run {n_jobs} at a time (a method's cross-validations in one job, sharing the folds "
+            f"they train on the same spots). Whole run: {total:.1f} s.",
             "",
             *hest_lines,
         ],
