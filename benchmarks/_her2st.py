@@ -7,7 +7,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +171,10 @@ def run_step(parser: argparse.ArgumentParser) -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.func(args)
+
+
+def report_only_main(doc: str, report: Callable[[argparse.Namespace], None]) -> None:
+    """The command line of a script whose one step is ``report`` (its runs are other scripts' rows)."""
+    parser, steps = steps_parser(doc)
+    steps.add_parser("report").set_defaults(func=report)
+    run_step(parser)

@@ -24,7 +24,7 @@ import argparse
 import platform
 
 import torch
-from _her2st import run_step, save_results, steps_parser
+from _her2st import report_only_main, save_results
 from her2st_features import ROWS
 from her2st_member_cost import compared_tables
 
@@ -103,11 +103,5 @@ def report(args: argparse.Namespace) -> None:
     save_results("her2st_patience", lines)
 
 
-def main() -> None:
-    parser, steps = steps_parser(__doc__)
-    steps.add_parser("report").set_defaults(func=report)
-    run_step(parser)
-
-
 if __name__ == "__main__":
-    main()
+    report_only_main(__doc__, report)
