@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
-from _her2st import save_results
+from _her2st import DATA, save_results
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(os.environ.get("HISTO2EXPR_HER2ST", ROOT.parent / "shared" / "data" / "her2st"))
 BASELINES = ("ridge", "stnet", "bleep")
 PAPER_METHODS = ("chrep", "cmrcnet", "nh2st")
 
@@ -113,7 +110,7 @@ def main() -> None:
         step.add_argument("--work", type=Path, default=Path("/tmp/her2st_frozen_seeds"))
         step.set_defaults(func=func)
     steps.choices["run"].add_argument("--seeds", default="0,1,2")
-    steps.choices["run"].add_argument("--data", type=Path, default=DEFAULT_DATA)
+    steps.choices["run"].add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
     args.func(args)
 

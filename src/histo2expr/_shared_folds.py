@@ -10,13 +10,15 @@ cross-validation instead of fitting it again, with identical results.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
-#: The folds fitted inside :func:`sharing_fold_fits`, by AnnData, fit parameters and training spots.
-_FOLD_FITS: ContextVar[dict[tuple[int, str, bytes], Any] | None] = ContextVar("fold_fits", default=None)
+T = TypeVar("T")
+
+#: The folds fitted inside :func:`sharing_fold_fits`, by key (AnnData, fit parameters, training spots).
+_FOLD_FITS: ContextVar[dict[Hashable, Any] | None] = ContextVar("fold_fits", default=None)
 
 
 @contextmanager
@@ -29,6 +31,15 @@ def sharing_fold_fits() -> Iterator[None]:
         _FOLD_FITS.reset(token)
 
 
-def shared_fold_fits() -> dict[tuple[int, str, bytes], Any] | None:
-    """The folds fitted so far inside :func:`sharing_fold_fits` (`None` outside it)."""
-    return _FOLD_FITS.get()
+def fit_once(key: Hashable | None, fit: Callable[[], T]) -> tuple[T, bool]:
+    """``fit()``, or inside :func:`sharing_fold_fits` the result of an earlier call with ``key``; and whether it was.
+
+    ``key=None`` (a fit that cannot be identified) and calls outside the block always fit.
+    """
+    fits = _FOLD_FITS.get()
+    if key is None or fits is None:
+        return fit(), False
+    if key in fits:
+        return fits[key], True
+    fits[key] = fitted = fit()
+    return fitted, False

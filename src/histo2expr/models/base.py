@@ -253,6 +253,13 @@ class TrainConfig:
             msg = f"`precision` must be None or a Lightning precision such as '32-true' or 'bf16-mixed', got {self.precision!r}."
             raise TypeError(msg)
 
+    @property
+    def resolved_precision(self) -> str | int:
+        """The Lightning precision of a fit: ``precision``, else the device's (:func:`~histo2expr.models.inference.default_precision`)."""
+        from .inference import default_precision
+
+        return self.precision if self.precision is not None else default_precision(self.accelerator)
+
     def for_method(self, method: Method | type[Method]) -> TrainConfig:
         """The config with ``patience=None`` resolved to ``method``'s :attr:`Method.default_patience`.
 

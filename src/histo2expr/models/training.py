@@ -31,7 +31,6 @@ from torch import nn
 
 from .base import FitReport, SpotSet, TrainConfig
 from .batches import Batch, Batches, SpotDataModule
-from .inference import default_precision
 
 #: The metric early stopping and the best weights follow.
 VALIDATION_METRIC = "validation_loss"
@@ -415,7 +414,6 @@ def make_trainer(config: TrainConfig, *, validation: bool, callbacks: list[Callb
     there are validation spots; one epoch bar when ``config.progress``. Lightning's distributed
     sampler is off: :class:`~histo2expr.models.batches.BatchOrder` shares the batches itself.
     """
-    precision = config.precision or default_precision(config.accelerator)
     callbacks = list(callbacks)
     if validation:
         if config.patience is None:
@@ -429,7 +427,7 @@ def make_trainer(config: TrainConfig, *, validation: bool, callbacks: list[Callb
         devices=config.devices,
         strategy=config.strategy,
         num_nodes=config.num_nodes,
-        precision=precision,
+        precision=config.resolved_precision,
         max_epochs=config.epochs,
         logger=False,
         enable_checkpointing=False,

@@ -6,6 +6,7 @@ import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -17,7 +18,7 @@ from .._predictability import gene_predictability
 from .._progress import progress_bar
 from .._records import SCALES, is_record
 from .._settings import cpu_threads
-from .._shared_folds import shared_fold_fits
+from .._shared_folds import fit_once
 from .._validation import (
     check_log_normalised,
     check_not_empty,
@@ -30,7 +31,7 @@ from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method, p
 from ..models.ensemble import Ensemble, fit_members
 from ..models.scaling import Standardizer
 from ..pp import select_genes
-from ..splits import Fold, inner_validation_splits, make_folds
+from ..splits import inner_validation_splits, make_folds
 from ._adapted import activation_cache, encoder_record, side_features
 from ._data import (
     check_genes,
@@ -242,7 +243,6 @@ def _cross_validate(
     :func:`histo2expr._shared_folds.sharing_fold_fits`, a fold trained on the same spots with the same ``fingerprint`` (the fit's
     parameters but the scheme; `None`: never shared) by an earlier cross-validation is not fitted again.
     """
-    shared = shared_fold_fits() if fingerprint is not None else None
     table = inputs.table
     predicted_by_fold, fold_of = [], np.empty(table.n_obs, dtype=object)
     rows, pccs = [], {}
@@ -252,9 +252,12 @@ def _cross_validate(
         start = logg.info(
             f"    fold {fold.name}: {logg.counted(len(fold.train), 'training spot')}, {len(fold.test):,} held out"
         )
-        fitted = _shared_or_fitted(
-            shared, (id(table), fingerprint or "", fold.train.tobytes()), inputs, fold, fit_args
-        )
+        key = None if fingerprint is None else (id(table), fingerprint, fold.train.tobytes())
+        fitted, shared = fit_once(key, partial(_fit_on, inputs, fold.train, **fit_args))
+        if shared:
+            logg.info(
+                f"    fold {fold.name}: the fit of an earlier cross-validation on the same training spots"
+            )
         predicted = fitted.scaler.inverse_transform(fitted.method.predict(inputs.spots(fold.test)))
         predicted_by_fold.append((fold.test, fitted.genes, predicted))
         fold_of[fold.test] = fold.name
@@ -293,23 +296,6 @@ def _cross_validate(
             for test, _, spots in held:
                 trust[name][test] = getattr(spots, field)
     return _out_of_fold(table, predicted_by_fold), fold_of, rows, pccs, trust
-
-
-def _shared_or_fitted(
-    shared: dict[tuple[int, str, bytes], _FoldFit] | None,
-    key: tuple[int, str, bytes],
-    inputs: _Inputs,
-    fold: Fold,
-    fit_args: dict[str, Any],
-) -> _FoldFit:
-    """The fold fitted on ``fold.train``: from ``shared`` when an earlier cross-validation fitted it, else fitted now."""
-    if shared is not None and key in shared:
-        logg.info(f"    fold {fold.name}: the fit of an earlier cross-validation on the same training spots")
-        return shared[key]
-    fitted = _fit_on(inputs, fold.train, **fit_args)
-    if shared is not None:
-        shared[key] = fitted
-    return fitted
 
 
 def fit_histo2expr(
@@ -532,8 +518,6 @@ def fit_histo2expr(
     of the returned model) when it refits. The warning about shared patients is given once per
     AnnData and protocol: a fit of another method on the same folds records the note silently.
     """
-    from ..models.inference import default_precision
-
     table = get_table(data, table_key)
     method_class = get_method(method)
     if device is not None:
@@ -645,7 +629,7 @@ def fit_histo2expr(
             "lr": lr,
             "weight_decay": weight_decay,
             "patience": config.patience,
-            "precision": config.precision or default_precision(config.accelerator),
+            "precision": config.resolved_precision,
             "seed": seed,
             "n_features": _n_features(table, use_rep, features, regime),
             **_adapted_params(activations),
