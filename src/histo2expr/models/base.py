@@ -255,7 +255,11 @@ class TrainConfig:
 
     @property
     def resolved_precision(self) -> str | int:
-        """The Lightning precision of a fit: ``precision``, else the device's (:func:`~histo2expr.models.inference.default_precision`)."""
+        """The Lightning precision a fit runs at, ``precision`` or else the device's default.
+
+        The default is ``"bf16-mixed"`` on CUDA and ``"32-true"`` elsewhere
+        (``histo2expr.models.inference.default_precision``).
+        """
         from .inference import default_precision
 
         return self.precision if self.precision is not None else default_precision(self.accelerator)
