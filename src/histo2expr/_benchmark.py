@@ -8,26 +8,32 @@ its wall time and peak resident memory are measured while it runs.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
+import math
 import os
+import pickle
 import platform
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from . import _logging as logg
 from . import metrics
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
     from .models import Method
+    from .tl._fit import _FitPlan
 
 #: Metrics reported per method, in this order.
 METRICS = ("pcc_acg", "pcc_heg50", "pcc_hvg50", "mse", "mae")
@@ -37,7 +43,14 @@ _SAMPLE_SECONDS = 0.02
 
 @dataclass
 class MethodRun:
-    """One method's cross-validation: its protocol and key, fold table, wall time and peak resident memory."""
+    """One method's cross-validation: its protocol and key, fold table, wall time and peak resident memory.
+
+    ``seconds``: the wall time of the cross-validation and of the fold fits it is the first of its
+    method's schemes to train on (a fold shared with an earlier scheme is counted there), wherever
+    they ran: in processes of their own (``n_jobs`` > 1), the sum of the fits' and the
+    cross-validation's own seconds. ``peak_memory_mib``: the largest resident memory of a process
+    while it ran any of them.
+    """
 
     method: str
     folds: pd.DataFrame
@@ -133,16 +146,19 @@ def compare_methods(
     method_params
         Extra parameters of single methods, by method name.
     n_jobs
-        Methods cross-validated at once. 1: one after the other in this process. More: each method
-        (its cross-validations under every scheme) in a fresh process (at most ``n_jobs`` at a
-        time) on a copy of ``adata``, with :attr:`hx.settings.n_threads
-        <histo2expr._settings.Histo2ExprSettings.n_threads>` threads when set, else the available
-        CPUs divided by ``n_jobs`` (at least one), the costliest first (training spots over the
-        folds times fits per fold, e.g. ``ensemble=3``); the results are those of a serial run with
-        the same thread count. ``-1``: one job per available CPU. Either way a method's schemes
-        share the folds they train on the same spots: such a fold is fitted once (e.g.
-        leave-one-patient-out's fold of a one-slide patient is leave-one-slide-out's fold of that
-        slide), with the results of fitting it again.
+        Processes fitting at once. 1: every cross-validation in this process, one after the other.
+        More: at most ``n_jobs`` fresh processes, each on a copy of ``adata`` with
+        :attr:`hx.settings.n_threads <histo2expr._settings.Histo2ExprSettings.n_threads>` threads when
+        set, else the available CPUs divided by ``n_jobs`` (at least one); the results are those of
+        a serial run with the same thread count, written in its order. In the frozen regime a task is
+        one fold fit (a method's fits run in several processes at once), the costliest first
+        (training spots times fits per fold, e.g. ``ensemble=3``); a scheme's cross-validation
+        (predictions, scores, intervals) runs in a process once its folds are fitted. In the
+        end-to-end and adapted regimes a task is a method's cross-validations under every scheme.
+        ``-1``: one process per available CPU. Either way a method's schemes share the folds they
+        train on the same spots: such a fold is fitted once (e.g. leave-one-patient-out's fold of a
+        one-slide patient is leave-one-slide-out's fold of that slide), with the results of fitting
+        it again.
     **fit_kwargs
         Further arguments of :func:`~histo2expr.tl.fit_histo2expr` for every method
         (e.g. ``use_rep``, ``epochs``, ``accelerator``).
@@ -190,10 +206,9 @@ def compare_methods(
         )
         for method, cls in zip(methods, classes, strict=True)
     ]
-    n_jobs = min(available_cpus() if n_jobs == -1 else n_jobs, len(jobs))
     runs: dict[str, MethodRun] = {}
     with progress_bar(total=len(jobs) * len(schemes), desc="cross-validations", disable=not progress) as bar:
-        for run in _run_jobs(adata, jobs, n_jobs):
+        for run in _run_jobs(adata, jobs, available_cpus() if n_jobs == -1 else n_jobs):
             runs[run.key] = run
             bar.update(1)
             if progress:
@@ -215,53 +230,81 @@ class _SchemeRun:
 
 @dataclass
 class _MethodJob:
-    """One method's cross-validations, one per scheme, run in one process so that they share their folds."""
+    """One method's cross-validations, one per scheme; they fit each fold they train on the same spots once."""
 
     method_class: type[Method]
     runs: list[_SchemeRun]
 
+    def fit_arguments(self, run: _SchemeRun) -> dict[str, Any]:
+        """The arguments of :func:`~histo2expr.tl.fit_histo2expr` for ``run``, but the data."""
+        return {"method": self.method_class.name, "key_added": run.key, "progress": False, "refit": False} | (
+            run.fit_kwargs
+        )
+
 
 def _run_jobs(adata: AnnData, jobs: Sequence[_MethodJob], n_jobs: int) -> Iterator[MethodRun]:
-    """Run ``jobs`` on ``adata``, here one by one or in ``n_jobs`` fresh processes; yield their runs in order."""
-    if n_jobs == 1:
+    """Run ``jobs`` on ``adata``, here one by one or in ``n_jobs`` fresh processes; yield their runs in order.
+
+    In processes, the tasks are those of :class:`_Schedule`: fold fits and the cross-validations that
+    take them (or a method's cross-validations fitting their own folds). Logs each process's busy time.
+    """
+    schedule = None if n_jobs == 1 else _Schedule(adata, jobs)
+    n_jobs = 1 if schedule is None else min(n_jobs, schedule.n_tasks)
+    if schedule is None or n_jobs == 1:
         for job in jobs:
-            yield from _cross_validate(adata, job)
+            yield from _cross_validate(adata, job, job.runs)
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
     from ._settings import available_cpus, settings
 
-    for job in jobs:
-        if job.method_class.__module__ == "__main__":
-            msg = (
-                f"Method {job.method_class.name!r} is defined in __main__, which the processes of `n_jobs` > 1 "
-                "cannot import; define it in a module (or a package with a `histo2expr.methods` entry point), "
-                "or pass `n_jobs=1`."
-            )
-            raise ValueError(msg)
     n_threads = settings.n_threads or max(1, available_cpus() // n_jobs)
     # fresh interpreters ("spawn"): forking a process whose torch / OpenMP threads already ran can hang
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(
         n_jobs, context, initializer=_start_worker, initargs=(adata, n_threads, settings.verbosity)
     )
+    order = [run.key for job in jobs for run in job.runs]  # the AnnData of a serial run
+    finished: dict[str, tuple[MethodRun, dict[str, dict[str, Any]]]] = {}
+    in_flight: dict[Future, _Task] = {}
+    passed_on: set[tuple[str, type[Warning]]] = set()
+    busy: dict[int, float] = {}
+    start = time.perf_counter()
     with pool:
-        # the costliest first, so that no long run starts last while the other processes idle
-        by_cost = sorted(jobs, key=lambda job: _expected_cost(adata, job), reverse=True)
-        submitted = {id(job): pool.submit(_cross_validate_in_worker, job) for job in by_cost}
-        futures = [submitted[id(job)] for job in jobs]
         try:
-            for future in futures:  # in order: the AnnData of a serial run
-                results, caught = future.result()
-                for message, category in caught:  # as if raised here, at the caller of compare_methods
-                    warnings.warn(message, category, stacklevel=3)
-                for run, fields in results:
+            while order:
+                while len(in_flight) < n_jobs and (task := schedule.next()) is not None:
+                    in_flight[pool.submit(_in_worker, task)] = task
+                if not in_flight:  # pragma: no cover - every cross-validation's fits are queued before it
+                    msg = f"The cross-validations {order} wait for fold fits that no process makes."
+                    raise RuntimeError(msg)
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    result, caught, process, seconds = future.result()
+                    busy[process] = busy.get(process, 0.0) + seconds
+                    for message, category in caught:  # as if raised here, at the caller; each once
+                        if (message, category) not in passed_on:
+                            passed_on.add((message, category))
+                            warnings.warn(message, category, stacklevel=3)
+                    finished |= schedule.done(in_flight.pop(future), result)
+                while order and order[0] in finished:
+                    run, fields = finished.pop(order.pop(0))
                     _set_result_fields(adata, run.key, fields)
                     yield run
         finally:
-            for future in futures:
+            for future in in_flight:
                 future.cancel()
+    logg.info(
+        f"cross-validations in {n_jobs} processes ({schedule.n_tasks} tasks at the start): busy "
+        f"{', '.join(f'{seconds:.1f}' for seconds in busy.values())} s of {time.perf_counter() - start:.1f} s"
+    )
+
+
+def _members(job: _MethodJob) -> int:
+    """Fits per fold of a method: its ``ensemble`` setting (the schemes differ in cv and patient_key only)."""
+    kwargs = job.runs[0].fit_kwargs
+    return kwargs.get("ensemble", getattr(job.method_class.settings_class, "ensemble", 1))
 
 
 def _expected_cost(adata: AnnData, job: _MethodJob) -> int:
@@ -275,32 +318,31 @@ def _expected_cost(adata: AnnData, job: _MethodJob) -> int:
             adata, kwargs["cv"], slide_key=kwargs.get("slide_key", "slide"), patient_key=kwargs["patient_key"]
         )
         trained |= {np.sort(fold.train).tobytes(): len(fold.train) for fold in folds}
-    kwargs = job.runs[0].fit_kwargs  # the schemes differ in cv and patient_key only
-    members = kwargs.get("ensemble", getattr(job.method_class.settings_class, "ensemble", 1))
-    return members * sum(trained.values())
+    return _members(job) * sum(trained.values())
 
 
-def _cross_validate(adata: AnnData, job: _MethodJob) -> list[MethodRun]:
-    """Cross-validate one method under each scheme on ``adata`` (its results written there), each timed."""
+def _cross_validate(
+    adata: AnnData,
+    job: _MethodJob,
+    runs: Sequence[_SchemeRun],
+    fits: Mapping[Hashable, Any] | None = None,
+) -> list[MethodRun]:
+    """Cross-validate one method under the schemes of ``runs`` on ``adata`` (its results written there), each timed.
+
+    ``fits``: folds fitted before (on a copy of ``adata``), by key (see :func:`histo2expr._shared_folds.sharing_fold_fits`).
+    """
     from . import tl
     from ._shared_folds import sharing_fold_fits
 
-    runs = []
-    with sharing_fold_fits():
-        for run in job.runs:
+    method_runs = []
+    with sharing_fold_fits(adata, fits):
+        for run in runs:
             tic = time.perf_counter()
             with PeakMemory() as memory:
-                tl.fit_histo2expr(
-                    adata,
-                    method=job.method_class.name,
-                    key_added=run.key,
-                    progress=False,
-                    refit=False,
-                    **run.fit_kwargs,
-                )
+                tl.fit_histo2expr(adata, **job.fit_arguments(run))
             record = adata.uns[run.key]
             seconds = time.perf_counter() - tic
-            runs.append(
+            method_runs.append(
                 MethodRun(
                     job.method_class.name,
                     record["folds"],
@@ -310,13 +352,160 @@ def _cross_validate(adata: AnnData, job: _MethodJob) -> list[MethodRun]:
                     run.key,
                 )
             )
-    return runs
+    return method_runs
+
+
+@dataclass
+class _FoldFit:
+    """A fold fitted by a :class:`_FoldFitTask`: the fit (pickled), its wall seconds and the process's peak memory."""
+
+    fit: bytes
+    seconds: float
+    peak_memory_mib: float | None
+
+
+@dataclass
+class _FoldFitTask:
+    """One distinct fold of a method, ``key``: fold ``fold`` of its cross-validation ``run``, the first that trains on its spots."""
+
+    job: _MethodJob
+    run: int
+    fold: int
+    key: Hashable
+
+    def __call__(self, adata: AnnData) -> _FoldFit:
+        from .tl._fit import fold_fit_plan
+
+        run = self.job.runs[self.run]
+        if run.key not in _worker_plans:  # planned once per process, which may fit several of its folds
+            _worker_plans[run.key] = fold_fit_plan(adata, **self.job.fit_arguments(run))
+        plan = _worker_plans[run.key]
+        assert plan is not None  # scheduled in the frozen regime only
+        tic = time.perf_counter()
+        with PeakMemory() as memory:
+            fit = plan.fit(plan.folds[self.fold].train)
+        return _FoldFit(
+            pickle.dumps(fit, pickle.HIGHEST_PROTOCOL), time.perf_counter() - tic, memory.peak_mib
+        )
+
+
+@dataclass
+class _CrossValidationTask:
+    """Cross-validations ``runs`` (indices) of a method, with the fold fits ``fits`` (pickled, by key); it fits the others."""
+
+    job: _MethodJob
+    runs: list[int]
+    fits: dict[Hashable, bytes] = field(default_factory=dict)
+
+    def __call__(self, adata: AnnData) -> list[tuple[MethodRun, dict[str, dict[str, Any]]]]:
+        fits = {key: pickle.loads(fit) for key, fit in self.fits.items()}
+        runs = _cross_validate(adata, self.job, [self.job.runs[i] for i in self.runs], fits)
+        return [(run, _result_fields(adata, run.key)) for run in runs]
+
+
+_Task = _FoldFitTask | _CrossValidationTask
+#: A cross-validation's result: its run and the result fields it wrote.
+_Result = tuple[MethodRun, dict[str, dict[str, Any]]]
+
+
+class _Schedule:
+    """The tasks of :func:`_run_jobs`' processes, and the order they run in.
+
+    In the frozen regime, a method's tasks are its distinct fold fits (a fold that two schemes train on
+    the same spots is fitted once, as :meth:`histo2expr.tl._fit._FitPlan.fold_key` tells) and, once the
+    fits of a scheme's folds are in, that scheme's cross-validation, which takes them (predictions,
+    scores, intervals, the results). In the other regimes (whose inputs are a fit's own work, e.g. the
+    adapted regime's activation cache), and where a callable setting leaves a fit unidentifiable, a
+    method's cross-validations are one task. The costliest first (training spots times fits per
+    fold), a cross-validation ready to take its fits before all.
+
+    A cross-validation's :attr:`MethodRun.seconds` adds to its own the wall seconds of the fold fits it
+    is the first to train on (the folds a serial run fits in it), and its ``peak_memory_mib`` is the
+    largest of their processes' peaks and its own.
+    """
+
+    def __init__(self, adata: AnnData, jobs: Sequence[_MethodJob]) -> None:
+        for job in jobs:
+            if job.method_class.__module__ == "__main__":
+                msg = (
+                    f"Method {job.method_class.name!r} is defined in __main__, which the processes of `n_jobs` > 1 "
+                    "cannot import; define it in a module (or a package with a `histo2expr.methods` entry point), "
+                    "or pass `n_jobs=1`."
+                )
+                raise ValueError(msg)
+        self._queue: list[
+            tuple[float, int, _Task]
+        ] = []  # a heap: the highest priority, then the first queued
+        self._order = itertools.count()
+        self._waiting: list[tuple[_CrossValidationTask, list[Hashable]]] = []  # and the fits each takes
+        self._fits: dict[Hashable, bytes] = {}  # the fits a waiting cross-validation takes
+        self._counted: dict[
+            str, list[_FoldFit]
+        ] = {}  # by cross-validation: the fits it counts (without them)
+        for job in jobs:
+            self._add(adata, job)
+        self.n_tasks = len(self._queue)
+
+    def _add(self, adata: AnnData, job: _MethodJob) -> None:
+        from .tl._fit import fold_fit_plan
+
+        with warnings.catch_warnings():  # given by the processes that run the tasks
+            warnings.simplefilter("ignore")
+            plans = [fold_fit_plan(adata, **job.fit_arguments(run)) for run in job.runs]
+        folds = [
+            [] if plan is None else [(plan.fold_key(fold.train), len(fold.train)) for fold in plan.folds]
+            for plan in plans
+        ]
+        if None in plans or any(key is None for run_folds in folds for key, _ in run_folds):
+            self._push(_expected_cost(adata, job), _CrossValidationTask(job, list(range(len(job.runs)))))
+            return
+        queued: set[Hashable] = set()
+        for i, run_folds in enumerate(folds):
+            for j, (key, n_train) in enumerate(run_folds):
+                if key not in queued:
+                    queued.add(key)
+                    self._push(_members(job) * n_train, _FoldFitTask(job, i, j, key))
+            self._waiting.append((_CrossValidationTask(job, [i]), [key for key, _ in run_folds]))
+
+    def _push(self, priority: float, task: _Task) -> None:
+        heapq.heappush(self._queue, (-priority, next(self._order), task))
+
+    def next(self) -> _Task | None:
+        """The task to run next; None while every task left runs or waits for fits."""
+        return heapq.heappop(self._queue)[2] if self._queue else None
+
+    def done(self, task: _Task, result: Any) -> dict[str, _Result]:
+        """Take a task's result; return the cross-validations it ended, by key."""
+        if isinstance(task, _CrossValidationTask):
+            ended = {}
+            for run, fields in result:
+                counted = self._counted.pop(run.key, [])
+                run.seconds += sum(fit.seconds for fit in counted)
+                peaks = [run.peak_memory_mib, *(fit.peak_memory_mib for fit in counted)]
+                run.peak_memory_mib = max((p for p in peaks if p is not None), default=None)
+                ended[run.key] = (run, fields)
+            return ended
+        self._fits[task.key] = result.fit
+        self._counted.setdefault(task.job.runs[task.run].key, []).append(replace(result, fit=b""))
+        waiting = []
+        for cross_validation, keys in self._waiting:
+            if all(key in self._fits for key in keys):
+                cross_validation.fits = {key: self._fits[key] for key in keys}
+                self._push(math.inf, cross_validation)
+            else:
+                waiting.append((cross_validation, keys))
+        self._waiting = waiting
+        taken = {key for _, keys in waiting for key in keys}
+        self._fits = {key: fit for key, fit in self._fits.items() if key in taken}
+        return {}
 
 
 #: Warnings of a process started by :func:`_run_jobs` that are not passed on to the caller.
 _NOT_PASSED_ON = (DeprecationWarning, PendingDeprecationWarning, ImportWarning)
 #: The AnnData of a process started by :func:`_run_jobs` (a copy of the caller's, sent once per process).
 _worker_adata: AnnData | None = None
+#: The plans of the cross-validations whose folds a process of :func:`_run_jobs` fitted, by key.
+_worker_plans: dict[str, _FitPlan | None] = {}
 
 
 def _start_worker(adata: AnnData, n_threads: int, verbosity: int) -> None:
@@ -337,34 +526,37 @@ def _exit_with_parent(parent: int, seconds: float = 1.0) -> None:
     os._exit(1)
 
 
-def _cross_validate_in_worker(
-    job: _MethodJob,
-) -> tuple[list[tuple[MethodRun, dict[str, dict[str, Any]]]], list[tuple[str, type[Warning]]]]:
-    """:func:`_cross_validate` in a process of :func:`_run_jobs`: each run with the result fields it wrote; the warnings."""
-    from ._keys import result_fields
+def _in_worker(task: _Task) -> tuple[Any, list[tuple[str, type[Warning]]], int, float]:
+    """``task`` in a process of :func:`_run_jobs`: its result, its warnings, the process's id and the task's seconds."""
     from .models import register_method
 
     if _worker_adata is None:
-        msg = "_cross_validate_in_worker runs in the processes of _run_jobs only."
+        msg = "_in_worker runs in the processes of _run_jobs only."
         raise RuntimeError(msg)
-    adata = _worker_adata  # with the results of this process's earlier jobs, as in a serial run
-    register_method(job.method_class)  # a method registered at run time is not in this process's registry
+    tic = time.perf_counter()
+    register_method(
+        task.job.method_class
+    )  # a method registered at run time is not in this process's registry
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # all of them to the caller, whose filters decide
-        runs = _cross_validate(adata, job)
-    results = []
-    for run in runs:
-        fields = {
-            attribute: {
-                name: getattr(adata, attribute)[name] for name in names if name in getattr(adata, attribute)
-            }
-            for attribute, names in result_fields(run.key).items()
-        }
-        fields["uns"] = {run.key: adata.uns[run.key]}
-        results.append((run, fields))
+        result = task(_worker_adata)
     # the libraries' deprecation notes (often raised on their first import, in this fresh process) stay here
-    passed_on = [w for w in caught if not issubclass(w.category, _NOT_PASSED_ON)]
-    return results, [(str(w.message), w.category) for w in passed_on]
+    passed_on = [(str(w.message), w.category) for w in caught if not issubclass(w.category, _NOT_PASSED_ON)]
+    return result, passed_on, os.getpid(), time.perf_counter() - tic
+
+
+def _result_fields(adata: AnnData, key: str) -> dict[str, dict[str, Any]]:
+    """The result fields a fit with ``key_added=key`` wrote into ``adata``."""
+    from ._keys import result_fields
+
+    fields = {
+        attribute: {
+            name: getattr(adata, attribute)[name] for name in names if name in getattr(adata, attribute)
+        }
+        for attribute, names in result_fields(key).items()
+    }
+    fields["uns"] = {key: adata.uns[key]}
+    return fields
 
 
 def _set_result_fields(adata: AnnData, key: str, fields: Mapping[str, Mapping[str, Any]]) -> None:

@@ -97,7 +97,7 @@ def frozen_inputs(
             f"features `obsm[{use_rep!r}]` are used as a single token. For real tokens run "
             f"`hx.tl.embed_patches(adata, tokens=3, key_added={use_rep!r})` first."
         )
-        warnings.warn(msg, UserWarning, stacklevel=3)
+        warnings.warn(msg, UserWarning, stacklevel=4)  # at the caller of fit_histo2expr
     return features_of(adata, use_rep), None
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from functools import partial
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -31,7 +32,7 @@ from ..models.base import FitReport, Method, SpotSet, TrainConfig, get_method, p
 from ..models.ensemble import Ensemble, fit_members
 from ..models.scaling import Standardizer
 from ..pp import select_genes
-from ..splits import inner_validation_splits, make_folds
+from ..splits import Fold, inner_validation_splits, make_folds
 from ._adapted import activation_cache, encoder_record, side_features
 from ._data import (
     check_genes,
@@ -157,6 +158,69 @@ def _fit_on(
     return _FoldFit(model, chosen, scaler, [m.report for m in members], validation)
 
 
+@dataclass
+class _FitPlan:
+    """A call of :func:`fit_histo2expr`, checked: what its fits draw from, its folds and its record's entries."""
+
+    inputs: _Inputs
+    fit_args: dict[str, Any]
+    params: dict[str, Any]
+    folds: list[Fold]
+    intervals: IntervalSettings | None
+    kind: str
+    protocol: str
+    protocol_note: str
+    shared_patients_warning: str
+    key_added: str
+    use_rep: str | None
+    encoder: Any
+    patch_geometry: dict[str, Any]
+    num_workers: int
+    progress: bool
+    refit: bool
+
+    @cached_property
+    def _fingerprint(self) -> str | None:
+        """The fit's parameters but its scheme, as text; `None` when a callable setting makes them unknowable."""
+        if any(callable(value) for value in self.fit_args["method_params"].values()):
+            return None
+        return json.dumps(
+            {k: v for k, v in self.params.items() if k not in ("cv", "patient_key")},
+            sort_keys=True,
+            default=str,
+        )
+
+    def fold_key(self, train: np.ndarray) -> tuple[str, bytes] | None:
+        """What a fit on the spots ``train`` is (the same in every process): parameters but the scheme, and spots.
+
+        `None` when a callable setting makes the parameters unknowable: such a fit is never shared.
+        """
+        return None if self._fingerprint is None else (self._fingerprint, train.tobytes())
+
+    def fit(self, train: np.ndarray) -> _FoldFit:
+        """The method fitted on the spots ``train`` (:func:`_fit_on`), on the plan's threads."""
+        with cpu_threads(self.num_workers):
+            return _fit_on(self.inputs, train, **self.fit_args)
+
+
+def fold_fit_plan(data: AnnData, **kwargs: Any) -> _FitPlan | None:
+    """The plan of ``fit_histo2expr(data, **kwargs)`` in the frozen regime, whose folds may be fitted apart.
+
+    A fold fitted with :meth:`_FitPlan.fit` (in any process, on a copy of ``data``) and handed by its
+    :meth:`~_FitPlan.fold_key` to :func:`~histo2expr._shared_folds.sharing_fold_fits` is taken by a
+    :func:`fit_histo2expr` with the same arguments but ``cv`` and ``patient_key`` inside the block,
+    with the results of fitting it there. None in the other regimes, whose inputs are a fit's own work
+    (the adapted regime's activation cache). Warns as :func:`fit_histo2expr` does, errs where it errs.
+    """
+    arguments = inspect.signature(fit_histo2expr).bind(data, **kwargs)
+    arguments.apply_defaults()
+    given = arguments.arguments
+    regimes = get_method(given["method"]).regimes
+    if _regime(given["regime"], given["use_rep"], given["method"], regimes) != "frozen":
+        return None
+    return _plan_fit(**given)
+
+
 def _deprecated_device(device: str) -> tuple[str, int | list[int]]:
     """The ``accelerator`` and ``devices`` of a ``device=`` name, with a deprecation warning."""
     from ..models.inference import lightning_device
@@ -166,7 +230,7 @@ def _deprecated_device(device: str) -> tuple[str, int | list[int]]:
         f"`device=` is deprecated; pass `accelerator={accelerator!r}, devices={devices!r}` instead "
         "(Lightning's flags, which also run on several devices)."
     )
-    warnings.warn(msg, FutureWarning, stacklevel=3)
+    warnings.warn(msg, FutureWarning, stacklevel=4)
     return accelerator, devices
 
 
@@ -227,33 +291,27 @@ def _out_of_fold(table: AnnData, parts: list[tuple[np.ndarray, list[str], np.nda
 
 
 def _cross_validate(
-    inputs: _Inputs,
-    folds: list,
-    fit_args: dict[str, Any],
-    *,
-    intervals: IntervalSettings | None,
-    progress: Any,
-    fingerprint: str | None,
+    plan: _FitPlan, *, progress: Any
 ) -> tuple[pd.DataFrame, np.ndarray, list[dict[str, Any]], dict[str, pd.Series], dict[str, Any]]:
     """Fit and score every fold; out-of-fold predictions of the union of the folds' genes.
 
     With ``intervals``, the last value holds the out-of-fold interval bounds (``"lower"``, ``"upper"``),
     the spots' ``"ood_pvalue"`` and ``"difficulty"``, and the per-gene ``"coverage"`` and ``"width"`` of
     every held-out slide; the rows gain their means and the slides' shift. Inside
-    :func:`histo2expr._shared_folds.sharing_fold_fits`, a fold trained on the same spots with the same ``fingerprint`` (the fit's
-    parameters but the scheme; `None`: never shared) by an earlier cross-validation is not fitted again.
+    :func:`histo2expr._shared_folds.sharing_fold_fits`, a fold with the :meth:`~_FitPlan.fold_key` of one
+    fitted before (by an earlier cross-validation, or handed to the block) is not fitted again.
     """
+    inputs, fit_args, intervals = plan.inputs, plan.fit_args, plan.intervals
     table = inputs.table
     predicted_by_fold, fold_of = [], np.empty(table.n_obs, dtype=object)
     rows, pccs = [], {}
     held: list[tuple[np.ndarray, list[str], HeldOut]] = []
     trust: dict[str, Any] = {"coverage": {}, "width": {}}
-    for fold in folds:
+    for fold in plan.folds:
         start = logg.info(
             f"    fold {fold.name}: {logg.counted(len(fold.train), 'training spot')}, {len(fold.test):,} held out"
         )
-        key = None if fingerprint is None else (id(table), fingerprint, fold.train.tobytes())
-        fitted, shared = fit_once(key, partial(_fit_on, inputs, fold.train, **fit_args))
+        fitted, shared = fit_once(table, plan.fold_key(fold.train), partial(plan.fit, fold.train))
         if shared:
             logg.info(
                 f"    fold {fold.name}: the fit of an earlier cross-validation on the same training spots"
@@ -518,6 +576,57 @@ def fit_histo2expr(
     of the returned model) when it refits. The warning about shared patients is given once per
     AnnData and protocol: a fit of another method on the same folds records the note silently.
     """
+    plan = _plan_fit(**locals())  # every argument by name, method_params as one mapping
+    check_key(plan.inputs.table, key_added, kind=plan.kind, method=method, protocol=plan.protocol)
+    if plan.shared_patients_warning and not any(  # once per AnnData and protocol: other methods stay quiet
+        is_record(v) and (v.get("protocol"), v.get("protocol_note")) == (plan.protocol, plan.protocol_note)
+        for v in plan.inputs.table.uns.values()
+    ):
+        warnings.warn(plan.shared_patients_warning, UserWarning, stacklevel=2)
+    return _fit_planned(plan)
+
+
+def _plan_fit(
+    data: AnnData | SpatialData,
+    *,
+    method: str,
+    genes: int | Sequence[str],
+    gene_flavor: str,
+    slide_key: str,
+    patient_key: str | None,
+    cv: str | int | None,
+    use_rep: str | None,
+    regime: str | None,
+    trainable_blocks: int,
+    views: int,
+    stain_copies: int,
+    patch_size: int,
+    mpp: float | None,
+    stain_normalization: str | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    patience: int | None,
+    seed: int,
+    accelerator: str,
+    devices: int | str | list[int],
+    strategy: str,
+    num_nodes: int,
+    precision: str | None,
+    num_workers: int,
+    key_added: str,
+    table_key: str,
+    progress: bool,
+    refit: bool,
+    intervals: bool | str,
+    level: float,
+    calibration_folds: int,
+    interval_calibration: str,
+    device: str | None,
+    method_params: dict[str, Any],
+) -> _FitPlan:
+    """:func:`fit_histo2expr`'s arguments (``method_params`` as one mapping) checked, and what its fits draw from."""
     table = get_table(data, table_key)
     method_class = get_method(method)
     if device is not None:
@@ -642,47 +751,59 @@ def fit_histo2expr(
         }
     )
     kind, protocol = ("fit", "") if cv is None else ("cross_validation", protocol_name(cv, patient_key))
-    check_key(table, key_added, kind=kind, method=method, protocol=protocol)
     folds = (
         [] if cv is None else make_folds(table, cv, slide_key=slide_key, patient_key=patient_key, seed=seed)
     )
     check_calibration_slides(slides, folds, settings)
     note, warning = _shared_patients(table, folds, patient_key) if folds else ("", "")
-    if warning and not any(  # once per AnnData and protocol: other methods on the same folds stay quiet
-        is_record(v) and (v.get("protocol"), v.get("protocol_note")) == (protocol, note)
-        for v in table.uns.values()
-    ):
-        warnings.warn(warning, UserWarning, stacklevel=2)
+    return _FitPlan(
+        inputs=inputs,
+        fit_args=fit_args,
+        params=params,
+        folds=folds,
+        intervals=settings,
+        kind=kind,
+        protocol=protocol,
+        protocol_note=note,
+        shared_patients_warning=warning,
+        key_added=key_added,
+        use_rep=use_rep,
+        encoder=encoder,
+        patch_geometry=patch_geometry,
+        num_workers=num_workers,
+        progress=progress,
+        refit=refit,
+    )
+
+
+def _fit_planned(plan: _FitPlan) -> Histo2ExprModel | None:
+    """Cross-validate (with folds) and refit (with ``refit``) as planned; write the results."""
+    inputs, folds, fit_args, settings = plan.inputs, plan.folds, plan.fit_args, plan.intervals
+    table, slides, params, key_added = inputs.table, inputs.slides, plan.params, plan.key_added
+    method, regime, protocol, refit = fit_args["method"], params["regime"], plan.protocol, plan.refit
     start = logg.info(
         f"fitting {method} ({regime}) on {logg.counted(table.n_obs, 'spot')} of "
         f"{logg.counted(len(set(slides)), 'slide')}"
         + (f", {protocol}: {logg.counted(len(folds), 'fold')}" if folds else "")
     )
     record: dict[str, Any] = {
-        "kind": kind,
+        "kind": plan.kind,
         "method": method,
         "protocol": protocol,
-        "protocol_note": note,
+        "protocol_note": plan.protocol_note,
         "scale": SCALES["training"],
         "params": params,
     }
     results: dict[str, Any] = {}
     cv_gene_pcc = predictability = None
     with (
-        cpu_threads(num_workers),
+        cpu_threads(plan.num_workers),
         progress_bar(
-            total=len(folds) + int(refit), desc=f"fit {method}", disable=not progress or not folds
+            total=len(folds) + int(refit), desc=f"fit {method}", disable=not plan.progress or not folds
         ) as bar,
     ):
         if folds:
-            frame, fold_of, rows, pccs, trust = _cross_validate(
-                inputs,
-                folds,
-                fit_args,
-                intervals=settings,
-                progress=bar,
-                fingerprint=_fingerprint(params, method_params),
-            )
+            frame, fold_of, rows, pccs, trust = _cross_validate(plan, progress=bar)
             gene_pcc = gene_pcc_table(pccs)
             record.update(folds=pd.DataFrame(rows), gene_pcc=gene_pcc)
             predictability = gene_predictability(gene_pcc)
@@ -720,7 +841,7 @@ def fit_histo2expr(
             if refit
             else None
         )
-        final = _fit_on(inputs, np.arange(table.n_obs), **fit_args) if refit else None
+        final = plan.fit(np.arange(table.n_obs)) if refit else None
         model_trust = (
             None if final is None else _model_trust(inputs, final, fit_args, settings, predictability)
         )
@@ -737,21 +858,12 @@ def fit_histo2expr(
         method=final.method,
         genes=final.genes,
         scaler=final.scaler,
-        use_rep=use_rep,
-        encoder=encoder,
-        patches=patch_geometry,
+        use_rep=plan.use_rep,
+        encoder=plan.encoder,
+        patches=plan.patch_geometry,
         params=plain_value(model_params),
         cv_gene_pcc=cv_gene_pcc,
         trust=model_trust,
-    )
-
-
-def _fingerprint(params: Mapping[str, Any], method_params: Mapping[str, Any]) -> str | None:
-    """The fit's parameters but its scheme, as text; `None` when a callable setting makes them unknowable."""
-    if any(callable(value) for value in method_params.values()):
-        return None
-    return json.dumps(
-        {k: v for k, v in params.items() if k not in ("cv", "patient_key")}, sort_keys=True, default=str
     )
 
 
