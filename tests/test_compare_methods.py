@@ -131,3 +131,139 @@ def test_a_fold_two_schemes_train_on_the_same_spots_is_fitted_once_with_the_same
                 **kwargs,
             )
     assert len(fits) == 9 + 3 + 2
+
+
+def _job(method, *schemes, **params):
+    from histo2expr._benchmark import _MethodJob, _SchemeRun
+    from histo2expr.models import get_method
+
+    runs = [
+        _SchemeRun(method + s.key_suffix, {"cv": s.cv, "patient_key": s.patient_key, **params})
+        for s in schemes
+    ]
+    return _MethodJob(get_method(method), runs)
+
+
+def _drain(schedule):
+    tasks = []
+    while (task := schedule.next()) is not None:
+        tasks.append(task)
+    return tasks
+
+
+def test_frozen_fits_are_fold_tasks_costliest_first_and_other_regimes_are_method_tasks(embedded):
+    from histo2expr._benchmark import _CrossValidationTask, _FoldFitTask, _Schedule
+
+    loso, lopo = SCHEMES
+    frozen = _Schedule(embedded, [_job("ridge", loso, lopo, genes=20), _job("nh2st", loso, lopo, genes=20)])
+    tasks = _drain(frozen)
+    assert frozen.n_tasks == len(tasks) == 2 * (3 + 1)  # per method: 3 slide folds and P1's patient fold
+    assert all(isinstance(task, _FoldFitTask) for task in tasks)  # the cross-validations wait for their fits
+    costs = [
+        (3 if task.job.method_class.name == "nh2st" else 1) * len(_train(embedded, task)) for task in tasks
+    ]
+    assert costs == sorted(costs, reverse=True)  # nh2st's ensemble of 3 first, the most training spots first
+    assert [task.job.method_class.name for task in tasks[:4]] == ["nh2st"] * 4
+    end2end = _Schedule(
+        embedded, [_job("stnet", loso, lopo, use_rep=None), _job("nh2st", loso, use_rep=None)]
+    )
+    tasks = _drain(end2end)  # a method's cross-validations together, fitting their own (shared) folds
+    assert [(type(task), task.job.method_class.name, task.runs) for task in tasks] == [
+        (_CrossValidationTask, "nh2st", [0]),
+        (_CrossValidationTask, "stnet", [0, 1]),
+    ]
+    assert not any(task.fits for task in tasks)
+
+
+def _train(adata, task):
+    from histo2expr.tl._fit import fold_fit_plan
+
+    plan = fold_fit_plan(adata, **task.job.fit_arguments(task.job.runs[task.run]))
+    return plan.folds[task.fold].train
+
+
+def test_a_methods_folds_fitted_in_other_processes_give_the_serial_results(embedded, monkeypatch):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from histo2expr import _benchmark
+    from histo2expr.tl import _fit
+
+    kwargs = {"genes": 20, "epochs": 2, "accelerator": "cpu"}
+    small = {"top_k": 5}
+    serial = embedded.copy()
+    with warnings.catch_warnings(), settings.override(n_threads=1):
+        warnings.simplefilter("ignore", UserWarning)
+        serial_runs = compare_methods(
+            serial, ["bleep"], schemes=SCHEMES, progress=False, method_params={"bleep": small}, **kwargs
+        )
+    schedule = _benchmark._Schedule(embedded, [_job("bleep", *SCHEMES, seed=0, **kwargs, **small)])
+    fold_tasks = _drain(schedule)
+    assert len(fold_tasks) == 4
+    context = multiprocessing.get_context("spawn")
+    start = (_benchmark._start_worker, (embedded, 1, 0))  # one thread, as the serial run
+    with (
+        ProcessPoolExecutor(1, context, initializer=start[0], initargs=start[1]) as first,
+        ProcessPoolExecutor(1, context, initializer=start[0], initargs=start[1]) as second,
+    ):
+        futures = [(first, second)[i % 2].submit(_benchmark._in_worker, t) for i, t in enumerate(fold_tasks)]
+        results = [future.result() for future in futures]
+    assert len({process for _, _, process, _ in results}) == 2
+    for task, (fit, *_) in zip(fold_tasks, results, strict=True):
+        schedule.done(task, fit)
+    cross_validations = _drain(schedule)
+    assert [task.runs for task in cross_validations] == [[0], [1]]
+    fits = []
+    fit_on = _fit._fit_on
+    monkeypatch.setattr(
+        _fit, "_fit_on", lambda inputs, train, **kw: fits.append(train) or fit_on(inputs, train, **kw)
+    )
+    parallel = embedded.copy()  # a third copy, in this process
+    with warnings.catch_warnings(), settings.override(n_threads=1):
+        warnings.simplefilter("ignore", UserWarning)
+        ended, own = {}, {}
+        for task in cross_validations:
+            results_of_task = task(parallel)
+            own |= {run.key: run.seconds for run, _ in results_of_task}  # before the fits are counted
+            ended |= schedule.done(task, results_of_task)
+    assert not fits  # every fold taken from the other processes
+    for before in serial_runs:
+        after, _ = ended[before.key]
+        pd.testing.assert_frame_equal(before.folds, after.folds)
+        pd.testing.assert_frame_equal(serial.obsm[before.key], parallel.obsm[before.key])
+        # its seconds: its own and those of the fits it is the first to train on (P2's fold is counted in loso)
+        counted = [
+            fit.seconds
+            for task, (fit, *_) in zip(fold_tasks, results, strict=True)
+            if task.job.runs[task.run].key == before.key
+        ]
+        assert len(counted) == (3 if before.key == "bleep_loso" else 1)
+        assert after.seconds == pytest.approx(own[before.key] + sum(counted))
+
+
+def test_benchmark_jobs_count_fold_fits_in_the_frozen_regime_and_methods_in_the_others(monkeypatch):
+    import argparse
+
+    from histo2expr import _settings, cli
+
+    monkeypatch.setattr(_settings, "available_cpus", lambda: 4)
+
+    def n_jobs(jobs, regime, device="cpu"):
+        return cli._n_jobs(argparse.Namespace(jobs=jobs, regime=regime, device=device), 2)
+
+    assert n_jobs(3, "frozen") == 3  # more processes than methods: their folds fit at once
+    assert n_jobs("auto", "frozen") == 4
+    assert n_jobs(3, "adapted") == n_jobs(3, "end2end") == 2  # a job per method
+    assert n_jobs("auto", "adapted") == 1
+
+
+def test_a_method_of_main_is_refused_before_any_process_starts(embedded):
+    from histo2expr._benchmark import _MethodJob, _Schedule, _SchemeRun
+    from histo2expr.models.ridge import RidgeMethod
+
+    class Scripted(RidgeMethod):
+        name = "scripted"
+
+    Scripted.__module__ = "__main__"  # as if defined in the script that calls compare_methods
+    with pytest.raises(ValueError, match=r"'scripted' is defined in __main__.*or pass `n_jobs=1`"):
+        _Schedule(embedded, [_MethodJob(Scripted, [_SchemeRun("scripted", {"cv": "leave_one_slide_out"})])])

@@ -269,7 +269,7 @@ def _run_jobs(adata: AnnData, jobs: Sequence[_MethodJob], n_jobs: int) -> Iterat
     finished: dict[str, tuple[MethodRun, dict[str, dict[str, Any]]]] = {}
     in_flight: dict[Future, _Task] = {}
     passed_on: set[tuple[str, type[Warning]]] = set()
-    busy: dict[int, float] = {}
+    busy: dict[int, np.ndarray] = {}  # wall and CPU seconds of each process's tasks
     start = time.perf_counter()
     with pool:
         try:
@@ -282,7 +282,7 @@ def _run_jobs(adata: AnnData, jobs: Sequence[_MethodJob], n_jobs: int) -> Iterat
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     result, caught, process, seconds = future.result()
-                    busy[process] = busy.get(process, 0.0) + seconds
+                    busy[process] = busy.get(process, 0.0) + np.array(seconds)
                     for message, category in caught:  # as if raised here, at the caller; each once
                         if (message, category) not in passed_on:
                             passed_on.add((message, category))
@@ -296,8 +296,9 @@ def _run_jobs(adata: AnnData, jobs: Sequence[_MethodJob], n_jobs: int) -> Iterat
             for future in in_flight:
                 future.cancel()
     logg.info(
-        f"cross-validations in {n_jobs} processes ({schedule.n_tasks} tasks at the start): busy "
-        f"{', '.join(f'{seconds:.1f}' for seconds in busy.values())} s of {time.perf_counter() - start:.1f} s"
+        f"cross-validations in {n_jobs} processes ({schedule.n_tasks} tasks at the start) for "
+        f"{time.perf_counter() - start:.1f} s, each busy (CPU) for "
+        + ", ".join(f"{wall:.1f} s ({cpu:.1f} s)" for wall, cpu in busy.values())
     )
 
 
@@ -381,12 +382,16 @@ class _FoldFitTask:
             _worker_plans[run.key] = fold_fit_plan(adata, **self.job.fit_arguments(run))
         plan = _worker_plans[run.key]
         assert plan is not None  # scheduled in the frozen regime only
+        fold = plan.folds[self.fold]
         tic = time.perf_counter()
         with PeakMemory() as memory:
-            fit = plan.fit(plan.folds[self.fold].train)
-        return _FoldFit(
-            pickle.dumps(fit, pickle.HIGHEST_PROTOCOL), time.perf_counter() - tic, memory.peak_mib
+            fit = plan.fit(fold.train)
+        seconds = time.perf_counter() - tic
+        logg.info(
+            f"{run.key}: fold {fold.name} fitted on {logg.counted(len(fold.train), 'training spot')} in "
+            f"{seconds:.1f} s (process {os.getpid()})"
         )
+        return _FoldFit(pickle.dumps(fit, pickle.HIGHEST_PROTOCOL), seconds, memory.peak_mib)
 
 
 @dataclass
@@ -526,23 +531,22 @@ def _exit_with_parent(parent: int, seconds: float = 1.0) -> None:
     os._exit(1)
 
 
-def _in_worker(task: _Task) -> tuple[Any, list[tuple[str, type[Warning]]], int, float]:
-    """``task`` in a process of :func:`_run_jobs`: its result, its warnings, the process's id and the task's seconds."""
+def _in_worker(task: _Task) -> tuple[Any, list[tuple[str, type[Warning]]], int, tuple[float, float]]:
+    """``task`` in a process of :func:`_run_jobs`: its result and warnings, the process's id, its wall and CPU seconds."""
     from .models import register_method
 
     if _worker_adata is None:
         msg = "_in_worker runs in the processes of _run_jobs only."
         raise RuntimeError(msg)
-    tic = time.perf_counter()
-    register_method(
-        task.job.method_class
-    )  # a method registered at run time is not in this process's registry
+    tic, cpu = time.perf_counter(), time.process_time()
+    # a method registered at run time is not in this process's registry
+    register_method(task.job.method_class)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # all of them to the caller, whose filters decide
         result = task(_worker_adata)
     # the libraries' deprecation notes (often raised on their first import, in this fresh process) stay here
     passed_on = [(str(w.message), w.category) for w in caught if not issubclass(w.category, _NOT_PASSED_ON)]
-    return result, passed_on, os.getpid(), time.perf_counter() - tic
+    return result, passed_on, os.getpid(), (time.perf_counter() - tic, time.process_time() - cpu)
 
 
 def _result_fields(adata: AnnData, key: str) -> dict[str, dict[str, Any]]:

@@ -211,15 +211,27 @@ def _jobs(text: str) -> int | str:
     return _int_at_least(1)(text)
 
 
-def _n_jobs(args: argparse.Namespace, n_runs: int) -> int:
-    """The cross-validations ``histo2expr benchmark`` runs at once (of ``n_runs``): ``--jobs``, ``auto`` resolved."""
+def _n_jobs(args: argparse.Namespace, n_methods: int) -> int:
+    """The processes of ``histo2expr benchmark`` (of ``n_methods`` methods): ``--jobs``, ``auto`` resolved.
+
+    In the frozen regime a job is one fold fit, in the others one method's cross-validations.
+    """
     from ._settings import available_cpus
     from .models import resolve_device
 
-    if args.jobs != "auto":
-        return min(args.jobs, n_runs)
-    on_cpu = args.regime == "frozen" and resolve_device(args.device).type == "cpu"
-    return min(available_cpus(), n_runs) if on_cpu else 1
+    frozen = args.regime == "frozen"
+    if args.jobs == "auto":
+        return available_cpus() if frozen and resolve_device(args.device).type == "cpu" else 1
+    return args.jobs if frozen else min(args.jobs, n_methods)
+
+
+def _jobs_note(n_jobs: int, regime: str) -> str:
+    """How the report's cross-validations ran, in words."""
+    shared = "a fold that two schemes train on the same spots fitted once"
+    if n_jobs == 1:
+        return f"Cross-validations one after the other in one process ({shared})."
+    job = "one fold fit" if regime == "frozen" else "a method's cross-validations under every scheme"
+    return f"{n_jobs} processes fitting at once, a job being {job} ({shared})."
 
 
 def _device_flags(device: str) -> dict[str, Any]:
@@ -694,7 +706,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         )
         for protocol in protocols
     ]
-    n_jobs = _n_jobs(args, len(methods) * len(schemes))
+    n_jobs = _n_jobs(args, len(methods))
     runs = compare_methods(
         adata,
         methods,
@@ -729,8 +741,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             f"Data: {adata.n_obs} spots on {n_slides} slides ({', '.join(map(str, adata.obs['slide'].unique()))}); "
             f"{gene_rule}; {args.patch_size} px patches"
             f"{'' if mpp is None else f' at {mpp} µm/px'}; at most {args.epochs} epochs; seed {args.seed}."
-            f"{features} Methods run {n_jobs} at a time (a method's cross-validations in one job, sharing the folds "
-            f"they train on the same spots). Whole run: {total:.1f} s.",
+            f"{features} {_jobs_note(n_jobs, args.regime)} Whole run: {total:.1f} s.",
             "",
             *hest_lines,
         ],
@@ -1036,9 +1047,10 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs",
         type=_jobs,
         default="auto",
-        help="methods run at once (each method's cross-validations under every scheme), each in a process of its "
-        "own with the CPUs shared out (the results of one at a time with as many threads): auto (frozen regime on "
-        "the CPU: one per available CPU; else 1) or a number (default auto)",
+        help="processes fitting at once, the CPUs shared out (the results of one process with as many threads): "
+        "in the frozen regime a job is one fold fit (a method's folds fit in parallel too), else a method's "
+        "cross-validations under every scheme; auto (frozen regime on the CPU: one per available CPU; else 1) or a "
+        "number (default auto)",
     )
     add_interval_options(add)
     bench.set_defaults(func=_benchmark)
