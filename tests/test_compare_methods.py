@@ -176,9 +176,9 @@ def test_frozen_fits_are_fold_tasks_costliest_first_and_other_regimes_are_method
 
 
 def _train(adata, task):
-    from histo2expr.tl._fit import fold_fit_plan
+    from histo2expr.tl import _fold_fit_plan
 
-    plan = fold_fit_plan(adata, **task.job.fit_arguments(task.job.runs[task.run]))
+    plan = _fold_fit_plan(adata, **task.job.fit_arguments(task.job.runs[task.run]))
     return plan.folds[task.fold].train
 
 

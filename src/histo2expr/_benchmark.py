@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from .models import Method
-    from .tl._fit import _FitPlan
 
 #: Metrics reported per method, in this order.
 METRICS = ("pcc_acg", "pcc_heg50", "pcc_hvg50", "mse", "mae")
@@ -375,11 +374,11 @@ class _FoldFitTask:
     key: Hashable
 
     def __call__(self, adata: AnnData) -> _FoldFit:
-        from .tl._fit import fold_fit_plan
+        from .tl import _fold_fit_plan
 
         run = self.job.runs[self.run]
         if run.key not in _worker_plans:  # planned once per process, which may fit several of its folds
-            _worker_plans[run.key] = fold_fit_plan(adata, **self.job.fit_arguments(run))
+            _worker_plans[run.key] = _fold_fit_plan(adata, **self.job.fit_arguments(run))
         plan = _worker_plans[run.key]
         assert plan is not None  # scheduled in the frozen regime only
         fold = plan.folds[self.fold]
@@ -452,11 +451,11 @@ class _Schedule:
         self.n_tasks = len(self._queue)
 
     def _add(self, adata: AnnData, job: _MethodJob) -> None:
-        from .tl._fit import fold_fit_plan
+        from .tl import _fold_fit_plan
 
         with warnings.catch_warnings():  # given by the processes that run the tasks
             warnings.simplefilter("ignore")
-            plans = [fold_fit_plan(adata, **job.fit_arguments(run)) for run in job.runs]
+            plans = [_fold_fit_plan(adata, **job.fit_arguments(run)) for run in job.runs]
         folds = [
             [] if plan is None else [(plan.fold_key(fold.train), len(fold.train)) for fold in plan.folds]
             for plan in plans
@@ -510,7 +509,7 @@ _NOT_PASSED_ON = (DeprecationWarning, PendingDeprecationWarning, ImportWarning)
 #: The AnnData of a process started by :func:`_run_jobs` (a copy of the caller's, sent once per process).
 _worker_adata: AnnData | None = None
 #: The plans of the cross-validations whose folds a process of :func:`_run_jobs` fitted, by key.
-_worker_plans: dict[str, _FitPlan | None] = {}
+_worker_plans: dict[str, Any] = {}
 
 
 def _start_worker(adata: AnnData, n_threads: int, verbosity: int) -> None:

@@ -3,6 +3,7 @@
 from ._cohort import SlidesFailedError, embed_cohort, predict_cohort
 from ._embed import embed_patches
 from ._evaluate import evaluate_expression
+from ._fit import _fold_fit_plan as _fold_fit_plan  # for the processes of histo2expr._benchmark
 from ._fit import fit_histo2expr
 from ._model import Histo2ExprModel
 from ._predict import predict_expression

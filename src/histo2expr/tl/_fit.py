@@ -203,7 +203,7 @@ class _FitPlan:
             return _fit_on(self.inputs, train, **self.fit_args)
 
 
-def fold_fit_plan(data: AnnData, **kwargs: Any) -> _FitPlan | None:
+def _fold_fit_plan(data: AnnData, **kwargs: Any) -> _FitPlan | None:
     """The plan of ``fit_histo2expr(data, **kwargs)`` in the frozen regime, whose folds may be fitted apart.
 
     A fold fitted with :meth:`_FitPlan.fit` (in any process, on a copy of ``data``) and handed by its
