@@ -219,6 +219,10 @@ def compare_methods(
     return [runs[method + scheme.key_suffix] for scheme in schemes for method in methods]
 
 
+#: A cross-validation's result: its run and the result fields it wrote.
+_Result = tuple[MethodRun, dict[str, dict[str, Any]]]
+
+
 @dataclass
 class _SchemeRun:
     """One cross-validation of a method: its ``key_added`` and the other arguments of ``fit_histo2expr``."""
@@ -265,7 +269,7 @@ def _run_jobs(adata: AnnData, jobs: Sequence[_MethodJob], n_jobs: int) -> Iterat
         n_jobs, context, initializer=_start_worker, initargs=(adata, n_threads, settings.verbosity)
     )
     order = [run.key for job in jobs for run in job.runs]  # the AnnData of a serial run
-    finished: dict[str, tuple[MethodRun, dict[str, dict[str, Any]]]] = {}
+    finished: dict[str, _Result] = {}
     in_flight: dict[Future, _Task] = {}
     passed_on: set[tuple[str, type[Warning]]] = set()
     busy: dict[int, np.ndarray] = {}  # wall and CPU seconds of each process's tasks
@@ -356,7 +360,7 @@ def _cross_validate(
 
 
 @dataclass
-class _FoldFit:
+class _FittedFold:
     """A fold fitted by a :class:`_FoldFitTask`: the fit (pickled), its wall seconds and the process's peak memory."""
 
     fit: bytes
@@ -373,7 +377,7 @@ class _FoldFitTask:
     fold: int
     key: Hashable
 
-    def __call__(self, adata: AnnData) -> _FoldFit:
+    def __call__(self, adata: AnnData) -> _FittedFold:
         from .tl import _fold_fit_plan
 
         run = self.job.runs[self.run]
@@ -390,7 +394,7 @@ class _FoldFitTask:
             f"{run.key}: fold {fold.name} fitted on {logg.counted(len(fold.train), 'training spot')} in "
             f"{seconds:.1f} s (process {os.getpid()})"
         )
-        return _FoldFit(pickle.dumps(fit, pickle.HIGHEST_PROTOCOL), seconds, memory.peak_mib)
+        return _FittedFold(pickle.dumps(fit, pickle.HIGHEST_PROTOCOL), seconds, memory.peak_mib)
 
 
 @dataclass
@@ -401,15 +405,13 @@ class _CrossValidationTask:
     runs: list[int]
     fits: dict[Hashable, bytes] = field(default_factory=dict)
 
-    def __call__(self, adata: AnnData) -> list[tuple[MethodRun, dict[str, dict[str, Any]]]]:
+    def __call__(self, adata: AnnData) -> list[_Result]:
         fits = {key: pickle.loads(fit) for key, fit in self.fits.items()}
         runs = _cross_validate(adata, self.job, [self.job.runs[i] for i in self.runs], fits)
         return [(run, _result_fields(adata, run.key)) for run in runs]
 
 
 _Task = _FoldFitTask | _CrossValidationTask
-#: A cross-validation's result: its run and the result fields it wrote.
-_Result = tuple[MethodRun, dict[str, dict[str, Any]]]
 
 
 class _Schedule:
@@ -437,15 +439,13 @@ class _Schedule:
                     "or pass `n_jobs=1`."
                 )
                 raise ValueError(msg)
-        self._queue: list[
-            tuple[float, int, _Task]
-        ] = []  # a heap: the highest priority, then the first queued
+        # a heap: the highest priority first, then the first queued
+        self._queue: list[tuple[float, int, _Task]] = []
         self._order = itertools.count()
         self._waiting: list[tuple[_CrossValidationTask, list[Hashable]]] = []  # and the fits each takes
         self._fits: dict[Hashable, bytes] = {}  # the fits a waiting cross-validation takes
-        self._counted: dict[
-            str, list[_FoldFit]
-        ] = {}  # by cross-validation: the fits it counts (without them)
+        # by cross-validation: the fold fits it counts (their seconds and peaks, without the fits)
+        self._counted: dict[str, list[_FittedFold]] = {}
         for job in jobs:
             self._add(adata, job)
         self.n_tasks = len(self._queue)

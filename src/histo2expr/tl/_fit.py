@@ -210,7 +210,8 @@ def _fold_fit_plan(data: AnnData, **kwargs: Any) -> _FitPlan | None:
     :meth:`~_FitPlan.fold_key` to :func:`~histo2expr._shared_folds.sharing_fold_fits` is taken by a
     :func:`fit_histo2expr` with the same arguments but ``cv`` and ``patient_key`` inside the block,
     with the results of fitting it there. None in the other regimes, whose inputs are a fit's own work
-    (the adapted regime's activation cache). Warns as :func:`fit_histo2expr` does, errs where it errs.
+    (the adapted regime's activation cache). Checks the arguments as :func:`fit_histo2expr` does, but
+    ``key_added`` (nothing is written).
     """
     arguments = inspect.signature(fit_histo2expr).bind(data, **kwargs)
     arguments.apply_defaults()
