@@ -164,6 +164,9 @@ def test_frozen_fits_are_fold_tasks_costliest_first_and_other_regimes_are_method
     ]
     assert costs == sorted(costs, reverse=True)  # nh2st's ensemble of 3 first, the most training spots first
     assert [task.job.method_class.name for task in tasks[:4]] == ["nh2st"] * 4
+    # planning the adapted regime builds nothing: its activation cache is the fit's own work
+    adapted = _Schedule(embedded, [_job("stnet", loso, lopo, genes=20, regime="adapted")])
+    assert [(type(task), task.runs) for task in _drain(adapted)] == [(_CrossValidationTask, [0, 1])]
     end2end = _Schedule(
         embedded, [_job("stnet", loso, lopo, use_rep=None), _job("nh2st", loso, use_rep=None)]
     )
@@ -182,14 +185,19 @@ def _train(adata, task):
     return plan.folds[task.fold].train
 
 
-def test_a_methods_folds_fitted_in_other_processes_give_the_serial_results(embedded, monkeypatch):
+def test_a_methods_folds_fitted_in_other_processes_give_the_serial_results_and_intervals(monkeypatch):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from histo2expr import _benchmark
     from histo2expr.tl import _fit
 
-    kwargs = {"genes": 20, "epochs": 2, "accelerator": "cpu"}
+    # five slides: S1, S2 of P1, S3, S4 of P2, S5 of P3; every fold trains on two slides at least, as
+    # intervals need; P3's patient fold is slide S5's
+    embedded = datasets.synthetic(n_slides=5, seed=0, spots_per_side=6, n_genes=30)
+    pp.normalize(embedded)
+    embedded.obsm["X_histo"] = np.random.default_rng(0).normal(size=(embedded.n_obs, 16)).astype(np.float32)
+    kwargs = {"genes": 20, "epochs": 2, "accelerator": "cpu", "intervals": True}  # calibration refits too
     small = {"top_k": 5}
     serial = embedded.copy()
     with warnings.catch_warnings(), settings.override(n_threads=1):
@@ -199,7 +207,7 @@ def test_a_methods_folds_fitted_in_other_processes_give_the_serial_results(embed
         )
     schedule = _benchmark._Schedule(embedded, [_job("bleep", *SCHEMES, seed=0, **kwargs, **small)])
     fold_tasks = _drain(schedule)
-    assert len(fold_tasks) == 4
+    assert len(fold_tasks) == 5 + 2
     context = multiprocessing.get_context("spawn")
     start = (_benchmark._start_worker, (embedded, 1, 0))  # one thread, as the serial run
     with (
@@ -216,7 +224,7 @@ def test_a_methods_folds_fitted_in_other_processes_give_the_serial_results(embed
     fits = []
     fit_on = _fit._fit_on
     monkeypatch.setattr(
-        _fit, "_fit_on", lambda inputs, train, **kw: fits.append(train) or fit_on(inputs, train, **kw)
+        _fit, "_fit_on", lambda inputs, train, **kw: fits.append(kw["genes"]) or fit_on(inputs, train, **kw)
     )
     parallel = embedded.copy()  # a third copy, in this process
     with warnings.catch_warnings(), settings.override(n_threads=1):
@@ -226,18 +234,20 @@ def test_a_methods_folds_fitted_in_other_processes_give_the_serial_results(embed
             results_of_task = task(parallel)
             own |= {run.key: run.seconds for run, _ in results_of_task}  # before the fits are counted
             ended |= schedule.done(task, results_of_task)
-    assert not fits  # every fold taken from the other processes
+    # the folds taken (fitted on a number of genes chosen in the fold), only the calibrations refitted (on its genes)
+    assert fits and all(isinstance(genes, list) for genes in fits)
     for before in serial_runs:
         after, _ = ended[before.key]
         pd.testing.assert_frame_equal(before.folds, after.folds)
-        pd.testing.assert_frame_equal(serial.obsm[before.key], parallel.obsm[before.key])
-        # its seconds: its own and those of the fits it is the first to train on (P2's fold is counted in loso)
+        for key in (before.key, f"{before.key}_lower", f"{before.key}_upper"):
+            pd.testing.assert_frame_equal(serial.obsm[key], parallel.obsm[key])
+        # its seconds: its own and those of the fits it is the first to train on (P3's fold is counted in loso)
         counted = [
             fit.seconds
             for task, (fit, *_) in zip(fold_tasks, results, strict=True)
             if task.job.runs[task.run].key == before.key
         ]
-        assert len(counted) == (3 if before.key == "bleep_loso" else 1)
+        assert len(counted) == (5 if before.key == "bleep_loso" else 2)
         assert after.seconds == pytest.approx(own[before.key] + sum(counted))
 
 

@@ -692,7 +692,9 @@ def results_markdown(runs: Sequence[MethodRun], *, title: str, preamble: Sequenc
         "PCC: Pearson correlation per gene across the spots of a held-out slide, averaged over all predicted "
         "genes (ACG) or the 50 most expressed / variable genes of that slide (HEG50 / HVG50); MSE and MAE in "
         "the per-gene standardised space of each fold's training slides. `seconds` and `peak MiB`: wall time "
-        "and peak resident memory of the process while the method's cross-validation ran. Leave-one-slide-out "
+        "and peak resident memory of the process while the method's cross-validation ran; with folds fitted in "
+        "processes of their own, the sum of its fold fits' and its own seconds and the largest of their peaks, "
+        "a fold shared with an earlier scheme counted there. Leave-one-slide-out "
         "scores a new section of the patients seen in training when patients contribute several slides; "
         "leave-one-patient-out scores a new patient.",
         "",
