@@ -11,10 +11,10 @@ from torch import nn
 
 from .._validation import flag, one_of, positive_int, probability
 from .base import register_method
-from .bleep import BLEEPMethod, BLEEPSettings
+from .bleep import BLEEPMethod, BLEEPSettings, RetrievalNetwork
 from .layers import ImageInput, ProjectionHead, pool_token_grid
 from .losses import bleep_loss
-from .training import LossOutput, SpotNetwork
+from .training import LossOutput
 
 #: Losses of the reconstruction (paper, Table 5).
 RECONSTRUCTION_LOSSES = ("mse", "cosine")
@@ -264,7 +264,7 @@ class CMRCNetSettings(BLEEPSettings):
                 raise ValueError(msg)
 
 
-class _CMRCNetNetwork(SpotNetwork):
+class _CMRCNetNetwork(RetrievalNetwork):
     """BLEEP's two projection heads on the mean image token, and the reconstruction module (or None)."""
 
     def __init__(
@@ -397,6 +397,11 @@ class CMRCNetMethod(BLEEPMethod):
     average_epochs
         Time constant, in epochs, of the moving average of the weights that is validated and
         kept (3); `None` trains without averaging, as the paper.
+    early_stopping
+        What chooses the epoch on the inner validation spots, as for
+        :class:`~histo2expr.models.BLEEPMethod`: ``"loss"``, the training loss
+        ``log(1 + L_c) + log(1 + L_r)``; ``"pcc"``, the mean gene-wise PCC of the retrieval that
+        inference runs, from a gallery of the fit spots (training spots without the validation spots).
 
     Notes
     -----
