@@ -193,7 +193,7 @@ def test_reconstruction_off_is_bleep_bit_for_bit(cohort):
     pooled = [SpotSet(s.coords, s.groups, features=s.features.mean(1), targets=s.targets) for s in cohort]
     bleep = get_method("bleep")(projection_dim=16, top_k=10)
     bleep.fit(pooled[0], pooled[1], config(epochs=3))
-    off = cmrcnet(reconstruction=False, average_epochs=None)
+    off = cmrcnet(reconstruction=False, average_epochs=None, early_stopping="loss")
     off.fit(pooled[0], pooled[1], config(epochs=3))
     assert off.network.reconstruction is None
     np.testing.assert_array_equal(off.predict(pooled[2]), bleep.predict(pooled[2]))
@@ -283,7 +283,7 @@ def test_pcc_early_stopping_scores_the_retrieval_from_the_fit_spots(cohort, meth
 def test_pcc_early_stopping_never_puts_validation_expression_in_the_gallery(cohort, monkeypatch):
     train, validation, _ = cohort
     galleries = _record_validation_galleries(monkeypatch)
-    method = cmrcnet(early_stopping="pcc")
+    method = cmrcnet()  # early_stopping="pcc" by default
     report = method.fit(train, validation, config(epochs=4, patience=10))
     assert len(galleries) == len(report.validation_loss) == 4
     for values in galleries:  # exactly the fit spots' expression, row for row
@@ -295,9 +295,9 @@ def test_pcc_early_stopping_never_puts_validation_expression_in_the_gallery(coho
     cmrcnet(early_stopping="pcc").fit(train, shuffled, config(epochs=4, patience=10))
     for values in galleries:
         np.testing.assert_array_equal(values, train.targets)
-    # the default still stops on the training loss, with no retrieval gallery during training
+    # early_stopping="loss" stops on the training loss, with no retrieval gallery during training
     galleries.clear()
-    cmrcnet().fit(train, validation, config(epochs=2))
+    cmrcnet(early_stopping="loss").fit(train, validation, config(epochs=2))
     assert galleries == []
 
 
