@@ -2,8 +2,8 @@
 
 Run on demand (needs $HISTO2EXPR_HER2ST), one run at a time, from the repository root::
 
-    python benchmarks/her2st_cmrcnet_stopping.py run --rows "cmrcnet,cmrcnet: pcc" --seeds 0,1,2
-    python benchmarks/her2st_cmrcnet_stopping.py run --rows "cmrcnet,cmrcnet: pcc" --draws 10
+    python benchmarks/her2st_cmrcnet_stopping.py run --rows "cmrcnet: loss;cmrcnet: pcc" --seeds 0,1,2
+    python benchmarks/her2st_cmrcnet_stopping.py run --rows "cmrcnet: loss;cmrcnet: pcc" --draws 8
     python benchmarks/her2st_cmrcnet_stopping.py report
 
 The features are those ``histo2expr benchmark --data DATA`` makes: the CLI's own reader, normalisation and
@@ -45,12 +45,12 @@ ROW_FILE = FOLDER / "rows.jsonl"
 NOISE = 1e-6
 #: Rows by name: ``fit_histo2expr`` keyword arguments (the method and its settings).
 ROWS: dict[str, dict[str, Any]] = {
-    "cmrcnet": {"method": "cmrcnet"},
+    "cmrcnet: loss": {"method": "cmrcnet", "early_stopping": "loss"},
     "cmrcnet: pcc": {"method": "cmrcnet", "early_stopping": "pcc"},
     "cmrcnet: pcc, patience 10": {"method": "cmrcnet", "early_stopping": "pcc", "patience": 10},
-    "cmrcnet: average_epochs 6": {"method": "cmrcnet", "average_epochs": 6.0},
+    "cmrcnet: loss, average_epochs 6": {"method": "cmrcnet", "early_stopping": "loss", "average_epochs": 6.0},
     "cmrcnet: pcc, average_epochs 6": {"method": "cmrcnet", "early_stopping": "pcc", "average_epochs": 6.0},
-    "bleep": {"method": "bleep"},
+    "bleep: loss": {"method": "bleep", "early_stopping": "loss"},
     "bleep: pcc": {"method": "bleep", "early_stopping": "pcc"},
 }
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> None:
     hx.settings.n_threads = args.threads
     adata = cohort()
     done = {(r["row"], r["seed"], r["draw"]) for r in read_rows(ROW_FILE)}
-    names = [n.strip() for n in args.rows.split(",")]
+    names = [n.strip() for n in args.rows.split(";")]
     unknown = sorted(set(names) - set(ROWS))
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {sorted(ROWS)}")
@@ -208,7 +208,7 @@ def report(args: argparse.Namespace) -> None:
 def main() -> None:
     parser, steps = steps_parser(__doc__)
     step = steps.add_parser("run")
-    step.add_argument("--rows", required=True, help=f"comma-separated names of {sorted(ROWS)}")
+    step.add_argument("--rows", required=True, help=f"';'-separated names of {sorted(ROWS)}")
     step.add_argument("--seeds", default="", help="seeds of leave-one-slide-out runs, e.g. 0,1,2")
     step.add_argument("--draws", type=int, default=0, help="noisy draws of fold B4 (seed 0)")
     step.set_defaults(func=run)
