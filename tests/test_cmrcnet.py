@@ -193,7 +193,7 @@ def test_reconstruction_off_is_bleep_bit_for_bit(cohort):
     pooled = [SpotSet(s.coords, s.groups, features=s.features.mean(1), targets=s.targets) for s in cohort]
     bleep = get_method("bleep")(projection_dim=16, top_k=10)
     bleep.fit(pooled[0], pooled[1], config(epochs=3))
-    off = cmrcnet(reconstruction=False, average_epochs=None)
+    off = cmrcnet(reconstruction=False, average_epochs=None, early_stopping="loss")
     off.fit(pooled[0], pooled[1], config(epochs=3))
     assert off.network.reconstruction is None
     np.testing.assert_array_equal(off.predict(pooled[2]), bleep.predict(pooled[2]))
@@ -234,6 +234,71 @@ def test_retrieval_uses_the_training_spots_only(cohort):
     other = cmrcnet()
     other.fit(changed, validation, config(epochs=4))
     assert not np.allclose(other.predict(test), pred)
+
+
+def _record_validation_galleries(monkeypatch) -> list:
+    """Patch the retrieval validation plan so that each pass's gallery values are recorded (returned list)."""
+    from histo2expr.models.bleep import RetrievalValidation
+
+    seen = []
+    start = RetrievalValidation.on_validation_epoch_start
+
+    def recording(plan):
+        start(plan)
+        seen.append(plan.gallery.values.numpy().copy())
+
+    monkeypatch.setattr(RetrievalValidation, "on_validation_epoch_start", recording)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["cmrcnet", "bleep"])
+def test_pcc_early_stopping_scores_the_retrieval_from_the_fit_spots(cohort, method, monkeypatch):
+    train, validation, _ = cohort
+    if method == "bleep":  # pooled features
+        train, validation = (SpotSet(s.coords, s.groups, features=s.features.mean(1), targets=s.targets)
+                             for s in (train, validation))  # fmt: skip
+        fitted = get_method("bleep")(projection_dim=16, top_k=SMALL["top_k"], early_stopping="pcc")
+    else:
+        fitted = cmrcnet(early_stopping="pcc", average_epochs=None)
+    galleries = _record_validation_galleries(monkeypatch)
+    report = fitted.fit(train, validation, config(epochs=1))
+    # by hand, with the weights kept (epoch 0's, the only one): queries of the validation spots against
+    # keys of the fit spots' expression, the plain mean of the top_k nearest, gene-wise PCC
+    network = fitted.network.eval()
+    with torch.no_grad():
+        keys = network.gene_head(torch.from_numpy(train.targets)).numpy()
+    queries = fitted.embed(validation)
+    similarity = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+        keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    ).T
+    nearest = np.argsort(-similarity, axis=1, kind="stable")[:, : SMALL["top_k"]]
+    predicted = train.targets[nearest].mean(axis=1)
+    pcc = np.mean(
+        [np.corrcoef(predicted[:, g], validation.targets[:, g])[0, 1] for g in range(train.targets.shape[1])]
+    )
+    assert report.validation_loss == pytest.approx([1 - pcc], abs=1e-5)
+    assert len(galleries) == 1
+
+
+def test_pcc_early_stopping_never_puts_validation_expression_in_the_gallery(cohort, monkeypatch):
+    train, validation, _ = cohort
+    galleries = _record_validation_galleries(monkeypatch)
+    method = cmrcnet()  # early_stopping="pcc" by default
+    report = method.fit(train, validation, config(epochs=4, patience=10))
+    assert len(galleries) == len(report.validation_loss) == 4
+    for values in galleries:  # exactly the fit spots' expression, row for row
+        np.testing.assert_array_equal(values, train.targets)
+    # the validation spots' expression chooses the epoch only: it changes no gallery of the validation passes
+    shuffled = SpotSet(validation.coords, validation.groups, features=validation.features,
+                       targets=validation.targets[::-1].copy())  # fmt: skip
+    galleries.clear()
+    cmrcnet(early_stopping="pcc").fit(train, shuffled, config(epochs=4, patience=10))
+    for values in galleries:
+        np.testing.assert_array_equal(values, train.targets)
+    # early_stopping="loss" stops on the training loss, with no retrieval gallery during training
+    galleries.clear()
+    cmrcnet(early_stopping="loss").fit(train, validation, config(epochs=2))
+    assert galleries == []
 
 
 def test_top_k_500_setting_and_gallery_bound(cohort):
@@ -404,6 +469,7 @@ def test_token_grid_pooling_by_hand():
         ({"top_k": 0}, "top_k"),
         ({"temperature": 0}, "temperature"),
         ({"average_epochs": 0}, "average_epochs"),
+        ({"early_stopping": "mse"}, r"early_stopping.*\['loss', 'pcc'\]"),
     ],
 )
 def test_bad_parameters_are_clear_errors(params, match):

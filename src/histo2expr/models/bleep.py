@@ -7,16 +7,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from .._validation import non_negative_number, one_of, positive_int, probability
 from .base import FitReport, SpotSet, TrainConfig, register_method
 from .gallery import GALLERY_INDEXES, Gallery
 from .layers import EncoderSettings, ImageInput, ProjectionHead, TorchMethod
 from .losses import bleep_loss
-from .training import LossOutput, SpotNetwork
+from .training import VALIDATION_METRIC, LossOutput, SpotNetwork, TrainingPlan, correlation_moments
 
 #: Expression rows projected at a time when the gallery is built.
 _GALLERY_CHUNK = 4096
+#: What chooses the epoch on the inner validation spots: ``early_stopping`` of the retrieval methods.
+EARLY_STOPPING = ("loss", "pcc")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,10 +31,12 @@ class BLEEPSettings(EncoderSettings):
     temperature: float = 1.0
     top_k: int = 50
     gallery_index: str = "exact"
+    early_stopping: str = "loss"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         one_of(self.gallery_index, GALLERY_INDEXES, "gallery_index")
+        one_of(self.early_stopping, EARLY_STOPPING, "early_stopping")
         object.__setattr__(self, "projection_dim", positive_int(self.projection_dim, "projection_dim"))
         object.__setattr__(self, "dropout", probability(self.dropout, "dropout"))
         object.__setattr__(
@@ -40,7 +45,73 @@ class BLEEPSettings(EncoderSettings):
         object.__setattr__(self, "top_k", positive_int(self.top_k, "top_k"))
 
 
-class _BLEEPNetwork(SpotNetwork):
+class RetrievalNetwork(SpotNetwork):
+    """A network that predicts by retrieval: ``forward`` gives the image queries, ``gene_head`` the gallery keys.
+
+    Subclasses set ``image_input``, ``image_head`` and ``gene_head`` and implement ``forward`` and ``loss``.
+    """
+
+    gene_head: nn.Module
+
+    def gallery_keys(self, expression: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``(n, dim)`` float32 CPU keys of standardised expression rows, projected ``_GALLERY_CHUNK`` rows at a time."""
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    self.gene_head(chunk.to(device)).float().cpu()
+                    for chunk in torch.from_numpy(np.asarray(expression, dtype=np.float32)).split(
+                        _GALLERY_CHUNK
+                    )
+                ]
+            )
+
+
+class RetrievalValidation(TrainingPlan):
+    """Early stopping on what a retrieval method predicts (``early_stopping="pcc"``).
+
+    Before every validation pass the expression of the *fit* spots (the training spots without the
+    validation spots) is projected with the current weights (the averaged ones under ``average_epochs``)
+    into a :class:`~histo2expr.models.Gallery`; each validation spot's image query retrieves its
+    ``top_k`` nearest keys, and the validation metric is one minus the mean gene-wise PCC of those
+    predictions with the validation spots' expression (the engine's ``validation_metric="pcc"``). No
+    validation spot's expression enters the gallery.
+
+    Parameters
+    ----------
+    network
+        The retrieval network trained.
+    fit_targets
+        ``(n, n_genes)`` standardised expression of the fit spots: the validation gallery's values.
+    top_k
+        Gallery spots averaged per prediction (at most the number of fit spots).
+    config
+        AdamW's ``lr`` and ``weight_decay``.
+    """
+
+    def __init__(
+        self, network: RetrievalNetwork, fit_targets: np.ndarray, top_k: int, config: TrainConfig
+    ) -> None:
+        super().__init__(network, lr=config.lr, weight_decay=config.weight_decay)
+        network.validation_metric = "pcc"
+        self.fit_targets = np.asarray(fit_targets, dtype=np.float32)
+        self.top_k = min(top_k, len(self.fit_targets))
+        self.gallery: Gallery | None = None
+
+    def on_validation_epoch_start(self) -> None:
+        """The fit spots' expression projected with the current weights: the gallery of this validation pass."""
+        self.gallery = Gallery(
+            self.network.gallery_keys(self.fit_targets, self.device), self.fit_targets, top_k=self.top_k
+        )
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """The correlation moments of the batch's retrieved predictions with its expression."""
+        queries = self.network(batch).float().cpu()
+        predicted = torch.from_numpy(self.gallery.predict(queries, device=self.device))
+        moments = correlation_moments(predicted, batch["targets"].cpu())
+        self.add_sum(VALIDATION_METRIC, moments, len(queries))
+
+
+class _BLEEPNetwork(RetrievalNetwork):
     """Image input with its projection head, and the expression projection head; BLEEP's loss."""
 
     def __init__(
@@ -73,7 +144,7 @@ class BLEEPMethod(TorchMethod):
     standardised with statistics of the training spots) and the standardised expression of
     each spot go through two projection heads (Linear, GELU, Linear, Dropout, residual,
     LayerNorm) to ``projection_dim``, trained with :func:`~histo2expr.models.losses.bleep_loss`;
-    early stopping on the validation spots.
+    early stopping on the validation spots (``early_stopping``).
 
     Inference: the gallery is the projected expression of *all* spots passed to :meth:`fit`
     (training and validation spots — training slides only) with their standardised
@@ -100,6 +171,11 @@ class BLEEPMethod(TorchMethod):
     gallery_index
         ``"exact"`` (default) or ``"ivf"``: the approximate index of
         :class:`~histo2expr.models.Gallery`, for galleries of millions of spots (needs faiss).
+    early_stopping
+        What chooses the epoch on the inner validation spots: ``"loss"`` (default), the training loss;
+        ``"pcc"``, the mean gene-wise PCC of what inference predicts — the validation spots' retrieval
+        from a gallery of the fit spots (the training spots without the validation spots), rebuilt with
+        the current weights before every validation pass (``models.bleep.RetrievalValidation``).
 
     Notes
     -----
@@ -137,14 +213,11 @@ class BLEEPMethod(TorchMethod):
             )
             raise ValueError(msg)
         network = self.start_fit(train, validation, config)
-        self.report = self.fit_network(network, train, validation, config)
-        with torch.no_grad():
-            keys = torch.cat(
-                [
-                    network.gene_head(chunk.to(self.device)).float().cpu()
-                    for chunk in torch.from_numpy(expression).split(_GALLERY_CHUNK)
-                ]
-            )
+        options = {}
+        if self.settings.early_stopping == "pcc":
+            options["plan"] = RetrievalValidation(network, train.targets, self.settings.top_k, config)
+        self.report = self.fit_network(network, train, validation, config, **options)
+        keys = network.gallery_keys(expression, self.device)
         self.gallery = Gallery(keys, expression, top_k=self.settings.top_k, index=self.settings.gallery_index)
         return self.report
 
