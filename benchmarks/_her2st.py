@@ -137,6 +137,11 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def mean_and_sd(values: Any) -> str:
+    """``"mean ± sd"`` of a pandas Series to four decimals (sd over the values, ``ddof=1``); the mean alone for one value."""
+    return f"{values.mean():.4f}" if len(values) < 2 else f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+
+
 #: What the heading of a section added to a results file by hand says; see :func:`save_results`.
 HAND_WRITTEN = "written by hand"
 

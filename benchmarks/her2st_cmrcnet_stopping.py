@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from _her2st import DATA, read_rows, run_step, save_results, steps_parser
+from _her2st import DATA, mean_and_sd, read_rows, run_step, save_results, steps_parser
 
 import histo2expr as hx
 from histo2expr._cache import cache_dir
@@ -137,10 +137,6 @@ def _slides(rows: list[dict]) -> pd.DataFrame:
     )
 
 
-def _spread(values: pd.Series) -> str:
-    return f"{values.mean():.4f} ± {values.std():.4f}" if len(values) > 1 else f"{values.mean():.4f}"
-
-
 def report(args: argparse.Namespace) -> None:
     table = _slides(read_rows(ROW_FILE))
     seeds, draws = table[table["draw"].isna()], table[table["draw"].notna()]
@@ -151,9 +147,9 @@ def report(args: argparse.Namespace) -> None:
     summary = pd.DataFrame(
         {
             "seeds": per_seed.groupby("row").size(),
-            "PCC(ACG)": per_seed.groupby("row")["pcc_acg"].agg(_spread),
-            "PCC(HEG@50)": per_seed.groupby("row")["pcc_heg50"].agg(_spread),
-            "B4 PCC(ACG)": b4.groupby("row").agg(_spread),
+            "PCC(ACG)": per_seed.groupby("row")["pcc_acg"].agg(mean_and_sd),
+            "PCC(HEG@50)": per_seed.groupby("row")["pcc_heg50"].agg(mean_and_sd),
+            "B4 PCC(ACG)": b4.groupby("row").agg(mean_and_sd),
             "CPU s per run": per_seed.groupby("row")["cpu_seconds"].mean().round(0),
         }
     )

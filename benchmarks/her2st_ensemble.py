@@ -26,7 +26,7 @@ import platform
 
 import pandas as pd
 import torch
-from _her2st import read_rows, run_step, save_results, steps_parser
+from _her2st import mean_and_sd, read_rows, run_step, save_results, steps_parser
 from her2st_features import ROWS as FEATURE_ROWS
 from her2st_nh2st_stability import ROWS as STABILITY_ROWS
 
@@ -71,18 +71,13 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     )
     per_seed["B4"] = clean[clean["slide"] == "B4"].set_index(["method", "seed"])["pcc_acg"]
 
-    def spread(values: pd.Series) -> str:
-        return (
-            f"{values.mean():.4f}" if len(values) < 2 else f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
-        )
-
     grouped = per_seed.groupby("method")
     return pd.DataFrame(
         {
             "seeds": grouped.size(),
-            "PCC(ACG)": grouped["acg"].agg(spread),
-            "PCC(HEG@50)": grouped["heg"].agg(spread),
-            "B4 PCC(ACG)": grouped["B4"].agg(spread),
+            "PCC(ACG)": grouped["acg"].agg(mean_and_sd),
+            "PCC(HEG@50)": grouped["heg"].agg(mean_and_sd),
+            "B4 PCC(ACG)": grouped["B4"].agg(mean_and_sd),
             "CPU s per run": grouped["cpu"].mean().round(0),
         }
     )

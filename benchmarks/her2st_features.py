@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _her2st import DATA, read_rows, run_step, save_results, steps_parser
+from _her2st import DATA, mean_and_sd, read_rows, run_step, save_results, steps_parser
 
 import histo2expr as hx
 from histo2expr._cache import cache_dir
@@ -321,18 +321,13 @@ def _summary(rows: pd.DataFrame) -> pd.DataFrame:
     per_seed = rows.groupby(keys)[["pcc_acg", "pcc_heg50"]].mean()
     per_seed["B4"] = rows[rows["slide"] == "B4"].set_index(keys)["pcc_acg"]
 
-    def spread(values: pd.Series) -> str:
-        return (
-            f"{values.mean():.4f}" if len(values) < 2 else f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
-        )
-
-    table = per_seed.groupby(["setting", "method"]).agg(["size", spread])
+    table = per_seed.groupby(["setting", "method"]).agg(["size", mean_and_sd])
     table = pd.DataFrame(
         {
             "seeds": table[("pcc_acg", "size")],
-            "PCC(ACG)": table[("pcc_acg", "spread")],
-            "PCC(HEG@50)": table[("pcc_heg50", "spread")],
-            "B4 PCC(ACG)": table[("B4", "spread")],
+            "PCC(ACG)": table[("pcc_acg", "mean_and_sd")],
+            "PCC(HEG@50)": table[("pcc_heg50", "mean_and_sd")],
+            "B4 PCC(ACG)": table[("B4", "mean_and_sd")],
         }
     )
     return table.reset_index()

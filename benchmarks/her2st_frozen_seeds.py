@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from _her2st import DATA, save_results
+from _her2st import DATA, mean_and_sd, save_results
 
 BASELINES = ("ridge", "stnet", "bleep")
 PAPER_METHODS = ("chrep", "cmrcnet", "nh2st")
@@ -89,11 +89,7 @@ def report(args: argparse.Namespace) -> None:
     ]
     for scheme, part in table.groupby("cv", sort=False):
         wide = part.pivot(index="method", columns="seed", values="PCC(ACG)")
-        summary = part.groupby("method")[["PCC(ACG)", "PCC(HEG@50)"]].agg(["mean", "std"])
-        shown = pd.DataFrame({
-            metric: [f"{m:.4f} ± {s:.4f}" for m, s in zip(summary[metric]["mean"], summary[metric]["std"], strict=True)]
-            for metric in ("PCC(ACG)", "PCC(HEG@50)")
-        }, index=summary.index)  # fmt: skip
+        shown = part.groupby("method")[["PCC(ACG)", "PCC(HEG@50)"]].agg(mean_and_sd)
         wide.columns = [f"seed {seed}" for seed in wide.columns]
         lines += [f"## {scheme}: PCC(ACG) per seed, and mean ± sd over seeds", "",
                   wide.round(4).join(shown).sort_values("PCC(ACG)", ascending=False).to_markdown(), ""]  # fmt: skip
